@@ -1,0 +1,1 @@
+//! End-to-end tests: one integration binary that drives the real `ceccm`, `ceccmctl` and `astro-fit` binaries.
