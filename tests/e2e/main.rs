@@ -1,1 +1,4 @@
-//! End-to-end tests: one integration binary that drives the real `ceccm`, `ceccmctl` and `astro-fit` binaries.
+//! End-to-end tests: one integration binary that drives the real `ceccm`, `ceccmctl` and
+//! `astro-fit` binaries over loopback. Each area has its own module.
+
+mod support;
