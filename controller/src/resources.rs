@@ -328,7 +328,7 @@ pub struct DatasetRef {
 pub struct Resources {
     #[serde(default)]
     pub cpu: f64,
-    #[serde(default)]
+    #[serde(default, rename = "memoryMiB")]
     pub memory_mib: u64,
 }
 
@@ -614,7 +614,7 @@ pub struct DatasetStatus {
 /// The envelope every object has, for the OpenAPI document.
 #[derive(Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct Object {
+pub struct ApiObject {
     pub api_version: String,
     pub kind: String,
     pub metadata: ObjectMeta,

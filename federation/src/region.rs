@@ -39,7 +39,7 @@ pub enum DriverKind {
 pub struct Capacity {
     /// Cores; for the `local` driver also the most worker processes at once.
     pub cpu: u32,
-    #[serde(default)]
+    #[serde(default, rename = "memoryMiB")]
     pub memory_mib: u64,
     #[serde(default)]
     pub gpu: u32,
