@@ -1,1 +1,3 @@
 //! See the crate description and docs/architecture.md.
+pub mod cube;
+pub mod voronoi;
