@@ -30,7 +30,7 @@ fn new_fits(path: &Path, primary: Option<&ImageDescription>) -> FitsFile {
 
 /// A MEGARA-layout cube: primary 3-D image, VARIANCE extension, linear air WCS.
 /// Flux = x + 10 y + 100 k; plane `nan_plane` is all NaN; variance of spaxel (1, 2) is 0.
-fn write_megara(path: &Path, nx: usize, ny: usize, nwave: usize, nan_plane: usize) {
+pub(crate) fn write_megara(path: &Path, nx: usize, ny: usize, nwave: usize, nan_plane: usize) {
     let desc = ImageDescription {
         data_type: ImageType::Float,
         dimensions: &[nwave, ny, nx],
