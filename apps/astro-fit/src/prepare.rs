@@ -404,7 +404,11 @@ mod tests {
             (0.7..1.3).contains(&median),
             "median measured/true S/N {median}"
         );
-        assert!(stats.empty_planes < 5, "{} empty planes", stats.empty_planes);
+        assert!(
+            stats.empty_planes < 5,
+            "{} empty planes",
+            stats.empty_planes
+        );
     }
 
     #[test]
