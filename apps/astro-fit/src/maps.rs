@@ -428,6 +428,7 @@ mod tests {
             flux_unit: "1E-17 erg/s/cm^2/Ang/spaxel".into(),
             noise_stored_as: None,
             ebv_galactic: None,
+            redshift: None,
         }
     }
 

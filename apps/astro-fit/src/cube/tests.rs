@@ -82,6 +82,7 @@ fn reads_the_manga_format_synthetic_cube_through_gzip() {
     assert!(r[0] > 1000.0 && r[0] < 3000.0, "R = {}", r[0]);
     assert!((meta.pixel_scale_arcsec - 0.5).abs() < 1e-6);
     assert_eq!(meta.noise_stored_as, Some(NoiseKind::InverseVariance));
+    assert_eq!(meta.redshift, Some(0.018));
     // (0, 0) is outside the hexagonal footprint (NOCOV|DONOTUSE), (8, 2) is inside.
     let block = cube.read_rows(0..3).unwrap();
     assert!(block.spectrum(0, 0).good.iter().all(|g| !g));
