@@ -1,1 +1,7 @@
 //! See the crate description and docs/architecture.md.
+pub mod cube;
+pub mod mapplot;
+pub mod maps;
+pub mod plan;
+pub mod prepare;
+pub mod voronoi;
