@@ -1,1 +1,2 @@
 //! See the crate description and docs/architecture.md.
+pub mod edge;

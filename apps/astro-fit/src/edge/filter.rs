@@ -1,0 +1,1 @@
+//! Spaxel and pixel filtering.

@@ -1,0 +1,1 @@
+//! Standard tile-compressed FITS output.
