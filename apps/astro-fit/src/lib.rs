@@ -1,2 +1,4 @@
 //! See the crate description and docs/architecture.md.
+pub mod cube;
 pub mod edge;
+pub mod voronoi;
