@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::codec::{self, Filter, FilterChoice};
 use super::quantize::{self, FluxQuantizer, QuantizedSpectrum};
-use super::{AuxVector, DType, EdgeError, Plane, Role, Samples, SpectralCube};
+use super::{AuxVector, DType, EdgeError, Keyword, Plane, Role, Samples, SpectralCube};
 
 const MAGIC: &[u8; 8] = b"TARSISC\x01";
 const BLOCK_MAGIC: &[u8; 4] = b"BLK\x01";
@@ -116,6 +116,7 @@ pub struct Header {
     pub spectra_per_block: usize,
     pub planes: Vec<PlaneHeader>,
     pub aux: Vec<AuxHeader>,
+    pub keywords: Vec<Keyword>,
 }
 
 impl Header {
@@ -282,6 +283,7 @@ pub fn plan(cube: &SpectralCube, opts: &CompressOptions) -> Result<Header, EdgeE
                 len: a.values.len(),
             })
             .collect(),
+        keywords: cube.keywords.clone(),
     })
 }
 
@@ -826,6 +828,7 @@ impl<R: Read> StreamDecoder<R> {
                 })
                 .collect(),
             aux: self.aux,
+            keywords: h.keywords.clone(),
         })
     }
 }
@@ -1011,6 +1014,11 @@ mod tests {
                     .map(|k| 3600.0 * 1.0001f64.powi(k as i32))
                     .collect(),
             }],
+            keywords: vec![Keyword {
+                hdu: "FLUX".into(),
+                key: "BUNIT".into(),
+                value: crate::edge::KeyValue::Text("1E-17 erg/s/cm^2/Ang/spaxel".into()),
+            }],
         }
     }
 
@@ -1084,6 +1092,7 @@ mod tests {
                         name: "WAVE".into(),
                         values: wave,
                     }],
+                    keywords: vec![],
                 })
         })
     }
@@ -1101,7 +1110,10 @@ mod tests {
                 .map(|a| a.values.iter().map(|v| v.to_bits()).collect())
                 .collect()
         };
-        (a.nx, a.ny, a.nwave) == (b.nx, b.ny, b.nwave) && bits(a) == bits(b) && aux(a) == aux(b)
+        (a.nx, a.ny, a.nwave) == (b.nx, b.ny, b.nwave)
+            && bits(a) == bits(b)
+            && aux(a) == aux(b)
+            && a.keywords == b.keywords
     }
 
     proptest! {
@@ -1165,6 +1177,7 @@ mod tests {
         assert!(quantised > flux.len() * 9 / 10);
         assert_eq!(back.planes[2], cube.planes[2], "mask is lossless");
         assert_eq!(back.aux, cube.aux);
+        assert_eq!(back.keywords, cube.keywords);
         assert!(
             bytes.len() * 3 < cube.raw_bytes(),
             "{} of {}",

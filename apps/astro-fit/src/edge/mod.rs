@@ -5,13 +5,17 @@
 //! noise, prediction along wavelength, random access by spaxel) walks along wavelength.
 //! FITS order (wavelength slowest) is converted at the I/O edge.
 
+pub mod cli;
 pub mod codec;
 pub mod container;
 mod error;
 pub mod filter;
+pub mod io;
 pub mod quantize;
 mod spectra;
 pub mod tilefits;
 
 pub use error::EdgeError;
-pub use spectra::{AuxVector, DType, Plane, Role, Samples, SpectralCube, sigma_from_noise};
+pub use spectra::{
+    AuxVector, DType, KeyValue, Keyword, Plane, Role, Samples, SpectralCube, sigma_from_noise,
+};

@@ -151,6 +151,21 @@ pub struct AuxVector {
     pub values: Vec<f64>,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum KeyValue {
+    Number(f64),
+    Text(String),
+}
+
+/// One header keyword of one HDU (`hdu` is the EXTNAME, or `PRIMARY`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Keyword {
+    pub hdu: String,
+    pub key: String,
+    pub value: KeyValue,
+}
+
 /// A datacube as the edge code sees it: `nx * ny` spectra of `nwave` samples, spaxel-major
 /// (spaxel `s = y * nx + x`, sample `k` of it at `s * nwave + k`).
 #[derive(Clone, Debug, PartialEq)]
@@ -160,6 +175,8 @@ pub struct SpectralCube {
     pub nwave: usize,
     pub planes: Vec<Plane>,
     pub aux: Vec<AuxVector>,
+    /// Header keywords carried along (world coordinates, units, identity).
+    pub keywords: Vec<Keyword>,
 }
 
 impl SpectralCube {
