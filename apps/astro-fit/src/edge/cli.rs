@@ -88,7 +88,7 @@ pub struct CompressArgs {
     /// With --fits: cfitsio quantisation level q for flux (step = tile noise / q).
     #[arg(long, default_value_t = TileOptions::default().flux_q, requires = "fits")]
     pub fits_q: f32,
-    /// With --fits: q for IVAR/variance (0 = lossless).
+    /// With --fits: q for IVAR/variance.
     #[arg(long, default_value_t = TileOptions::default().noise_q, requires = "fits")]
     pub fits_noise_q: f32,
 }
@@ -101,8 +101,16 @@ pub struct DecompressArgs {
     #[arg(short, long, required_unless_present = "spaxel")]
     pub output: Option<PathBuf>,
     /// Print only spaxel X,Y as JSON (reads one block).
-    #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["X", "Y"])]
-    pub spaxel: Option<Vec<usize>>,
+    #[arg(long, value_name = "X,Y", value_parser = parse_xy)]
+    pub spaxel: Option<(usize, usize)>,
+}
+
+fn parse_xy(text: &str) -> Result<(usize, usize), String> {
+    let (x, y) = text
+        .split_once(',')
+        .ok_or_else(|| format!("expected X,Y, got {text:?}"))?;
+    let parse = |v: &str| v.trim().parse::<usize>().map_err(|e| format!("{v:?}: {e}"));
+    Ok((parse(x)?, parse(y)?))
 }
 
 #[derive(Debug, Args)]
@@ -227,16 +235,23 @@ fn samples_json(samples: &Samples) -> serde_json::Value {
     }
 }
 
+/// Prints to stdout, returning an error (not panicking) when the reader has gone away.
+fn print_stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()?;
+    Ok(())
+}
+
 fn run_decompress(a: DecompressArgs) -> anyhow::Result<()> {
-    if let Some(xy) = a.spaxel {
+    if let Some((x, y)) = a.spaxel {
         let mut reader = ContainerReader::new(open(&a.input)?)?;
-        let planes = reader.read_spaxel(xy[0], xy[1])?;
+        let planes = reader.read_spaxel(x, y)?;
         let map: serde_json::Map<String, serde_json::Value> = planes
             .iter()
             .map(|(name, s)| (name.clone(), samples_json(s)))
             .collect();
-        println!("{}", json!({"x": xy[0], "y": xy[1], "planes": map}));
-        return Ok(());
+        return print_stdout(&json!({"x": x, "y": y, "planes": map}).to_string());
     }
     let output = a.output.expect("clap requires --output without --spaxel");
     let cube = if a.input.as_os_str() == "-" {
@@ -271,6 +286,5 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
         "blocks": reader.index.len(),
         "blocks_verified": blocks_ok,
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    print_stdout(&serde_json::to_string_pretty(&report)?)
 }

@@ -112,7 +112,13 @@ pub fn read_fits_cube(path: &Path) -> Result<SpectralCube, EdgeError> {
             _ if index == 0 => "PRIMARY".to_string(),
             _ => format!("HDU{index}"),
         };
-        for key in CARRIED_KEYWORDS {
+        let carried = match &hdu.info {
+            HduInfo::ImageInfo { shape, .. } => {
+                index == 0 || shape.as_slice() == [nwave, ny, nx] || shape.as_slice() == [nwave]
+            }
+            _ => false,
+        };
+        for key in CARRIED_KEYWORDS.iter().filter(|_| carried) {
             if let Some(value) = read_keyword(&mut file, &hdu, key) {
                 cube.keywords.push(Keyword {
                     hdu: name.clone(),
@@ -137,7 +143,11 @@ pub fn read_fits_cube(path: &Path) -> Result<SpectralCube, EdgeError> {
             cube.aux.push(AuxVector { name, values });
         }
     }
-    if !cube.aux.iter().any(|a| a.name == "WAVE") {
+    if !cube
+        .aux
+        .iter()
+        .any(|a| matches!(a.name.as_str(), "WAVE" | "WAVELENGTH"))
+    {
         cube.aux.push(AuxVector {
             name: "WAVELENGTH".into(),
             values: meta.wavelength.clone(),

@@ -9,7 +9,10 @@ use super::io::write_fits_with;
 use super::{DType, EdgeError, Role, SpectralCube};
 
 /// Quantisation levels, in cfitsio's sense: the step is the tile's noise (estimated by cfitsio
-/// from the tile itself) divided by q; 0 means lossless (GZIP).
+/// from the tile itself) divided by q. Both must be positive: the cfitsio bundled with the
+/// fitsio crate (3.49) returns wrong pixels when a process reads a quantised HDU after a
+/// losslessly compressed float HDU (GZIP, q 0) of the same file, so every float plane is
+/// quantised. IVAR and variance are smooth, so q = 16 keeps them within 0.5% here.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TileOptions {
     pub flux_q: f32,
@@ -20,7 +23,7 @@ impl Default for TileOptions {
     fn default() -> Self {
         TileOptions {
             flux_q: 4.0,
-            noise_q: 0.0,
+            noise_q: 16.0,
         }
     }
 }
@@ -32,14 +35,9 @@ pub fn compression_spec(role: Role, dtype: DType, nwave: usize, opts: &TileOptio
         DType::F32 | DType::F64 => {
             let q = match role {
                 Role::Flux => opts.flux_q,
-                Role::Ivar | Role::Variance => opts.noise_q,
-                Role::Mask | Role::Other => 0.0,
+                Role::Ivar | Role::Variance | Role::Mask | Role::Other => opts.noise_q,
             };
-            if q == 0.0 {
-                format!("compress G {tile}; q 0")
-            } else {
-                format!("compress R {tile}; q {q}")
-            }
+            format!("compress R {tile}; q {q}")
         }
         // RICE_1 handles 8, 16 and 32-bit integers losslessly; 64-bit needs GZIP.
         DType::I64 => format!("compress G {tile}"),
@@ -54,9 +52,9 @@ pub fn write_tile_compressed(
     opts: &TileOptions,
 ) -> Result<(), EdgeError> {
     for q in [opts.flux_q, opts.noise_q] {
-        if !(q.is_finite() && q >= 0.0) {
+        if !(q.is_finite() && q > 0.0) {
             return Err(EdgeError::InvalidParameter(format!(
-                "FITS quantisation level {q} (must be >= 0; 0 = lossless)"
+                "FITS quantisation level {q} (must be positive)"
             )));
         }
     }
