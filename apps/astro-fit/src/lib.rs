@@ -1,5 +1,6 @@
 //! See the crate description and docs/architecture.md.
 pub mod cube;
+pub mod edge;
 pub mod mapplot;
 pub mod maps;
 pub mod plan;
