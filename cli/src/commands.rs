@@ -62,7 +62,17 @@ pub async fn get(client: &Client, options: &GetOptions) -> Result<()> {
                 Err(e) => return Err(e),
             }
         }
-        (found, None, failure)
+        let newest = found
+            .iter()
+            .filter_map(|o| {
+                o.pointer("/metadata/resourceVersion")?
+                    .as_str()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .map(|rv| rv.to_string());
+        (found, newest, failure)
     };
     let single = names.len() == 1;
     let mut widths = Vec::new();
@@ -137,6 +147,7 @@ async fn watch(
             }
             Err(e) => return Err(e),
         };
+        let mut events = 0usize;
         loop {
             let event = match stream.next().await {
                 Ok(Some(event)) => event,
@@ -147,6 +158,7 @@ async fn watch(
                 }
                 Err(e) => return Err(e),
             };
+            events += 1;
             let object = event.object;
             if let Some(rv) = object
                 .pointer("/metadata/resourceVersion")
@@ -179,6 +191,10 @@ async fn watch(
                 Format::Name => output::reference(kind, &object) + "\n",
             };
             output::print(&text)?;
+        }
+        if events == 0 {
+            // A server that closes watches at once must not be hammered.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
