@@ -88,13 +88,27 @@ impl EnergyProfile {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+/// The region's link to the rest of the continuum; an undeclared uplink is taken as 1 Gbps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Network {
-    #[serde(default)]
+    #[serde(default = "default_uplink_mbps")]
     pub uplink_mbps: f64,
     #[serde(default)]
     pub rtt_ms: f64,
+}
+
+fn default_uplink_mbps() -> f64 {
+    1000.0
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            uplink_mbps: default_uplink_mbps(),
+            rtt_ms: 0.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -180,12 +194,17 @@ impl RegionSpec {
             ("spec.energy.idleWatts", e.idle_watts),
             ("spec.energy.wattsPerCore", e.watts_per_core),
             ("spec.energy.carbonIntensity", e.carbon_intensity),
-            ("spec.network.uplinkMbps", self.network.uplink_mbps),
             ("spec.network.rttMs", self.network.rtt_ms),
         ] {
             if !value.is_finite() || value < 0.0 {
                 out.push(Violation::new(field, "must be a finite number >= 0"));
             }
+        }
+        if !self.network.uplink_mbps.is_finite() || self.network.uplink_mbps <= 0.0 {
+            out.push(Violation::new(
+                "spec.network.uplinkMbps",
+                "must be a finite number > 0",
+            ));
         }
         if !e.pue.is_finite() || e.pue < 1.0 {
             out.push(Violation::new(

@@ -170,13 +170,18 @@ fn fifty_tasks_succeed_although_a_worker_is_killed_mid_task() {
     );
     assert_eq!(app["status"]["progress"]["done"], 50);
     assert!(app["status"]["energyJoules"].as_f64().unwrap() >= 0.0);
-    let regions_used: BTreeSet<&str> = app["status"]["placements"]
-        .as_array()
-        .unwrap()
+    // Where the tasks run is the scheduler's choice; each must run in one of the two regions.
+    let placements = app["status"]["placements"].as_array().unwrap();
+    let placed: u64 = placements
         .iter()
-        .map(|p| p["region"].as_str().unwrap())
-        .collect();
-    assert_eq!(regions_used, BTreeSet::from(["cloud-b", "edge-a"]));
+        .map(|p| p["tasks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(placed, 50);
+    assert!(
+        placements
+            .iter()
+            .all(|p| ["edge-a", "cloud-b"].contains(&p["region"].as_str().unwrap()))
+    );
     let redelivered = http.get(&server.api(&format!("tasks/{task}")));
     assert!(
         redelivered["status"]["attempts"].as_u64().unwrap() >= 2,

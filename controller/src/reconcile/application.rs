@@ -13,7 +13,7 @@ use crate::resources::{
     APPLICATION_LABEL, AppKind, AppPhase, ApplicationObject, ApplicationSpec, ApplicationStatus,
     Kind, Progress, RELEASE_FINALIZER, RegionObject, TaskState, TaskTemplate, typed,
 };
-use crate::scheduling::{self, RegionView};
+use crate::scheduling::{self, InputView, RegionView};
 use crate::store::{Change, Query, StoreError};
 use crate::time::now_rfc3339;
 
@@ -189,7 +189,15 @@ async fn schedule(
         }
     };
     let regions = region_views(ctx).await?;
-    let placement = match scheduling::place(&app.spec, templates.len(), &regions) {
+    let input = input_view(ctx, &app.spec).await?;
+    let placement = match scheduling::place(
+        name,
+        &app.spec,
+        templates.len(),
+        &regions,
+        &input,
+        crate::time::now_millis(),
+    ) {
         Ok(p) => p,
         Err(unschedulable) => {
             let message = unschedulable.reasons.join("; ");
@@ -303,12 +311,27 @@ async fn region_views(ctx: &Context) -> Result<Vec<RegionView>, ReconcileError> 
         views.push(RegionView {
             ready: status.phase.as_deref() == Some("Ready")
                 && region.metadata.deletion_timestamp.is_none(),
+            load: status.load,
             name: region.metadata.name,
             labels: region.metadata.labels,
             spec: region.spec,
         });
     }
     Ok(views)
+}
+
+/// Size and place of the application's input datasets (the first input's region counts).
+async fn input_view(ctx: &Context, spec: &ApplicationSpec) -> Result<InputView, ReconcileError> {
+    let mut view = InputView::default();
+    for input in &spec.inputs {
+        if let Some(dataset) = ctx.store.get(Kind::Dataset, &input.dataset).await? {
+            view.bytes += dataset["status"]["size"].as_u64().unwrap_or(0);
+            if view.region.is_none() {
+                view.region = dataset["spec"]["region"].as_str().map(str::to_string);
+            }
+        }
+    }
+    Ok(view)
 }
 
 async fn follow(
