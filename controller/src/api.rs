@@ -578,11 +578,13 @@ async fn result_file(
 pub struct LogParams {
     /// Only this task's output.
     pub task: Option<String>,
+    /// Keep the stream open: each task's section once it has finished, until the application ends.
+    pub follow: Option<bool>,
 }
 
 #[utoipa::path(get, path = "/api/v1/applications/{name}/logs", tag = "applications",
     params(("name" = String, Path), LogParams),
-    responses((status = 200, description = "Task output and errors, by task", content_type = "text/plain", body = String),
+    responses((status = 200, description = "Per task: a header line `==> NAME [STATE] worker=W attempts=N`, its output and last error", content_type = "text/plain", body = String),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn application_logs(
     State(state): State<AppState>,
@@ -590,50 +592,13 @@ async fn application_logs(
     params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let params = query(params)?;
-    if state
-        .store
-        .get_raw(Kind::Application, &name)
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::not_found("Application", &name));
-    }
-    let tasks = state
-        .store
-        .list(
-            Kind::Task,
-            &StoreQuery {
-                owner: Some(&name),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let mut text = String::new();
-    for task in tasks {
-        let task_name = task["metadata"]["name"].as_str().unwrap_or_default();
-        if params.task.as_deref().is_some_and(|t| t != task_name) {
-            continue;
-        }
-        let status = &task["status"];
-        text.push_str(&format!(
-            "==> {task_name} [{}] worker={} attempts={}\n",
-            status["state"].as_str().unwrap_or("?"),
-            status["worker"].as_str().unwrap_or("-"),
-            status["attempts"]
-        ));
-        for stream in ["stdout", "stderr"] {
-            if let Some(out) = status["result"][stream].as_str().filter(|s| !s.is_empty()) {
-                text.push_str(out);
-                if !out.ends_with('\n') {
-                    text.push('\n');
-                }
-            }
-        }
-        if let Some(error) = status["error"].as_str() {
-            text.push_str(&format!("error: {error}\n"));
-        }
-    }
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    crate::logs::logs(
+        state.store.clone(),
+        name,
+        params.task,
+        params.follow.unwrap_or(false),
+    )
+    .await
 }
 
 // ---- task queue --------------------------------------------------------------------------------

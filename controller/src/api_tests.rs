@@ -891,6 +891,68 @@ async fn health_readiness_and_metrics(ts: &TestStore) {
     );
 }
 
+async fn followed_logs_stream_each_finished_task_until_the_end(ts: &TestStore) {
+    let app = app(state(ts));
+    let ctx = context(ts);
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 1, "edge"),
+    )
+    .await;
+    call(
+        &app,
+        "PATCH",
+        "/api/v1/regions/edge-a/status",
+        "application/json",
+        json!({"status": {"phase": "Ready"}}).to_string(),
+    )
+    .await;
+    json_call(&app, "POST", "/api/v1/applications", &batch("job", 2, &[])).await;
+    settle(&ctx, "job").await;
+    let followed = app
+        .clone()
+        .oneshot(
+            Request::get("/api/v1/applications/job/logs?follow=true")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(followed.status(), StatusCode::OK);
+    for (i, out) in ["zero", "one"].iter().enumerate() {
+        let lease = json!({"worker": "w1", "region": "edge-a"});
+        let leased = json_call(&app, "POST", "/api/v1/tasks:lease", &lease).await;
+        let name = leased.body["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(name, format!("job-{i:05}"));
+        json_call(
+            &app,
+            "POST",
+            &format!("/api/v1/tasks/{name}/complete"),
+            &json!({"worker": "w1", "result": {"stdout": format!("{out}\n")}}),
+        )
+        .await;
+    }
+    assert_eq!(settle(&ctx, "job").await["status"]["phase"], "Succeeded");
+    // The stream ends by itself once the application has.
+    let bytes = tokio::time::timeout(
+        Duration::from_secs(20),
+        axum::body::to_bytes(followed.into_body(), usize::MAX),
+    )
+    .await
+    .expect("the followed log ends with the application")
+    .unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert_eq!(
+        text,
+        "==> job-00000 [Done] worker=w1 attempts=1\nzero\n==> job-00001 [Done] worker=w1 attempts=1\none\n"
+    );
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -902,6 +964,7 @@ store_suite!(
     tasks_flow_through_leases_to_a_succeeded_application,
     expired_leases_requeue,
     health_readiness_and_metrics,
+    followed_logs_stream_each_finished_task_until_the_end,
 );
 
 #[test]

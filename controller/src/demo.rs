@@ -112,6 +112,7 @@ async fn follow(base: &str, timeout: Duration) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let mut last_line = String::new();
+    let mut placement_shown = false;
     let app = loop {
         let app: Value = client
             .get(format!("{base}/api/v1/applications/{name}"))
@@ -132,6 +133,10 @@ async fn follow(base: &str, timeout: Duration) -> anyhow::Result<()> {
         {
             println!("{line}");
             last_line = line;
+        }
+        if !placement_shown && let Some(explanation) = status["explanation"].as_str() {
+            placement_shown = true;
+            println!("placement: {}", explanation.replace('\n', "\n           "));
         }
         match phase.as_str() {
             "Succeeded" => break app,
@@ -173,8 +178,10 @@ async fn follow(base: &str, timeout: Duration) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!("  tasks          {} done", items.len());
-    for (region, (n, cpu, joules)) in &per_region {
-        println!("  region {region:<16} {n:>3} tasks, {cpu:>6.2} CPU s, {joules:>7.1} J");
+    for region in &regions {
+        let name = region["metadata"]["name"].as_str().unwrap_or("?");
+        let (n, cpu, joules) = per_region.get(name).copied().unwrap_or_default();
+        println!("  region {name:<16} {n:>3} tasks, {cpu:>6.2} CPU s, {joules:>7.1} J");
     }
     println!(
         "  energy         {:.1} J",

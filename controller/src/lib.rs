@@ -5,6 +5,7 @@ pub mod api;
 pub mod content;
 pub mod demo;
 pub mod error;
+pub mod logs;
 pub mod metrics;
 pub mod objects;
 pub mod queue;

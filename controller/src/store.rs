@@ -5,9 +5,10 @@
 //! saw version N has seen every change up to N. Each write also appends to `changes`, which
 //! watches replay from, and is then broadcast to live watchers.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde_json::Value;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -117,6 +118,20 @@ pub struct Store {
     backend: Backend,
     write: Mutex<()>,
     changes: broadcast::Sender<ChangeEvent>,
+    mirror: RwLock<Mirror>,
+}
+
+/// In-memory copy of the user kinds (regions, applications, datasets: few, read often), kept
+/// in step by `write` after each commit, so that gets and plain lists of them never wait on the
+/// database. It assumes this process is the store's only writer, as the write lock already does.
+#[derive(Default)]
+struct Mirror {
+    version: i64,
+    objects: HashMap<Kind, BTreeMap<String, Arc<str>>>,
+}
+
+fn mirrored(kind: Kind) -> bool {
+    matches!(kind, Kind::Region | Kind::Application | Kind::Dataset)
 }
 
 impl Store {
@@ -163,12 +178,57 @@ impl Store {
             .await?;
         MIGRATOR.run(&pool).await?;
         let (changes, _) = broadcast::channel(4096);
-        Ok(Store {
+        let store = Store {
             pool,
             backend,
             write: Mutex::new(()),
             changes,
-        })
+            mirror: RwLock::new(Mirror::default()),
+        };
+        store.load_mirror().await?;
+        Ok(store)
+    }
+
+    async fn load_mirror(&self) -> Result<(), StoreError> {
+        let mut mirror = Mirror::default();
+        for kind in Kind::ALL.into_iter().filter(|k| mirrored(*k)) {
+            let (version, rows) = self.list_from_database(kind, &Query::default()).await?;
+            mirror.version = version;
+            mirror.objects.insert(
+                kind,
+                rows.into_iter().map(|(n, b)| (n, Arc::from(b))).collect(),
+            );
+        }
+        *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = mirror;
+        Ok(())
+    }
+
+    /// Serves a plain list (no filter on indexed columns) of a mirrored kind from memory.
+    fn list_from_mirror(
+        &self,
+        kind: Kind,
+        query: &Query<'_>,
+    ) -> Option<(i64, Vec<(String, String)>)> {
+        let plain = query.phase.is_none()
+            && query.region.is_none()
+            && query.owner.is_none()
+            && query.deadline_before_ms.is_none();
+        if !mirrored(kind) || !plain {
+            return None;
+        }
+        let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
+        let objects = mirror.objects.get(&kind)?;
+        let range = match query.after {
+            Some(after) => objects
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => objects.range::<str, _>(..),
+        };
+        let limit = query.limit.map_or(usize::MAX, |l| l.max(0) as usize);
+        let items = range
+            .take(limit)
+            .map(|(n, b)| (n.clone(), b.to_string()))
+            .collect();
+        Some((mirror.version, items))
     }
 
     pub fn backend(&self) -> Backend {
@@ -197,6 +257,14 @@ impl Store {
 
     /// The object as stored JSON text.
     pub async fn get_raw(&self, kind: Kind, name: &str) -> Result<Option<String>, StoreError> {
+        if mirrored(kind) {
+            let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
+            return Ok(mirror
+                .objects
+                .get(&kind)
+                .and_then(|m| m.get(name))
+                .map(|b| b.to_string()));
+        }
         let row = sqlx::query("SELECT body FROM objects WHERE kind = $1 AND name = $2")
             .bind(kind.as_str())
             .bind(name)
@@ -208,6 +276,17 @@ impl Store {
     /// Objects of `kind` matching `query`, by name, as JSON text; with the store's resource
     /// version read in the same transaction.
     pub async fn list_raw(
+        &self,
+        kind: Kind,
+        query: &Query<'_>,
+    ) -> Result<(i64, Vec<(String, String)>), StoreError> {
+        match self.list_from_mirror(kind, query) {
+            Some(found) => Ok(found),
+            None => self.list_from_database(kind, query).await,
+        }
+    }
+
+    async fn list_from_database(
         &self,
         kind: Kind,
         query: &Query<'_>,
@@ -274,8 +353,11 @@ impl Store {
     }
 
     pub async fn current_version(&self) -> Result<i64, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        current_version(&mut conn).await
+        Ok(self
+            .mirror
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .version)
     }
 
     /// The oldest resource version a watch can resume after.
@@ -415,6 +497,18 @@ impl Store {
             compact(&mut tx, version - RETAINED_CHANGES).await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
+        {
+            let mut mirror = self.mirror.write().unwrap_or_else(|e| e.into_inner());
+            mirror.version = version;
+            if mirrored(kind) {
+                let objects = mirror.objects.entry(kind).or_default();
+                if change == ChangeType::Deleted {
+                    objects.remove(name);
+                } else {
+                    objects.insert(name.to_string(), Arc::from(body.as_str()));
+                }
+            }
+        }
         // No receivers is fine: nobody is watching.
         let _ = self.changes.send(ChangeEvent {
             resource_version: version,

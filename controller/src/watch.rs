@@ -36,6 +36,7 @@ pub async fn watch(
     // Subscribe before reading history so that nothing falls between the two.
     let mut live = store.subscribe();
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
+    let mut initial = Vec::new();
     let mut last = match since {
         Some(version) => {
             let compacted = store.compacted_version().await?;
@@ -51,15 +52,21 @@ pub async fn watch(
         }
         None => {
             let (version, items) = store.list_raw(kind, &Default::default()).await?;
-            for (_, body) in items {
-                if passes(&filter, &body) {
-                    let _ = tx.try_send(Ok(watch_line_of(ChangeType::Added, &body)));
-                }
-            }
+            initial = items;
             version
         }
     };
     tokio::spawn(async move {
+        for (_, body) in initial {
+            if passes(&filter, &body)
+                && tx
+                    .send(Ok(watch_line_of(ChangeType::Added, &body)))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
         if let Some(version) = since
             && !replay(&store, kind, &filter, &tx, version, &mut last).await
         {

@@ -193,13 +193,19 @@ async fn open_loop(client: &reqwest::Client, url: &str, rate: u32, duration: Dur
     let start = Instant::now();
     let total = (f64::from(rate) * duration.as_secs_f64()) as u64;
     let mut handles = Vec::with_capacity(total as usize);
+    // Bounds open connections when the server falls behind; waiting for a slot still counts.
+    let slots = Arc::new(tokio::sync::Semaphore::new(256));
     for k in 0..total {
         let planned = start + Duration::from_secs_f64(k as f64 / f64::from(rate));
         if let Some(wait) = planned.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
         let (client, url, results) = (client.clone(), url.to_string(), results.clone());
+        let slots = slots.clone();
         handles.push(tokio::spawn(async move {
+            let Ok(_slot) = slots.acquire().await else {
+                return;
+            };
             let ok = client
                 .get(url)
                 .send()

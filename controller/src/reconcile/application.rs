@@ -458,20 +458,11 @@ async fn write_results(ctx: &Context, name: &str) -> Result<(), ReconcileError> 
 }
 
 async fn finalize(ctx: &Context, object: &Value, name: &str) -> Result<Action, ReconcileError> {
-    if object["status"]["phase"] != "Deleting" {
-        objects::update_status(&ctx.store, Kind::Application, name, |s| {
-            s["phase"] = json!("Deleting")
-        })
-        .await?;
-        objects::record_event(
-            &ctx.store,
-            object,
-            EventType::Normal,
-            "Deleting",
-            "releasing tasks and results",
-        )
-        .await?;
-    }
+    // Idempotent: DELETE has normally set the phase already.
+    objects::update_status(&ctx.store, Kind::Application, name, |s| {
+        s["phase"] = json!("Deleting")
+    })
+    .await?;
     let tasks = ctx
         .store
         .list(
@@ -498,6 +489,14 @@ async fn finalize(ctx: &Context, object: &Value, name: &str) -> Result<Action, R
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
         _ => {}
     }
+    objects::record_event(
+        &ctx.store,
+        object,
+        EventType::Normal,
+        "Released",
+        "tasks and results released; the application goes away",
+    )
+    .await?;
     objects::remove_finalizer(&ctx.store, Kind::Application, name, RELEASE_FINALIZER).await?;
     Ok(Action::AwaitChange)
 }
