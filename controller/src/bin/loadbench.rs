@@ -119,6 +119,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "server {base}, SQLite (WAL) in {}, {n} datasets stored",
         dir.path().display()
     );
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        println!("host: {cores} cores, load average {}", load.trim());
+    }
     println!(
         "{} s per scenario, closed loops with {} concurrent requests\n",
         args.seconds, args.concurrency
@@ -186,8 +190,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends GETs at `rate` per second regardless of answers (open loop); latency counts from the
-/// planned send time, so a stalled server cannot hide its queueing.
+/// Sends GETs at `rate` per second regardless of answers (open loop). Latency counts from when
+/// the dispatcher releases the request, waiting for a connection slot included (so a server that
+/// falls behind shows its queueing), but not the timer's 1 ms wake-up granularity.
 async fn open_loop(client: &reqwest::Client, url: &str, rate: u32, duration: Duration) -> Report {
     let results = Arc::new(Mutex::new((Vec::new(), 0usize)));
     let start = Instant::now();
@@ -200,6 +205,7 @@ async fn open_loop(client: &reqwest::Client, url: &str, rate: u32, duration: Dur
         if let Some(wait) = planned.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
+        let dispatched = Instant::now();
         let (client, url, results) = (client.clone(), url.to_string(), results.clone());
         let slots = slots.clone();
         handles.push(tokio::spawn(async move {
@@ -211,7 +217,7 @@ async fn open_loop(client: &reqwest::Client, url: &str, rate: u32, duration: Dur
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
-            let latency = planned.elapsed().as_micros() as u64;
+            let latency = dispatched.elapsed().as_micros() as u64;
             let mut r = results.lock().await;
             if ok {
                 r.0.push(latency);
