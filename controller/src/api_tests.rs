@@ -1,0 +1,1 @@
+//! HTTP tests through `app(state)` and `oneshot`.
