@@ -286,6 +286,16 @@ spec:
   energy: {idleWatts: 200, wattsPerCore: 9, pue: 1.4}
 ";
 
+const DATASET: &str = "\
+apiVersion: ceccm/v1
+kind: Dataset
+metadata:
+  name: cube-a
+spec:
+  format: fits
+  description: a MUSE cube
+";
+
 /// A server over a fresh data directory, and a ceccmctl pointed at it by `--server`.
 struct Setup {
     ctl: Ctl,
@@ -318,6 +328,18 @@ impl Setup {
 
     fn manifest(&self, name: &str, text: &str) -> String {
         write(self.ctl.home.path(), name, text)
+    }
+
+    /// Polls until the region reconciler has filled in every region's status.
+    fn wait_for_regions_reconciled(&self) {
+        wait_until("regions reconciled", Duration::from_secs(30), || {
+            let list = self.json(&["get", "regions"]);
+            let items = list["items"].as_array()?;
+            items
+                .iter()
+                .all(|r| r.pointer("/status/allocatable").is_some())
+                .then_some(())
+        });
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -389,30 +411,33 @@ fn normalise_ages(table: &str) -> String {
 }
 
 #[test]
-#[ignore = "needs the ceccm server (branch controller, not merged yet)"]
 fn apply_twice_is_unchanged_and_keeps_the_resource_version() {
     let s = Setup::new();
-    let file = s.manifest("regions.yaml", REGIONS);
+    let file = s.manifest("objects.yaml", &format!("{REGIONS}---\n{DATASET}"));
     let run = s.run(&["apply", "-f", &file]).expect(0);
     assert_eq!(
         run.stdout,
-        "region/edge-caha created\nregion/cloud-a created\n"
+        "region/edge-caha created\nregion/cloud-a created\ndataset/cube-a created\n"
     );
-    let before = s.json(&["get", "region", "edge-caha"]);
+    // Region reconcilers write status (and so resourceVersion) on their own; nothing but
+    // users writes a dataset without content, so its resourceVersion shows what apply did.
+    let dataset = s.json(&["get", "dataset", "cube-a"]);
+    let region = s.json(&["get", "region", "edge-caha"]);
 
     let run = s.run(&["apply", "-f", &file]).expect(0);
     assert_eq!(
         run.stdout,
-        "region/edge-caha unchanged\nregion/cloud-a unchanged\n"
+        "region/edge-caha unchanged\nregion/cloud-a unchanged\ndataset/cube-a unchanged\n"
     );
-    let after = s.json(&["get", "rg/edge-caha"]);
+    let dataset_after = s.json(&["get", "ds/cube-a"]);
     assert_eq!(
-        before["metadata"]["resourceVersion"], after["metadata"]["resourceVersion"],
+        dataset["metadata"]["resourceVersion"], dataset_after["metadata"]["resourceVersion"],
         "a no-op apply must not bump resourceVersion"
     );
+    let region_after = s.json(&["get", "rg/edge-caha"]);
     assert_eq!(
-        before["metadata"]["generation"],
-        after["metadata"]["generation"]
+        region["metadata"]["generation"],
+        region_after["metadata"]["generation"]
     );
 
     let relabelled = s.manifest(
@@ -428,7 +453,7 @@ fn apply_twice_is_unchanged_and_keeps_the_resource_version() {
     assert_eq!(cloud["metadata"]["labels"]["site"], "getafe");
 
     // JSON from stdin, and the server-side dry run stores nothing.
-    let json = r#"{"apiVersion":"ceccm/v1","kind":"Dataset","metadata":{"name":"cube-a"},"spec":{"format":"fits"}}"#;
+    let json = r#"{"apiVersion":"ceccm/v1","kind":"Dataset","metadata":{"name":"cube-b"},"spec":{"format":"fits"}}"#;
     let mut child = s
         .command(&["apply", "-f", "-", "--dry-run=server"])
         .stdin(Stdio::piped())
@@ -438,8 +463,8 @@ fn apply_twice_is_unchanged_and_keeps_the_resource_version() {
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), json.as_bytes()).unwrap();
     let run = Run::from(child.wait_with_output().unwrap()).expect(0);
-    assert_eq!(run.stdout, "dataset/cube-a created (server dry run)\n");
-    let run = s.run(&["get", "ds", "cube-a"]).expect(1);
+    assert_eq!(run.stdout, "dataset/cube-b created (server dry run)\n");
+    let run = s.run(&["get", "ds", "cube-b"]).expect(1);
     assert!(
         run.stderr.starts_with("Error from server (NotFound): "),
         "{}",
@@ -448,7 +473,6 @@ fn apply_twice_is_unchanged_and_keeps_the_resource_version() {
 }
 
 #[test]
-#[ignore = "needs the ceccm server (branch controller, not merged yet)"]
 fn nothing_is_applied_from_a_file_with_an_invalid_later_document() {
     let s = Setup::new();
     let bad = format!(
@@ -483,7 +507,6 @@ fn nothing_is_applied_from_a_file_with_an_invalid_later_document() {
 }
 
 #[test]
-#[ignore = "needs the ceccm server (branch controller, not merged yet)"]
 fn server_errors_exit_1_with_the_message() {
     let s = Setup::new();
     let run = s.run(&["get", "app", "nope"]).expect(1);
@@ -502,7 +525,6 @@ fn server_errors_exit_1_with_the_message() {
 }
 
 #[test]
-#[ignore = "needs the ceccm server (branch controller, not merged yet)"]
 fn tables_match_the_goldens() {
     let s = Setup::new();
     let regions = s.manifest("regions.yaml", REGIONS);
@@ -513,6 +535,7 @@ fn tables_match_the_goldens() {
     );
     s.run(&["apply", "-f", &dataset]).expect(0);
 
+    s.wait_for_regions_reconciled();
     let table = s.run(&["get", "regions"]).expect(0).stdout;
     golden("get-regions.txt", &normalise_ages(&table));
     let wide = s
@@ -527,7 +550,6 @@ fn tables_match_the_goldens() {
 }
 
 #[test]
-#[ignore = "needs the ceccm server (branch controller, not merged yet)"]
 fn get_watch_follows_the_stream() {
     let s = Setup::new();
     let regions = s.manifest("regions.yaml", REGIONS);
