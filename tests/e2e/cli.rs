@@ -491,7 +491,14 @@ fn nothing_is_applied_from_a_file_with_an_invalid_later_document() {
         run.stderr
     );
     assert!(run.stderr.contains("(document 3)"), "{}", run.stderr);
-    assert!(run.stderr.contains("nothing was applied"), "{}", run.stderr);
+    assert!(
+        run.stderr.ends_with(
+            "error: nothing was applied: 1 of 3 document(s) rejected \
+             (use --continue-on-error to apply the others)\n"
+        ),
+        "{}",
+        run.stderr
+    );
     assert_eq!(run.stdout, "");
     let run = s.run(&["get", "regions"]).expect(0);
     assert_eq!(run.stdout, "");
@@ -505,10 +512,55 @@ fn nothing_is_applied_from_a_file_with_an_invalid_later_document() {
         "region/edge-caha created\nregion/cloud-a created\n"
     );
     assert!(run.stderr.contains("colour"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .starts_with(&format!(
+                "Error from server (BadRequest): {file} (document 3) region/hpc-x: "
+            )),
+        "{}",
+        run.stderr
+    );
     let names = s.run(&["get", "rg", "-o", "name"]).expect(0).stdout;
     let mut names: Vec<&str> = names.lines().collect();
     names.sort();
     assert_eq!(names, ["region/cloud-a", "region/edge-caha"]);
+}
+
+#[test]
+fn objects_may_name_regions_created_by_the_same_apply() {
+    let s = Setup::new();
+    // The dataset comes first in the file and names a region that does not exist yet.
+    let text = format!(
+        "{DATASET}  region: cloud-a\n---\n{}---\n{REGIONS}",
+        "apiVersion: ceccm/v1\nkind: Application\nmetadata:\n  name: pinned\nspec:\n  app: container\n  tasks: [{command: \"true\"}]\n  placement: {regions: [edge-caha]}\n"
+    );
+    let file = s.manifest("together.yaml", &text);
+    let run = s.run(&["apply", "-f", &file, "--dry-run=server"]).expect(0);
+    assert!(
+        run.stdout
+            .contains("dataset/cube-a created (server dry run)"),
+        "{}",
+        run.stdout
+    );
+    s.run(&["get", "rg", "edge-caha"]).expect(1);
+    let run = s.run(&["apply", "-f", &file]).expect(0);
+    assert_eq!(
+        run.stdout,
+        "region/edge-caha created\nregion/cloud-a created\ndataset/cube-a created\napplication/pinned created\n"
+    );
+    let dataset = s.json(&["get", "ds", "cube-a"]);
+    assert_eq!(dataset["spec"]["region"], "cloud-a");
+    // A region that exists nowhere is still the server's to reject, and nothing is stored.
+    let typo = s.manifest(
+        "typo.yaml",
+        &format!("{DATASET}  region: nowhere\n").replace("cube-a", "cube-z"),
+    );
+    let run = s.run(&["apply", "-f", &typo]).expect(1);
+    assert!(run.stderr.contains("nowhere"), "{}", run.stderr);
+    s.run(&["get", "ds", "cube-z"]).expect(1);
 }
 
 #[test]
