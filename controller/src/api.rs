@@ -726,6 +726,12 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
+/// The OpenAPI document as YAML, as committed in `api/openapi.yaml`.
+pub fn openapi_yaml() -> String {
+    let value = serde_json::to_value(openapi()).unwrap_or_default();
+    yaml_serde::to_string(&value).unwrap_or_default()
+}
+
 /// One NDJSON watch line.
 pub fn watch_line(event: &ChangeEvent) -> Bytes {
     watch_line_of(event.change, &event.body)

@@ -104,3 +104,22 @@ macro_rules! store_suite {
     };
 }
 pub(crate) use store_suite;
+
+/// Polls an async probe every 50 ms until it returns `Some`, for at most 20 s.
+pub async fn poll<T, F, Fut>(mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

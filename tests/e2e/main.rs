@@ -2,4 +2,5 @@
 //! `astro-fit` binaries over loopback. Each area has its own module.
 
 mod cli;
+mod control_plane;
 mod support;

@@ -81,11 +81,9 @@ impl Server {
         std::thread::spawn(move || {
             let mut announced = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !announced {
-                    if let Some(url) = line.strip_prefix("ceccm listening on ") {
-                        announced = true;
-                        let _ = tx.send(url.trim().to_string());
-                    }
+                if !announced && let Some(url) = line.strip_prefix("ceccm listening on ") {
+                    announced = true;
+                    let _ = tx.send(url.trim().to_string());
                 }
             }
         });
