@@ -258,7 +258,7 @@ use std::io::{BufRead, BufReader};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::support::{Server, wait_until, workspace_root};
+use crate::support::{Server, shared_data, wait_until, workspace_root};
 
 const REGIONS: &str = "\
 apiVersion: ceccm/v1
@@ -827,12 +827,9 @@ fn delete_waits_for_finalizers_unless_told_not_to() {
 #[test]
 fn datasets_upload_and_download_byte_for_byte() {
     let s = Setup::new();
-    // 300 KiB of varied bytes: several chunks of the upload stream.
-    let content: Vec<u8> = (0u32..300 * 1024)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let file = s.ctl.home.path().join("cube.bin");
-    std::fs::write(&file, &content).unwrap();
+    // A real MUSE cube (3.5 MiB): many chunks of the upload stream.
+    let file = shared_data().join("cubes/subcub_mosaic.fits");
+    let content = std::fs::read(&file).expect("the shared MUSE cube");
 
     let run = s
         .run(&["upload", "dataset", "cube", &file.display().to_string()])
@@ -847,7 +844,7 @@ fn datasets_upload_and_download_byte_for_byte() {
         .expect("sha256 in status");
     assert_eq!(
         run.stdout,
-        format!("dataset/cube uploaded (300KiB, sha256 {sha})\n")
+        format!("dataset/cube uploaded (3.5MiB, sha256 {sha})\n")
     );
     assert_eq!(dataset["status"]["size"], content.len());
     assert_eq!(dataset["status"]["phase"], "Ready");
@@ -858,7 +855,7 @@ fn datasets_upload_and_download_byte_for_byte() {
         .expect(0);
     assert!(
         run.stdout
-            .contains("dataset/cube: 1 file(s), 300KiB written to "),
+            .contains("dataset/cube: 1 file(s), 3.5MiB written to "),
         "{}",
         run.stdout
     );
