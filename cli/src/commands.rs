@@ -74,23 +74,30 @@ pub async fn get(client: &Client, options: &GetOptions) -> Result<()> {
     };
     let single = names.len() == 1;
     let mut widths = Vec::new();
-    if objects.is_empty() && failure.is_none() && !options.watch {
-        eprintln!("No resources found.");
-    } else if !objects.is_empty() {
-        if matches!(options.format, Format::Table | Format::Wide) {
+    match options.format {
+        // Scripts reading JSON or YAML get an empty List rather than nothing.
+        Format::Json | Format::Yaml if names.is_empty() || !objects.is_empty() => {
+            let text = output::objects(kind, &objects, options.format, single, now)?;
+            output::print(&text)?;
+        }
+        _ if objects.is_empty() => {
+            if failure.is_none() && !options.watch {
+                eprintln!("No resources found.");
+            }
+        }
+        Format::Table | Format::Wide => {
             let columns = table::columns(kind, options.format == Format::Wide);
             let rows = table::rows(&columns, &objects, now);
             widths = table::widths(&rows);
             output::print(&table::render(&rows))?;
-        } else {
-            output::print(&output::objects(
-                kind,
-                &objects,
-                options.format,
-                single,
-                now,
-            )?)?;
         }
+        _ => output::print(&output::objects(
+            kind,
+            &objects,
+            options.format,
+            single,
+            now,
+        )?)?,
     }
     if let Some(e) = failure {
         return Err(e);

@@ -445,6 +445,20 @@ fn apply_twice_is_unchanged_and_keeps_the_resource_version() {
         region_after["metadata"]["generation"]
     );
 
+    // A directory applies each of its manifests, in name order.
+    let dir = s.ctl.home.path().join("manifests");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("1-regions.yaml"), REGIONS).unwrap();
+    std::fs::write(dir.join("2-dataset.yml"), DATASET).unwrap();
+    std::fs::write(dir.join("README.txt"), "not a manifest").unwrap();
+    let run = s
+        .run(&["apply", "-f", &dir.display().to_string()])
+        .expect(0);
+    assert_eq!(
+        run.stdout,
+        "region/edge-caha unchanged\nregion/cloud-a unchanged\ndataset/cube-a unchanged\n"
+    );
+
     let relabelled = s.manifest(
         "relabel.yaml",
         &REGIONS.replace("site: madrid", "site: getafe"),
@@ -503,6 +517,9 @@ fn nothing_is_applied_from_a_file_with_an_invalid_later_document() {
     let run = s.run(&["get", "regions"]).expect(0);
     assert_eq!(run.stdout, "");
     assert_eq!(run.stderr, "No resources found.\n");
+    let empty = s.json(&["get", "regions"]);
+    assert_eq!(empty["kind"], "List");
+    assert_eq!(empty["items"], serde_json::json!([]));
 
     let run = s
         .run(&["apply", "-f", &file, "--continue-on-error"])
