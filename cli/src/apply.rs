@@ -152,17 +152,22 @@ async fn check(
     m: &Manifest,
     new_regions: &[String],
 ) -> Result<(Option<Value>, (StatusCode, Value))> {
-    let before = match client.get(m.kind, &m.name).await {
-        Ok(object) => Some(object),
-        Err(e) if e.is_not_found() => None,
-        Err(e) => return Err(in_document(m, e)),
-    };
+    let before = stored(client, m).await.map_err(|e| in_document(m, e))?;
     let body = without_region_refs(&m.document.object, m.kind.region_refs, new_regions);
     let answer = client
         .apply(m.kind, &m.name, &body, true)
         .await
         .map_err(|e| in_document(m, e))?;
     Ok((before, answer))
+}
+
+/// The object as the server holds it now, if it does.
+async fn stored(client: &Client, m: &Manifest) -> Result<Option<Value>> {
+    match client.get(m.kind, &m.name).await {
+        Ok(object) => Ok(Some(object)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The object with every reference (at `pointers`) to one of `regions` left out: a region name
@@ -202,16 +207,20 @@ async fn apply_each(
     for e in &local_errors {
         eprintln!("{}", output::error_line(e));
     }
+    let mut new_regions = Vec::new();
     for m in manifests {
         let result = async {
-            let before = match client.get(m.kind, &m.name).await {
-                Ok(object) => Some(object),
-                Err(e) if e.is_not_found() => None,
-                Err(e) => return Err(e),
+            let before = stored(client, m).await?;
+            // Only a dry run needs references to regions it did not create left out.
+            let body = if dry_run {
+                without_region_refs(&m.document.object, m.kind.region_refs, &new_regions)
+            } else {
+                m.document.object.clone()
             };
-            let (status, after) = client
-                .apply(m.kind, &m.name, &m.document.object, dry_run)
-                .await?;
+            let (status, after) = client.apply(m.kind, &m.name, &body, dry_run).await?;
+            if m.kind.kind == "Region" && before.is_none() {
+                new_regions.push(m.name.clone());
+            }
             Ok(outcome(status, before.as_ref(), &after))
         }
         .await;
