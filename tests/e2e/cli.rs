@@ -220,6 +220,19 @@ fn contexts_live_in_the_config_file_and_yield_to_flags_and_env() {
     let run = ctl.run(&["config", "use-context", "other"]).expect(0);
     assert_eq!(run.stdout, "Switched to context \"other\".\n");
     ctl.run(&["config", "use-context", "nowhere"]).expect(2);
+
+    // Without CECCM_CONFIG the file lives under $XDG_CONFIG_HOME.
+    let xdg = ctl.home.path().join("xdg");
+    Run::from(
+        ctl.command(&["config", "set-context", "x", "--server", "h:1", "--current"])
+            .env_remove("CECCM_CONFIG")
+            .env("XDG_CONFIG_HOME", &xdg)
+            .output()
+            .unwrap(),
+    )
+    .expect(0);
+    let written = std::fs::read_to_string(xdg.join("ceccm/config.yaml")).expect("config file");
+    assert!(written.contains("server: h:1"), "{written}");
     let run = ctl.run(&["get", "rg", "--context", "nowhere"]).expect(2);
     assert!(run.stderr.contains("\"nowhere\""), "{}", run.stderr);
 }
@@ -721,6 +734,8 @@ fn an_application_runs_and_its_logs_and_results_come_back() {
         "get-applications.txt",
         &normalise(&table, &["AGE", "ENERGY"]),
     );
+    let tasks = s.run(&["get", "tasks"]).expect(0).stdout;
+    golden("get-tasks.txt", &normalise_ages(&tasks));
     let tasks = s.run(&["get", "tasks", "-o", "name"]).expect(0).stdout;
     assert_eq!(
         tasks,
