@@ -1,0 +1,36 @@
+//! Integration tests of the `astro-fit` binary and library against real FITS files.
+
+mod edge;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `<workspace>/../shared/data`, or `$CECCM_SHARED_DATA`.
+pub fn shared_data() -> PathBuf {
+    std::env::var_os("CECCM_SHARED_DATA").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
+        PathBuf::from,
+    )
+}
+
+pub fn cube_file(name: &str) -> PathBuf {
+    let path = shared_data().join("cubes").join(name);
+    assert!(path.is_file(), "test data {} missing", path.display());
+    path
+}
+
+/// Runs `astro-fit` with `args`.
+pub fn astro_fit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_astro-fit"))
+        .args(args)
+        .output()
+        .expect("run astro-fit")
+}
+
+/// Whether an external program is on PATH (fpack, funpack, python3 with astropy).
+pub fn have(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
