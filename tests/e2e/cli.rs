@@ -424,6 +424,26 @@ fn normalise(table: &str, varying: &[&str]) -> String {
     out
 }
 
+/// `describe` output with the uid, resourceVersion and creation time replaced.
+fn normalise_describe(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            for field in ["UID:", "Resource Version:", "Created:"] {
+                if line.starts_with(field) {
+                    let value = line[field.len()..].trim_start();
+                    let at = line.len() - value.len();
+                    return format!(
+                        "{}<{}>\n",
+                        &line[..at],
+                        field.trim_end_matches(':').to_lowercase()
+                    );
+                }
+            }
+            format!("{line}\n")
+        })
+        .collect()
+}
+
 fn normalise_ages(table: &str) -> String {
     normalise(table, &["AGE", "LAST SEEN"])
 }
@@ -634,6 +654,8 @@ fn tables_match_the_goldens() {
     golden("top-regions.txt", &top);
     let datasets = s.run(&["get", "ds", "-o", "wide"]).expect(0).stdout;
     golden("get-datasets-wide.txt", &normalise_ages(&datasets));
+    let describe = s.run(&["describe", "dataset", "cube-a"]).expect(0).stdout;
+    golden("describe-dataset.txt", &normalise_describe(&describe));
 }
 
 #[test]
