@@ -429,14 +429,11 @@ fn normalise_describe(text: &str) -> String {
     text.lines()
         .map(|line| {
             for field in ["UID:", "Resource Version:", "Created:"] {
-                if line.starts_with(field) {
-                    let value = line[field.len()..].trim_start();
+                if let Some(rest) = line.strip_prefix(field) {
+                    let value = rest.trim_start();
                     let at = line.len() - value.len();
-                    return format!(
-                        "{}<{}>\n",
-                        &line[..at],
-                        field.trim_end_matches(':').to_lowercase()
-                    );
+                    let name = field.trim_end_matches(':').to_lowercase();
+                    return format!("{}<{name}>\n", &line[..at]);
                 }
             }
             format!("{line}\n")
