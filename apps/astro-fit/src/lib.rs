@@ -21,6 +21,17 @@ pub mod synthetic;
 pub mod templates;
 pub mod voronoi;
 
+// Cubes: reading, preparation, binning, planning, fitting and outputs.
+pub mod accuracy;
+pub mod cube;
+pub mod cubefit;
+pub mod mapplot;
+pub mod maps;
+pub mod plan;
+pub mod prepare;
+pub mod synth;
+pub mod voronoi;
+
 pub use error::FitError;
 pub use fit::{FitConfig, FitResult, FitScratch, Fitter, LogGrid, Spectrum, Start, TemplateBasis};
 pub use templates::{
