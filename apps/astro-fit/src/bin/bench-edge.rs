@@ -18,6 +18,7 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use astro_fit::edge::codec::{Filter, FilterChoice};
 use astro_fit::edge::container::{self, CompressOptions, Mode, StreamDecoder};
 use astro_fit::edge::io::{read_fits_cube, write_fits_cube};
 use astro_fit::edge::tilefits::{TileOptions, write_tile_compressed};
@@ -311,6 +312,49 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// The lossless filter alternatives (one run each), lossless and lossy.
+    fn filters(&mut self, name: &str, cube: &SpectralCube, raw: u64) -> Result<()> {
+        let choices = Filter::ALL
+            .into_iter()
+            .map(FilterChoice::Fixed)
+            .chain([FilterChoice::Best]);
+        for filter in choices {
+            for mode in [Mode::Lossless, CompressOptions::default().mode] {
+                let opts = CompressOptions {
+                    mode,
+                    filter,
+                    ..CompressOptions::default()
+                };
+                let (packed, compress_s) = timed(1, || {
+                    let mut out = Vec::new();
+                    container::compress(cube, &opts, &mut out)?;
+                    Ok(out)
+                })?;
+                let (_, decompress_s) = timed(1, || decode_all(&packed))?;
+                let label = match filter {
+                    FilterChoice::Fixed(f) => format!("{f:?}"),
+                    FilterChoice::Best => "best of all, per section".into(),
+                };
+                let kind = if mode == Mode::Lossless {
+                    "lossless"
+                } else {
+                    "lossy"
+                };
+                self.rows.push(Row {
+                    cube: name.into(),
+                    method: format!("filter {label}, {kind}"),
+                    raw,
+                    packed: packed.len() as u64,
+                    compress_s,
+                    decompress_s,
+                    fidelity: None,
+                    note: "filter alternatives, 1 run".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Ours from file to file, as the CLI does it (FITS read + compress + write; read +
     /// decompress + FITS write), to compare with fpack/funpack on equal terms.
     fn ours_file_to_file(&mut self, name: &str, fits: &Path, raw: u64) -> Result<()> {
@@ -388,6 +432,33 @@ impl Bench<'_> {
             note: format!("{repeat} run(s)"),
         });
         Ok(())
+    }
+
+    /// fpack refuses some files (64-bit integer images): that is a result too.
+    fn fpack_or_note(&mut self, name: &str, cube: &SpectralCube, fits: &Path, tiles: bool) {
+        if let Err(e) = self.fpack(name, cube, fits, tiles) {
+            let first_line = format!("{e:#}")
+                .lines()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("{name}: fpack failed: {first_line}");
+            self.rows.push(Row {
+                cube: name.into(),
+                method: if tiles {
+                    "fpack one-spectrum tiles"
+                } else {
+                    "fpack (default)"
+                }
+                .into(),
+                raw: file_size(fits).unwrap_or(0),
+                packed: 0,
+                compress_s: 0.0,
+                decompress_s: 0.0,
+                fidelity: None,
+                note: format!("failed: {first_line}"),
+            });
+        }
     }
 
     fn zstd(&mut self, name: &str, fits: &Path) -> Result<()> {
@@ -624,7 +695,11 @@ fn print_table(rows: &[Row]) {
             r.cube,
             r.method,
             r.raw as f64 / 1e6,
-            r.raw as f64 / r.packed as f64,
+            if r.packed > 0 {
+                r.raw as f64 / r.packed as f64
+            } else {
+                f64::NAN
+            },
             mb(r.raw, r.compress_s),
             mb(r.raw, r.decompress_s),
             r.decompress_s,
@@ -666,11 +741,12 @@ fn run(args: &Args) -> Result<()> {
         let cube = read_fits_cube(&fits)?;
         bench.ours(&name, &cube, raw, true)?;
         bench.ours_file_to_file(&name, &fits, raw)?;
+        bench.filters(&name, &cube, raw)?;
         bench.tile_fits(&name, &cube, raw)?;
         bench.zstd(&name, &fits)?;
-        bench.fpack(&name, &cube, &fits, false)?;
+        bench.fpack_or_note(&name, &cube, &fits, false);
         if raw <= args.fpack_tiles_max_mb << 20 {
-            bench.fpack(&name, &cube, &fits, true)?;
+            bench.fpack_or_note(&name, &cube, &fits, true);
         }
     }
     if args.synthetic_spaxels > 0 {
@@ -685,9 +761,9 @@ fn run(args: &Args) -> Result<()> {
         bench.repeat = 1;
         bench.ours(&name, &cube, raw, true)?;
         bench.zstd(&name, &fits)?;
-        bench.fpack(&name, &cube, &fits, false)?;
+        bench.fpack_or_note(&name, &cube, &fits, false);
         if raw <= args.fpack_tiles_max_mb << 20 {
-            bench.fpack(&name, &cube, &fits, true)?;
+            bench.fpack_or_note(&name, &cube, &fits, true);
         }
         drop(cube);
         std::fs::remove_file(&fits)?;
