@@ -56,6 +56,7 @@ pub mod analytic;
 pub mod energy;
 pub mod model;
 pub mod placement;
+pub mod predictor;
 
 pub use analytic::AnalyticCostModel;
 pub use model::{
@@ -67,3 +68,4 @@ pub use placement::{
     Assignment, CostModel, Explanation, FilterReason, Placement, RegionExplanation, RegionScore,
     Resource, TaskCost, Unschedulable, Verdict, place,
 };
+pub use predictor::{Predictor, PredictorConfig, PredictorReport, TelemetrySample};
