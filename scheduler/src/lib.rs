@@ -53,6 +53,7 @@
 //! the arguments (property-tested in `tests/`).
 
 pub mod analytic;
+pub mod autoscale;
 pub mod energy;
 pub mod model;
 pub mod placement;
