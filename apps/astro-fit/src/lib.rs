@@ -1,25 +1,17 @@
 //! astro-fit: full-spectrum fitting of galaxy spectra and IFS datacubes with stellar
 //! population templates, the penalised pixel-fitting method of pPXF (Cappellari & Emsellem
-//! 2004; Cappellari 2017, 2023) written from the papers in Rust; cube I/O, Voronoi binning,
-//! chunk planning, DAP-style maps, and the TARSIS edge filter and compressor.
+//! 2004; Cappellari 2017, 2023) written from the papers in Rust.
 
-pub mod cube;
-pub mod edge;
 pub mod error;
 pub mod fit;
 pub(crate) mod fits_io;
 pub mod linalg;
 pub mod losvd;
-pub mod mapplot;
-pub mod maps;
 pub mod nnls;
-pub mod plan;
-pub mod prepare;
 pub mod spectrum;
 pub mod stats;
 pub mod synthetic;
 pub mod templates;
-pub mod voronoi;
 
 // Cubes: reading, preparation, binning, planning, fitting and outputs.
 pub mod accuracy;
@@ -31,6 +23,9 @@ pub mod plan;
 pub mod prepare;
 pub mod synth;
 pub mod voronoi;
+
+// TARSIS edge: filtering and compression before data leave the site.
+pub mod edge;
 
 pub use error::FitError;
 pub use fit::{FitConfig, FitResult, FitScratch, Fitter, LogGrid, Spectrum, Start, TemplateBasis};
