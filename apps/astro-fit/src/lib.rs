@@ -14,14 +14,11 @@ pub mod synthetic;
 pub mod templates;
 
 // Cubes: reading, preparation, binning, planning, fitting and outputs.
-pub mod accuracy;
 pub mod cube;
-pub mod cubefit;
 pub mod mapplot;
 pub mod maps;
 pub mod plan;
 pub mod prepare;
-pub mod synth;
 pub mod voronoi;
 
 // TARSIS edge: filtering and compression before data leave the site.
