@@ -108,50 +108,78 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bail!("seeding failed: {}", response.status());
         }
     }
-    let listed: serde_json::Value = client.get(format!("{base}/api/v1/datasets")).send().await?.json().await?;
+    let listed: serde_json::Value = client
+        .get(format!("{base}/api/v1/datasets"))
+        .send()
+        .await?
+        .json()
+        .await?;
     let n = listed["items"].as_array().context("list answer")?.len();
-    println!("server {base}, SQLite (WAL) in {}, {n} datasets stored", dir.path().display());
-    println!("{} s per scenario, closed loops with {} concurrent requests\n", args.seconds, args.concurrency);
+    println!(
+        "server {base}, SQLite (WAL) in {}, {n} datasets stored",
+        dir.path().display()
+    );
+    println!(
+        "{} s per scenario, closed loops with {} concurrent requests\n",
+        args.seconds, args.concurrency
+    );
     let duration = Duration::from_secs_f64(args.seconds);
 
     let get_url = format!("{base}/api/v1/datasets/cube-00042");
-    open_loop(&client, &get_url, args.rate, duration).await.print();
+    open_loop(&client, &get_url, args.rate, duration)
+        .await
+        .print();
     let c = client.clone();
     let url = get_url.clone();
     closed_loop("get (closed loop)", args.concurrency, duration, move |_| {
         let (c, url) = (c.clone(), url.clone());
-        async move { c.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
-    })
-    .await
-    .print();
-    let c = client.clone();
-    let url = format!("{base}/api/v1/datasets");
-    closed_loop(&format!("list {n} (closed loop)"), args.concurrency.min(4), duration, move |_| {
-        let (c, url) = (c.clone(), url.clone());
         async move {
-            match c.get(url).send().await {
-                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                _ => false,
-            }
-        }
-    })
-    .await
-    .print();
-    let c = client.clone();
-    let base2 = base.clone();
-    closed_loop("apply (closed loop)", args.concurrency, duration, move |k| {
-        let (c, base) = (c.clone(), base2.clone());
-        // Each apply changes the object, so every request is a real write.
-        let i = k % args.objects;
-        let body = dataset(i, &format!("revision {k}"));
-        async move {
-            c.put(format!("{base}/api/v1/datasets/cube-{i:05}"))
-                .json(&body)
+            c.get(url)
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success())
         }
     })
+    .await
+    .print();
+    let c = client.clone();
+    let url = format!("{base}/api/v1/datasets");
+    closed_loop(
+        &format!("list {n} (closed loop)"),
+        args.concurrency.min(4),
+        duration,
+        move |_| {
+            let (c, url) = (c.clone(), url.clone());
+            async move {
+                match c.get(url).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                }
+            }
+        },
+    )
+    .await
+    .print();
+    let c = client.clone();
+    let base2 = base.clone();
+    closed_loop(
+        "apply (closed loop)",
+        args.concurrency,
+        duration,
+        move |k| {
+            let (c, base) = (c.clone(), base2.clone());
+            // Each apply changes the object, so every request is a real write.
+            let i = k % args.objects;
+            let body = dataset(i, &format!("revision {k}"));
+            async move {
+                c.put(format!("{base}/api/v1/datasets/cube-{i:05}"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        },
+    )
     .await
     .print();
     server.shutdown().await;
@@ -172,7 +200,11 @@ async fn open_loop(client: &reqwest::Client, url: &str, rate: u32, duration: Dur
         }
         let (client, url, results) = (client.clone(), url.to_string(), results.clone());
         handles.push(tokio::spawn(async move {
-            let ok = client.get(url).send().await.is_ok_and(|r| r.status().is_success());
+            let ok = client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
             let latency = planned.elapsed().as_micros() as u64;
             let mut r = results.lock().await;
             if ok {
@@ -196,7 +228,12 @@ async fn open_loop(client: &reqwest::Client, url: &str, rate: u32, duration: Dur
     }
 }
 
-async fn closed_loop<F, Fut>(name: &str, concurrency: usize, duration: Duration, request: F) -> Report
+async fn closed_loop<F, Fut>(
+    name: &str,
+    concurrency: usize,
+    duration: Duration,
+    request: F,
+) -> Report
 where
     F: Fn(usize) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = bool> + Send,
