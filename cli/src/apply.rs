@@ -19,6 +19,10 @@ status is then 1 (or 2 when a document was rejected locally) if any failed.
 A YAML or JSON syntax error always stops apply before anything is sent: the rest of that file
 cannot be read reliably. The error names the file and line.
 
+Regions are applied first (as kubectl applies namespaces first), then the other objects in file
+order. A dataset or application may name a region created by the same apply: the dry run leaves
+that reference out, and the server checks it when the object is stored after the region.
+
 Each object is printed as KIND/NAME followed by `created`, `configured` (spec, labels or
 annotations changed) or `unchanged` (the server kept the same resourceVersion).
 
@@ -89,19 +93,29 @@ pub async fn run(client: &Client, options: &Options) -> Result<()> {
             Err(e) => local_errors.push(e),
         }
     }
+    // Regions first, as kubectl applies namespaces first: other kinds may name them.
+    manifests.sort_by_key(|m| m.kind.kind != "Region");
     if options.continue_on_error {
         return apply_each(client, &manifests, local_errors, options.dry_run).await;
     }
     if !local_errors.is_empty() {
-        return Err(nothing_applied(local_errors, manifests.len()));
+        let documents = manifests.len() + local_errors.len();
+        return Err(nothing_applied(local_errors, documents));
     }
 
-    // Phase 1: the server judges every object without storing anything.
+    // Phase 1: the server judges every object without storing anything. References to regions
+    // that this apply creates cannot pass a dry run yet; they are checked when applied.
     let mut checked = Vec::new();
     let mut server_errors = Vec::new();
+    let mut new_regions = Vec::new();
     for m in &manifests {
-        match check(client, m).await {
-            Ok(result) => checked.push(result),
+        match check(client, m, &new_regions).await {
+            Ok(result) => {
+                if m.kind.kind == "Region" && result.0.is_none() {
+                    new_regions.push(m.name.clone());
+                }
+                checked.push(result);
+            }
             Err(e) => server_errors.push(e),
         }
     }
@@ -120,7 +134,7 @@ pub async fn run(client: &Client, options: &Options) -> Result<()> {
         return Ok(());
     }
 
-    // Phase 2: store them, in file order.
+    // Phase 2: store them, regions first, then in file order.
     for (m, (before, _)) in manifests.iter().zip(&checked) {
         let (status, after) = client
             .apply(m.kind, &m.name, &m.document.object, false)
@@ -133,17 +147,53 @@ pub async fn run(client: &Client, options: &Options) -> Result<()> {
 }
 
 /// The stored object (if any) and the server's dry-run answer for one manifest.
-async fn check(client: &Client, m: &Manifest) -> Result<(Option<Value>, (StatusCode, Value))> {
-    let before = match client.get(m.kind, &m.name).await {
-        Ok(object) => Some(object),
-        Err(e) if e.is_not_found() => None,
-        Err(e) => return Err(in_document(m, e)),
-    };
+async fn check(
+    client: &Client,
+    m: &Manifest,
+    new_regions: &[String],
+) -> Result<(Option<Value>, (StatusCode, Value))> {
+    let before = stored(client, m).await.map_err(|e| in_document(m, e))?;
+    let body = without_region_refs(&m.document.object, m.kind.region_refs, new_regions);
     let answer = client
-        .apply(m.kind, &m.name, &m.document.object, true)
+        .apply(m.kind, &m.name, &body, true)
         .await
         .map_err(|e| in_document(m, e))?;
     Ok((before, answer))
+}
+
+/// The object as the server holds it now, if it does.
+async fn stored(client: &Client, m: &Manifest) -> Result<Option<Value>> {
+    match client.get(m.kind, &m.name).await {
+        Ok(object) => Ok(Some(object)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The object with every reference (at `pointers`) to one of `regions` left out: a region name
+/// field is removed, a list of names loses those names (and goes when it is left empty).
+pub fn without_region_refs(object: &Value, pointers: &[&str], regions: &[String]) -> Value {
+    let mut object = object.clone();
+    for pointer in pointers {
+        let Some((parent, key)) = pointer.rsplit_once('/') else {
+            continue;
+        };
+        let Some(Value::Object(fields)) = object.pointer_mut(parent) else {
+            continue;
+        };
+        let drop = match fields.get_mut(key) {
+            Some(Value::String(name)) => regions.contains(name),
+            Some(Value::Array(names)) => {
+                names.retain(|n| !n.as_str().is_some_and(|n| regions.iter().any(|r| r == n)));
+                names.is_empty()
+            }
+            _ => false,
+        };
+        if drop {
+            fields.remove(key);
+        }
+    }
+    object
 }
 
 async fn apply_each(
@@ -157,16 +207,20 @@ async fn apply_each(
     for e in &local_errors {
         eprintln!("{}", output::error_line(e));
     }
+    let mut new_regions = Vec::new();
     for m in manifests {
         let result = async {
-            let before = match client.get(m.kind, &m.name).await {
-                Ok(object) => Some(object),
-                Err(e) if e.is_not_found() => None,
-                Err(e) => return Err(e),
+            let before = stored(client, m).await?;
+            // Only a dry run needs references to regions it did not create left out.
+            let body = if dry_run {
+                without_region_refs(&m.document.object, m.kind.region_refs, &new_regions)
+            } else {
+                m.document.object.clone()
             };
-            let (status, after) = client
-                .apply(m.kind, &m.name, &m.document.object, dry_run)
-                .await?;
+            let (status, after) = client.apply(m.kind, &m.name, &body, dry_run).await?;
+            if m.kind.kind == "Region" && before.is_none() {
+                new_regions.push(m.name.clone());
+            }
             Ok(outcome(status, before.as_ref(), &after))
         }
         .await;
@@ -205,20 +259,27 @@ fn in_document(m: &Manifest, error: Error) -> Error {
     }
 }
 
-/// Reports every rejected document and answers the error that ends the command: a usage error
-/// when the client rejected them, the server's when it did.
-fn nothing_applied(errors: Vec<Error>, total: usize) -> Error {
-    let rejected = errors.len();
-    let mut lines: Vec<String> = errors.iter().map(output::error_line).collect();
-    lines.push(format!(
-        "nothing was applied: {rejected} of {} document(s) rejected (use --continue-on-error to apply the others)",
-        total + if matches!(errors[0], Error::Usage(_)) { rejected } else { 0 }
-    ));
-    let message = lines.join("\n");
-    match errors.into_iter().next() {
-        Some(Error::Usage(_)) => Error::Usage(message),
-        Some(Error::Unreachable { url, reason }) => Error::Unreachable { url, reason },
-        _ => Error::Failed(message),
+/// Prints every rejected document and answers the error that ends the command: a usage error
+/// when the client rejected them, a failure when the server did. `documents` counts them all.
+fn nothing_applied(errors: Vec<Error>, documents: usize) -> Error {
+    let (unreachable, errors): (Vec<Error>, Vec<Error>) = errors
+        .into_iter()
+        .partition(|e| matches!(e, Error::Unreachable { .. }));
+    if let Some(e) = unreachable.into_iter().next() {
+        return e;
+    }
+    for e in &errors {
+        eprintln!("{}", output::error_line(e));
+    }
+    let summary = format!(
+        "nothing was applied: {} of {documents} document(s) rejected \
+         (use --continue-on-error to apply the others)",
+        errors.len()
+    );
+    if errors.iter().all(|e| matches!(e, Error::Usage(_))) {
+        Error::Usage(summary)
+    } else {
+        Error::Failed(summary)
     }
 }
 
@@ -270,11 +331,40 @@ mod tests {
     }
 
     #[test]
+    fn references_to_new_regions_leave_the_dry_run_body() {
+        let new = vec!["edge-new".to_string()];
+        let dataset = json!({"spec": {"region": "edge-new", "format": "fits"}});
+        assert_eq!(
+            without_region_refs(&dataset, &["/spec/region"], &new),
+            json!({"spec": {"format": "fits"}})
+        );
+        let app =
+            json!({"spec": {"placement": {"regions": ["edge-new", "cloud"], "tiers": ["edge"]}}});
+        assert_eq!(
+            without_region_refs(&app, &["/spec/placement/regions"], &new),
+            json!({"spec": {"placement": {"regions": ["cloud"], "tiers": ["edge"]}}})
+        );
+        let only_new = json!({"spec": {"placement": {"regions": ["edge-new"]}}});
+        assert_eq!(
+            without_region_refs(&only_new, &["/spec/placement/regions"], &new),
+            json!({"spec": {"placement": {}}})
+        );
+        let existing = json!({"spec": {"region": "cloud"}});
+        assert_eq!(
+            without_region_refs(&existing, &["/spec/region"], &new),
+            existing
+        );
+        assert_eq!(
+            without_region_refs(&json!({}), &["/spec/region"], &new),
+            json!({})
+        );
+    }
+
+    #[test]
     fn nothing_applied_keeps_the_kind_of_failure() {
-        let usage = nothing_applied(vec![Error::Usage("a.yaml (document 2): bad".into())], 1);
+        let usage = nothing_applied(vec![Error::Usage("a.yaml (document 2): bad".into())], 2);
         assert!(matches!(usage, Error::Usage(_)));
         let text = usage.to_string();
-        assert!(text.contains("a.yaml (document 2): bad"), "{text}");
         assert!(text.contains("nothing was applied: 1 of 2"), "{text}");
         let server = nothing_applied(
             vec![Error::Api {

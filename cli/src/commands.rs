@@ -51,17 +51,15 @@ pub async fn get(client: &Client, options: &GetOptions) -> Result<()> {
     } else {
         // Like kubectl: print what exists, report what does not, and fail at the end.
         let mut found = Vec::new();
-        let mut failure = None;
+        let mut failures = Vec::new();
         for name in &names {
             match client.get(kind, name).await {
                 Ok(object) => found.push(object),
-                Err(e @ Error::Api { .. }) => {
-                    eprintln!("{}", output::error_line(&e));
-                    failure = Some(e);
-                }
+                Err(e @ Error::Api { .. }) => failures.push(e),
                 Err(e) => return Err(e),
             }
         }
+        let failure = last_failure(failures);
         let newest = found
             .iter()
             .filter_map(|o| {
@@ -76,26 +74,33 @@ pub async fn get(client: &Client, options: &GetOptions) -> Result<()> {
     };
     let single = names.len() == 1;
     let mut widths = Vec::new();
-    if objects.is_empty() && failure.is_none() && !options.watch {
-        eprintln!("No resources found.");
-    } else if !objects.is_empty() {
-        if matches!(options.format, Format::Table | Format::Wide) {
+    match options.format {
+        // Scripts reading JSON or YAML get an empty List rather than nothing.
+        Format::Json | Format::Yaml if names.is_empty() || !objects.is_empty() => {
+            let text = output::objects(kind, &objects, options.format, single, now)?;
+            output::print(&text)?;
+        }
+        _ if objects.is_empty() => {
+            if failure.is_none() && !options.watch {
+                eprintln!("No resources found.");
+            }
+        }
+        Format::Table | Format::Wide => {
             let columns = table::columns(kind, options.format == Format::Wide);
             let rows = table::rows(&columns, &objects, now);
             widths = table::widths(&rows);
             output::print(&table::render(&rows))?;
-        } else {
-            output::print(&output::objects(
-                kind,
-                &objects,
-                options.format,
-                single,
-                now,
-            )?)?;
         }
+        _ => output::print(&output::objects(
+            kind,
+            &objects,
+            options.format,
+            single,
+            now,
+        )?)?,
     }
     if let Some(e) = failure {
-        return Err(reported(e));
+        return Err(e);
     }
     if options.watch {
         return watch(client, kind, &names, options, resource_version, widths).await;
@@ -103,19 +108,25 @@ pub async fn get(client: &Client, options: &GetOptions) -> Result<()> {
     Ok(())
 }
 
-/// An error already printed: only its exit status is left to give.
-fn reported(error: Error) -> Error {
-    match error {
-        Error::Api { .. } => Error::Failed("some objects could not be read".into()),
-        other => other,
+/// Prints all failures but the last, which is returned for `main` to print and exit with.
+fn last_failure(mut failures: Vec<Error>) -> Option<Error> {
+    let last = failures.pop();
+    for e in &failures {
+        eprintln!("{}", output::error_line(e));
     }
+    last
 }
 
-fn sort_events(events: &mut [Value]) {
-    events.sort_by_key(|e| {
-        e.get("lastTimestamp")
+/// Oldest first, like kubectl. Whole seconds first (offsets may differ), then the text, which
+/// orders the fractions of one second.
+pub fn sort_events(events: &mut [Value]) {
+    events.sort_by_cached_key(|e| {
+        let text = e
+            .get("lastTimestamp")
             .and_then(Value::as_str)
-            .and_then(crate::time::parse_rfc3339)
+            .unwrap_or_default()
+            .to_string();
+        (crate::time::parse_rfc3339(&text), text)
     });
 }
 
@@ -240,15 +251,14 @@ pub async fn delete(client: &Client, options: &DeleteOptions) -> Result<()> {
     if let Some((kind, _)) = targets.iter().find(|(k, _)| !k.writable) {
         return Err(usage!("{} objects are read-only", kind.kind));
     }
-    let mut failure = None;
+    let mut failures = Vec::new();
     for (kind, name) in targets {
         let reference = format!("{}/{name}", kind.singular);
         let object = match client.delete(kind, &name, options.dry_run).await {
             Ok(object) => object,
             Err(e) if e.is_not_found() && options.ignore_not_found => continue,
             Err(e @ Error::Api { .. }) => {
-                eprintln!("{}", output::error_line(&e));
-                failure = Some(e);
+                failures.push(e);
                 continue;
             }
             Err(e) => return Err(e),
@@ -273,8 +283,8 @@ pub async fn delete(client: &Client, options: &DeleteOptions) -> Result<()> {
         wait_until_gone(client, kind, &name, options.timeout).await?;
         output::print(&format!("{reference} deleted\n"))?;
     }
-    match failure {
-        Some(e) => Err(reported(e)),
+    match last_failure(failures) {
+        Some(e) => Err(e),
         None => Ok(()),
     }
 }
@@ -438,11 +448,16 @@ mod tests {
     #[test]
     fn events_sort_by_last_timestamp() {
         let mut events = vec![
-            serde_json::json!({"lastTimestamp": "2026-11-21T10:00:05Z", "reason": "b"}),
-            serde_json::json!({"lastTimestamp": "2026-11-21T10:00:01Z", "reason": "a"}),
+            serde_json::json!({"lastTimestamp": "2026-11-21T10:00:05Z", "reason": "c"}),
+            serde_json::json!({"lastTimestamp": "2026-11-21T10:00:01.900Z", "reason": "b"}),
+            serde_json::json!({"lastTimestamp": "2026-11-21T10:00:01.200Z", "reason": "a"}),
         ];
         sort_events(&mut events);
-        assert_eq!(events[0]["reason"], "a");
+        let reasons: Vec<&str> = events
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap())
+            .collect();
+        assert_eq!(reasons, ["a", "b", "c"]);
     }
 
     #[test]

@@ -100,11 +100,7 @@ pub fn render(kind: &str, object: &Value, mut events: Vec<Value>, now: i64) -> S
         }
     }
     out.push_str(&conditions(object, now));
-    events.sort_by_key(|e| {
-        e.get("lastTimestamp")
-            .and_then(Value::as_str)
-            .and_then(crate::time::parse_rfc3339)
-    });
+    crate::commands::sort_events(&mut events);
     let recent = &events[events.len().saturating_sub(RECENT_EVENTS)..];
     out.push_str(&events_section(recent, now));
     out

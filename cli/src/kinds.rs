@@ -16,6 +16,9 @@ pub struct KindInfo {
     pub short: &'static [&'static str],
     /// Whether users may create, update and delete it (`Task` and `Event` are read-only).
     pub writable: bool,
+    /// JSON pointers of spec fields that name regions (a name or a list of names); the server
+    /// rejects objects naming regions that do not exist.
+    pub region_refs: &'static [&'static str],
     pub columns: &'static [Column],
 }
 
@@ -89,6 +92,7 @@ pub static KINDS: &[KindInfo] = &[
         singular: "region",
         short: &["rg"],
         writable: true,
+        region_refs: &[],
         columns: &[
             col("NAME", Name),
             col("TIER", Field("/spec/tier", Text)),
@@ -109,6 +113,7 @@ pub static KINDS: &[KindInfo] = &[
         singular: "application",
         short: &["app", "apps"],
         writable: true,
+        region_refs: &["/spec/placement/regions"],
         columns: &[
             col("NAME", Name),
             col("APP", Field("/spec/app", Text)),
@@ -127,6 +132,7 @@ pub static KINDS: &[KindInfo] = &[
         singular: "dataset",
         short: &["ds"],
         writable: true,
+        region_refs: &["/spec/region"],
         columns: &[
             col("NAME", Name),
             col("PHASE", Field("/status/phase", Text)),
@@ -143,6 +149,7 @@ pub static KINDS: &[KindInfo] = &[
         singular: "task",
         short: &[],
         writable: false,
+        region_refs: &[],
         columns: &[
             col("NAME", Name),
             col("APPLICATION", Field("/spec/application", Text)),
@@ -160,6 +167,7 @@ pub static KINDS: &[KindInfo] = &[
         singular: "event",
         short: &["ev"],
         writable: false,
+        region_refs: &[],
         columns: &[
             col("LAST SEEN", Age("/lastTimestamp")),
             col("TYPE", Field("/type", Text)),

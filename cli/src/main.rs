@@ -27,9 +27,9 @@ Exit status:
      the server could not be reached, or a local file could not be written
   2  usage error: bad arguments, unknown kind, unreadable or invalid manifest; nothing was sent
 
-Server: --server URL, else $CECCM_SERVER (token: --token, else $CECCM_TOKEN), else the current context of the config file
+Server: --server URL, else $CECCM_SERVER, else the current context of the config file
 ($CECCM_CONFIG, else $XDG_CONFIG_HOME/ceccm/config.yaml, else ~/.config/ceccm/config.yaml),
-else http://127.0.0.1:8080.";
+else http://127.0.0.1:8080. Token: --token, else $CECCM_TOKEN, else the context's.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +46,7 @@ struct Cli {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Global options")]
 struct GlobalArgs {
     /// Server URL; overrides $CECCM_SERVER and the context's
     #[arg(long, global = true, value_name = "URL")]

@@ -53,9 +53,11 @@
 //! the arguments (property-tested in `tests/`).
 
 pub mod analytic;
+pub mod autoscale;
 pub mod energy;
 pub mod model;
 pub mod placement;
+pub mod predictor;
 
 pub use analytic::AnalyticCostModel;
 pub use model::{
@@ -67,3 +69,4 @@ pub use placement::{
     Assignment, CostModel, Explanation, FilterReason, Placement, RegionExplanation, RegionScore,
     Resource, TaskCost, Unschedulable, Verdict, place,
 };
+pub use predictor::{Predictor, PredictorConfig, PredictorReport, TelemetrySample};

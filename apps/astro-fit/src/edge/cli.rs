@@ -76,9 +76,12 @@ pub struct CompressArgs {
     /// zstd level.
     #[arg(long, default_value_t = CompressOptions::default().zstd_level)]
     pub level: i32,
-    /// Byte filter before zstd for lossless sections (default: the best per section).
-    #[arg(long, value_enum)]
+    /// Byte filter before zstd for lossless sections (default: xor-shuffle).
+    #[arg(long, value_enum, conflicts_with = "best_filter")]
     pub filter: Option<Filter>,
+    /// Try every filter on every section and keep the smallest (slower compression).
+    #[arg(long)]
+    pub best_filter: bool,
     /// Seed of the quantisation dither.
     #[arg(long, default_value_t = CompressOptions::default().seed)]
     pub seed: u64,
@@ -202,7 +205,11 @@ fn run_compress(a: CompressArgs) -> anyhow::Result<()> {
         mode,
         spectra_per_block: a.spectra_per_block,
         zstd_level: a.level,
-        filter: a.filter.map_or(FilterChoice::Best, FilterChoice::Fixed),
+        filter: match (a.best_filter, a.filter) {
+            (true, _) => FilterChoice::Best,
+            (false, Some(f)) => FilterChoice::Fixed(f),
+            (false, None) => defaults.filter,
+        },
         seed: a.seed,
     };
     let file =
