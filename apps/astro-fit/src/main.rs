@@ -1,3 +1,37 @@
-fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! `astro-fit`: a thin command-line dispatcher over the library.
+
+use std::process::ExitCode;
+
+use astro_fit::fit_spectrum_cmd::{self, FitSpectrumArgs};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "astro-fit",
+    version,
+    about = "Full-spectrum fitting of galaxy spectra and IFS datacubes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fit one spectrum (SDSS, 1-D linear FITS, MaNGA rows or LOGCUBE spaxels).
+    FitSpectrum(FitSpectrumArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::FitSpectrum(args) => fit_spectrum_cmd::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("astro-fit: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
