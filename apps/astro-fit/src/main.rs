@@ -1,22 +1,25 @@
-//! `astro-fit`: a thin dispatcher over the library's command groups.
+//! `astro-fit`: a thin command-line dispatcher over the library.
 
 use std::process::ExitCode;
 
+use astro_fit::fit_spectrum_cmd::{self, FitSpectrumArgs};
 use clap::{Parser, Subcommand};
 
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(
     name = "astro-fit",
     version,
-    about = "IFS datacube fitting and the TARSIS edge filter/compressor"
+    about = "Full-spectrum fitting of galaxy spectra and IFS datacubes, and the TARSIS edge filter/compressor"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum Command {
+    /// Fit one spectrum (SDSS, 1-D linear FITS, MaNGA rows or LOGCUBE spaxels).
+    FitSpectrum(FitSpectrumArgs),
     /// TARSIS edge: filter and compress IFS data before it leaves the telescope.
     #[command(subcommand)]
     Edge(astro_fit::edge::cli::EdgeCommand),
@@ -25,12 +28,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::FitSpectrum(args) => fit_spectrum_cmd::run(&args),
         Command::Edge(command) => command.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("astro-fit: error: {e:#}");
+            eprintln!("astro-fit: {e:#}");
             ExitCode::FAILURE
         }
     }
