@@ -29,7 +29,7 @@ use crate::maps::{
 };
 use crate::plan::{BinSpec, Chunk, ChunkLimits, PlanError, plan_chunks};
 use crate::prepare::{self, BinSpectrum, PrepareConfig, PrepareError};
-use crate::spectrum::{ObservedSpectrum, RestFrameSpectrum};
+use crate::spectrum::{ObservedSpectrum, RestFrameSpectrum, mask_emission_lines};
 use crate::templates::{self, C_KMS, Medium, PreparedTemplates, ResolutionCurve, TemplateLibrary};
 use crate::voronoi::BinningOutcome;
 
@@ -101,6 +101,9 @@ pub struct CubeFitOptions {
     /// Rest-frame range to fit, Angstrom.
     pub lam_range: (f64, f64),
     pub min_sn: f64,
+    /// Pixels within this many km/s of common gas emission lines are not fitted; 0: none.
+    pub emission_mask_kms: f64,
+    /// `max_rows` 0: as many rows as fit in [`BAND_BYTES`].
     pub chunk: ChunkLimits,
     #[serde(skip)]
     pub threads: Option<usize>,
@@ -122,15 +125,20 @@ impl CubeFitOptions {
             redshift: None,
             lam_range: (3600.0, 7400.0),
             min_sn: 1.0,
+            emission_mask_kms: 600.0,
             chunk: ChunkLimits {
                 max_spectra: 64,
-                max_rows: 8,
+                max_rows: 0,
             },
             threads: None,
             model_cube: true,
         }
     }
 }
+
+/// Pixel data one chunk may read at most (flux, ivar and mask of its band of rows), unless
+/// the user sets `chunk.max_rows`.
+pub const BAND_BYTES: usize = 256 << 20;
 
 /// The fit of the integrated spectrum.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +215,7 @@ struct GalaxyGrid {
     dereddening: Option<Vec<f64>>,
     redshift: f64,
     lam_range: (f64, f64),
+    emission_mask_kms: f64,
 }
 
 impl GalaxyGrid {
@@ -241,6 +250,7 @@ impl GalaxyGrid {
             }),
             redshift,
             lam_range: options.lam_range,
+            emission_mask_kms: options.emission_mask_kms,
         };
         // The grid is a property of the wavelengths alone: take it from a flat spectrum.
         let flat = BinSpectrum {
@@ -273,7 +283,16 @@ impl GalaxyGrid {
             fwhm: self.observed_fwhm.clone(),
             redshift: Some(self.redshift),
         };
-        observed.to_rest_frame(self.redshift, Some(self.lam_range))
+        let mut rest = observed.to_rest_frame(self.redshift, Some(self.lam_range))?;
+        if self.emission_mask_kms > 0.0 {
+            mask_emission_lines(
+                &rest.grid,
+                self.medium,
+                self.emission_mask_kms,
+                &mut rest.spectrum.good,
+            );
+        }
+        Ok(rest)
     }
 
     /// A best fit (rest-frame log grid, normalised) back on the cube's observed grid, in the
@@ -513,7 +532,14 @@ fn make_or_load_plan(
     let stats = prepare::spaxel_stats(cube, &pcfg, planes.max(1))?;
     let selected = prepare::select_spaxels(&stats, &pcfg)?;
     let (bins, binning) = prepare::make_bins(&stats, &selected, options.target_sn)?;
-    let chunks = plan_chunks(&bins, options.chunk)?;
+    let limits = ChunkLimits {
+        max_rows: match options.chunk.max_rows {
+            0 => cube.rows_per_block(BAND_BYTES),
+            rows => rows,
+        },
+        ..options.chunk
+    };
+    let chunks = plan_chunks(&bins, limits)?;
     timings.prepare_s = t.elapsed().as_secs_f64();
 
     let t = Instant::now();

@@ -69,6 +69,9 @@ struct FitCubeArgs {
     /// Spaxels below this S/N per pixel are not fitted.
     #[arg(long, default_value_t = 1.0)]
     min_sn: f64,
+    /// Half-width (km/s) of the masks around gas emission lines; 0 fits them.
+    #[arg(long, default_value_t = 600.0)]
+    emission_mask_kms: f64,
     /// Spectra per chunk (the unit of resumption and of scheduling).
     #[arg(long, default_value_t = 64)]
     chunk_spectra: usize,
@@ -147,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             options.redshift = a.redshift;
             options.lam_range = (a.lam_range[0], a.lam_range[1]);
             options.min_sn = a.min_sn;
+            options.emission_mask_kms = a.emission_mask_kms;
             options.chunk = ChunkLimits {
                 max_spectra: a.chunk_spectra,
                 ..options.chunk
