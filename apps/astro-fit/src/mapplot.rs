@@ -125,6 +125,15 @@ pub fn limits(panel: &Panel) -> (f64, f64) {
     }
 }
 
+/// Decimals that keep colour-bar ticks short yet distinct over a range of `span`.
+fn tick_decimals(span: f64) -> usize {
+    match span {
+        s if s >= 20.0 => 0,
+        s if s >= 2.0 => 1,
+        _ => 2,
+    }
+}
+
 /// Draws `panels` on a grid into a PNG at `path`.
 pub fn plot_maps(
     path: &Path,
@@ -197,14 +206,16 @@ pub fn plot_maps(
         let mut bar = ChartBuilder::on(&bar_area)
             .margin_top(36)
             .margin_bottom(44)
-            .margin_right(8)
-            .y_label_area_size(50)
+            .margin_left(4)
+            .set_label_area_size(LabelAreaPosition::Right, 52)
             .build_cartesian_2d(0.0..1.0, lo..hi)
             .map_err(|e| err(&e))?;
+        let decimals = tick_decimals(hi - lo);
         bar.configure_mesh()
             .disable_mesh()
             .disable_x_axis()
             .y_labels(6)
+            .y_label_formatter(&|v| format!("{v:.decimals$}"))
             .label_style((FONT, 11))
             .draw()
             .map_err(|e| err(&e))?;

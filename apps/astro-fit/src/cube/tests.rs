@@ -5,16 +5,8 @@ use fitsio::images::{ImageDescription, ImageType};
 
 use super::*;
 
-/// `<workspace>/../shared/data`, or `$CECCM_SHARED_DATA`.
-pub(crate) fn shared_data() -> PathBuf {
-    std::env::var_os("CECCM_SHARED_DATA").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
-        PathBuf::from,
-    )
-}
-
 pub(crate) fn cube_file(name: &str) -> PathBuf {
-    let path = shared_data().join("cubes").join(name);
+    let path = crate::synthetic::shared_data_dir().join("cubes").join(name);
     assert!(path.is_file(), "test data {} missing", path.display());
     path
 }
