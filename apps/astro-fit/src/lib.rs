@@ -1,4 +1,23 @@
-//! See the crate description and docs/architecture.md.
+//! astro-fit: full-spectrum fitting of galaxy spectra and IFS datacubes with stellar
+//! population templates, the penalised pixel-fitting method of pPXF (Cappellari & Emsellem
+//! 2004; Cappellari 2017, 2023) written from the papers in Rust.
+
 pub mod cube;
 pub mod edge;
+pub mod error;
+pub mod fit;
+pub(crate) mod fits_io;
+pub mod linalg;
+pub mod losvd;
+pub mod nnls;
+pub mod spectrum;
+pub mod stats;
+pub mod synthetic;
+pub mod templates;
 pub mod voronoi;
+
+pub use error::FitError;
+pub use fit::{FitConfig, FitResult, FitScratch, Fitter, LogGrid, Spectrum, Start, TemplateBasis};
+pub use templates::{
+    Medium, PrepareConfig, PreparedTemplates, ResolutionCurve, TemplateLibrary, prepare,
+};

@@ -1,0 +1,1155 @@
+//! Penalised pixel fitting (Cappellari & Emsellem 2004; Cappellari 2017): the model is
+//! (sum_j w_j T_j * LOSVD) x (1 + multiplicative Legendre) + additive Legendre, w_j >= 0.
+//!
+//! The non-linear parameters (V, sigma, h3..h6, multiplicative coefficients) are found by a
+//! bounded Levenberg-Marquardt on the variable-projection residual: at every trial point the
+//! linear weights are solved by NNLS, and the Jacobian is analytic (derivatives of the LOSVD
+//! Fourier transform, projected off the active linear columns, Kaufman 1975).
+//!
+//! Speed comes from a [`Fitter`] built once per template library and galaxy grid: template
+//! FFTs precomputed, optionally compressed to an orthonormal basis (the k basis vectors are
+//! convolved instead of the n templates; NNLS still constrains the n template weights through a
+//! k x n mixing matrix), and all buffers reused from a [`FitScratch`] per thread.
+
+#![allow(clippy::needless_range_loop)] // numeric kernels index several arrays in lockstep
+
+use realfft::num_complex::Complex64;
+
+use crate::error::FitError;
+use crate::linalg::{spd_inverse, symmetric_eigen};
+use crate::losvd::{ConvolveScratch, Convolver, GaussHermite, MAX_HERMITE, fast_fft_len};
+use crate::nnls::{NnlsSolver, NormalMatrix};
+use crate::stats::{inverse_normal_cdf, robust_sigma};
+use crate::templates::{C_KMS, PreparedTemplates};
+
+/// How templates enter the convolution.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TemplateBasis {
+    /// Convolve every template (the reference computation).
+    Exact,
+    /// Convolve an orthonormal basis that reproduces every template to `tolerance` (relative
+    /// RMS over the fitted range), then map back to template weights.
+    Compressed { tolerance: f64 },
+}
+
+/// Settings of a fit, shared by all spectra of a [`Fitter`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FitConfig {
+    /// Gauss-Hermite moments: 2 (V, sigma), 4 (+h3, h4) or 6 (+h5, h6).
+    pub moments: usize,
+    /// Additive Legendre degree; negative for none.
+    pub degree: i32,
+    /// Multiplicative Legendre degree; 0 for none.
+    pub mdegree: usize,
+    /// Penalty on h3..h6 (Cappellari & Emsellem 2004, eq. 9); None: 0.7 sqrt(500/n_good).
+    pub bias: Option<f64>,
+    /// Iterative sigma clipping of outliers (pPXF's `clean`).
+    pub clean: bool,
+    /// Linear regularisation strength over the age x [M/H] grid (pPXF's `regul`); 0 for none.
+    pub regul: f64,
+    pub basis: TemplateBasis,
+    /// |V| bound in km/s around the systemic velocity.
+    pub max_velocity: f64,
+    /// Upper bound of sigma in km/s.
+    pub max_sigma: f64,
+    pub max_iterations: usize,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            moments: 2,
+            degree: 4,
+            mdegree: 0,
+            bias: None,
+            clean: false,
+            regul: 0.0,
+            basis: TemplateBasis::Compressed { tolerance: 1e-5 },
+            max_velocity: 2000.0,
+            max_sigma: 1000.0,
+            max_iterations: 60,
+        }
+    }
+}
+
+/// The galaxy's rest-frame logarithmic wavelength grid.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LogGrid {
+    /// ln(lambda/A) at the centre of pixel 0, de-redshifted by the systemic redshift.
+    pub ln_lam0: f64,
+    /// Pixel width in km/s (c * d ln lambda).
+    pub velscale: f64,
+    pub npix: usize,
+}
+
+impl LogGrid {
+    pub fn lam(&self, i: usize) -> f64 {
+        (self.ln_lam0 + i as f64 * self.velscale / C_KMS).exp()
+    }
+}
+
+/// One spectrum on a [`LogGrid`]: flux, 1-sigma noise and the pixels to use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spectrum {
+    pub flux: Vec<f64>,
+    pub noise: Vec<f64>,
+    pub good: Vec<bool>,
+}
+
+impl Spectrum {
+    /// From inverse variances: every good pixel must have a positive, finite ivar.
+    pub fn from_ivar(flux: Vec<f64>, ivar: &[f64], good: Vec<bool>) -> Result<Self, FitError> {
+        if ivar.len() != flux.len() {
+            return Err(FitError::LengthMismatch {
+                flux: flux.len(),
+                other: ivar.len(),
+                what: "ivar",
+            });
+        }
+        let mut noise = Vec::with_capacity(ivar.len());
+        for (i, &v) in ivar.iter().enumerate() {
+            if good.get(i).copied().unwrap_or(false) && !(v > 0.0 && v.is_finite()) {
+                return Err(FitError::BadIvar { pixel: i, value: v });
+            }
+            noise.push(if v > 0.0 { 1.0 / v.sqrt() } else { 1.0 });
+        }
+        Ok(Spectrum { flux, noise, good })
+    }
+
+    fn validate(&self, npix: usize) -> Result<usize, FitError> {
+        for (len, what) in [(self.noise.len(), "noise"), (self.good.len(), "mask")] {
+            if len != self.flux.len() {
+                return Err(FitError::LengthMismatch {
+                    flux: self.flux.len(),
+                    other: len,
+                    what,
+                });
+            }
+        }
+        if self.flux.len() != npix {
+            return Err(FitError::LengthMismatch {
+                flux: self.flux.len(),
+                other: npix,
+                what: "grid",
+            });
+        }
+        let mut n_good = 0;
+        for i in 0..npix {
+            if !self.good[i] {
+                continue;
+            }
+            if !self.flux[i].is_finite() {
+                return Err(FitError::NonFiniteFlux { pixel: i });
+            }
+            let s = self.noise[i];
+            if !(s > 0.0 && s.is_finite()) {
+                return Err(FitError::BadNoise { pixel: i, value: s });
+            }
+            n_good += 1;
+        }
+        if n_good == 0 {
+            return Err(FitError::NoGoodPixels);
+        }
+        Ok(n_good)
+    }
+}
+
+/// Starting guess: V and sigma in km/s, optional h3..h6.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Start {
+    pub v: f64,
+    pub sigma: f64,
+    pub h: [f64; MAX_HERMITE],
+}
+
+impl Start {
+    pub fn new(v: f64, sigma: f64) -> Self {
+        Start {
+            v,
+            sigma,
+            h: [0.0; MAX_HERMITE],
+        }
+    }
+}
+
+/// Everything a fit returns.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FitResult {
+    /// V relative to the systemic redshift of the grid, km/s.
+    pub v: f64,
+    pub sigma: f64,
+    /// h3, h4, ... (moments - 2 values).
+    pub h: Vec<f64>,
+    /// Formal 1-sigma errors of (V, sigma, h3, ...) from the covariance matrix, not scaled
+    /// by chi2 (as pPXF's `error`; multiply by sqrt(chi2) when chi2/DOF differs from 1).
+    pub errors: Vec<f64>,
+    /// chi^2 per degree of freedom on the pixels used.
+    pub chi2: f64,
+    pub dof: usize,
+    /// Template weights (of the normalised templates).
+    pub weights: Vec<f64>,
+    /// Additive Legendre coefficients.
+    pub poly_weights: Vec<f64>,
+    /// Multiplicative Legendre coefficients 1..mdegree (the constant is 1).
+    pub mpoly_weights: Vec<f64>,
+    pub bestfit: Vec<f64>,
+    /// The pixels actually fitted (input mask after clipping).
+    pub good: Vec<bool>,
+    /// Model evaluations (each one convolution of the basis and one NNLS).
+    pub evaluations: usize,
+}
+
+/// Mixing matrix from basis vectors to templates: T_j = sum_a B_a C[a, j].
+#[derive(Debug, Clone)]
+enum Mix {
+    Identity(usize),
+    Dense { k: usize, n: usize, c: Vec<f64> },
+}
+
+impl Mix {
+    fn basis_len(&self) -> usize {
+        match self {
+            Mix::Identity(n) => *n,
+            Mix::Dense { k, .. } => *k,
+        }
+    }
+
+    /// u = C w (templates -> basis)
+    fn to_basis(&self, w: &[f64], u: &mut [f64]) {
+        match self {
+            Mix::Identity(_) => u.copy_from_slice(w),
+            Mix::Dense { k, n, c } => {
+                for a in 0..*k {
+                    u[a] = c[a * n..(a + 1) * n]
+                        .iter()
+                        .zip(w)
+                        .map(|(x, y)| x * y)
+                        .sum();
+                }
+            }
+        }
+    }
+
+    /// out = C^T v (basis -> templates)
+    fn to_templates(&self, v: &[f64], out: &mut [f64]) {
+        match self {
+            Mix::Identity(_) => out.copy_from_slice(v),
+            Mix::Dense { k, n, c } => {
+                out.fill(0.0);
+                for a in 0..*k {
+                    let va = v[a];
+                    for (o, x) in out.iter_mut().zip(&c[a * n..(a + 1) * n]) {
+                        *o += va * x;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Normal matrix of [additive polynomials, templates] in factored form.
+struct FactoredNormal<'a> {
+    np: usize,
+    nt: usize,
+    k: usize,
+    mix: &'a Mix,
+    g_pp: &'a [f64],
+    /// (np x nt): P^T W A
+    g_pt: &'a [f64],
+    /// (k x k): B^T W B
+    g_bb: &'a [f64],
+    /// (k x nt): G_bb C
+    gc: &'a [f64],
+    reg: Option<&'a [f64]>,
+    tmp_u: std::cell::RefCell<(Vec<f64>, Vec<f64>)>,
+}
+
+impl NormalMatrix for FactoredNormal<'_> {
+    fn dim(&self) -> usize {
+        self.np + self.nt
+    }
+
+    fn entry(&self, i: usize, j: usize) -> f64 {
+        let (np, nt) = (self.np, self.nt);
+        match (i < np, j < np) {
+            (true, true) => self.g_pp[i * np + j],
+            (true, false) => self.g_pt[i * nt + j - np],
+            (false, true) => self.g_pt[j * nt + i - np],
+            (false, false) => {
+                let (ti, tj) = (i - np, j - np);
+                let base = match self.mix {
+                    Mix::Identity(_) => self.gc[ti * nt + tj],
+                    Mix::Dense { k, n, c } => {
+                        (0..*k).map(|a| c[a * n + ti] * self.gc[a * nt + tj]).sum()
+                    }
+                };
+                base + self.reg.map_or(0.0, |r| r[ti * nt + tj])
+            }
+        }
+    }
+
+    fn mul(&self, x: &[f64], out: &mut [f64]) {
+        let (np, nt, k) = (self.np, self.nt, self.k);
+        let (xp, xt) = x.split_at(np);
+        let (op, ot) = out.split_at_mut(np);
+        for i in 0..np {
+            op[i] = (0..np).map(|j| self.g_pp[i * np + j] * xp[j]).sum::<f64>()
+                + self.g_pt[i * nt..(i + 1) * nt]
+                    .iter()
+                    .zip(xt)
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>();
+        }
+        let mut tmp = self.tmp_u.borrow_mut();
+        let (u, v) = &mut *tmp;
+        self.mix.to_basis(xt, u);
+        for a in 0..k {
+            v[a] = (0..k).map(|b| self.g_bb[a * k + b] * u[b]).sum();
+        }
+        self.mix.to_templates(v, ot);
+        for (j, o) in ot.iter_mut().enumerate() {
+            *o += (0..np).map(|i| self.g_pt[i * nt + j] * xp[i]).sum::<f64>();
+            if let Some(r) = self.reg {
+                *o += r[j * nt..(j + 1) * nt]
+                    .iter()
+                    .zip(xt)
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>();
+            }
+        }
+    }
+}
+
+/// A fitter for one template set, one galaxy grid and one configuration; reusable across
+/// many spectra and threads (it is immutable; each thread brings a [`FitScratch`]).
+#[derive(Debug, Clone)]
+pub struct Fitter {
+    cfg: FitConfig,
+    grid: LogGrid,
+    factor: usize,
+    nt: usize,
+    conv: Convolver,
+    basis: Vec<Vec<Complex64>>,
+    mix: Mix,
+    /// Additive Legendre polynomials P_0..P_degree on the galaxy pixels.
+    poly: Vec<Vec<f64>>,
+    /// Multiplicative Legendre polynomials P_1..P_mdegree.
+    mpoly: Vec<Vec<f64>>,
+    reg: Option<Vec<f64>>,
+}
+
+/// Per-thread working memory of [`Fitter::fit_with`].
+#[derive(Debug, Clone)]
+pub struct FitScratch {
+    conv: ConvolveScratch,
+    kernel: Vec<Complex64>,
+    dkernel: Vec<Vec<Complex64>>,
+    /// Convolved basis on all galaxy pixels (k x npix).
+    cols: Vec<f64>,
+    /// Weighted (1/noise x mpoly) basis and polynomials on the good pixels.
+    wcols: Vec<f64>,
+    wpoly: Vec<f64>,
+    wy: Vec<f64>,
+    good_idx: Vec<usize>,
+    mvec: Vec<f64>,
+    g_pp: Vec<f64>,
+    g_pt: Vec<f64>,
+    g_bp: Vec<f64>,
+    g_bb: Vec<f64>,
+    gc: Vec<f64>,
+    rhs: Vec<f64>,
+    rhs_b: Vec<f64>,
+    x: Vec<f64>,
+    u: Vec<f64>,
+    nnls: NnlsSolver,
+    resid: Vec<f64>,
+    stellar: Vec<f64>,
+    combined: Vec<Complex64>,
+    deriv: Vec<f64>,
+    jac: Vec<f64>,
+    proj_rhs: Vec<f64>,
+    tmp_u: (Vec<f64>, Vec<f64>),
+    active: Vec<usize>,
+    coef: Vec<f64>,
+    tw: Vec<f64>,
+    evaluations: usize,
+    pixel_chi2: f64,
+}
+
+/// Parameters in natural units: V, sigma (km/s), h3.., multiplicative coefficients.
+type Params = Vec<f64>;
+
+impl Fitter {
+    pub fn new(
+        templates: &PreparedTemplates,
+        grid: LogGrid,
+        cfg: FitConfig,
+    ) -> Result<Self, FitError> {
+        if ![2, 4, 6].contains(&cfg.moments) {
+            return Err(FitError::Config(format!(
+                "moments must be 2, 4 or 6, got {}",
+                cfg.moments
+            )));
+        }
+        if templates.is_empty() {
+            return Err(FitError::Config("no templates".into()));
+        }
+        if (templates.velscale - grid.velscale).abs() > 1e-6 * grid.velscale {
+            return Err(FitError::Config(format!(
+                "templates were prepared for velscale {} but the galaxy has {}",
+                templates.velscale, grid.velscale
+            )));
+        }
+        if grid.npix < 2 {
+            return Err(FitError::Config(
+                "the galaxy grid needs at least 2 pixels".into(),
+            ));
+        }
+        let factor = templates.velscale_ratio;
+        let d_t = templates.d_ln_lam();
+        let n_t = templates.npix();
+        // Template sample index where galaxy pixel 0's block of `factor` samples starts.
+        let block0 = templates.ln_lam0 + 0.5 * (factor - 1) as f64 * d_t;
+        let offset = (grid.ln_lam0 - block0) / d_t;
+        let reach = (cfg.max_velocity + 900.0) / C_KMS / d_t;
+        let last = offset + (grid.npix * factor) as f64;
+        if offset - reach < 0.0 || last + reach > n_t as f64 {
+            let lam = |x: f64| (templates.ln_lam0 + x * d_t).exp();
+            return Err(FitError::WavelengthNotCovered {
+                tpl_min: lam(0.0),
+                tpl_max: lam(n_t as f64 - 1.0),
+                need_min: lam(offset - reach),
+                need_max: lam(last + reach),
+            });
+        }
+        let n_fft = fast_fft_len(n_t + 64, 2 * factor);
+        let conv = Convolver::new(n_fft, factor, offset);
+        let nt = templates.len();
+        let (basis_samples, mix) = match cfg.basis {
+            TemplateBasis::Exact => (templates.spectra.clone(), Mix::Identity(nt)),
+            TemplateBasis::Compressed { tolerance } => compress(&templates.spectra, tolerance),
+        };
+        let basis = basis_samples.iter().map(|s| conv.spectrum_of(s)).collect();
+        let x: Vec<f64> = (0..grid.npix)
+            .map(|i| -1.0 + 2.0 * i as f64 / (grid.npix - 1) as f64)
+            .collect();
+        let degree = cfg.degree.max(-1);
+        let legendre = legendre_table(&x, (degree.max(cfg.mdegree as i32)).max(0) as usize);
+        let poly = legendre[..(degree + 1) as usize].to_vec();
+        let mpoly = legendre[1..=cfg.mdegree].to_vec();
+        let reg = (cfg.regul > 0.0)
+            .then(|| regularisation(templates, cfg.regul))
+            .transpose()?;
+        Ok(Fitter {
+            cfg,
+            grid,
+            factor,
+            nt,
+            conv,
+            basis,
+            mix,
+            poly,
+            mpoly,
+            reg,
+        })
+    }
+
+    pub fn config(&self) -> &FitConfig {
+        &self.cfg
+    }
+
+    pub fn grid(&self) -> &LogGrid {
+        &self.grid
+    }
+
+    /// Number of vectors convolved per model evaluation (templates, or basis vectors).
+    pub fn basis_len(&self) -> usize {
+        self.mix.basis_len()
+    }
+
+    pub fn n_templates(&self) -> usize {
+        self.nt
+    }
+
+    pub fn scratch(&self) -> FitScratch {
+        let k = self.mix.basis_len();
+        let npix = self.grid.npix;
+        let np = self.poly.len();
+        let nb = self.conv.n_bins();
+        let npar = self.cfg.moments + self.cfg.mdegree;
+        FitScratch {
+            conv: self.conv.scratch(),
+            kernel: vec![Complex64::new(0.0, 0.0); nb],
+            dkernel: vec![vec![Complex64::new(0.0, 0.0); nb]; self.cfg.moments],
+            cols: vec![0.0; k * npix],
+            wcols: Vec::with_capacity(k * npix),
+            wpoly: Vec::with_capacity(np * npix),
+            wy: Vec::with_capacity(npix),
+            good_idx: Vec::with_capacity(npix),
+            mvec: vec![1.0; npix],
+            g_pp: vec![0.0; np * np],
+            g_pt: vec![0.0; np * self.nt],
+            g_bp: vec![0.0; k * np],
+            g_bb: vec![0.0; k * k],
+            gc: vec![0.0; k * self.nt],
+            rhs: vec![0.0; np + self.nt],
+            rhs_b: vec![0.0; k],
+            x: vec![0.0; np + self.nt],
+            u: vec![0.0; k],
+            nnls: NnlsSolver::default(),
+            resid: Vec::with_capacity(npix),
+            stellar: vec![0.0; npix],
+            combined: vec![Complex64::new(0.0, 0.0); nb],
+            deriv: vec![0.0; npix],
+            jac: Vec::with_capacity(npar * npix),
+            proj_rhs: vec![0.0; np + self.nt],
+            tmp_u: (vec![0.0; k], vec![0.0; k]),
+            active: Vec::with_capacity(np + self.nt),
+            coef: Vec::with_capacity(np + self.nt),
+            tw: vec![0.0; self.nt],
+            evaluations: 0,
+            pixel_chi2: 0.0,
+        }
+    }
+
+    /// Fit one spectrum (allocates a scratch; use [`Self::fit_with`] in loops).
+    pub fn fit(&self, spectrum: &Spectrum, start: &Start) -> Result<FitResult, FitError> {
+        self.fit_with(&mut self.scratch(), spectrum, start)
+    }
+
+    /// Fit one spectrum reusing `scratch`.
+    pub fn fit_with(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        start: &Start,
+    ) -> Result<FitResult, FitError> {
+        let n_good = spectrum.validate(self.grid.npix)?;
+        let npar = self.cfg.moments + self.cfg.mdegree;
+        let n_lin = self.poly.len() + 1;
+        if n_good <= npar + n_lin {
+            return Err(FitError::TooFewGoodPixels {
+                good: n_good,
+                params: npar + n_lin,
+            });
+        }
+        if start.sigma.is_nan() || start.sigma <= 0.0 || !start.v.is_finite() {
+            return Err(FitError::Config(format!(
+                "start must have finite V and positive sigma, got V={} sigma={}",
+                start.v, start.sigma
+            )));
+        }
+        s.evaluations = 0;
+        s.x.fill(0.0);
+        let bias = if self.cfg.moments > 2 {
+            self.cfg
+                .bias
+                .unwrap_or(0.7 * (500.0 / n_good as f64).sqrt())
+        } else {
+            0.0
+        };
+        let mut good = spectrum.good.clone();
+        let mut params: Params = vec![0.0; npar];
+        params[0] = start.v.clamp(-self.cfg.max_velocity, self.cfg.max_velocity);
+        params[1] = start.sigma.clamp(self.min_sigma(), self.cfg.max_sigma);
+        for k in 2..self.cfg.moments {
+            params[k] = start.h[k - 2].clamp(-0.3, 0.3);
+        }
+        let mut cov;
+        let mut pass = 0;
+        loop {
+            (params, cov) = self.levenberg_marquardt(s, spectrum, &good, params, bias)?;
+            pass += 1;
+            if !self.cfg.clean || pass == 2 {
+                break;
+            }
+            let cleaned = self.clean_mask(s, spectrum, &good, &params)?;
+            if cleaned == good {
+                break;
+            }
+            good = cleaned;
+        }
+        // The scratch holds the solution at `params` on the final mask; chi2 has no penalty.
+        let chi2_sum = s.pixel_chi2;
+        let errors: Vec<f64> = (0..self.cfg.moments)
+            .map(|i| cov.get(i * npar + i).map_or(0.0, |v| v.max(0.0).sqrt()))
+            .collect();
+        let n_used = s.good_idx.len();
+        let dof = n_used
+            .saturating_sub(errors.iter().filter(|e| **e > 0.0).count())
+            .max(1);
+        let bestfit = self.model_all_pixels(s);
+        let np = self.poly.len();
+        Ok(FitResult {
+            v: params[0],
+            sigma: params[1],
+            h: params[2..self.cfg.moments].to_vec(),
+            errors,
+            chi2: chi2_sum / dof as f64,
+            dof,
+            weights: s.x[np..].to_vec(),
+            poly_weights: s.x[..np].to_vec(),
+            mpoly_weights: params[self.cfg.moments..].to_vec(),
+            bestfit,
+            good,
+            evaluations: s.evaluations,
+        })
+    }
+
+    fn min_sigma(&self) -> f64 {
+        // pPXF's lower bound: 0.01 pixel.
+        0.01 * self.grid.velscale
+    }
+
+    fn bounds(&self, i: usize) -> (f64, f64) {
+        match i {
+            0 => (-self.cfg.max_velocity, self.cfg.max_velocity),
+            1 => (self.min_sigma(), self.cfg.max_sigma),
+            i if i < self.cfg.moments => (-0.3, 0.3),
+            _ => (-1.0, 1.0),
+        }
+    }
+
+    fn losvd(&self, p: &[f64]) -> GaussHermite {
+        let to_samples = self.factor as f64 / self.grid.velscale;
+        let mut gh = GaussHermite::gaussian(p[0] * to_samples, p[1] * to_samples);
+        gh.nh = self.cfg.moments - 2;
+        gh.h[..gh.nh].copy_from_slice(&p[2..self.cfg.moments]);
+        gh
+    }
+
+    /// Collect the good pixels and their weights.
+    fn set_mask(&self, s: &mut FitScratch, spectrum: &Spectrum, good: &[bool]) {
+        s.good_idx.clear();
+        s.good_idx.extend((0..self.grid.npix).filter(|&i| good[i]));
+        s.wy.clear();
+        s.wy.extend(
+            s.good_idx
+                .iter()
+                .map(|&i| spectrum.flux[i] / spectrum.noise[i]),
+        );
+        let np = self.poly.len();
+        let ng = s.good_idx.len();
+        s.wpoly.clear();
+        for p in &self.poly {
+            s.wpoly
+                .extend(s.good_idx.iter().map(|&i| p[i] / spectrum.noise[i]));
+        }
+        for a in 0..np {
+            for b in 0..np {
+                s.g_pp[a * np + b] = dot(
+                    &s.wpoly[a * ng..(a + 1) * ng],
+                    &s.wpoly[b * ng..(b + 1) * ng],
+                );
+            }
+        }
+        s.rhs[..np].iter_mut().enumerate().for_each(|(a, r)| {
+            *r = dot(&s.wpoly[a * ng..(a + 1) * ng], &s.wy);
+        });
+    }
+
+    /// Convolve the basis for `p`, solve the linear weights, fill the residuals; returns chi^2.
+    fn evaluate(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        p: &[f64],
+    ) -> Result<f64, FitError> {
+        s.evaluations += 1;
+        let k = self.mix.basis_len();
+        let npix = self.grid.npix;
+        let np = self.poly.len();
+        let nt = self.nt;
+        let ng = s.good_idx.len();
+        let gh = self.losvd(p);
+        let used = self.conv.losvd_kernel(&gh, &mut s.kernel);
+        for a in 0..k {
+            let out = &mut s.cols[a * npix..(a + 1) * npix];
+            self.conv
+                .apply(&self.basis[a], &s.kernel, used, out, &mut s.conv);
+        }
+        // Multiplicative polynomial, clipped like pPXF's.
+        for i in 0..npix {
+            let m: f64 = 1.0
+                + self
+                    .mpoly
+                    .iter()
+                    .zip(&p[self.cfg.moments..])
+                    .map(|(poly, c)| c * poly[i])
+                    .sum::<f64>();
+            s.mvec[i] = m.max(0.1);
+        }
+        s.wcols.clear();
+        for a in 0..k {
+            let col = &s.cols[a * npix..(a + 1) * npix];
+            s.wcols.extend(
+                s.good_idx
+                    .iter()
+                    .map(|&i| col[i] * s.mvec[i] / spectrum.noise[i]),
+            );
+        }
+        // Small Gram matrices.
+        for a in 0..k {
+            let ca = &s.wcols[a * ng..(a + 1) * ng];
+            for b in a..k {
+                let v = dot(ca, &s.wcols[b * ng..(b + 1) * ng]);
+                s.g_bb[a * k + b] = v;
+                s.g_bb[b * k + a] = v;
+            }
+            for l in 0..np {
+                s.g_bp[a * np + l] = dot(ca, &s.wpoly[l * ng..(l + 1) * ng]);
+            }
+            s.rhs_b[a] = dot(ca, &s.wy);
+        }
+        // Expand to templates: G_pt = G_pb C, gc = G_bb C, rhs_t = C^T rhs_b.
+        for l in 0..np {
+            for a in 0..k {
+                s.u[a] = s.g_bp[a * np + l];
+            }
+            self.mix
+                .to_templates(&s.u, &mut s.g_pt[l * nt..(l + 1) * nt]);
+        }
+        for a in 0..k {
+            let row = &s.g_bb[a * k..(a + 1) * k];
+            self.mix.to_templates(row, &mut s.gc[a * nt..(a + 1) * nt]);
+        }
+        self.mix.to_templates(&s.rhs_b, &mut s.rhs[np..]);
+        let normal = FactoredNormal {
+            np,
+            nt,
+            k,
+            mix: &self.mix,
+            g_pp: &s.g_pp,
+            g_pt: &s.g_pt,
+            g_bb: &s.g_bb,
+            gc: &s.gc,
+            reg: self.reg.as_deref(),
+            tmp_u: std::cell::RefCell::new(std::mem::take(&mut s.tmp_u)),
+        };
+        let solved = s.nnls.solve(&normal, &s.rhs, np, &mut s.x);
+        s.tmp_u = normal.tmp_u.into_inner();
+        solved.map_err(FitError::Numerical)?;
+        // Residuals on the good pixels.
+        self.mix.to_basis(&s.x[np..], &mut s.u);
+        s.resid.clear();
+        let mut chi2 = 0.0;
+        for g in 0..ng {
+            let mut model = 0.0;
+            for a in 0..k {
+                model += s.wcols[a * ng + g] * s.u[a];
+            }
+            for l in 0..np {
+                model += s.wpoly[l * ng + g] * s.x[l];
+            }
+            let r = s.wy[g] - model;
+            chi2 += r * r;
+            s.resid.push(r);
+        }
+        s.pixel_chi2 = chi2;
+        if let Some(reg) = &self.reg {
+            let w = &s.x[np..];
+            for j in 0..nt {
+                chi2 += w[j] * dot(&reg[j * nt..(j + 1) * nt], w);
+            }
+        }
+        Ok(chi2)
+    }
+
+    /// Best-fit model on every pixel of the grid from the last evaluation.
+    fn model_all_pixels(&self, s: &mut FitScratch) -> Vec<f64> {
+        let npix = self.grid.npix;
+        let k = self.mix.basis_len();
+        let np = self.poly.len();
+        (0..npix)
+            .map(|i| {
+                let stellar: f64 = (0..k).map(|a| s.cols[a * npix + i] * s.u[a]).sum();
+                stellar * s.mvec[i] + (0..np).map(|l| self.poly[l][i] * s.x[l]).sum::<f64>()
+            })
+            .collect()
+    }
+
+    /// Jacobian of the weighted residuals (rows: good pixels) with respect to the free
+    /// parameters, projected off the active linear columns.
+    fn jacobian(&self, s: &mut FitScratch, spectrum: &Spectrum, p: &[f64]) {
+        let npix = self.grid.npix;
+        let k = self.mix.basis_len();
+        let np = self.poly.len();
+        let nt = self.nt;
+        let ng = s.good_idx.len();
+        let nkin = self.cfg.moments;
+        let npar = nkin + self.cfg.mdegree;
+        let gh = self.losvd(p);
+        let used = self
+            .conv
+            .losvd_kernel_with_derivatives(&gh, &mut s.kernel, &mut s.dkernel);
+        // Weighted sum of basis spectra: the best-fit stellar template before convolution.
+        s.combined[..used].fill(Complex64::new(0.0, 0.0));
+        for a in 0..k {
+            let ua = s.u[a];
+            if ua == 0.0 {
+                continue;
+            }
+            for (c, b) in s.combined[..used].iter_mut().zip(&self.basis[a][..used]) {
+                *c += b * ua;
+            }
+        }
+        // Unmultiplied stellar model for the multiplicative derivatives.
+        for i in 0..npix {
+            s.stellar[i] = (0..k).map(|a| s.cols[a * npix + i] * s.u[a]).sum();
+        }
+        // Active linear columns (polynomials and positive weights) and their normal matrix.
+        s.active.clear();
+        s.active.extend(0..np);
+        s.active
+            .extend((0..nt).filter(|&j| s.x[np + j] > 0.0).map(|j| j + np));
+        let active_inverse = self.active_inverse(s);
+        let m = s.active.len();
+        s.jac.clear();
+        let to_samples = self.factor as f64 / self.grid.velscale;
+        for q in 0..npar {
+            if q < nkin {
+                self.conv
+                    .apply(&s.combined, &s.dkernel[q], used, &mut s.deriv, &mut s.conv);
+                // d/dV and d/dsigma in km/s: chain rule from samples.
+                let scale = if q < 2 { to_samples } else { 1.0 };
+                for i in 0..npix {
+                    s.deriv[i] *= scale * s.mvec[i];
+                }
+            } else {
+                let poly = &self.mpoly[q - nkin];
+                for i in 0..npix {
+                    s.deriv[i] = poly[i] * s.stellar[i];
+                }
+            }
+            let start = s.jac.len();
+            s.jac
+                .extend(s.good_idx.iter().map(|&i| -s.deriv[i] / spectrum.noise[i]));
+            // Project off the span of the active columns: X (X^T X)^-1 X^T j.
+            let jq = &s.jac[start..start + ng];
+            for l in 0..np {
+                s.proj_rhs[l] = dot(&s.wpoly[l * ng..(l + 1) * ng], jq);
+            }
+            for a in 0..k {
+                s.tmp_u.0[a] = dot(&s.wcols[a * ng..(a + 1) * ng], jq);
+            }
+            self.mix.to_templates(&s.tmp_u.0, &mut s.proj_rhs[np..]);
+            s.coef.clear();
+            for a in 0..m {
+                let c: f64 = (0..m)
+                    .map(|b| active_inverse[a * m + b] * s.proj_rhs[s.active[b]])
+                    .sum();
+                s.coef.push(c);
+            }
+            s.tw.fill(0.0);
+            for (c, &idx) in s.active.iter().enumerate() {
+                if idx >= np {
+                    s.tw[idx - np] = s.coef[c];
+                }
+            }
+            self.mix.to_basis(&s.tw, &mut s.tmp_u.1);
+            for g in 0..ng {
+                let mut fit = 0.0;
+                for a in 0..k {
+                    fit += s.wcols[a * ng + g] * s.tmp_u.1[a];
+                }
+                for l in 0..np {
+                    fit += s.wpoly[l * ng + g] * s.coef[l];
+                }
+                s.jac[start + g] -= fit;
+            }
+        }
+    }
+
+    /// Inverse of the normal matrix restricted to the active columns.
+    fn active_inverse(&self, s: &FitScratch) -> Vec<f64> {
+        let np = self.poly.len();
+        let nt = self.nt;
+        let k = self.mix.basis_len();
+        let normal = FactoredNormal {
+            np,
+            nt,
+            k,
+            mix: &self.mix,
+            g_pp: &s.g_pp,
+            g_pt: &s.g_pt,
+            g_bb: &s.g_bb,
+            gc: &s.gc,
+            reg: self.reg.as_deref(),
+            tmp_u: std::cell::RefCell::new((Vec::new(), Vec::new())),
+        };
+        let m = s.active.len();
+        let mut q = vec![0.0; m * m];
+        for (a, &i) in s.active.iter().enumerate() {
+            for (c, &j) in s.active.iter().enumerate() {
+                q[a * m + c] = normal.entry(i, j);
+            }
+            q[a * m + a] *= 1.0 + 1e-12;
+        }
+        spd_inverse(&q, m).unwrap_or_else(|| vec![0.0; m * m])
+    }
+
+    /// Bounded Levenberg-Marquardt; returns the parameters and their covariance (npar x npar).
+    fn levenberg_marquardt(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        good: &[bool],
+        mut p: Params,
+        bias: f64,
+    ) -> Result<(Params, Vec<f64>), FitError> {
+        self.set_mask(s, spectrum, good);
+        let npar = p.len();
+        let ng = s.good_idx.len();
+        let nkin = self.cfg.moments;
+        let penalty = |s: &FitScratch, p: &[f64]| -> (f64, f64) {
+            if bias <= 0.0 {
+                return (0.0, 0.0);
+            }
+            let scale = (ng as f64).sqrt() * bias * robust_sigma(&s.resid);
+            let d2: f64 = p[2..nkin].iter().map(|h| h * h).sum();
+            (scale, scale * scale * d2)
+        };
+        let mut chi2 = self.evaluate(s, spectrum, &p)?;
+        let (mut pen_scale, pen) = penalty(s, &p);
+        chi2 += pen;
+        let mut lambda = 1e-3;
+        let mut jtj = vec![0.0; npar * npar];
+        let mut jtr = vec![0.0; npar];
+        let mut need_jac = true;
+        let mut best_x = s.x.clone();
+        let mut state_at_p = true;
+        for _iter in 0..self.cfg.max_iterations {
+            if need_jac {
+                self.jacobian(s, spectrum, &p);
+                for a in 0..npar {
+                    for b in 0..npar {
+                        jtj[a * npar + b] =
+                            dot(&s.jac[a * ng..(a + 1) * ng], &s.jac[b * ng..(b + 1) * ng]);
+                    }
+                    jtr[a] = dot(&s.jac[a * ng..(a + 1) * ng], &s.resid);
+                }
+                for a in 2..nkin {
+                    jtj[a * npar + a] += pen_scale * pen_scale;
+                    jtr[a] += pen_scale * pen_scale * p[a];
+                }
+                need_jac = false;
+            }
+            // Solve (J^T J + lambda diag) delta = -J^T r, then project into the bounds.
+            let mut a = jtj.clone();
+            for i in 0..npar {
+                a[i * npar + i] += lambda * jtj[i * npar + i].max(1e-30);
+            }
+            let Some(inv) = spd_inverse(&a, npar) else {
+                lambda *= 10.0;
+                if lambda > 1e12 {
+                    break;
+                }
+                continue;
+            };
+            let mut trial = p.clone();
+            let mut step_size = 0.0f64;
+            for i in 0..npar {
+                let delta: f64 = -(0..npar).map(|j| inv[i * npar + j] * jtr[j]).sum::<f64>();
+                let (lo, hi) = self.bounds(i);
+                trial[i] = (p[i] + delta).clamp(lo, hi);
+                let err = inv[i * npar + i].max(0.0).sqrt().max(1e-12);
+                step_size = step_size.max(((trial[i] - p[i]) / err).abs());
+            }
+            let prev_x = s.x.clone();
+            let mut trial_chi2 = self.evaluate(s, spectrum, &trial)?;
+            state_at_p = false;
+            let (trial_scale, trial_pen) = penalty(s, &trial);
+            trial_chi2 += trial_pen;
+            if trial_chi2 <= chi2 {
+                let improvement = chi2 - trial_chi2;
+                p = trial;
+                chi2 = trial_chi2;
+                pen_scale = trial_scale;
+                best_x.clone_from(&s.x);
+                state_at_p = true;
+                lambda = (lambda * 0.1).max(1e-9);
+                need_jac = true;
+                // Converged: the step moved the parameters by a tiny fraction of their errors.
+                if step_size < 1e-3 || improvement < 1e-6 * chi2.max(1.0) {
+                    break;
+                }
+            } else {
+                // Restore the accepted state's linear solution as the warm start.
+                s.x = prev_x;
+                lambda *= 10.0;
+                if lambda > 1e10 {
+                    break;
+                }
+            }
+        }
+        // Leave the scratch (columns, weights, residuals) at the solution.
+        if !state_at_p {
+            s.x = best_x;
+            self.evaluate(s, spectrum, &p)?;
+        }
+        self.jacobian(s, spectrum, &p);
+        for a in 0..npar {
+            for b in 0..npar {
+                jtj[a * npar + b] = dot(&s.jac[a * ng..(a + 1) * ng], &s.jac[b * ng..(b + 1) * ng]);
+            }
+        }
+        let cov = spd_inverse(&jtj, npar).unwrap_or_else(|| vec![0.0; npar * npar]);
+        Ok((p, cov))
+    }
+
+    /// pPXF's `clean`: clip pixels deviating more than the Gaussian expectation of ~one
+    /// outlier, re-solving the linear weights, until the mask stops changing.
+    fn clean_mask(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        good: &[bool],
+        p: &[f64],
+    ) -> Result<Vec<bool>, FitError> {
+        let original: Vec<usize> = (0..self.grid.npix).filter(|&i| good[i]).collect();
+        let clip = -inverse_normal_cdf(0.5 / original.len() as f64);
+        let mut current = good.to_vec();
+        for _ in 0..5 {
+            self.set_mask(s, spectrum, &current);
+            self.evaluate(s, spectrum, p)?;
+            let sigma = robust_sigma(&s.resid);
+            let model = self.model_all_pixels(s);
+            let mut next = vec![false; self.grid.npix];
+            for &i in &original {
+                let err = (spectrum.flux[i] - model[i]) / spectrum.noise[i];
+                next[i] = err.abs() < clip * sigma;
+            }
+            if next == current {
+                break;
+            }
+            current = next;
+        }
+        Ok(current)
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    // Four accumulators let the compiler vectorise without reassociating.
+    let mut acc = [0.0; 4];
+    let chunks = a.len() / 4;
+    for c in 0..chunks {
+        for l in 0..4 {
+            acc[l] += a[4 * c + l] * b[4 * c + l];
+        }
+    }
+    let mut sum = acc[0] + acc[1] + acc[2] + acc[3];
+    for i in 4 * chunks..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// Legendre polynomials P_0..P_deg at each x.
+pub fn legendre_table(x: &[f64], deg: usize) -> Vec<Vec<f64>> {
+    let mut table = vec![vec![1.0; x.len()]];
+    if deg >= 1 {
+        table.push(x.to_vec());
+    }
+    for n in 1..deg {
+        let next: Vec<f64> = (0..x.len())
+            .map(|i| {
+                ((2 * n + 1) as f64 * x[i] * table[n][i] - n as f64 * table[n - 1][i])
+                    / (n + 1) as f64
+            })
+            .collect();
+        table.push(next);
+    }
+    table
+}
+
+/// Orthonormal basis of the templates by eigen-decomposition of their Gram matrix, truncated
+/// once every template is reproduced to `tolerance` (relative RMS).
+fn compress(spectra: &[Vec<f64>], tolerance: f64) -> (Vec<Vec<f64>>, Mix) {
+    let n = spectra.len();
+    let len = spectra[0].len();
+    let mut gram = vec![0.0; n * n];
+    for i in 0..n {
+        for j in i..n {
+            let v = dot(&spectra[i], &spectra[j]);
+            gram[i * n + j] = v;
+            gram[j * n + i] = v;
+        }
+    }
+    let (values, vectors) = symmetric_eigen(&gram, n);
+    // Squared residual of template j with k components: G_jj - sum_{a<k} (s_a V_ja)^2.
+    let mut k = n;
+    let mut resid: Vec<f64> = (0..n).map(|j| gram[j * n + j]).collect();
+    for a in 0..n {
+        let lam = values[a].max(0.0);
+        for (j, r) in resid.iter_mut().enumerate() {
+            *r -= lam * vectors[j * n + a].powi(2);
+        }
+        let worst = (0..n)
+            .map(|j| (resid[j].max(0.0) / gram[j * n + j].max(f64::MIN_POSITIVE)).sqrt())
+            .fold(0.0, f64::max);
+        if worst < tolerance {
+            k = a + 1;
+            break;
+        }
+    }
+    let mut basis = vec![vec![0.0; len]; k];
+    let mut c = vec![0.0; k * n];
+    for a in 0..k {
+        let sv = values[a].max(f64::MIN_POSITIVE).sqrt();
+        for j in 0..n {
+            let v = vectors[j * n + a];
+            c[a * n + j] = sv * v;
+            let coef = v / sv;
+            for (b, t) in basis[a].iter_mut().zip(&spectra[j]) {
+                *b += coef * t;
+            }
+        }
+    }
+    (basis, Mix::Dense { k, n, c })
+}
+
+/// regul^2 D^T D for the second-order (Laplacian) regularisation over the age x [M/H] grid.
+fn regularisation(templates: &PreparedTemplates, regul: f64) -> Result<Vec<f64>, FitError> {
+    let ssp = templates.ssp.as_ref().ok_or_else(|| {
+        FitError::Config("regularisation needs templates on an age x metallicity grid".into())
+    })?;
+    let (na, nm) = (templates.ages.len(), templates.metals.len());
+    let nt = templates.len();
+    let mut index = vec![None; na * nm];
+    for (j, p) in ssp.iter().enumerate() {
+        index[p.age_index * nm + p.metal_index] = Some(j);
+    }
+    if index.iter().any(Option::is_none) {
+        return Err(FitError::Config(
+            "regularisation needs a complete age x metallicity grid".into(),
+        ));
+    }
+    let at = |a: usize, m: usize| index[a * nm + m].unwrap_or(0);
+    let mut dtd = vec![0.0; nt * nt];
+    let mut row = vec![0.0; nt];
+    for a in 0..na {
+        for m in 0..nm {
+            row.fill(0.0);
+            if a > 0 && a + 1 < na {
+                row[at(a - 1, m)] += regul;
+                row[at(a, m)] -= 2.0 * regul;
+                row[at(a + 1, m)] += regul;
+            }
+            if m > 0 && m + 1 < nm {
+                row[at(a, m - 1)] += regul;
+                row[at(a, m)] -= 2.0 * regul;
+                row[at(a, m + 1)] += regul;
+            }
+            for i in 0..nt {
+                if row[i] == 0.0 {
+                    continue;
+                }
+                for j in 0..nt {
+                    dtd[i * nt + j] += row[i] * row[j];
+                }
+            }
+        }
+    }
+    Ok(dtd)
+}
