@@ -2,6 +2,8 @@
 //! population templates, the penalised pixel-fitting method of pPXF (Cappellari & Emsellem
 //! 2004; Cappellari 2017, 2023) written from the papers in Rust.
 
+pub mod cube;
+pub mod edge;
 pub mod error;
 pub mod fit;
 pub mod fit_spectrum_cmd;
@@ -15,6 +17,7 @@ pub mod spectrum;
 pub mod stats;
 pub mod synthetic;
 pub mod templates;
+pub mod voronoi;
 
 // Cubes: reading, preparation, binning, planning, fitting and outputs.
 pub mod cube;
