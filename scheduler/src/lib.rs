@@ -58,6 +58,7 @@ pub mod energy;
 pub mod model;
 pub mod placement;
 pub mod predictor;
+pub mod sim;
 
 pub use analytic::AnalyticCostModel;
 pub use model::{

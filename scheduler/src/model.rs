@@ -346,43 +346,38 @@ impl RegionSnapshot {
     /// Every reason this snapshot cannot be used, in words; empty when it is valid.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut check = |ok: bool, what: String| {
+        let mut check = |ok: bool, what: &dyn Fn() -> String| {
             if !ok {
-                problems.push(what);
+                problems.push(what());
             }
         };
-        check(!self.name.is_empty(), "name must not be empty".into());
+        check(!self.name.is_empty(), &|| "name must not be empty".into());
         let e = &self.energy;
-        check(
-            e.idle_watts.is_finite() && e.idle_watts >= 0.0,
-            format!("idleWatts must be >= 0, got {}", e.idle_watts),
-        );
+        check(e.idle_watts.is_finite() && e.idle_watts >= 0.0, &|| {
+            format!("idleWatts must be >= 0, got {}", e.idle_watts)
+        });
         check(
             e.watts_per_core.is_finite() && e.watts_per_core >= 0.0,
-            format!("wattsPerCore must be >= 0, got {}", e.watts_per_core),
+            &|| format!("wattsPerCore must be >= 0, got {}", e.watts_per_core),
         );
-        check(
-            e.pue.is_finite() && e.pue >= 1.0,
-            format!("pue must be >= 1, got {}", e.pue),
-        );
+        check(e.pue.is_finite() && e.pue >= 1.0, &|| {
+            format!("pue must be >= 1, got {}", e.pue)
+        });
         let n = &self.network;
-        check(
-            n.uplink_mbps.is_finite() && n.uplink_mbps > 0.0,
-            format!("uplinkMbps must be > 0, got {}", n.uplink_mbps),
-        );
-        check(
-            n.rtt_ms.is_finite() && n.rtt_ms >= 0.0,
-            format!("rttMs must be >= 0, got {}", n.rtt_ms),
-        );
+        check(n.uplink_mbps.is_finite() && n.uplink_mbps > 0.0, &|| {
+            format!("uplinkMbps must be > 0, got {}", n.uplink_mbps)
+        });
+        check(n.rtt_ms.is_finite() && n.rtt_ms >= 0.0, &|| {
+            format!("rttMs must be >= 0, got {}", n.rtt_ms)
+        });
         check(
             self.load.is_finite() && (0.0..=1.0).contains(&self.load),
-            format!("load must be within 0..1, got {}", self.load),
+            &|| format!("load must be within 0..1, got {}", self.load),
         );
         if let Some(s) = self.cpu_speed {
-            check(
-                s.is_finite() && s > 0.0,
-                format!("cpuSpeed must be > 0, got {s}"),
-            );
+            check(s.is_finite() && s > 0.0, &|| {
+                format!("cpuSpeed must be > 0, got {s}")
+            });
         }
         problems.extend(e.carbon_intensity.problem());
         problems

@@ -571,14 +571,31 @@ fn group_problems(group: &TaskGroup) -> Vec<String> {
 }
 
 /// Filters one region; `Ok` holds its candidate data, `Err` every reason it cannot be used.
-fn judge(
+/// A region that passed the filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feasible {
+    /// Tasks of the group that may run here at once (capped by the group's size and parallelism).
+    pub slots: u64,
+    /// Carries an untolerated `PreferNoSchedule` taint.
+    pub avoided: bool,
+    /// Holds the group's input (or the group has none to move).
+    pub holds_data: bool,
+}
+
+/// Position in `regions` of the region that stores the group's input.
+pub fn data_region_index(regions: &[RegionSnapshot], group: &TaskGroup) -> Option<usize> {
+    let name = group.input.region.as_ref()?;
+    regions.iter().position(|r| &r.name == name)
+}
+
+/// The filter step for one region (`index` in the snapshot; `data_region` from
+/// [`data_region_index`]): every reason it cannot take a task of `group`, or what it offers.
+pub fn filter_region(
     index: usize,
     region: &RegionSnapshot,
-    regions: &[RegionSnapshot],
     group: &TaskGroup,
     data_region: Option<usize>,
-    model: &impl CostModel,
-) -> Result<Candidate, Vec<FilterReason>> {
+) -> Result<Feasible, Vec<FilterReason>> {
     let mut reasons = Vec::new();
     let problems = region.problems();
     if !problems.is_empty() {
@@ -655,6 +672,29 @@ fn judge(
     if !reasons.is_empty() {
         return Err(reasons);
     }
+    Ok(Feasible {
+        slots: slots
+            .min(group.tasks)
+            .min(group.parallelism.unwrap_or(u64::MAX)),
+        avoided,
+        holds_data,
+    })
+}
+
+/// Filters one region, then costs it.
+fn judge(
+    index: usize,
+    region: &RegionSnapshot,
+    regions: &[RegionSnapshot],
+    group: &TaskGroup,
+    data_region: Option<usize>,
+    model: &impl CostModel,
+) -> Result<Candidate, Vec<FilterReason>> {
+    let Feasible {
+        slots,
+        avoided,
+        holds_data,
+    } = filter_region(index, region, group, data_region)?;
     let cost = model.task_cost(region, group);
     if !(cost.seconds.is_finite()
         && cost.seconds >= 0.0
@@ -680,9 +720,7 @@ fn judge(
     };
     Ok(Candidate {
         index,
-        slots: slots
-            .min(group.tasks)
-            .min(group.parallelism.unwrap_or(u64::MAX)),
+        slots,
         run: cost.seconds,
         joules: cost.joules + transfer_joules,
         transfer,
@@ -710,11 +748,7 @@ pub fn place(
             problems,
         });
     }
-    let data_region = group
-        .input
-        .region
-        .as_ref()
-        .and_then(|name| regions.iter().position(|r| &r.name == name));
+    let data_region = data_region_index(regions, group);
 
     let mut candidates = Vec::new();
     let mut verdicts = Vec::with_capacity(regions.len());

@@ -313,7 +313,7 @@ impl ModelKind {
 }
 
 /// Support-vector training is quadratic in the samples: it sees at most this many.
-const SVR_MAX_SAMPLES: usize = 200;
+const SVR_MAX_SAMPLES: usize = 150;
 
 #[derive(Debug, Clone)]
 enum Fitted {
@@ -376,6 +376,8 @@ impl Trained {
                 let m = ElasticNet::params()
                     .penalty(1e-4)
                     .l1_ratio(0.5)
+                    .tolerance(1e-3)
+                    .max_iterations(200)
                     .fit(&data)
                     .ok()?;
                 Fitted::Linear {
@@ -476,6 +478,9 @@ pub struct PredictorConfig {
     pub window: usize,
     /// Retrain at least every this many new samples.
     pub retrain_every: usize,
+    /// Most recent training samples the cross-validation uses (model choice needs fewer
+    /// samples than the final fit; this bounds the cost of a retraining).
+    pub cv_samples: usize,
 }
 
 impl Default for PredictorConfig {
@@ -485,6 +490,7 @@ impl Default for PredictorConfig {
             folds: 5,
             window: 3000,
             retrain_every: 50_000,
+            cv_samples: 600,
         }
     }
 }
@@ -585,8 +591,9 @@ impl Predictor {
         let train_x: Vec<Inputs> = train.iter().map(|r| r.0).collect();
         let train_y: Vec<f64> = train.iter().map(|r| r.1).collect();
         let mut cv_mape = BTreeMap::new();
+        let cv_from = train_x.len().saturating_sub(self.config.cv_samples);
         for kind in ModelKind::ALL {
-            if let Some(m) = self.cross_validate(kind, &train_x, &train_y) {
+            if let Some(m) = self.cross_validate(kind, &train_x[cv_from..], &train_y[cv_from..]) {
                 cv_mape.insert(kind.name(), m);
             }
         }
