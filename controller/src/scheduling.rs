@@ -121,7 +121,16 @@ fn task_group(
         name: name.to_string(),
         tasks: tasks as u64,
         features: GENERIC_TASK,
-        resources: sched::Resources::new(app.resources.cpu, app.resources.memory_mib, 0),
+        // A local worker runs one task per core slot: no request means one core.
+        resources: sched::Resources::new(
+            if app.resources.cpu > 0.0 {
+                app.resources.cpu
+            } else {
+                1.0
+            },
+            app.resources.memory_mib,
+            0,
+        ),
         input: sched::DataInput {
             bytes: input.bytes,
             region: input.region.clone(),
