@@ -931,7 +931,6 @@ fn datasets_upload_and_download_byte_for_byte() {
 }
 
 #[test]
-#[ignore = "needs server support for follow=true on GET /applications/{name}/logs (the server answers the current logs and closes)"]
 fn logs_follow_streams_until_the_application_finishes() {
     let s = Setup::new();
     let app = s.manifest("app.yaml", &echo_app("later", 2));
