@@ -1011,6 +1011,13 @@ mod tests {
             &s.options.out.join("model.fits"),
         ]);
 
+        let png = s.options.out.join("residuals.png");
+        let report =
+            crate::accuracy::compare_with_truth(&s.options.out.join("maps.fits"), &s.truth, &png)
+                .unwrap();
+        assert_eq!((report.compared, report.missing), (30, 0));
+        assert!(png.is_file());
+
         // A lost chunk is refitted, and only it.
         std::fs::remove_file(chunk_paths(&s.options.out, 2).0).unwrap();
         let second = fit_cube(&s.options, &bar).unwrap();
