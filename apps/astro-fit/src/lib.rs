@@ -4,10 +4,13 @@
 
 pub mod error;
 pub mod fit;
+pub mod fit_spectrum_cmd;
 pub(crate) mod fits_io;
 pub mod linalg;
 pub mod losvd;
 pub mod nnls;
+pub mod plot;
+pub mod populations;
 pub mod spectrum;
 pub mod stats;
 pub mod synthetic;
@@ -16,6 +19,7 @@ pub mod templates;
 // Cubes: reading, preparation, binning, planning, fitting and outputs.
 pub mod accuracy;
 pub mod cube;
+pub mod cube_cmd;
 pub mod cubefit;
 pub mod mapplot;
 pub mod maps;

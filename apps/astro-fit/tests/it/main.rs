@@ -1,0 +1,4 @@
+//! Integration tests of astro-fit (one test binary; one module per area).
+
+mod fit_core;
+mod ppxf_compare;
