@@ -1004,7 +1004,22 @@ mod tests {
         assert_eq!(second.chunks_resumed, 3);
         assert_eq!(second.spectra_fitted_now, plan.chunks[2].nspectra);
         let again = collect_results(&s.options.out, &plan).unwrap();
-        assert_eq!(again, results);
+        // The refitted chunk agrees with its first fit (to rounding: a worker's scratch
+        // history may change the last bits); the others were not touched.
+        for (a, b) in again.iter().flatten().zip(results.iter().flatten()) {
+            assert!(
+                (a.velocity.value - b.velocity.value).abs() < 1e-6,
+                "{a:?} {b:?}"
+            );
+            assert!((a.sigma.value - b.sigma.value).abs() < 1e-6, "{a:?} {b:?}");
+        }
+        let untouched: Vec<usize> = [0, 1, 3]
+            .iter()
+            .flat_map(|c| plan.chunks[*c].bins.clone())
+            .collect();
+        for b in untouched {
+            assert_eq!(again[b], results[b]);
+        }
 
         // Other settings on the same directory are refused, naming what differs.
         let mut other = s.options.clone();
