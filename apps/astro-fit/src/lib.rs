@@ -20,6 +20,7 @@ pub mod templates;
 // Cubes: reading, preparation, binning, planning, fitting and outputs.
 pub mod accuracy;
 pub mod cube;
+pub mod cube_cmd;
 pub mod cubefit;
 pub mod mapplot;
 pub mod maps;
