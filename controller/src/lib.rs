@@ -1,1 +1,25 @@
-//! See the crate description and docs/architecture.md.
+//! ceccm control plane: the REST API, the state store, the reconcilers, the embedded task queue,
+//! and the `ceccm` binary's subcommands. See docs/architecture.md.
+
+pub mod api;
+pub mod content;
+pub mod demo;
+pub mod error;
+pub mod logs;
+pub mod metrics;
+pub mod objects;
+pub mod queue;
+pub mod reconcile;
+pub mod resources;
+pub mod scheduling;
+pub mod selector;
+pub mod server;
+pub mod store;
+pub mod time;
+pub mod watch;
+pub mod worker;
+
+#[cfg(test)]
+mod store_tests;
+#[cfg(test)]
+mod testing;

@@ -1,3 +1,129 @@
-fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! `ceccm`: the control plane binary. A thin dispatcher; each subcommand lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ceccm",
+    version,
+    about = "Control plane for the cloud-edge continuum of astronomy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the REST API, run the reconcilers and the local regions' workers.
+    Server {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = ".ceccm-data")]
+        data_dir: PathBuf,
+        /// `postgres://...` selects PostgreSQL; default: SQLite in the data directory.
+        #[arg(long, env = "CECCM_DATABASE_URL")]
+        database_url: Option<String>,
+        /// Lease length the local workers ask for.
+        #[arg(long, default_value_t = 30)]
+        lease_seconds: u32,
+    },
+    /// Lease and run tasks of one region (started by the local region driver).
+    Worker {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        region: String,
+        /// Default: REGION-PID.
+        #[arg(long)]
+        worker_id: Option<String>,
+        #[arg(long, default_value_t = 30)]
+        lease_seconds: u32,
+        /// Leave after this many seconds without work.
+        #[arg(long, default_value_t = 5.0)]
+        idle_exit_seconds: f64,
+    },
+    /// The main job: a server with two local regions runs the sample batch application.
+    Demo {
+        #[arg(long, default_value = ".ceccm-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 600)]
+        timeout_seconds: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ceccm: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Server {
+                listen,
+                data_dir,
+                database_url,
+                lease_seconds,
+            } => {
+                ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
+                    listen,
+                    data_dir,
+                    database_url,
+                    lease_seconds,
+                    worker_program: std::env::current_exe()?,
+                })
+                .await
+            }
+            Command::Worker {
+                server,
+                region,
+                worker_id,
+                lease_seconds,
+                idle_exit_seconds,
+            } => {
+                let worker_id =
+                    worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
+                ceccm_controller::worker::run(ceccm_controller::worker::WorkerOptions {
+                    server: server.trim_end_matches('/').to_string(),
+                    region,
+                    worker_id,
+                    lease_seconds,
+                    idle_exit: Duration::from_secs_f64(idle_exit_seconds.max(0.0)),
+                })
+                .await
+            }
+            Command::Demo {
+                data_dir,
+                timeout_seconds,
+            } => {
+                ceccm_controller::demo::run(ceccm_controller::demo::DemoOptions {
+                    data_dir,
+                    timeout: Duration::from_secs(timeout_seconds),
+                })
+                .await
+            }
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ceccm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,4 +1,6 @@
 //! End-to-end tests: one integration binary that drives the real `ceccm`, `ceccmctl` and
 //! `astro-fit` binaries over loopback. Each area has its own module.
 
+mod cli;
+mod control_plane;
 mod support;

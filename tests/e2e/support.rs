@@ -7,10 +7,13 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
-/// A binary of this workspace, built next to the test executable by `cargo test --workspace`.
+/// A binary of this workspace, built (once per test run) next to the test executable.
+///
+/// `cargo test` builds a package's binaries only for that package's own integration tests, so
+/// the binaries of the other packages could be stale or missing here: build them first.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("path of the test executable");
     // target/<profile>/deps/e2e-HASH -> target/<profile>/NAME
@@ -18,13 +21,38 @@ pub fn bin(name: &str) -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .expect("test executable lives in target/<profile>/deps");
-    let path = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is not built: run the tests with `cargo test --workspace`, which builds every binary",
-        path.display()
-    );
-    path
+    build_binaries(profile_dir);
+    profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+fn build_binaries(profile_dir: &Path) {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.current_dir(workspace_root()).args([
+            "build",
+            "--bins",
+            "-p",
+            "ceccm-controller",
+            "-p",
+            "ceccmctl",
+            "-p",
+            "astro-fit",
+        ]);
+        if profile_dir
+            .file_name()
+            .is_some_and(|name| name == "release")
+        {
+            command.arg("--release");
+        }
+        let output = command.output().expect("run cargo build for the binaries");
+        assert!(
+            output.status.success(),
+            "building the binaries failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
 }
 
 /// `../shared/data` beside the workspace, or `$CECCM_SHARED_DATA`.
@@ -81,11 +109,9 @@ impl Server {
         std::thread::spawn(move || {
             let mut announced = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !announced {
-                    if let Some(url) = line.strip_prefix("ceccm listening on ") {
-                        announced = true;
-                        let _ = tx.send(url.trim().to_string());
-                    }
+                if !announced && let Some(url) = line.strip_prefix("ceccm listening on ") {
+                    announced = true;
+                    let _ = tx.send(url.trim().to_string());
                 }
             }
         });

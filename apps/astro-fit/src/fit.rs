@@ -16,7 +16,7 @@
 use realfft::num_complex::Complex64;
 
 use crate::error::FitError;
-use crate::linalg::{spd_inverse, symmetric_eigen};
+use crate::linalg::{axpy, dot, gram, spd_inverse, symmetric_eigen};
 use crate::losvd::{ConvolveScratch, Convolver, GaussHermite, MAX_HERMITE, fast_fft_len};
 use crate::nnls::{NnlsSolver, NormalMatrix};
 use crate::stats::{inverse_normal_cdf, robust_sigma};
@@ -690,13 +690,9 @@ impl Fitter {
             );
         }
         // Small Gram matrices.
+        gram(&s.wcols, k, ng, &mut s.g_bb);
         for a in 0..k {
             let ca = &s.wcols[a * ng..(a + 1) * ng];
-            for b in a..k {
-                let v = dot(ca, &s.wcols[b * ng..(b + 1) * ng]);
-                s.g_bb[a * k + b] = v;
-                s.g_bb[b * k + a] = v;
-            }
             for l in 0..np {
                 s.g_bp[a * np + l] = dot(ca, &s.wpoly[l * ng..(l + 1) * ng]);
             }
@@ -733,20 +729,16 @@ impl Fitter {
         // Residuals on the good pixels.
         self.mix.to_basis(&s.x[np..], &mut s.u);
         s.resid.clear();
-        let mut chi2 = 0.0;
-        for g in 0..ng {
-            let mut model = 0.0;
-            for a in 0..k {
-                model += s.wcols[a * ng + g] * s.u[a];
-            }
-            for l in 0..np {
-                model += s.wpoly[l * ng + g] * s.x[l];
-            }
-            let r = s.wy[g] - model;
-            chi2 += r * r;
-            s.resid.push(r);
+        s.resid.extend_from_slice(&s.wy);
+        for a in 0..k {
+            axpy(-s.u[a], &s.wcols[a * ng..(a + 1) * ng], &mut s.resid);
         }
+        for l in 0..np {
+            axpy(-s.x[l], &s.wpoly[l * ng..(l + 1) * ng], &mut s.resid);
+        }
+        let chi2 = dot(&s.resid, &s.resid);
         s.pixel_chi2 = chi2;
+        let mut chi2 = chi2;
         if let Some(reg) = &self.reg {
             let w = &s.x[np..];
             for j in 0..nt {
@@ -848,15 +840,12 @@ impl Fitter {
                 }
             }
             self.mix.to_basis(&s.tw, &mut s.tmp_u.1);
-            for g in 0..ng {
-                let mut fit = 0.0;
-                for a in 0..k {
-                    fit += s.wcols[a * ng + g] * s.tmp_u.1[a];
-                }
-                for l in 0..np {
-                    fit += s.wpoly[l * ng + g] * s.coef[l];
-                }
-                s.jac[start + g] -= fit;
+            let jq = &mut s.jac[start..start + ng];
+            for a in 0..k {
+                axpy(-s.tmp_u.1[a], &s.wcols[a * ng..(a + 1) * ng], jq);
+            }
+            for l in 0..np {
+                axpy(-s.coef[l], &s.wpoly[l * ng..(l + 1) * ng], jq);
             }
         }
     }
@@ -971,7 +960,7 @@ impl Fitter {
                 lambda = (lambda * 0.1).max(1e-9);
                 need_jac = true;
                 // Converged: the step moved the parameters by a tiny fraction of their errors.
-                if step_size < 1e-3 || improvement < 1e-6 * chi2.max(1.0) {
+                if step_size < 1e-3 || improvement < 1e-8 * chi2.max(1.0) {
                     break;
                 }
             } else {
@@ -1027,22 +1016,6 @@ impl Fitter {
         }
         Ok(current)
     }
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    // Four accumulators let the compiler vectorise without reassociating.
-    let mut acc = [0.0; 4];
-    let chunks = a.len() / 4;
-    for c in 0..chunks {
-        for l in 0..4 {
-            acc[l] += a[4 * c + l] * b[4 * c + l];
-        }
-    }
-    let mut sum = acc[0] + acc[1] + acc[2] + acc[3];
-    for i in 4 * chunks..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
 }
 
 /// Legendre polynomials P_0..P_deg at each x.

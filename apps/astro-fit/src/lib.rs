@@ -2,19 +2,34 @@
 //! population templates, the penalised pixel-fitting method of pPXF (Cappellari & Emsellem
 //! 2004; Cappellari 2017, 2023) written from the papers in Rust.
 
-pub mod cube;
-pub mod edge;
+// Fitting core: templates, LOSVD, NNLS, the fitter, populations, 1-D spectra.
 pub mod error;
 pub mod fit;
+pub mod fit_spectrum_cmd;
 pub(crate) mod fits_io;
 pub mod linalg;
 pub mod losvd;
 pub mod nnls;
+pub mod plot;
+pub mod populations;
 pub mod spectrum;
 pub mod stats;
 pub mod synthetic;
 pub mod templates;
+
+// Cubes: reading, preparation, binning, planning, fitting and outputs.
+pub mod accuracy;
+pub mod cube;
+pub mod cubefit;
+pub mod mapplot;
+pub mod maps;
+pub mod plan;
+pub mod prepare;
+pub mod synth;
 pub mod voronoi;
+
+// TARSIS edge: filtering and compression before data leave the site.
+pub mod edge;
 
 pub use error::FitError;
 pub use fit::{FitConfig, FitResult, FitScratch, Fitter, LogGrid, Spectrum, Start, TemplateBasis};

@@ -125,6 +125,79 @@ pub fn symmetric_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
     (values, vectors)
 }
 
+/// Dot product with eight independent partial sums (pairs of lanes vectorise; no reassociation
+/// needed from the compiler).
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f64; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+/// Gram matrix G = X^T X of `k` columns of length `n` stored one after another in `cols`,
+/// written to `out` (k x k, row-major). Blocks of 2 x 2 columns with 2 lanes keep the partial
+/// sums in registers, so each pixel value is loaded once per block instead of once per pair.
+pub fn gram(cols: &[f64], k: usize, n: usize, out: &mut [f64]) {
+    let col = |a: usize| &cols[a * n..(a + 1) * n];
+    let mut a = 0;
+    while a < k {
+        let a2 = (a + 1).min(k - 1);
+        let mut b = a;
+        while b < k {
+            let b2 = (b + 1).min(k - 1);
+            let (x0, x1, y0, y1) = (col(a), col(a2), col(b), col(b2));
+            let mut acc = [[0.0f64; 4]; 4];
+            let pairs = n / 4;
+            for p in 0..pairs {
+                let i = 4 * p;
+                for l in 0..4 {
+                    let (u0, u1, v0, v1) = (x0[i + l], x1[i + l], y0[i + l], y1[i + l]);
+                    acc[0][l] += u0 * v0;
+                    acc[1][l] += u0 * v1;
+                    acc[2][l] += u1 * v0;
+                    acc[3][l] += u1 * v1;
+                }
+            }
+            let mut sums = [0.0f64; 4];
+            for (s, lanes) in sums.iter_mut().zip(&acc) {
+                *s = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
+            }
+            for i in 4 * pairs..n {
+                sums[0] += x0[i] * y0[i];
+                sums[1] += x0[i] * y1[i];
+                sums[2] += x1[i] * y0[i];
+                sums[3] += x1[i] * y1[i];
+            }
+            for (idx, (r, c)) in [(a, b), (a, b2), (a2, b), (a2, b2)].into_iter().enumerate() {
+                out[r * k + c] = sums[idx];
+                out[c * k + r] = sums[idx];
+            }
+            b += 2;
+        }
+        a += 2;
+    }
+}
+
+/// y += alpha x
+pub fn axpy(alpha: f64, x: &[f64], y: &mut [f64]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +213,23 @@ mod tests {
             }
         }
         assert!(spd_inverse(&[1.0, 2.0, 2.0, 1.0], 2).is_none());
+    }
+
+    #[test]
+    fn blocked_gram_matches_dot_products() {
+        for (k, n) in [(1, 5), (3, 7), (4, 9), (5, 13)] {
+            let cols: Vec<f64> = (0..k * n)
+                .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.3)
+                .collect();
+            let mut g = vec![0.0; k * k];
+            gram(&cols, k, n, &mut g);
+            for a in 0..k {
+                for b in 0..k {
+                    let want = dot(&cols[a * n..(a + 1) * n], &cols[b * n..(b + 1) * n]);
+                    assert!((g[a * k + b] - want).abs() < 1e-12, "k={k} n={n} ({a},{b})");
+                }
+            }
+        }
     }
 
     #[test]

@@ -316,7 +316,10 @@ impl ObservedSpectrum {
                 self.good.clone(),
             )
         } else {
-            let dv = C_KMS * (self.wave[n - 1] / self.wave[0]).ln() / (n - 1) as f64;
+            // n log pixels over the span of the n linear pixels, borders included.
+            let first = 1.5 * self.wave[0] - 0.5 * self.wave[1];
+            let last = 1.5 * self.wave[n - 1] - 0.5 * self.wave[n - 2];
+            let dv = C_KMS * (last / first).ln() / n as f64;
             // Bad pixels are bridged before rebinning and flagged after it.
             let clean: Vec<f64> = (0..n)
                 .map(|i| if self.good[i] { self.flux[i] } else { 0.0 })

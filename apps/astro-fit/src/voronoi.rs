@@ -528,7 +528,7 @@ mod tests {
     type Columns = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<usize>);
 
     fn reference() -> Columns {
-        let dir = crate::cube::tests::shared_data().join("binning");
+        let dir = crate::synthetic::shared_data_dir().join("binning");
         let input =
             std::fs::read_to_string(dir.join("voronoi_2d_binning_example_input.txt")).unwrap();
         let output =

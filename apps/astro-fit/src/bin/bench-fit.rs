@@ -1,18 +1,44 @@
 //! Benchmark: fit spaxels of the synthetic MaNGA cube with the 150 E-MILES templates
-//! (additive degree 4, 2 moments, rest frame 3600-10000 A, one thread) and print spectra/s,
-//! accuracy against the truth table, and the same for pPXF when python3 + ppxf are importable.
+//! (additive degree 4, 2 moments, rest frame 3600-10000 A, one thread) and print spectra/s
+//! for astro-fit (exact and compressed template basis) and, when python3 with ppxf is
+//! importable, for pPXF on the same prepared templates and spectra in the same run.
+//!
+//!     cargo run --release -p astro-fit --bin bench-fit -- --count 300
 
-use std::process::ExitCode;
+use std::path::Path;
+use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use anyhow::Context;
+use astro_fit::spectrum::RestFrameSpectrum;
 use astro_fit::synthetic::{
     accuracy_by_sn, load_spaxels, prepare_emiles, read_truth, shared_data_dir,
 };
-use astro_fit::{FitConfig, Fitter, Start, TemplateBasis, TemplateLibrary};
+use astro_fit::{FitConfig, Fitter, PreparedTemplates, Start, TemplateBasis, TemplateLibrary};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Spectra per second of astro-fit and pPXF on the synthetic MaNGA cube")]
+struct Args {
+    /// Spaxels to fit (in truth-table order; 652 in the cube).
+    #[arg(long, default_value_t = 300)]
+    count: usize,
+    /// Spaxels given to pPXF (it is slow); the first ones of the same list.
+    #[arg(long, default_value_t = 60)]
+    ppxf_count: usize,
+    /// Template oversampling (pPXF's velscale_ratio).
+    #[arg(long, default_value_t = 1)]
+    velscale_ratio: usize,
+    /// Relative reconstruction tolerance of the compressed template basis.
+    #[arg(long, default_value_t = 1e-2)]
+    tolerance: f64,
+    /// Skip pPXF even if it is installed.
+    #[arg(long)]
+    no_ppxf: bool,
+}
 
 fn main() -> ExitCode {
-    match run() {
+    match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench-fit: {e:#}");
@@ -21,14 +47,66 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let count: usize = args.get(1).map(|v| v.parse()).transpose()?.unwrap_or(200);
-    let ratio: usize = args.get(2).map(|v| v.parse()).transpose()?.unwrap_or(2);
+/// CPU time of this thread (Linux schedstat), so figures hold on a busy machine.
+fn thread_cpu_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns * 1e-9)
+}
+
+struct Timing {
+    label: String,
+    spectra: usize,
+    wall: f64,
+    cpu: Option<f64>,
+}
+
+impl Timing {
+    fn per_second(&self) -> (f64, Option<f64>) {
+        let n = self.spectra as f64;
+        (n / self.wall, self.cpu.map(|c| n / c))
+    }
+
+    fn print(&self) {
+        let (wall, cpu) = self.per_second();
+        let cpu = cpu.map_or("n/a".to_string(), |c| format!("{c:.1}"));
+        println!(
+            "{:<34} {:>6} spectra  {:>7.2} s wall  {:>7.1} spectra/s wall  {:>7} spectra/s CPU",
+            self.label, self.spectra, self.wall, wall, cpu
+        );
+    }
+}
+
+type Sample = (f64, f64, f64, f64);
+
+fn fit_all(
+    fitter: &Fitter,
+    spectra: &[RestFrameSpectrum],
+    label: &str,
+) -> anyhow::Result<(Timing, Vec<Sample>)> {
+    let mut scratch = fitter.scratch();
+    let (wall0, cpu0) = (Instant::now(), thread_cpu_seconds());
+    let mut out = Vec::with_capacity(spectra.len());
+    for s in spectra {
+        let r = fitter.fit_with(&mut scratch, &s.spectrum, &Start::new(0.0, 150.0))?;
+        out.push((r.v, r.errors[0], r.sigma, r.errors[1]));
+    }
+    let cpu = cpu0.zip(thread_cpu_seconds()).map(|(a, b)| b - a);
+    Ok((
+        Timing {
+            label: label.to_string(),
+            spectra: spectra.len(),
+            wall: wall0.elapsed().as_secs_f64(),
+            cpu,
+        },
+        out,
+    ))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let data = shared_data_dir();
     let truth = read_truth(&data.join("cubes/synthetic-manga-seed7-truth.csv"))?;
-    let rows: Vec<_> = truth.into_iter().take(count).collect();
-    let t0 = Instant::now();
+    let rows: Vec<_> = truth.into_iter().take(args.count).collect();
     let spectra = load_spaxels(
         &data.join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
         &rows,
@@ -36,59 +114,127 @@ fn run() -> anyhow::Result<()> {
     )?;
     let library =
         TemplateLibrary::load(&data.join("templates/emiles")).context("loading E-MILES")?;
-    let templates = prepare_emiles(&library, &spectra[0], ratio)?;
+    let templates = prepare_emiles(&library, &spectra[0], args.velscale_ratio)?;
     println!(
-        "loaded {} spectra ({} px) and {} templates ({} px, velscale_ratio {ratio}) in {:.2} s",
+        "{} spectra of {} px (velscale {:.2} km/s), {} E-MILES templates of {} px (velscale_ratio {}), degree 4, moments 2, one thread",
         spectra.len(),
         spectra[0].grid.npix,
+        spectra[0].grid.velscale,
         templates.len(),
         templates.npix(),
-        t0.elapsed().as_secs_f64()
+        args.velscale_ratio
     );
-    let tol: f64 = args.get(3).map(|v| v.parse()).transpose()?.unwrap_or(1e-2);
-    let mut reference: Vec<(f64, f64, f64, f64)> = Vec::new();
-    for basis in [
-        TemplateBasis::Exact,
-        TemplateBasis::Compressed { tolerance: tol },
-    ] {
-        let cfg = FitConfig {
-            basis,
+    let exact = Fitter::new(
+        &templates,
+        spectra[0].grid,
+        FitConfig {
+            basis: TemplateBasis::Exact,
             ..FitConfig::default()
-        };
-        let t1 = Instant::now();
-        let fitter = Fitter::new(&templates, spectra[0].grid, cfg)?;
-        let setup = t1.elapsed().as_secs_f64();
-        let mut scratch = fitter.scratch();
-        let t2 = Instant::now();
-        let mut samples = Vec::new();
-        let mut evals = 0;
-        for (row, spec) in rows.iter().zip(&spectra) {
-            let r = fitter.fit_with(&mut scratch, &spec.spectrum, &Start::new(0.0, 150.0))?;
-            evals += r.evaluations;
-            samples.push((row.clone(), r.v, r.errors[0], r.sigma, r.errors[1]));
+        },
+    )?;
+    let t_setup = Instant::now();
+    let compressed = Fitter::new(
+        &templates,
+        spectra[0].grid,
+        FitConfig {
+            basis: TemplateBasis::Compressed {
+                tolerance: args.tolerance,
+            },
+            ..FitConfig::default()
+        },
+    )?;
+    let setup = t_setup.elapsed().as_secs_f64();
+    let (t_exact, r_exact) = fit_all(&exact, &spectra, "astro-fit exact (150 templates)")?;
+    let label = format!("astro-fit compressed ({} vectors)", compressed.basis_len());
+    let (t_comp, r_comp) = fit_all(&compressed, &spectra, &label)?;
+    println!(
+        "compressed basis: tolerance {:e}, built in {setup:.2} s",
+        args.tolerance
+    );
+
+    let mut ppxf = None;
+    if !args.no_ppxf {
+        let n = args.ppxf_count.min(spectra.len());
+        match run_ppxf(&templates, &spectra[..n]) {
+            Ok(p) => ppxf = Some(p),
+            Err(e) => println!("pPXF not run: {e:#}"),
         }
-        let secs = t2.elapsed().as_secs_f64();
-        if reference.is_empty() {
-            reference = samples.iter().map(|s| (s.1, s.2, s.3, s.4)).collect();
-        } else {
-            let (mut dv, mut ds) = (0.0f64, 0.0f64);
-            for (s, r) in samples.iter().zip(&reference) {
-                dv = dv.max(((s.1 - r.0) / r.1).abs());
-                ds = ds.max(((s.3 - r.2) / r.3).abs());
-            }
+    }
+    println!();
+    t_exact.print();
+    t_comp.print();
+    if let Some((t_ppxf, _)) = &ppxf {
+        t_ppxf.print();
+        for t in [&t_exact, &t_comp] {
+            let (w, c) = t.per_second();
+            let (pw, pc) = t_ppxf.per_second();
+            let cpu_ratio = c
+                .zip(pc)
+                .map_or("n/a".into(), |(c, p)| format!("{:.1}x", c / p));
             println!(
-                "  max |difference| from exact, in units of the formal error: V {dv:.3}, sigma {ds:.3}"
+                "{:<34} {:.1}x pPXF (wall), {cpu_ratio} pPXF (CPU)",
+                t.label,
+                w / pw
             );
         }
+    }
+    println!();
+    // Agreement: compressed vs exact (all spaxels), astro-fit exact vs pPXF (pPXF's subset).
+    let pulls = |a: &[Sample], b: &[Sample]| -> (f64, f64, f64, f64) {
+        let dv: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| ((x.0 - y.0) / y.1).abs())
+            .collect();
+        let ds: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| ((x.2 - y.2) / y.3).abs())
+            .collect();
+        let rms = |d: &[f64]| (d.iter().map(|v| v * v).sum::<f64>() / d.len().max(1) as f64).sqrt();
+        let p99 = |d: &[f64]| {
+            let mut s = d.to_vec();
+            s.sort_by(f64::total_cmp);
+            s.get(((s.len() as f64 * 0.99) as usize).min(s.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        (rms(&dv), p99(&dv), rms(&ds), p99(&ds))
+    };
+    let (vr, v99, sr, s99) = pulls(&r_comp, &r_exact);
+    println!(
+        "compressed - exact, in formal errors: V rms {vr:.3} (99th pct {v99:.3}), sigma rms {sr:.3} (99th pct {s99:.3})"
+    );
+    if let Some((_, pp)) = &ppxf {
+        let n = pp.len();
+        let med = |mut d: Vec<f64>| {
+            d.sort_by(f64::total_cmp);
+            d[d.len() / 2]
+        };
+        let dv = med(pp
+            .iter()
+            .zip(&r_exact)
+            .map(|(p, r)| (r.0 - p.0).abs())
+            .collect());
+        let ds = med(pp
+            .iter()
+            .zip(&r_exact)
+            .map(|(p, r)| (r.2 / p.1 - 1.0).abs() * 100.0)
+            .collect());
         println!(
-            "astro-fit {basis:?}: basis {} vectors, setup {setup:.2} s, {:.1} spectra/s ({:.1} evaluations/fit)",
-            fitter.basis_len(),
-            rows.len() as f64 / secs,
-            evals as f64 / rows.len() as f64
+            "astro-fit exact vs pPXF on {n} spectra: median |dV| {dv:.2} km/s, median |dsigma| {ds:.2}%"
         );
+    }
+    for (label, res) in [("exact", &r_exact), ("compressed", &r_comp)] {
+        println!("accuracy against the truth ({label}):");
+        let samples: Vec<_> = rows
+            .iter()
+            .zip(res.iter())
+            .map(|(t, r)| (t.clone(), r.0, r.1, r.2, r.3))
+            .collect();
         for b in accuracy_by_sn(&samples) {
             println!(
-                "  S/N {:>4}-{:<4} n={:<4} V bias {:+6.2} rms {:6.2} pull {:4.2} | sigma bias {:+6.2} rms {:6.2} pull {:4.2}",
+                "  S/N {:>3}-{:<4} n={:<4} V bias {:+6.2} rms {:6.2} pull {:4.2} | sigma bias {:+6.2} rms {:6.2} pull {:4.2}",
                 b.sn_min,
                 b.sn_max,
                 b.count,
@@ -101,5 +247,103 @@ fn run() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Write the prepared inputs to FITS and time pPXF on them in a python3 subprocess.
+fn run_ppxf(
+    templates: &PreparedTemplates,
+    spectra: &[RestFrameSpectrum],
+) -> anyhow::Result<(Timing, Vec<(f64, f64)>)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ppxf_bench.py");
+    let probe = Command::new("python3")
+        .args(["-c", "import ppxf, astropy"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        anyhow::bail!("python3 with ppxf and astropy is not importable (pip install ppxf astropy)");
+    }
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("ppxf_input.fits");
+    write_ppxf_input(&input, templates, spectra)?;
+    let out = Command::new("python3").arg(&script).arg(&input).output()?;
+    if !out.status.success() {
+        anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).context("pPXF output")?;
+    let results = doc["results"]
+        .as_array()
+        .context("results")?
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_f64().unwrap_or(f64::NAN),
+                r[1].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    let label = format!("pPXF {}", doc["ppxf_version"].as_str().unwrap_or("?"));
+    Ok((
+        Timing {
+            label,
+            spectra: spectra.len(),
+            wall: doc["wall_s"].as_f64().unwrap_or(f64::NAN),
+            cpu: doc["cpu_s"].as_f64(),
+        },
+        results,
+    ))
+}
+
+fn write_ppxf_input(
+    path: &Path,
+    templates: &PreparedTemplates,
+    spectra: &[RestFrameSpectrum],
+) -> anyhow::Result<()> {
+    use fitsio::images::{ImageDescription, ImageType};
+    let mut f = fitsio::FitsFile::create(path).open()?;
+    let (nt, npt) = (templates.len(), templates.npix());
+    let npix = spectra[0].grid.npix;
+    let mut image = |name: &str,
+                     rows: usize,
+                     cols: usize,
+                     data: Vec<f64>|
+     -> anyhow::Result<fitsio::hdu::FitsHdu> {
+        let desc = ImageDescription {
+            data_type: ImageType::Double,
+            dimensions: &[rows, cols],
+        };
+        let hdu = f.create_image(name, &desc)?;
+        hdu.write_image(&mut f, &data)?;
+        Ok(hdu)
+    };
+    let hdu = image("TEMPLATES", nt, npt, templates.spectra.concat())?;
+    image(
+        "GALAXY",
+        spectra.len(),
+        npix,
+        spectra
+            .iter()
+            .flat_map(|s| s.spectrum.flux.clone())
+            .collect(),
+    )?;
+    image(
+        "NOISE",
+        spectra.len(),
+        npix,
+        spectra
+            .iter()
+            .flat_map(|s| s.spectrum.noise.clone())
+            .collect(),
+    )?;
+    let good = spectra
+        .iter()
+        .flat_map(|s| s.spectrum.good.iter().map(|g| f64::from(u8::from(*g))))
+        .collect();
+    image("GOOD", spectra.len(), npix, good)?;
+    hdu.write_key(&mut f, "VELSCALE", templates.velscale)?;
+    hdu.write_key(&mut f, "VSRATIO", templates.velscale_ratio as i64)?;
+    hdu.write_key(&mut f, "LNLAMT0", templates.ln_lam0)?;
+    hdu.write_key(&mut f, "LNLAMG0", spectra[0].grid.ln_lam0)?;
+    hdu.write_key(&mut f, "DEGREE", 4i64)?;
+    hdu.write_key(&mut f, "MOMENTS", 2i64)?;
     Ok(())
 }

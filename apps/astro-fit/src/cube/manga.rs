@@ -116,6 +116,7 @@ pub(crate) fn layout(file: &mut FitsFile, path: &Path, probe: &Probe) -> Result<
             flux_unit,
             noise_stored_as: Some(NoiseKind::InverseVariance),
             ebv_galactic,
+            redshift: None,
         },
     })
 }

@@ -90,6 +90,7 @@ pub(crate) fn layout(file: &mut FitsFile, path: &Path, probe: &Probe) -> Result<
             flux_unit,
             noise_stored_as: noise.map(|(_, k)| k),
             ebv_galactic: None,
+            redshift: None,
         },
     })
 }

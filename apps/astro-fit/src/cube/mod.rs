@@ -88,6 +88,9 @@ pub struct CubeMeta {
     pub noise_stored_as: Option<NoiseKind>,
     /// Galactic E(B-V) from the header, where given.
     pub ebv_galactic: Option<f64>,
+    /// Systemic redshift from the primary header (`Z`, `REDSHIFT`, or a synthetic cube's
+    /// `SIMZSYS`), where given.
+    pub redshift: Option<f64>,
 }
 
 impl CubeMeta {
@@ -469,6 +472,14 @@ impl Cube {
                 keywords: probe.keywords,
             });
         };
+        let mut layout = layout;
+        let primary = file
+            .primary_hdu()
+            .map_err(|e| fits_error(&path, "reading the primary HDU", e))?;
+        layout.meta.redshift = ["Z", "REDSHIFT", "SIMZSYS"]
+            .iter()
+            .find_map(|k| read_key_f64(&mut file, &primary, k))
+            .filter(|z| z.is_finite() && *z > -1.0);
         let mut cube = Cube { path, file, layout };
         cube.check_complete()?;
         Ok(cube)

@@ -5,16 +5,8 @@ use fitsio::images::{ImageDescription, ImageType};
 
 use super::*;
 
-/// `<workspace>/../shared/data`, or `$CECCM_SHARED_DATA`.
-pub(crate) fn shared_data() -> PathBuf {
-    std::env::var_os("CECCM_SHARED_DATA").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
-        PathBuf::from,
-    )
-}
-
 pub(crate) fn cube_file(name: &str) -> PathBuf {
-    let path = shared_data().join("cubes").join(name);
+    let path = crate::synthetic::shared_data_dir().join("cubes").join(name);
     assert!(path.is_file(), "test data {} missing", path.display());
     path
 }
@@ -30,7 +22,7 @@ fn new_fits(path: &Path, primary: Option<&ImageDescription>) -> FitsFile {
 
 /// A MEGARA-layout cube: primary 3-D image, VARIANCE extension, linear air WCS.
 /// Flux = x + 10 y + 100 k; plane `nan_plane` is all NaN; variance of spaxel (1, 2) is 0.
-fn write_megara(path: &Path, nx: usize, ny: usize, nwave: usize, nan_plane: usize) {
+pub(crate) fn write_megara(path: &Path, nx: usize, ny: usize, nwave: usize, nan_plane: usize) {
     let desc = ImageDescription {
         data_type: ImageType::Float,
         dimensions: &[nwave, ny, nx],
@@ -82,6 +74,7 @@ fn reads_the_manga_format_synthetic_cube_through_gzip() {
     assert!(r[0] > 1000.0 && r[0] < 3000.0, "R = {}", r[0]);
     assert!((meta.pixel_scale_arcsec - 0.5).abs() < 1e-6);
     assert_eq!(meta.noise_stored_as, Some(NoiseKind::InverseVariance));
+    assert_eq!(meta.redshift, Some(0.018));
     // (0, 0) is outside the hexagonal footprint (NOCOV|DONOTUSE), (8, 2) is inside.
     let block = cube.read_rows(0..3).unwrap();
     assert!(block.spectrum(0, 0).good.iter().all(|g| !g));

@@ -1,6 +1,8 @@
-//! Integration tests of the `astro-fit` binary and library against real FITS files.
+//! Integration tests of astro-fit against real FITS files (one test binary; one module per area).
 
 mod edge;
+mod fit_core;
+mod ppxf_compare;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

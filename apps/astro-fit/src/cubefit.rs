@@ -1,0 +1,1057 @@
+//! `astro-fit fit-cube`: a whole cube from file to maps, resumable.
+//!
+//! 1. stream the cube once by planes for S/N and footprint, select spaxels, Voronoi-bin them;
+//! 2. plan chunks ([`crate::plan`]) and write `plan.json`;
+//! 3. fit the integrated spectrum with every template: its V and sigma start every bin, its
+//!    non-zero templates are the set each bin is fitted with (all of them with `populations`);
+//! 4. one reader thread streams the chunks' row bands and builds bin spectra while a rayon
+//!    pool fits the previous chunk (one scratch per worker, one shared [`Fitter`]);
+//! 5. each finished chunk is written atomically (`chunks/chunk-NNNNN.json` and `.model`):
+//!    a rerun with the same settings fits only the chunks without a result file;
+//! 6. MAPS FITS, model cube, PNG maps and `summary.json` from the chunk files.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::cube::{Cube, CubeError, CubeFormat, CubeMeta, WavelengthMedium, muse};
+use crate::error::FitError;
+use crate::fit::{FitConfig, FitResult, Fitter, LogGrid, Start};
+use crate::mapplot::{ColorScale, Panel, PlotError, plot_maps};
+use crate::maps::{
+    BinMap, BinResult, MapsError, Measured, write_json_atomic, write_maps, write_model_cube,
+};
+use crate::plan::{BinSpec, Chunk, ChunkLimits, PlanError, plan_chunks};
+use crate::prepare::{self, BinSpectrum, PrepareConfig, PrepareError};
+use crate::spectrum::{ObservedSpectrum, RestFrameSpectrum, mask_emission_lines};
+use crate::templates::{self, C_KMS, Medium, PreparedTemplates, ResolutionCurve, TemplateLibrary};
+use crate::voronoi::BinningOutcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CubeFitError {
+    #[error(transparent)]
+    Cube(#[from] CubeError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+    #[error("templates: {0}")]
+    Templates(#[source] FitError),
+    #[error("fit of the integrated spectrum failed: {0}")]
+    GlobalFit(#[source] FitError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a readable result file: {message}")]
+    BadResultFile { path: PathBuf, message: String },
+    #[error(
+        "{dir} holds a fit with other settings ({differs}); use a new --out directory or delete it"
+    )]
+    OtherPlan { dir: PathBuf, differs: String },
+    #[error("no redshift: the cube header has none, pass --redshift")]
+    NoRedshift,
+    #[error(
+        "the cube's rest-frame range {cube_min:.0}-{cube_max:.0} A does not overlap the fit range {fit_min:.0}-{fit_max:.0} A"
+    )]
+    NoFitRange {
+        cube_min: f64,
+        cube_max: f64,
+        fit_min: f64,
+        fit_max: f64,
+    },
+    #[error("thread pool: {0}")]
+    Threads(String),
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CubeFitError + '_ {
+    move |source| CubeFitError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the user asked for; everything here that changes results is part of the plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CubeFitOptions {
+    pub cube: PathBuf,
+    pub templates: PathBuf,
+    /// Not part of the plan: a moved output directory still resumes.
+    #[serde(skip)]
+    pub out: PathBuf,
+    pub target_sn: Option<f64>,
+    pub moments: usize,
+    pub degree: i32,
+    pub mdegree: usize,
+    pub populations: bool,
+    /// Systemic redshift; `None`: from the cube header.
+    pub redshift: Option<f64>,
+    /// Rest-frame range to fit, Angstrom.
+    pub lam_range: (f64, f64),
+    pub min_sn: f64,
+    /// Pixels within this many km/s of common gas emission lines are not fitted; 0: none.
+    pub emission_mask_kms: f64,
+    /// `max_rows` 0: as many rows as fit in [`BAND_BYTES`].
+    pub chunk: ChunkLimits,
+    #[serde(skip)]
+    pub threads: Option<usize>,
+    #[serde(skip)]
+    pub model_cube: bool,
+}
+
+impl CubeFitOptions {
+    pub fn new(cube: PathBuf, templates: PathBuf, out: PathBuf) -> Self {
+        CubeFitOptions {
+            cube,
+            templates,
+            out,
+            target_sn: None,
+            moments: 2,
+            degree: 4,
+            mdegree: 0,
+            populations: false,
+            redshift: None,
+            lam_range: (3600.0, 7400.0),
+            min_sn: 1.0,
+            emission_mask_kms: 600.0,
+            chunk: ChunkLimits {
+                max_spectra: 64,
+                max_rows: 0,
+            },
+            threads: None,
+            model_cube: true,
+        }
+    }
+}
+
+/// Pixel data one chunk may read at most (flux, ivar and mask of its band of rows), unless
+/// the user sets `chunk.max_rows`.
+pub const BAND_BYTES: usize = 256 << 20;
+
+/// The fit of the integrated spectrum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalFit {
+    pub v: f64,
+    pub sigma: f64,
+    pub chi2: f64,
+    /// Templates (by name) each bin is fitted with.
+    pub templates: Vec<String>,
+}
+
+/// `plan.json`: what a rerun must agree with to resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CubePlan {
+    pub options: CubeFitOptions,
+    pub cube_bytes: u64,
+    pub redshift: f64,
+    pub binning: Option<BinningOutcome>,
+    pub bins: Vec<BinSpec>,
+    pub chunks: Vec<Chunk>,
+    pub global: GlobalFit,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkResult {
+    pub chunk: usize,
+    pub results: Vec<BinResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timings {
+    pub prepare_s: f64,
+    pub global_fit_s: f64,
+    pub fit_s: f64,
+    pub outputs_s: f64,
+    pub total_s: f64,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CubeFitSummary {
+    pub cube: PathBuf,
+    pub format: CubeFormat,
+    pub nx: usize,
+    pub ny: usize,
+    pub nwave: usize,
+    pub redshift: f64,
+    pub spaxels_selected: usize,
+    pub bins: usize,
+    pub binning: Option<BinningOutcome>,
+    pub global: GlobalFit,
+    pub chunks: usize,
+    pub chunks_resumed: usize,
+    pub spectra_fitted_now: usize,
+    pub failed_bins: usize,
+    pub threads: usize,
+    pub spectra_per_second: f64,
+    pub median_velocity_error: f64,
+    pub median_sigma_error: f64,
+    pub timings: Timings,
+}
+
+/// How cube spectra become the fitter's rest-frame log-grid spectra, and back: the fitting
+/// core's [`ObservedSpectrum::to_rest_frame`] does the de-redshifting, cut and rebinning.
+struct GalaxyGrid {
+    grid: LogGrid,
+    /// Rest-frame resolution and medium, for preparing matching templates.
+    fwhm: Option<ResolutionCurve>,
+    medium: Medium,
+    /// The observed-frame description every bin spectrum shares.
+    wavelength: Vec<f64>,
+    observed_fwhm: Option<ResolutionCurve>,
+    log_sampled: bool,
+    dereddening: Option<Vec<f64>>,
+    redshift: f64,
+    lam_range: (f64, f64),
+    emission_mask_kms: f64,
+}
+
+impl GalaxyGrid {
+    fn new(meta: &CubeMeta, options: &CubeFitOptions, redshift: f64) -> Result<Self, CubeFitError> {
+        let w = &meta.wavelength;
+        let (lo, hi) = options.lam_range;
+        let rest = |l: f64| l / (1.0 + redshift);
+        let inside = w.iter().filter(|l| (lo..=hi).contains(&rest(**l))).count();
+        if inside < 50 {
+            return Err(CubeFitError::NoFitRange {
+                cube_min: rest(w[0]),
+                cube_max: rest(w[w.len() - 1]),
+                fit_min: lo,
+                fit_max: hi,
+            });
+        }
+        let mut gg = GalaxyGrid {
+            grid: LogGrid {
+                ln_lam0: 0.0,
+                velscale: 0.0,
+                npix: 0,
+            },
+            fwhm: None,
+            medium: medium(meta.medium),
+            wavelength: w.clone(),
+            observed_fwhm: galaxy_resolution(meta),
+            log_sampled: meta.log_sampled,
+            dereddening: meta.ebv_galactic.filter(|e| *e > 0.0).map(|ebv| {
+                w.iter()
+                    .map(|l| 10f64.powf(0.4 * ebv * prepare::ccm_extinction_per_ebv(*l)))
+                    .collect()
+            }),
+            redshift,
+            lam_range: options.lam_range,
+            emission_mask_kms: options.emission_mask_kms,
+        };
+        // The grid is a property of the wavelengths alone: take it from a flat spectrum.
+        let flat = BinSpectrum {
+            flux: vec![1.0; w.len()],
+            ivar: vec![1.0; w.len()],
+            good: vec![true; w.len()],
+        };
+        let rest = gg.rest_frame(&flat).map_err(CubeFitError::GlobalFit)?;
+        gg.grid = rest.grid;
+        gg.fwhm = rest.fwhm;
+        Ok(gg)
+    }
+
+    /// A cube-grid spectrum on the fit's rest-frame log grid (normalised by its median).
+    fn rest_frame(&self, s: &BinSpectrum) -> Result<RestFrameSpectrum, FitError> {
+        let mut s = s.clone();
+        if let Some(f) = &self.dereddening {
+            for (k, factor) in f.iter().enumerate() {
+                s.flux[k] *= factor;
+                s.ivar[k] /= factor * factor;
+            }
+        }
+        let observed = ObservedSpectrum {
+            wave: self.wavelength.clone(),
+            flux: s.flux,
+            ivar: Some(s.ivar),
+            good: s.good,
+            medium: self.medium,
+            log_sampled: self.log_sampled,
+            fwhm: self.observed_fwhm.clone(),
+            redshift: Some(self.redshift),
+        };
+        let mut rest = observed.to_rest_frame(self.redshift, Some(self.lam_range))?;
+        if self.emission_mask_kms > 0.0 {
+            mask_emission_lines(
+                &rest.grid,
+                self.medium,
+                self.emission_mask_kms,
+                &mut rest.spectrum.good,
+            );
+        }
+        Ok(rest)
+    }
+
+    /// A best fit (rest-frame log grid, normalised) back on the cube's observed grid, in the
+    /// cube's flux units and reddened again; zero outside the fitted range.
+    fn model_on_cube(&self, rest: &RestFrameSpectrum, bestfit: &[f64]) -> Vec<f32> {
+        let mut out = vec![0f32; self.wavelength.len()];
+        let d = self.grid.velscale / C_KMS;
+        let n = bestfit.len();
+        for (i, lam) in self.wavelength.iter().enumerate() {
+            let p = ((lam / (1.0 + self.redshift)).ln() - self.grid.ln_lam0) / d;
+            if p < -0.5 || p > n as f64 - 0.5 {
+                continue;
+            }
+            let value = if self.log_sampled {
+                bestfit[(p.round() as usize).min(n - 1)]
+            } else {
+                let k = (p.floor().max(0.0) as usize).min(n - 2);
+                let f = (p - k as f64).clamp(0.0, 1.0);
+                bestfit[k] * (1.0 - f) + bestfit[k + 1] * f
+            };
+            let red = self.dereddening.as_ref().map_or(1.0, |r| r[i]);
+            out[i] = (value * rest.flux_scale / red) as f32;
+        }
+        out
+    }
+}
+
+fn medium(m: WavelengthMedium) -> Medium {
+    match m {
+        WavelengthMedium::Vacuum => Medium::Vacuum,
+        WavelengthMedium::Air => Medium::Air,
+    }
+}
+
+/// The instrument's resolution (observed frame), where known.
+fn galaxy_resolution(meta: &CubeMeta) -> Option<ResolutionCurve> {
+    let curve = match (&meta.resolution, meta.format) {
+        (Some(r), _) => ResolutionCurve::from_resolving_power(&meta.wavelength, r),
+        (None, CubeFormat::Muse) => ResolutionCurve {
+            lam: meta.wavelength.clone(),
+            fwhm: meta
+                .wavelength
+                .iter()
+                .map(|l| muse::udf_lsf_fwhm(*l))
+                .collect(),
+        },
+        (None, _) => return None,
+    };
+    Some(curve)
+}
+
+fn prepare_templates(
+    lib: &TemplateLibrary,
+    gg: &GalaxyGrid,
+) -> Result<PreparedTemplates, CubeFitError> {
+    let (lo, hi) = (gg.grid.lam(0), gg.grid.lam(gg.grid.npix - 1));
+    let mut cfg = templates::PrepareConfig::new(gg.grid.velscale, (lo, hi), gg.medium);
+    cfg.galaxy_fwhm = gg.fwhm.clone();
+    templates::prepare(lib, &cfg).map_err(CubeFitError::Templates)
+}
+
+fn fit_config(options: &CubeFitOptions) -> FitConfig {
+    FitConfig {
+        moments: options.moments,
+        degree: options.degree,
+        mdegree: options.mdegree,
+        ..FitConfig::default()
+    }
+}
+
+/// Light- and mass-weighted log10(age/yr) and [M/H] from template weights.
+fn populations(tpl: &PreparedTemplates, weights: &[f64]) -> Option<[f64; 4]> {
+    let ssp = tpl.ssp.as_ref()?;
+    let (mut l, mut la, mut lm, mut m, mut ma, mut mm) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    for (i, w) in weights.iter().enumerate().filter(|(_, w)| **w > 0.0) {
+        let age = (ssp[i].age_gyr * 1e9).log10();
+        // Light: weight times the template's mean flux as fitted; mass: the SSP amount (weight
+        // over the normalisation) times its stellar mass.
+        let mean = tpl.spectra[i].iter().sum::<f64>() / tpl.spectra[i].len() as f64;
+        let light = w * mean;
+        let mass = w / tpl.norm[i] * ssp[i].mass.unwrap_or(1.0);
+        l += light;
+        la += light * age;
+        lm += light * ssp[i].metallicity;
+        m += mass;
+        ma += mass * age;
+        mm += mass * ssp[i].metallicity;
+    }
+    (l > 0.0 && m > 0.0).then(|| [la / l, lm / l, ma / m, mm / m])
+}
+
+fn bin_result(
+    bin: usize,
+    sn: f64,
+    fit: &FitResult,
+    tpl: &PreparedTemplates,
+    with_pops: bool,
+) -> BinResult {
+    // Formal errors scaled by sqrt(chi2), as the MaNGA DAP reports them.
+    let scale = fit.chi2.max(0.0).sqrt();
+    let m = |i: usize, value: f64| Measured {
+        value,
+        error: fit.errors.get(i).map_or(f64::NAN, |e| e * scale),
+    };
+    let pops = if with_pops {
+        populations(tpl, &fit.weights)
+    } else {
+        None
+    };
+    BinResult {
+        bin,
+        velocity: m(0, fit.v),
+        sigma: m(1, fit.sigma),
+        h3: fit.h.first().map(|h| m(2, *h)),
+        h4: fit.h.get(1).map(|h| m(3, *h)),
+        age_lw: pops.map(|p| p[0]),
+        metallicity_lw: pops.map(|p| p[1]),
+        age_mw: pops.map(|p| p[2]),
+        metallicity_mw: pops.map(|p| p[3]),
+        chi2: fit.chi2,
+        sn,
+        failure: None,
+    }
+}
+
+fn chunk_paths(out: &Path, id: usize) -> (PathBuf, PathBuf) {
+    let dir = out.join("chunks");
+    (
+        dir.join(format!("chunk-{id:05}.json")),
+        dir.join(format!("chunk-{id:05}.model")),
+    )
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CubeFitError> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn read_chunk_result(path: &Path) -> Result<ChunkResult, CubeFitError> {
+    let text = std::fs::read(path).map_err(io_err(path))?;
+    serde_json::from_slice(&text).map_err(|e| CubeFitError::BadResultFile {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Models of one chunk (bins in chunk order, each `nwave` f32, little endian).
+fn read_chunk_models(path: &Path, nwave: usize) -> Result<Vec<f32>, CubeFitError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    if bytes.len() % (4 * nwave) != 0 {
+        return Err(CubeFitError::BadResultFile {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} bytes is not a whole number of {nwave}-pixel models",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Reads a saved plan; `Ok(None)` when there is none.
+fn load_plan(out: &Path) -> Result<Option<CubePlan>, CubeFitError> {
+    let path = out.join("plan.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read(&path).map_err(io_err(&path))?;
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| CubeFitError::BadResultFile {
+            path,
+            message: e.to_string(),
+        })
+}
+
+/// Names of the settings (as serialised into the plan) on which `a` and `b` differ.
+fn differences(a: &CubeFitOptions, b: &CubeFitOptions) -> Vec<String> {
+    let (a, b) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return vec!["unreadable options".into()];
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// Step 1-3: the plan, computed, or read back when the output directory already has one.
+fn make_or_load_plan(
+    options: &CubeFitOptions,
+    cube: &mut Cube,
+    lib: &TemplateLibrary,
+    timings: &mut Timings,
+) -> Result<CubePlan, CubeFitError> {
+    let cube_bytes = std::fs::metadata(&options.cube)
+        .map_err(io_err(&options.cube))?
+        .len();
+    if let Some(plan) = load_plan(&options.out)? {
+        let mut differs = differences(&plan.options, options);
+        if plan.cube_bytes != cube_bytes {
+            differs.push(format!(
+                "cube size ({} vs {cube_bytes} bytes)",
+                plan.cube_bytes
+            ));
+        }
+        if !differs.is_empty() {
+            return Err(CubeFitError::OtherPlan {
+                dir: options.out.clone(),
+                differs: differs.join(", "),
+            });
+        }
+        return Ok(plan);
+    }
+    let t = Instant::now();
+    let meta = cube.meta().clone();
+    let redshift = options
+        .redshift
+        .or(meta.redshift)
+        .ok_or(CubeFitError::NoRedshift)?;
+    let pcfg = PrepareConfig {
+        redshift,
+        min_sn: options.min_sn,
+        ..PrepareConfig::default()
+    };
+    let planes = (64 << 20) / (meta.nspaxels() * 9).max(1);
+    let stats = prepare::spaxel_stats(cube, &pcfg, planes.max(1))?;
+    let selected = prepare::select_spaxels(&stats, &pcfg)?;
+    let (bins, binning) = prepare::make_bins(&stats, &selected, options.target_sn)?;
+    let limits = ChunkLimits {
+        max_rows: match options.chunk.max_rows {
+            0 => cube.rows_per_block(BAND_BYTES),
+            rows => rows,
+        },
+        ..options.chunk
+    };
+    let chunks = plan_chunks(&bins, limits)?;
+    timings.prepare_s = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let gg = GalaxyGrid::new(&meta, options, redshift)?;
+    let all = prepare_templates(lib, &gg)?;
+    let integrated = prepare::integrated_spectrum(cube, &selected, cube.rows_per_block(64 << 20))?;
+    let rest = gg
+        .rest_frame(&integrated)
+        .map_err(CubeFitError::GlobalFit)?;
+    let fitter =
+        Fitter::new(&all, gg.grid, fit_config(options)).map_err(CubeFitError::GlobalFit)?;
+    let fit = fitter
+        .fit(&rest.spectrum, &Start::new(0.0, 150.0))
+        .map_err(CubeFitError::GlobalFit)?;
+    let keep: Vec<String> = all
+        .names
+        .iter()
+        .zip(&fit.weights)
+        .filter(|(_, w)| options.populations || **w > 0.0)
+        .map(|(n, _)| n.clone())
+        .collect();
+    timings.global_fit_s = t.elapsed().as_secs_f64();
+    let plan = CubePlan {
+        options: options.clone(),
+        cube_bytes,
+        redshift,
+        binning,
+        bins,
+        chunks,
+        global: GlobalFit {
+            v: fit.v,
+            sigma: fit.sigma,
+            chi2: fit.chi2,
+            templates: keep,
+        },
+    };
+    std::fs::create_dir_all(options.out.join("chunks")).map_err(io_err(&options.out))?;
+    write_json_atomic(&options.out.join("plan.json"), &plan)?;
+    Ok(plan)
+}
+
+/// Fits the whole cube as `options` say; see the module documentation.
+pub fn fit_cube(
+    options: &CubeFitOptions,
+    progress: &ProgressBar,
+) -> Result<CubeFitSummary, CubeFitError> {
+    let start = Instant::now();
+    let mut timings = Timings {
+        prepare_s: 0.0,
+        global_fit_s: 0.0,
+        fit_s: 0.0,
+        outputs_s: 0.0,
+        total_s: 0.0,
+    };
+    let mut cube = Cube::open(&options.cube)?;
+    let meta = cube.meta().clone();
+    let lib = TemplateLibrary::load(&options.templates).map_err(CubeFitError::Templates)?;
+    std::fs::create_dir_all(options.out.join("chunks")).map_err(io_err(&options.out))?;
+    let plan = make_or_load_plan(options, &mut cube, &lib, &mut timings)?;
+    drop(cube); // the reader thread opens its own handle
+    let gg = GalaxyGrid::new(&meta, options, plan.redshift)?;
+    let kept: std::collections::HashSet<&str> =
+        plan.global.templates.iter().map(String::as_str).collect();
+    let names = lib.names.clone();
+    let subset = lib.select(|i| kept.contains(names[i].as_str()));
+    let tpl = prepare_templates(&subset, &gg)?;
+    let fitter =
+        Fitter::new(&tpl, gg.grid, fit_config(options)).map_err(CubeFitError::Templates)?;
+    let start_values = Start::new(plan.global.v, plan.global.sigma);
+
+    let todo: Vec<&Chunk> = plan
+        .chunks
+        .iter()
+        .filter(|c| !chunk_paths(&options.out, c.id).0.exists())
+        .collect();
+    let resumed = plan.chunks.len() - todo.len();
+    let nspectra: usize = todo.iter().map(|c| c.nspectra).sum();
+    progress.set_length(nspectra as u64);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(options.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| CubeFitError::Threads(e.to_string()))?;
+    let bins_by_id: HashMap<usize, &BinSpec> = plan.bins.iter().map(|b| (b.id, b)).collect();
+
+    let t = Instant::now();
+    let (tx, rx) = sync_channel::<Result<(&Chunk, Vec<BinSpectrum>), CubeError>>(1);
+    std::thread::scope(|scope| -> Result<(), CubeFitError> {
+        // The reader: row bands in chunk order, one band in memory at a time.
+        let path = &options.cube;
+        let bins = &bins_by_id;
+        let reader = scope.spawn(move || {
+            let mut cube = match Cube::open(path) {
+                Ok(cube) => cube,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            for chunk in todo {
+                let spectra = cube.read_rows(chunk.rows.clone()).map(|block| {
+                    chunk
+                        .bins
+                        .iter()
+                        .map(|id| prepare::combine(&block, &bins[id].spaxels))
+                        .collect()
+                });
+                let failed = spectra.is_err();
+                if tx.send(spectra.map(|s| (chunk, s))).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for message in rx {
+            let (chunk, spectra) = message?;
+            let fitted: Vec<(BinResult, Vec<f32>)> = pool.install(|| {
+                chunk
+                    .bins
+                    .par_iter()
+                    .zip(spectra.par_iter())
+                    .map_init(
+                        || fitter.scratch(),
+                        |scratch, (id, spec)| {
+                            let sn = bins_by_id[id].sn;
+                            let outcome = gg.rest_frame(spec).and_then(|rest| {
+                                let fit =
+                                    fitter.fit_with(scratch, &rest.spectrum, &start_values)?;
+                                Ok((rest, fit))
+                            });
+                            progress.inc(1);
+                            match outcome {
+                                Ok((rest, fit)) => (
+                                    bin_result(*id, sn, &fit, &tpl, options.populations),
+                                    gg.model_on_cube(&rest, &fit.bestfit),
+                                ),
+                                Err(e) => (
+                                    BinResult::failed(*id, sn, e.to_string()),
+                                    vec![0.0; meta.nwave()],
+                                ),
+                            }
+                        },
+                    )
+                    .collect()
+            });
+            let (json, model) = chunk_paths(&options.out, chunk.id);
+            let bytes: Vec<u8> = fitted
+                .iter()
+                .flat_map(|(_, m)| m.iter().flat_map(|v| v.to_le_bytes()))
+                .collect();
+            // Model first: the JSON's presence is what marks the chunk done.
+            write_atomic(&model, &bytes)?;
+            let result = ChunkResult {
+                chunk: chunk.id,
+                results: fitted.into_iter().map(|(r, _)| r).collect(),
+            };
+            let text =
+                serde_json::to_vec(&result).map_err(|e| io_err(&json)(std::io::Error::other(e)))?;
+            write_atomic(&json, &text)?;
+        }
+        reader
+            .join()
+            .map_err(|_| CubeFitError::Threads("the cube reader panicked".into()))?;
+        Ok(())
+    })?;
+    timings.fit_s = t.elapsed().as_secs_f64();
+    progress.finish();
+
+    let t = Instant::now();
+    let summary_parts = write_outputs(options, &meta, &plan)?;
+    timings.outputs_s = t.elapsed().as_secs_f64();
+    timings.total_s = start.elapsed().as_secs_f64();
+    let summary = CubeFitSummary {
+        cube: options.cube.clone(),
+        format: meta.format,
+        nx: meta.nx,
+        ny: meta.ny,
+        nwave: meta.nwave(),
+        redshift: plan.redshift,
+        spaxels_selected: plan.bins.iter().map(|b| b.spaxels.len()).sum(),
+        bins: plan.bins.len(),
+        binning: plan.binning,
+        global: plan.global.clone(),
+        chunks: plan.chunks.len(),
+        chunks_resumed: resumed,
+        spectra_fitted_now: nspectra,
+        failed_bins: summary_parts.failed,
+        threads: pool.current_num_threads(),
+        spectra_per_second: if timings.fit_s > 0.0 {
+            nspectra as f64 / timings.fit_s
+        } else {
+            0.0
+        },
+        median_velocity_error: summary_parts.median_v_err,
+        median_sigma_error: summary_parts.median_sigma_err,
+        timings,
+    };
+    write_json_atomic(&options.out.join("summary.json"), &summary)?;
+    Ok(summary)
+}
+
+struct OutputStats {
+    failed: usize,
+    median_v_err: f64,
+    median_sigma_err: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// All chunk results, indexed by bin.
+pub fn collect_results(
+    out: &Path,
+    plan: &CubePlan,
+) -> Result<Vec<Option<BinResult>>, CubeFitError> {
+    let mut results: Vec<Option<BinResult>> = vec![None; plan.bins.len()];
+    for chunk in &plan.chunks {
+        let (json, _) = chunk_paths(out, chunk.id);
+        if !json.exists() {
+            continue;
+        }
+        for r in read_chunk_result(&json)?.results {
+            let slot = results
+                .get_mut(r.bin)
+                .ok_or_else(|| CubeFitError::BadResultFile {
+                    path: json.clone(),
+                    message: format!("bin {} is not in the plan", r.bin),
+                })?;
+            *slot = Some(r);
+        }
+    }
+    Ok(results)
+}
+
+fn write_outputs(
+    options: &CubeFitOptions,
+    meta: &CubeMeta,
+    plan: &CubePlan,
+) -> Result<OutputStats, CubeFitError> {
+    let out = &options.out;
+    let results = collect_results(out, plan)?;
+    let map = BinMap::from_bins(meta.nx, meta.ny, &plan.bins);
+    write_maps(&out.join("maps.fits"), meta, &map, &results)?;
+    if options.model_cube {
+        write_model(out, meta, plan)?;
+    }
+    let per_spaxel = |f: &dyn Fn(&BinResult) -> Option<f64>| -> Vec<Option<f64>> {
+        map.bin_of
+            .iter()
+            .map(|b| {
+                b.and_then(|b| results[b].as_ref())
+                    .filter(|r| r.failure.is_none())
+                    .and_then(f)
+            })
+            .collect()
+    };
+    let mut panels = vec![
+        Panel {
+            title: "stellar velocity (km/s)".into(),
+            values: per_spaxel(&|r| Some(r.velocity.value)),
+            scale: ColorScale::Diverging,
+            range: None,
+        },
+        Panel {
+            title: "stellar dispersion (km/s)".into(),
+            values: per_spaxel(&|r| Some(r.sigma.value)),
+            scale: ColorScale::Sequential,
+            range: None,
+        },
+    ];
+    if options.populations {
+        panels.push(Panel {
+            title: "light-weighted log age (yr)".into(),
+            values: per_spaxel(&|r| r.age_lw),
+            scale: ColorScale::Sequential,
+            range: None,
+        });
+        panels.push(Panel {
+            title: "light-weighted [M/H]".into(),
+            values: per_spaxel(&|r| r.metallicity_lw),
+            scale: ColorScale::Sequential,
+            range: None,
+        });
+    }
+    panels.push(Panel {
+        title: "S/N".into(),
+        values: per_spaxel(&|r| Some(r.sn)),
+        scale: ColorScale::Sequential,
+        range: None,
+    });
+    panels.push(Panel {
+        title: "bins".into(),
+        values: map.bin_of.iter().map(|b| b.map(|b| b as f64)).collect(),
+        scale: ColorScale::Categorical,
+        range: None,
+    });
+    plot_maps(
+        &out.join("maps.png"),
+        meta.nx,
+        meta.ny,
+        meta.pixel_scale_arcsec,
+        &panels,
+    )?;
+    let done: Vec<&BinResult> = results.iter().flatten().collect();
+    Ok(OutputStats {
+        failed: done.iter().filter(|r| r.failure.is_some()).count(),
+        median_v_err: median(done.iter().map(|r| r.velocity.error).collect()),
+        median_sigma_err: median(done.iter().map(|r| r.sigma.error).collect()),
+    })
+}
+
+/// The model cube, one row band at a time, loading each chunk's models only while its rows
+/// are being written (chunks are planned in row order).
+fn write_model(out: &Path, meta: &CubeMeta, plan: &CubePlan) -> Result<(), CubeFitError> {
+    let nwave = meta.nwave();
+    let mut where_is: HashMap<usize, (usize, usize)> = HashMap::new();
+    for c in &plan.chunks {
+        for (pos, b) in c.bins.iter().enumerate() {
+            where_is.insert(*b, (c.id, pos));
+        }
+    }
+    let map = BinMap::from_bins(meta.nx, meta.ny, &plan.bins);
+    let mut loaded: HashMap<usize, Vec<f32>> = HashMap::new();
+    let band_rows = (32usize << 20) / (meta.nx * nwave * 4).max(1);
+    let mut failure: Option<CubeFitError> = None;
+    let result = write_model_cube(&out.join("model.fits"), meta, band_rows.max(1), |rows| {
+        loaded.retain(|id, _| plan.chunks[*id].rows.end > rows.start);
+        let mut band = vec![0f32; rows.len() * meta.nx * nwave];
+        for y in rows.clone() {
+            for x in 0..meta.nx {
+                let Some(bin) = map.bin_of[y * meta.nx + x] else {
+                    continue;
+                };
+                let (chunk, pos) = where_is[&bin];
+                let models = match loaded.entry(chunk) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => {
+                        let (_, path) = chunk_paths(out, chunk);
+                        if !path.exists() {
+                            continue; // not fitted (yet): zeros
+                        }
+                        match read_chunk_models(&path, nwave) {
+                            Ok(m) => e.insert(m),
+                            Err(err) => {
+                                failure = Some(err);
+                                return Err(MapsError::Io {
+                                    path,
+                                    source: std::io::Error::other("unreadable chunk model"),
+                                });
+                            }
+                        }
+                    }
+                };
+                let s = (y - rows.start) * meta.nx + x;
+                band[s * nwave..(s + 1) * nwave]
+                    .copy_from_slice(&models[pos * nwave..(pos + 1) * nwave]);
+            }
+        }
+        Ok(band)
+    });
+    match (result, failure) {
+        (_, Some(e)) => Err(e),
+        (r, None) => r.map_err(CubeFitError::from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cube::tests::cube_file;
+    use crate::synth::{Footprint, SynthConfig, synthesize};
+    use crate::synthetic::shared_data_dir as shared_data;
+
+    /// A small E-MILES subset (symlinks), so debug-build tests stay fast.
+    fn template_subset(dir: &Path) -> PathBuf {
+        let src = shared_data().join("templates/emiles");
+        let out = dir.join("emiles-subset");
+        std::fs::create_dir_all(&out).unwrap();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&src)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "fits"))
+            .collect();
+        names.sort();
+        for p in names.iter().step_by(names.len() / 6).take(6) {
+            std::os::unix::fs::symlink(p, out.join(p.file_name().unwrap())).unwrap();
+        }
+        out
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        options: CubeFitOptions,
+        truth: PathBuf,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = template_subset(dir.path());
+        let cube = dir.path().join("small-LOGCUBE.fits");
+        let truth = dir.path().join("small-truth.csv");
+        let config = SynthConfig {
+            seed: 3,
+            nx: 6,
+            ny: 5,
+            footprint: Footprint::Square,
+            sn_min: 40.0,
+            sn_max: 60.0,
+            ..SynthConfig::default()
+        };
+        let reference = cube_file("synthetic-manga-seed7-LOGCUBE.fits.gz");
+        synthesize(&config, &templates, &reference, &cube, &truth).unwrap();
+        let mut options = CubeFitOptions::new(cube, templates, dir.path().join("out"));
+        options.chunk.max_spectra = 8;
+        Setup {
+            _dir: dir,
+            options,
+            truth,
+        }
+    }
+
+    #[test]
+    fn fits_a_synthetic_cube_resumes_and_refuses_other_settings() {
+        let s = setup();
+        let bar = ProgressBar::hidden();
+        let first = fit_cube(&s.options, &bar).unwrap();
+        assert_eq!(first.bins, 30);
+        assert_eq!(first.chunks, 4);
+        assert_eq!((first.chunks_resumed, first.spectra_fitted_now), (0, 30));
+        assert_eq!(first.failed_bins, 0);
+        assert_eq!(first.redshift, 0.018, "redshift from the header");
+        // Kinematics match the truth at S/N 40-60.
+        let truth = crate::synthetic::read_truth(&s.truth).unwrap();
+        let plan = load_plan(&s.options.out).unwrap().unwrap();
+        let results = collect_results(&s.options.out, &plan).unwrap();
+        let map = BinMap::from_bins(6, 5, &plan.bins);
+        for t in &truth {
+            let r = results[map.bin_of[t.y * 6 + t.x].unwrap()]
+                .as_ref()
+                .unwrap();
+            assert!(
+                (r.velocity.value - t.v).abs() < 15.0,
+                "V {} vs {}",
+                r.velocity.value,
+                t.v
+            );
+            assert!(
+                (r.sigma.value - t.sigma).abs() < 0.15 * t.sigma + 10.0,
+                "sigma {} vs {}",
+                r.sigma.value,
+                t.sigma
+            );
+        }
+        for name in [
+            "maps.fits",
+            "model.fits",
+            "maps.png",
+            "summary.json",
+            "plan.json",
+        ] {
+            assert!(s.options.out.join(name).is_file(), "{name} missing");
+        }
+        crate::maps::tests::astropy_opens(&[
+            &s.options.out.join("maps.fits"),
+            &s.options.out.join("model.fits"),
+        ]);
+
+        // A lost chunk is refitted, and only it.
+        std::fs::remove_file(chunk_paths(&s.options.out, 2).0).unwrap();
+        let second = fit_cube(&s.options, &bar).unwrap();
+        assert_eq!(second.chunks_resumed, 3);
+        assert_eq!(second.spectra_fitted_now, plan.chunks[2].nspectra);
+        let again = collect_results(&s.options.out, &plan).unwrap();
+        assert_eq!(again, results);
+
+        // Other settings on the same directory are refused, naming what differs.
+        let mut other = s.options.clone();
+        other.moments = 4;
+        let err = fit_cube(&other, &bar).unwrap_err();
+        assert!(matches!(err, CubeFitError::OtherPlan { .. }), "{err}");
+        assert!(err.to_string().contains("moments"), "{err}");
+    }
+
+    #[test]
+    fn an_unreachable_target_fits_one_bin_and_bad_input_is_an_error() {
+        let s = setup();
+        let mut options = s.options.clone();
+        options.target_sn = Some(1e6);
+        options.model_cube = false;
+        let summary = fit_cube(&options, &ProgressBar::hidden()).unwrap();
+        assert_eq!(summary.bins, 1);
+        assert!(matches!(
+            summary.binning,
+            Some(BinningOutcome::TargetUnreachable { .. })
+        ));
+
+        let mut bad = s.options.clone();
+        bad.cube = s.options.out.join("nothing.fits");
+        assert!(matches!(
+            fit_cube(&bad, &ProgressBar::hidden()),
+            Err(CubeFitError::Cube(CubeError::Open { .. }))
+        ));
+        let mut range = s.options.clone();
+        range.out = s.options.out.join("range");
+        range.lam_range = (20000.0, 30000.0);
+        assert!(matches!(
+            fit_cube(&range, &ProgressBar::hidden()),
+            Err(CubeFitError::NoFitRange { .. })
+        ));
+    }
+}

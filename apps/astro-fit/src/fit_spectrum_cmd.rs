@@ -1,0 +1,214 @@
+//! `astro-fit fit-spectrum`: fit one spectrum from a file and print the kinematics.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::fit::{FitConfig, Fitter, Start, TemplateBasis};
+use crate::populations::{Populations, populations};
+use crate::spectrum::{Selection, mask_emission_lines, read_spectrum};
+use crate::templates::{PrepareConfig, ResolutionCurve, TemplateLibrary, prepare};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Json,
+    Table,
+}
+
+/// Fit one spectrum: SDSS spectrum tables (COADD), 1-D linear FITS (e.g. SAURON), rows of
+/// MaNGA-format files or spaxels of MaNGA LOGCUBEs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FitSpectrumArgs {
+    /// Spectrum file.
+    pub file: PathBuf,
+    /// Template library folder (E-MILES, MILES-HC or MaStar HC layout).
+    #[arg(long)]
+    pub templates: PathBuf,
+    /// Redshift to de-redshift by (V is measured relative to it); default: the file's.
+    #[arg(long)]
+    pub z: Option<f64>,
+    /// Gauss-Hermite moments: 2, 4 or 6.
+    #[arg(long, default_value_t = 2, value_parser = parse_moments)]
+    pub moments: usize,
+    /// Additive Legendre degree (-1 for none).
+    #[arg(long, default_value_t = 4, allow_hyphen_values = true)]
+    pub degree: i32,
+    /// Multiplicative Legendre degree (0 for none).
+    #[arg(long, default_value_t = 0)]
+    pub mdegree: usize,
+    /// Rest-frame wavelength range to fit, Angstrom.
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub lam_range: Option<Vec<f64>>,
+    /// Row of a MaNGA-format file.
+    #[arg(long, default_value_t = 0)]
+    pub row: usize,
+    /// Spaxel of a LOGCUBE.
+    #[arg(long, num_args = 2, value_names = ["X", "Y"])]
+    pub spaxel: Option<Vec<usize>>,
+    /// Instrumental FWHM (Angstrom, observed frame) when the file carries no resolution.
+    #[arg(long)]
+    pub fwhm: Option<f64>,
+    /// Template oversampling factor (pPXF's velscale_ratio).
+    #[arg(long, default_value_t = 1)]
+    pub velscale_ratio: usize,
+    /// Half-width in km/s of the emission-line masks (0 disables them).
+    #[arg(long, default_value_t = 800.0)]
+    pub line_mask: f64,
+    /// Iteratively clip outliers (pPXF's clean).
+    #[arg(long)]
+    pub clean: bool,
+    /// Regularisation strength over the age x [M/H] grid (SSP libraries).
+    #[arg(long, default_value_t = 0.0)]
+    pub regul: f64,
+    /// Starting dispersion, km/s.
+    #[arg(long, default_value_t = 150.0)]
+    pub sigma_start: f64,
+    /// Convolve every template instead of a compressed basis.
+    #[arg(long)]
+    pub exact: bool,
+    /// Write a PNG of data, model, residuals and masked regions.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+fn parse_moments(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(m @ (2 | 4 | 6)) => Ok(m),
+        _ => Err(format!("moments must be 2, 4 or 6, got {s}")),
+    }
+}
+
+/// What `fit-spectrum` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FitReport {
+    pub file: String,
+    pub redshift: f64,
+    pub velscale: f64,
+    pub npix: usize,
+    pub n_good: usize,
+    pub v: f64,
+    pub sigma: f64,
+    pub h: Vec<f64>,
+    pub errors: Vec<f64>,
+    pub chi2: f64,
+    pub dof: usize,
+    pub n_templates_used: usize,
+    pub populations: Option<Populations>,
+}
+
+pub fn run(args: &FitSpectrumArgs) -> anyhow::Result<()> {
+    let report = fit_file(args)?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => print_table(&report),
+    }
+    Ok(())
+}
+
+pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
+    let sel = Selection {
+        row: args.row,
+        spaxel: args.spaxel.as_ref().map(|s| (s[0], s[1])),
+    };
+    let mut obs = read_spectrum(&args.file, sel)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    if let Some(fwhm) = args.fwhm {
+        obs.fwhm = Some(ResolutionCurve::constant(fwhm));
+    }
+    let z = args.z.or(obs.redshift).unwrap_or(0.0);
+    let lam_range = args.lam_range.as_ref().map(|r| (r[0], r[1]));
+    let mut rest = obs.to_rest_frame(z, lam_range)?;
+    if args.line_mask > 0.0 {
+        mask_emission_lines(
+            &rest.grid,
+            rest.medium,
+            args.line_mask,
+            &mut rest.spectrum.good,
+        );
+    }
+    let library = TemplateLibrary::load(&args.templates)
+        .with_context(|| format!("templates in {}", args.templates.display()))?;
+    let grid = rest.grid;
+    let mut prep = PrepareConfig::new(
+        grid.velscale,
+        (grid.lam(0), grid.lam(grid.npix - 1)),
+        rest.medium,
+    );
+    prep.velscale_ratio = args.velscale_ratio;
+    prep.galaxy_fwhm = rest.fwhm.clone();
+    let templates = prepare(&library, &prep)?;
+    let cfg = FitConfig {
+        moments: args.moments,
+        degree: args.degree,
+        mdegree: args.mdegree,
+        clean: args.clean,
+        regul: args.regul,
+        basis: if args.exact {
+            TemplateBasis::Exact
+        } else {
+            FitConfig::default().basis
+        },
+        ..FitConfig::default()
+    };
+    let fitter = Fitter::new(&templates, grid, cfg)?;
+    let fit = fitter.fit(&rest.spectrum, &Start::new(0.0, args.sigma_start))?;
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "{}: V = {:.1} km/s, sigma = {:.1} km/s, chi2/DOF = {:.3}",
+            args.file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            fit.v,
+            fit.sigma,
+            fit.chi2
+        );
+        crate::plot::plot_fit(path, &grid, &rest.spectrum, &fit, &title)?;
+    }
+    Ok(FitReport {
+        file: args.file.display().to_string(),
+        redshift: z,
+        velscale: grid.velscale,
+        npix: grid.npix,
+        n_good: fit.good.iter().filter(|g| **g).count(),
+        n_templates_used: fit.weights.iter().filter(|w| **w > 0.0).count(),
+        populations: populations(&templates, &fit.weights),
+        v: fit.v,
+        sigma: fit.sigma,
+        h: fit.h,
+        errors: fit.errors,
+        chi2: fit.chi2,
+        dof: fit.dof,
+    })
+}
+
+fn print_table(r: &FitReport) {
+    let names = ["V", "sigma", "h3", "h4", "h5", "h6"];
+    let values: Vec<f64> = [r.v, r.sigma]
+        .into_iter()
+        .chain(r.h.iter().copied())
+        .collect();
+    println!("file       {}", r.file);
+    println!("redshift   {}", r.redshift);
+    println!(
+        "pixels     {} ({} fitted), velscale {:.3} km/s",
+        r.npix, r.n_good, r.velscale
+    );
+    for (i, v) in values.iter().enumerate() {
+        let unit = if i < 2 { " km/s" } else { "" };
+        println!("{:<10} {:>10.3} +- {:.3}{unit}", names[i], v, r.errors[i]);
+    }
+    println!("chi2/DOF   {:.4} (DOF {})", r.chi2, r.dof);
+    println!("templates  {} with positive weight", r.n_templates_used);
+    if let Some(p) = &r.populations {
+        println!(
+            "light-weighted log age {:.3}, [M/H] {:+.3}",
+            p.light_log_age, p.light_metallicity
+        );
+        if let (Some(a), Some(m)) = (p.mass_log_age, p.mass_metallicity) {
+            println!("mass-weighted  log age {a:.3}, [M/H] {m:+.3}");
+        }
+    }
+}

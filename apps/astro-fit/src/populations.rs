@@ -1,0 +1,40 @@
+//! Stellar populations from template weights: light- and mass-weighted ages and metallicities
+//! over an SSP grid (the weights of a regularised fit, Cappellari 2017 sec. 3.5, 2023).
+
+use crate::templates::PreparedTemplates;
+
+/// Weighted population averages. Ages are averaged in log10(age/yr), as pPXF does.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Populations {
+    pub light_log_age: f64,
+    pub light_metallicity: f64,
+    /// None when the library has no mass table.
+    pub mass_log_age: Option<f64>,
+    pub mass_metallicity: Option<f64>,
+}
+
+/// Averages over the SSP grid. `weights` are those of the normalised templates, so they are
+/// light fractions in the normalisation band; masses are weights / normalisation x the
+/// present-day mass in stars and remnants of each SSP (Vazdekis et al. mass table).
+pub fn populations(templates: &PreparedTemplates, weights: &[f64]) -> Option<Populations> {
+    let ssp = templates.ssp.as_ref()?;
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 || weights.len() != ssp.len() {
+        return None;
+    }
+    let mean = |w: &dyn Fn(usize) -> f64, x: &dyn Fn(usize) -> f64| -> f64 {
+        let sum: f64 = (0..ssp.len()).map(w).sum();
+        (0..ssp.len()).map(|j| w(j) * x(j)).sum::<f64>() / sum
+    };
+    let log_age = |j: usize| (ssp[j].age_gyr * 1e9).log10();
+    let metal = |j: usize| ssp[j].metallicity;
+    let light = |j: usize| weights[j];
+    let has_mass = ssp.iter().all(|p| p.mass.is_some());
+    let mass = |j: usize| weights[j] / templates.norm[j] * ssp[j].mass.unwrap_or(0.0);
+    Some(Populations {
+        light_log_age: mean(&light, &log_age),
+        light_metallicity: mean(&light, &metal),
+        mass_log_age: has_mass.then(|| mean(&mass, &log_age)),
+        mass_metallicity: has_mass.then(|| mean(&mass, &metal)),
+    })
+}

@@ -1,0 +1,190 @@
+//! The fitting core against real data: the synthetic cube's truth, typed errors on bad input.
+
+use std::sync::OnceLock;
+
+use astro_fit::spectrum::{Selection, read_spectrum};
+use astro_fit::synthetic::{
+    accuracy_by_sn, load_spaxels, prepare_emiles, read_truth, shared_data_dir,
+};
+use astro_fit::{FitConfig, FitError, Fitter, LogGrid, Spectrum, Start, TemplateLibrary};
+
+pub fn emiles() -> &'static TemplateLibrary {
+    static LIB: OnceLock<TemplateLibrary> = OnceLock::new();
+    LIB.get_or_init(|| TemplateLibrary::load(&shared_data_dir().join("templates/emiles")).unwrap())
+}
+
+#[test]
+fn synthetic_cube_kinematics_match_the_truth_per_sn_bin() {
+    let data = shared_data_dir();
+    let truth = read_truth(&data.join("cubes/synthetic-manga-seed7-truth.csv")).unwrap();
+    assert_eq!(truth.len(), 652);
+    // Every second spaxel keeps the test quick while leaving >= 40 spaxels per S/N bin.
+    let rows: Vec<_> = truth.into_iter().step_by(2).collect();
+    let spectra = load_spaxels(
+        &data.join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
+        &rows,
+        (3600.0, 10000.0),
+    )
+    .unwrap();
+    let templates = prepare_emiles(emiles(), &spectra[0], 1).unwrap();
+    let fitter = Fitter::new(&templates, spectra[0].grid, FitConfig::default()).unwrap();
+    let mut scratch = fitter.scratch();
+    let samples: Vec<_> = rows
+        .iter()
+        .zip(&spectra)
+        .map(|(row, spec)| {
+            let r = fitter
+                .fit_with(&mut scratch, &spec.spectrum, &Start::new(0.0, 150.0))
+                .unwrap();
+            (row.clone(), r.v, r.errors[0], r.sigma, r.errors[1])
+        })
+        .collect();
+    // pPXF reaches V RMS ~7, 4, 3, 2.5 and sigma RMS ~16, 10, 6, 6 km/s on such cubes.
+    let v_rms_max = [10.0, 6.0, 4.5, 4.0];
+    let sigma_rms_max = [24.0, 15.0, 9.0, 9.0];
+    for (bin, (v_max, s_max)) in accuracy_by_sn(&samples)
+        .iter()
+        .zip(v_rms_max.iter().zip(&sigma_rms_max))
+    {
+        eprintln!("{bin:?}");
+        assert!(bin.count >= 20, "{bin:?}");
+        assert!(bin.v_rms < *v_max, "V RMS too large: {bin:?}");
+        assert!(bin.sigma_rms < *s_max, "sigma RMS too large: {bin:?}");
+        assert!(bin.v_bias.abs() < 0.5 * v_max, "V bias: {bin:?}");
+        assert!(bin.sigma_bias.abs() < 0.5 * s_max, "sigma bias: {bin:?}");
+        for pull in [bin.v_pull_std, bin.sigma_pull_std] {
+            assert!(
+                (0.85..=1.2).contains(&pull),
+                "errors do not match the scatter: {bin:?}"
+            );
+        }
+    }
+}
+
+/// A small fitter on a synthetic grid inside the E-MILES range, for the bad-input tests.
+fn small_fitter() -> (Fitter, LogGrid) {
+    let velscale = 69.0;
+    let grid = LogGrid {
+        ln_lam0: 4800f64.ln(),
+        velscale,
+        npix: 400,
+    };
+    let lam_range = (grid.lam(0), grid.lam(grid.npix - 1));
+    let lib = emiles().clone().select(|i| i % 30 == 0);
+    let cfg = astro_fit::PrepareConfig::new(velscale, lam_range, astro_fit::Medium::Air);
+    let templates = astro_fit::prepare(&lib, &cfg).unwrap();
+    (
+        Fitter::new(&templates, grid, FitConfig::default()).unwrap(),
+        grid,
+    )
+}
+
+fn flat_spectrum(npix: usize) -> Spectrum {
+    Spectrum {
+        flux: vec![1.0; npix],
+        noise: vec![0.01; npix],
+        good: vec![true; npix],
+    }
+}
+
+#[test]
+fn non_finite_flux_is_a_typed_error() {
+    let (fitter, grid) = small_fitter();
+    for bad in [f64::NAN, f64::INFINITY] {
+        let mut spec = flat_spectrum(grid.npix);
+        spec.flux[17] = bad;
+        let err = fitter.fit(&spec, &Start::new(0.0, 100.0)).unwrap_err();
+        assert!(
+            matches!(err, FitError::NonFiniteFlux { pixel: 17 }),
+            "{err}"
+        );
+    }
+    // A masked NaN is fine.
+    let mut spec = flat_spectrum(grid.npix);
+    spec.flux[17] = f64::NAN;
+    spec.good[17] = false;
+    assert!(fitter.fit(&spec, &Start::new(0.0, 100.0)).is_ok());
+}
+
+#[test]
+fn non_positive_inverse_variance_is_a_typed_error() {
+    for bad in [0.0, -3.0, f64::NAN] {
+        let mut ivar = vec![1.0; 50];
+        ivar[9] = bad;
+        let err = Spectrum::from_ivar(vec![1.0; 50], &ivar, vec![true; 50]).unwrap_err();
+        assert!(matches!(err, FitError::BadIvar { pixel: 9, .. }), "{err}");
+    }
+    let (fitter, grid) = small_fitter();
+    let mut spec = flat_spectrum(grid.npix);
+    spec.noise[3] = 0.0;
+    let err = fitter.fit(&spec, &Start::new(0.0, 100.0)).unwrap_err();
+    assert!(matches!(err, FitError::BadNoise { pixel: 3, .. }), "{err}");
+}
+
+#[test]
+fn wavelengths_the_templates_do_not_cover_are_a_typed_error() {
+    let lib = emiles().clone().select(|i| i < 2);
+    let cfg = astro_fit::PrepareConfig::new(69.0, (1000.0, 5000.0), astro_fit::Medium::Air);
+    let err = astro_fit::prepare(&lib, &cfg).unwrap_err();
+    assert!(
+        matches!(err, FitError::WavelengthNotCovered { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("templates cover"), "{err}");
+    // Templates prepared for one range, galaxy grid elsewhere.
+    let cfg = astro_fit::PrepareConfig::new(69.0, (5000.0, 6000.0), astro_fit::Medium::Air);
+    let templates = astro_fit::prepare(&lib, &cfg).unwrap();
+    let grid = LogGrid {
+        ln_lam0: 6500f64.ln(),
+        velscale: 69.0,
+        npix: 300,
+    };
+    let err = Fitter::new(&templates, grid, FitConfig::default()).unwrap_err();
+    assert!(
+        matches!(err, FitError::WavelengthNotCovered { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn fewer_good_pixels_than_parameters_is_a_typed_error() {
+    let (fitter, grid) = small_fitter();
+    let mut spec = flat_spectrum(grid.npix);
+    for g in spec.good.iter_mut().skip(5) {
+        *g = false;
+    }
+    let err = fitter.fit(&spec, &Start::new(0.0, 100.0)).unwrap_err();
+    assert!(
+        matches!(err, FitError::TooFewGoodPixels { good: 5, .. }),
+        "{err}"
+    );
+    spec.good.fill(false);
+    let err = fitter.fit(&spec, &Start::new(0.0, 100.0)).unwrap_err();
+    assert!(matches!(err, FitError::NoGoodPixels), "{err}");
+}
+
+#[test]
+fn fully_masked_manga_spectrum_reports_no_good_pixels() {
+    let path = shared_data_dir().join("spectra/MaNGA_test_spectra.fits.gz");
+    let obs = read_spectrum(
+        &path,
+        Selection {
+            row: 5,
+            spaxel: None,
+        },
+    )
+    .unwrap();
+    assert!(obs.good.iter().all(|g| !g));
+    let z = obs.redshift.unwrap();
+    let rest = obs.to_rest_frame(z, Some((3600.0, 8900.0))).unwrap();
+    let templates = prepare_emiles(emiles(), &rest, 1).unwrap();
+    let fitter = Fitter::new(&templates, rest.grid, FitConfig::default()).unwrap();
+    let err = fitter
+        .fit(&rest.spectrum, &Start::new(0.0, 150.0))
+        .unwrap_err();
+    assert!(matches!(err, FitError::NoGoodPixels), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "no good pixels: every pixel of the spectrum is masked"
+    );
+}

@@ -1,0 +1,716 @@
+//! The REST API under `/api/v1`, built as one `Router` (`app`) whose OpenAPI document
+//! (`openapi`) comes from the same route table.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::metrics::Metrics;
+use crate::objects;
+use crate::queue::{self, CompleteRequest, FailRequest, HeartbeatRequest, LeaseRequest};
+use crate::reconcile::application::results_dir;
+use crate::resources::{ApiObject, Kind, ObjectMeta, parse_submitted, read_only, validate_name};
+use crate::selector::Selector;
+use crate::store::{ChangeEvent, ChangeType, Query as StoreQuery, Store};
+
+/// Limits and locations the API works with.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub data_dir: PathBuf,
+    /// Largest object body (JSON or YAML) accepted.
+    pub max_body_bytes: usize,
+    /// Largest dataset upload.
+    pub max_upload_bytes: u64,
+}
+
+impl ApiConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        ApiConfig {
+            data_dir,
+            max_body_bytes: 1024 * 1024,
+            max_upload_bytes: 4 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub config: Arc<ApiConfig>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(OpenApi)]
+#[openapi(components(schemas(
+    ApiObject,
+    ObjectMeta,
+    ErrorBody,
+    ceccm_federation::RegionSpec,
+    ceccm_federation::RegionStatus,
+    crate::resources::ApplicationSpec,
+    crate::resources::ApplicationStatus,
+    crate::resources::DatasetSpec,
+    crate::resources::DatasetStatus,
+    crate::resources::TaskSpec,
+    crate::resources::TaskStatus
+)))]
+struct ApiDoc;
+
+fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_objects, create_object))
+        .routes(routes!(get_object, apply_object, delete_object))
+        .routes(routes!(patch_status))
+        .routes(routes!(upload_content, download_content))
+        .routes(routes!(results_index))
+        .routes(routes!(result_file))
+        .routes(routes!(application_logs))
+        .routes(routes!(lease_task))
+        .routes(routes!(heartbeat_task))
+        .routes(routes!(complete_task))
+        .routes(routes!(fail_task))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+}
+
+/// The whole HTTP surface, ready to serve.
+pub fn app(state: AppState) -> axum::Router {
+    let (router, _) = router().split_for_parts();
+    router
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track,
+        ))
+        .with_state(state)
+}
+
+/// The OpenAPI document of `app`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = router().split_for_parts().1;
+    doc.info.title = "ceccm".into();
+    doc.info.description = Some(
+        "Control plane for the cloud-edge continuum of astronomy. Every error is \
+         {\"error\":{\"code\",\"message\",\"details\"}}; see docs/architecture.md."
+            .into(),
+    );
+    doc.info.license = None;
+    doc
+}
+
+// ---- request reading ------------------------------------------------------------------------
+
+/// Reads a JSON or YAML body (by Content-Type) of at most `limit` bytes.
+async fn read_document(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body exceeds the limit of {limit} bytes"),
+        )
+        .with_details(json!({"limitBytes": limit}))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("reading the request body failed: {e}"))
+        }
+    })?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if content_type.contains("yaml") {
+        yaml_serde::from_slice::<Value>(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))
+    } else {
+        serde_json::from_slice::<Value>(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
+    }
+}
+
+async fn read_typed<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let value = read_document(headers, body, 64 * 1024).await?;
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))
+}
+
+fn query<T: serde::de::DeserializeOwned>(
+    params: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    params
+        .map(|Query(p)| p)
+        .map_err(|e| ApiError::bad_request(format!("bad query parameters: {}", e.body_text())))
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct WriteParams {
+    /// `All`: validate and answer as if done, store nothing.
+    pub dry_run: Option<String>,
+}
+
+impl WriteParams {
+    fn dry_run(&self) -> Result<bool, ApiError> {
+        match self.dry_run.as_deref() {
+            None => Ok(false),
+            Some("All") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "dryRun must be All, not {other:?}"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// `k=v,k!=v,k in (a,b),k notin (a,b),k,!k`
+    pub label_selector: Option<String>,
+    /// Events only: `involvedObject.kind=K,involvedObject.name=N`
+    pub field_selector: Option<String>,
+    /// Page size.
+    pub limit: Option<u32>,
+    /// Token from the previous page's `metadata.continue`.
+    #[serde(rename = "continue")]
+    #[param(rename = "continue")]
+    pub continue_token: Option<String>,
+    /// Stream changes as newline-delimited JSON.
+    pub watch: Option<bool>,
+    /// With `watch`: start after this version.
+    pub resource_version: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectList {
+    pub api_version: String,
+    pub kind: String,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub items: Vec<ApiObject>,
+}
+
+/// Filters a list by label and field selectors.
+struct Filter {
+    labels: Option<Selector>,
+    involved_kind: Option<String>,
+    involved_name: Option<String>,
+}
+
+impl Filter {
+    fn parse(kind: Kind, params: &ListParams) -> Result<Filter, ApiError> {
+        let labels = params
+            .label_selector
+            .as_deref()
+            .map(Selector::parse)
+            .transpose()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let (mut involved_kind, mut involved_name) = (None, None);
+        for term in params
+            .field_selector
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
+            match (kind, term.split_once('=')) {
+                (Kind::Event, Some(("involvedObject.kind", v))) => {
+                    involved_kind = Some(v.to_string())
+                }
+                (Kind::Event, Some(("involvedObject.name", v))) => {
+                    involved_name = Some(v.to_string())
+                }
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "unsupported field selector {term:?}: events accept involvedObject.kind= and involvedObject.name="
+                    )));
+                }
+            }
+        }
+        Ok(Filter {
+            labels,
+            involved_kind,
+            involved_name,
+        })
+    }
+
+    fn owner(&self) -> Option<String> {
+        match (&self.involved_kind, &self.involved_name) {
+            (Some(k), Some(n)) => Some(format!("{k}/{n}")),
+            _ => None,
+        }
+    }
+
+    fn needs_parsing(&self) -> bool {
+        self.labels.is_some() || self.involved_kind.is_some() != self.involved_name.is_some()
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        if let Some(selector) = &self.labels {
+            let labels =
+                serde_json::from_value(object["metadata"]["labels"].clone()).unwrap_or_default();
+            if !selector.matches(&labels) {
+                return false;
+            }
+        }
+        let field = |f: &str, want: &Option<String>| {
+            want.as_deref()
+                .is_none_or(|w| object["involvedObject"][f] == w)
+        };
+        field("kind", &self.involved_kind) && field("name", &self.involved_name)
+    }
+}
+
+// ---- objects ---------------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/api/v1/{plural}", tag = "objects",
+    params(("plural" = String, Path, description = "regions | applications | datasets | tasks | events"), ListParams),
+    responses(
+        (status = 200, description = "The list; with watch=true, newline-delimited JSON {\"type\":\"ADDED|MODIFIED|DELETED\",\"object\":{...}}", body = ObjectList),
+        (status = "default", description = "Error", body = ErrorBody)))]
+async fn list_objects(
+    State(state): State<AppState>,
+    Path(plural): Path<String>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let kind = Kind::from_plural(&plural)?;
+    let params = query(params)?;
+    let filter = Filter::parse(kind, &params)?;
+    if params.watch == Some(true) {
+        return crate::watch::watch(
+            state.store.clone(),
+            kind,
+            filter_fn(filter),
+            params.resource_version.as_deref(),
+        )
+        .await;
+    }
+    let limit = params.limit.map(|l| l.clamp(1, 10_000) as usize);
+    let owner = filter.owner();
+    let store_query = StoreQuery {
+        owner: owner.as_deref(),
+        after: params.continue_token.as_deref(),
+        // Without a filter to apply here, one extra row tells whether another page follows.
+        limit: limit
+            .filter(|_| !filter.needs_parsing())
+            .map(|l| l as i64 + 1),
+        ..Default::default()
+    };
+    let (version, rows) = state.store.list_raw(kind, &store_query).await?;
+    let mut items: Vec<(String, String)> = if filter.needs_parsing() {
+        rows.into_iter()
+            .filter(|(_, body)| {
+                serde_json::from_str::<Value>(body).is_ok_and(|o| filter.matches(&o))
+            })
+            .collect()
+    } else {
+        rows
+    };
+    let mut next = None;
+    if let Some(limit) = limit
+        && items.len() > limit
+    {
+        items.truncate(limit);
+        next = items.last().map(|(name, _)| name.clone());
+    }
+    let metadata = json!({"resourceVersion": version.to_string(), "continue": next});
+    let mut body = format!(
+        "{{\"apiVersion\":\"ceccm/v1\",\"kind\":\"{}List\",\"metadata\":{},\"items\":[",
+        kind.as_str(),
+        metadata
+    );
+    for (i, (_, item)) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str("]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+fn filter_fn(filter: Filter) -> impl Fn(&Value) -> bool + Send + Sync + 'static {
+    move |object| filter.matches(object)
+}
+
+/// Fails with 422 when the spec names regions that do not exist.
+async fn check_references(
+    store: &Store,
+    kind: Kind,
+    name: &str,
+    regions: &[String],
+) -> Result<(), ApiError> {
+    let mut missing = Vec::new();
+    for region in regions {
+        if store.get_raw(Kind::Region, region).await?.is_none() {
+            missing.push(ceccm_federation::Violation::new(
+                "spec.placement.regions",
+                format!("region {region:?} does not exist"),
+            ));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(kind.as_str(), name, &missing))
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/{plural}", tag = "objects",
+    params(("plural" = String, Path), WriteParams),
+    request_body(content = ApiObject, content_type = "application/json", description = "JSON or application/yaml"),
+    responses((status = 201, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
+async fn create_object(
+    State(state): State<AppState>,
+    Path(plural): Path<String>,
+    params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let kind = Kind::from_plural(&plural)?;
+    let dry_run = query(params)?.dry_run()?;
+    if !kind.user_writable() {
+        return Err(read_only(kind));
+    }
+    let document = read_document(&headers, body, state.config.max_body_bytes).await?;
+    let submitted = parse_submitted(kind, document)?;
+    check_references(
+        &state.store,
+        kind,
+        &submitted.metadata.name,
+        &submitted.referenced_regions,
+    )
+    .await?;
+    let object = objects::create(&state.store, kind, submitted, dry_run).await?;
+    Ok((StatusCode::CREATED, Json(object)).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/{plural}/{name}", tag = "objects",
+    params(("plural" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
+async fn get_object(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let kind = Kind::from_plural(&plural)?;
+    match state.store.get_raw(kind, &name).await? {
+        Some(body) => Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
+        None => Err(ApiError::not_found(kind.as_str(), &name)),
+    }
+}
+
+#[utoipa::path(put, path = "/api/v1/{plural}/{name}", tag = "objects",
+    params(("plural" = String, Path), ("name" = String, Path), WriteParams),
+    request_body(content = ApiObject, content_type = "application/json", description = "JSON or application/yaml"),
+    responses((status = 200, description = "Updated (or unchanged)", body = ApiObject), (status = 201, description = "Created", body = ApiObject),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn apply_object(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let kind = Kind::from_plural(&plural)?;
+    let dry_run = query(params)?.dry_run()?;
+    if !kind.user_writable() {
+        return Err(read_only(kind));
+    }
+    let document = read_document(&headers, body, state.config.max_body_bytes).await?;
+    let submitted = parse_submitted(kind, document)?;
+    if submitted.metadata.name != name {
+        return Err(ApiError::bad_request(format!(
+            "metadata.name {:?} does not match the name in the URL {name:?}",
+            submitted.metadata.name
+        )));
+    }
+    check_references(&state.store, kind, &name, &submitted.referenced_regions).await?;
+    let (object, created) = objects::apply(&state.store, kind, submitted, dry_run).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(object)).into_response())
+}
+
+#[utoipa::path(delete, path = "/api/v1/{plural}/{name}", tag = "objects",
+    params(("plural" = String, Path), ("name" = String, Path), WriteParams),
+    responses((status = 200, description = "Deleted, or marked for deletion while finalizers run", body = ApiObject),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn delete_object(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let kind = Kind::from_plural(&plural)?;
+    let dry_run = query(params)?.dry_run()?;
+    let object = objects::delete(&state.store, kind, &name, dry_run).await?;
+    if kind == Kind::Dataset && !dry_run {
+        crate::content::remove_dataset_content(&state.config.data_dir, &name).await?;
+    }
+    Ok(Json(object).into_response())
+}
+
+#[utoipa::path(patch, path = "/api/v1/{plural}/{name}/status", tag = "objects",
+    params(("plural" = String, Path), ("name" = String, Path)),
+    request_body(content = ApiObject, content_type = "application/merge-patch+json",
+                  description = "{\"status\":{...}} as a JSON merge patch, optionally with metadata.resourceVersion as a precondition"),
+    responses((status = 200, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
+async fn patch_status(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let kind = Kind::from_plural(&plural)?;
+    if !kind.user_writable() {
+        return Err(read_only(kind));
+    }
+    let patch = read_document(&headers, body, state.config.max_body_bytes).await?;
+    let object = objects::patch_status(&state.store, kind, &name, patch).await?;
+    Ok(Json(object).into_response())
+}
+
+// ---- dataset content and results -------------------------------------------------------------
+
+#[utoipa::path(put, path = "/api/v1/datasets/{name}/content", tag = "datasets",
+    params(("name" = String, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Stored; status.size and status.sha256 set", body = ApiObject),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn upload_content(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let object = crate::content::upload_dataset(&state.store, &state.config, &name, body).await?;
+    Ok(Json(object).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/datasets/{name}/content", tag = "datasets",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "The content", content_type = "application/octet-stream", body = Vec<u8>),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn download_content(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    crate::content::download_dataset(&state.store, &state.config, &name).await
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ResultsIndex {
+    pub files: Vec<ResultFile>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ResultFile {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/applications/{name}/results", tag = "applications",
+    params(("name" = String, Path)),
+    responses((status = 200, body = ResultsIndex), (status = "default", description = "Error", body = ErrorBody)))]
+async fn results_index(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    if state
+        .store
+        .get_raw(Kind::Application, &name)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::not_found("Application", &name));
+    }
+    let files = crate::content::list_results(&results_dir(&state.config.data_dir, &name)).await?;
+    Ok(Json(ResultsIndex { files }).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/applications/{name}/results/{file}", tag = "applications",
+    params(("name" = String, Path), ("file" = String, Path, description = "e.g. results.ndjson")),
+    responses((status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn result_file(
+    State(state): State<AppState>,
+    Path((name, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    if file.contains('/') || file.starts_with('.') {
+        return Err(ApiError::bad_request(format!(
+            "bad result file name {file:?}"
+        )));
+    }
+    let path = results_dir(&state.config.data_dir, &name).join(&file);
+    crate::content::stream_file(&path, &format!("result {file:?} of application {name:?}")).await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogParams {
+    /// Only this task's output.
+    pub task: Option<String>,
+    /// Keep the stream open: each task's section once it has finished, until the application ends.
+    pub follow: Option<bool>,
+}
+
+#[utoipa::path(get, path = "/api/v1/applications/{name}/logs", tag = "applications",
+    params(("name" = String, Path), LogParams),
+    responses((status = 200, description = "Per task: a header line `==> NAME [STATE] worker=W attempts=N`, its output and last error", content_type = "text/plain", body = String),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn application_logs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let params = query(params)?;
+    crate::logs::logs(
+        state.store.clone(),
+        name,
+        params.task,
+        params.follow.unwrap_or(false),
+    )
+    .await
+}
+
+// ---- task queue --------------------------------------------------------------------------------
+
+#[utoipa::path(post, path = "/api/v1/tasks:lease", tag = "tasks",
+    request_body = LeaseRequest,
+    responses((status = 200, description = "A task, now leased to the worker", body = ApiObject),
+              (status = 204, description = "Nothing to do"),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn lease_task(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: LeaseRequest = read_typed(&headers, body).await?;
+    if let Err(e) = validate_name(&request.region) {
+        return Err(ApiError::new(ErrorCode::Invalid, format!("region: {e}")));
+    }
+    match queue::lease(&state.store, &request).await? {
+        Some(task) => Ok(Json(task).into_response()),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/tasks/{name}/heartbeat", tag = "tasks",
+    params(("name" = String, Path)), request_body = HeartbeatRequest,
+    responses((status = 200, description = "Lease extended", body = ApiObject),
+              (status = "default", description = "Error (409: the lease was lost)", body = ErrorBody)))]
+async fn heartbeat_task(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: HeartbeatRequest = read_typed(&headers, body).await?;
+    Ok(Json(queue::heartbeat(&state.store, &name, &request).await?).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/tasks/{name}/complete", tag = "tasks",
+    params(("name" = String, Path)), request_body = CompleteRequest,
+    responses((status = 200, description = "Result recorded (once per task)", body = ApiObject),
+              (status = "default", description = "Error (409: already finished)", body = ErrorBody)))]
+async fn complete_task(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let value = read_document(&headers, body, state.config.max_body_bytes).await?;
+    let request: CompleteRequest = serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))?;
+    Ok(Json(queue::complete(&state.store, &name, request).await?).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/tasks/{name}/fail", tag = "tasks",
+    params(("name" = String, Path)), request_body = FailRequest,
+    responses((status = 200, description = "Requeued, or dead-lettered after the last attempt", body = ApiObject),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn fail_task(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: FailRequest = read_typed(&headers, body).await?;
+    Ok(Json(queue::fail(&state.store, &name, request).await?).into_response())
+}
+
+// ---- health and metrics ----------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process serves requests", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "The store is reachable", body = String),
+              (status = 503, description = "The store is not reachable", body = ErrorBody)))]
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state.store.ping().await?;
+    Ok("ok\n")
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let counts = state.store.phase_counts().await?;
+    let text = state.metrics.render(&counts);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// The OpenAPI document as YAML, as committed in `api/openapi.yaml`.
+pub fn openapi_yaml() -> String {
+    let value = serde_json::to_value(openapi()).unwrap_or_default();
+    yaml_serde::to_string(&value).unwrap_or_default()
+}
+
+/// One NDJSON watch line.
+pub fn watch_line(event: &ChangeEvent) -> Bytes {
+    watch_line_of(event.change, &event.body)
+}
+
+pub fn watch_line_of(change: ChangeType, body: &str) -> Bytes {
+    let kind = match change {
+        ChangeType::Added => "ADDED",
+        ChangeType::Modified => "MODIFIED",
+        ChangeType::Deleted => "DELETED",
+    };
+    Bytes::from(format!("{{\"type\":\"{kind}\",\"object\":{body}}}\n"))
+}
+
+#[cfg(test)]
+#[path = "api_tests.rs"]
+mod tests;

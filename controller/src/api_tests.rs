@@ -1,0 +1,983 @@
+//! HTTP tests through `app(state)` and `oneshot`, on SQLite and on PostgreSQL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::{ApiConfig, AppState, app};
+use crate::reconcile::{Action, Context};
+use crate::resources::Kind;
+use crate::testing::{TestStore, store_suite};
+
+fn state(ts: &TestStore) -> AppState {
+    state_with(ts, ApiConfig::new(ts.dir.path().to_path_buf()))
+}
+
+fn state_with(ts: &TestStore, config: ApiConfig) -> AppState {
+    AppState {
+        store: ts.store.clone(),
+        config: Arc::new(config),
+        metrics: Default::default(),
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    body: Value,
+    text: String,
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    content_type: &str,
+    body: impl Into<Body>,
+) -> Answer {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", content_type)
+        .body(body.into())
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Answer {
+        status,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+async fn json_call(app: &Router, method: &str, uri: &str, body: &Value) -> Answer {
+    call(app, method, uri, "application/json", body.to_string()).await
+}
+
+async fn get(app: &Router, uri: &str) -> Answer {
+    call(app, "GET", uri, "application/json", Body::empty()).await
+}
+
+fn region(name: &str, cpu: u32, tier: &str) -> Value {
+    json!({"apiVersion": "ceccm/v1", "kind": "Region",
+           "metadata": {"name": name, "labels": {"tier": tier}},
+           "spec": {"tier": tier, "driver": "local", "capacity": {"cpu": cpu}}})
+}
+
+fn batch(name: &str, tasks: usize, regions: &[&str]) -> Value {
+    let tasks: Vec<Value> = (0..tasks)
+        .map(|i| json!({"command": "echo", "args": [i.to_string()]}))
+        .collect();
+    json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": name},
+           "spec": {"app": "container", "tasks": tasks, "maxAttempts": 2,
+                    "placement": {"regions": regions}}})
+}
+
+fn assert_error(answer: &Answer, status: StatusCode, code: &str) {
+    assert_eq!(answer.status, status, "{}", answer.text);
+    assert_eq!(answer.body["error"]["code"], code, "{}", answer.text);
+    assert!(
+        answer.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    assert!(
+        answer.body["error"]["details"].is_object(),
+        "{}",
+        answer.text
+    );
+}
+
+async fn crud_follows_kubectl_conventions(ts: &TestStore) {
+    let app = app(state(ts));
+    let created = json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 2, "edge"),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert_eq!(created.body["metadata"]["generation"], 1);
+    assert!(created.body["metadata"]["uid"].is_string());
+    let again = json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 2, "edge"),
+    )
+    .await;
+    assert_error(&again, StatusCode::CONFLICT, "AlreadyExists");
+
+    let fetched = get(&app, "/api/v1/regions/edge-a").await;
+    assert_eq!(fetched.body, created.body);
+    let same = json_call(
+        &app,
+        "PUT",
+        "/api/v1/regions/edge-a",
+        &region("edge-a", 2, "edge"),
+    )
+    .await;
+    assert_eq!(same.status, StatusCode::OK);
+    assert_eq!(
+        same.body["metadata"]["resourceVersion"],
+        created.body["metadata"]["resourceVersion"]
+    );
+
+    let mut bigger = region("edge-a", 4, "edge");
+    bigger["metadata"]["resourceVersion"] = created.body["metadata"]["resourceVersion"].clone();
+    let updated = json_call(&app, "PUT", "/api/v1/regions/edge-a", &bigger).await;
+    assert_eq!(updated.status, StatusCode::OK);
+    assert_eq!(updated.body["metadata"]["generation"], 2);
+    let fresh = json_call(
+        &app,
+        "PUT",
+        "/api/v1/regions/cloud-b",
+        &region("cloud-b", 8, "cloud"),
+    )
+    .await;
+    assert_eq!(fresh.status, StatusCode::CREATED);
+
+    let list = get(&app, "/api/v1/regions").await;
+    assert_eq!(list.body["kind"], "RegionList");
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        list.body["metadata"]["resourceVersion"],
+        fresh.body["metadata"]["resourceVersion"]
+    );
+
+    let deleted = call(
+        &app,
+        "DELETE",
+        "/api/v1/regions/edge-a",
+        "application/json",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    assert!(deleted.body["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(deleted.body["status"]["phase"], "Deleting");
+    assert_error(
+        &get(&app, "/api/v1/regions/nope").await,
+        StatusCode::NOT_FOUND,
+        "NotFound",
+    );
+    assert_error(
+        &get(&app, "/api/v1/widgets").await,
+        StatusCode::NOT_FOUND,
+        "NotFound",
+    );
+    assert_error(
+        &get(&app, "/nowhere").await,
+        StatusCode::NOT_FOUND,
+        "NotFound",
+    );
+}
+
+async fn bad_input_answers_errors_and_changes_nothing(ts: &TestStore) {
+    let mut config = ApiConfig::new(ts.dir.path().to_path_buf());
+    config.max_body_bytes = 4096;
+    let app = app(state_with(ts, config));
+    assert_eq!(
+        json_call(
+            &app,
+            "POST",
+            "/api/v1/regions",
+            &region("edge-a", 2, "edge")
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    let first_version = ts.store.current_version().await.unwrap().to_string();
+    json_call(
+        &app,
+        "PUT",
+        "/api/v1/regions/edge-a",
+        &region("edge-a", 3, "edge"),
+    )
+    .await;
+    let before = ts.store.current_version().await.unwrap();
+    let stored_before = get(&app, "/api/v1/regions/edge-a").await.body;
+
+    let malformed_json = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "application/json",
+        "{\"metadata\": ",
+    )
+    .await;
+    assert_error(&malformed_json, StatusCode::BAD_REQUEST, "BadRequest");
+    let malformed_yaml = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "application/yaml",
+        "metadata: [unclosed",
+    )
+    .await;
+    assert_error(&malformed_yaml, StatusCode::BAD_REQUEST, "BadRequest");
+    let mut unknown = region("edge-b", 2, "edge");
+    unknown["spec"]["colour"] = json!("red");
+    let answer = json_call(&app, "POST", "/api/v1/regions", &unknown).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    assert!(answer.text.contains("colour"));
+    let answer = json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("Edge_B", 2, "edge"),
+    )
+    .await;
+    assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    assert_eq!(
+        answer.body["error"]["details"]["causes"][0]["field"],
+        "metadata.name"
+    );
+    let mut stale = region("edge-a", 4, "edge");
+    stale["metadata"]["resourceVersion"] = json!(first_version);
+    let answer = json_call(&app, "PUT", "/api/v1/regions/edge-a", &stale).await;
+    assert_error(&answer, StatusCode::CONFLICT, "Conflict");
+    let mut huge = region("edge-c", 2, "edge");
+    huge["metadata"]["annotations"] = json!({"note": "x".repeat(5000)});
+    assert_error(
+        &json_call(&app, "POST", "/api/v1/regions", &huge).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PayloadTooLarge",
+    );
+    let streamed =
+        Body::from_stream(futures::stream::iter((0..10).map(|_| {
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b' '; 1000]))
+        })));
+    assert_error(
+        &call(
+            &app,
+            "POST",
+            "/api/v1/regions",
+            "application/json",
+            streamed,
+        )
+        .await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PayloadTooLarge",
+    );
+    let answer = json_call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        &batch("job", 1, &["atlantis"]),
+    )
+    .await;
+    assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    assert!(answer.text.contains("atlantis"));
+    let answer = json_call(
+        &app,
+        "PUT",
+        "/api/v1/regions/other",
+        &region("edge-a", 2, "edge"),
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    assert_error(
+        &json_call(&app, "POST", "/api/v1/tasks", &json!({})).await,
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+    );
+    assert_error(
+        &call(
+            &app,
+            "POST",
+            "/api/v1/regions?dryRun=Some",
+            "application/json",
+            region("x", 1, "edge").to_string(),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "BadRequest",
+    );
+    assert_error(
+        &get(&app, "/api/v1/regions?labelSelector=tier%20in%20edge").await,
+        StatusCode::BAD_REQUEST,
+        "BadRequest",
+    );
+    assert_error(
+        &get(&app, "/api/v1/regions?limit=many").await,
+        StatusCode::BAD_REQUEST,
+        "BadRequest",
+    );
+
+    assert_eq!(ts.store.current_version().await.unwrap(), before);
+    assert_eq!(
+        get(&app, "/api/v1/regions/edge-a").await.body,
+        stored_before
+    );
+    assert_eq!(
+        get(&app, "/api/v1/regions").await.body["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn yaml_bodies_and_dry_runs(ts: &TestStore) {
+    let app = app(state(ts));
+    let yaml = "apiVersion: ceccm/v1\nkind: Region\nmetadata: {name: edge-y}\nspec:\n  tier: edge\n  driver: local\n  capacity: {cpu: 1}\n";
+    let dry = call(
+        &app,
+        "POST",
+        "/api/v1/regions?dryRun=All",
+        "application/yaml",
+        yaml,
+    )
+    .await;
+    assert_eq!(dry.status, StatusCode::CREATED, "{}", dry.text);
+    assert_error(
+        &get(&app, "/api/v1/regions/edge-y").await,
+        StatusCode::NOT_FOUND,
+        "NotFound",
+    );
+    let created = call(&app, "POST", "/api/v1/regions", "application/yaml", yaml).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let version = ts.store.current_version().await.unwrap();
+    let dry_delete = call(
+        &app,
+        "DELETE",
+        "/api/v1/regions/edge-y?dryRun=All",
+        "application/json",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(dry_delete.status, StatusCode::OK);
+    assert_eq!(ts.store.current_version().await.unwrap(), version);
+    assert!(
+        get(&app, "/api/v1/regions/edge-y").await.body["metadata"]["deletionTimestamp"].is_null()
+    );
+}
+
+async fn lists_select_and_paginate(ts: &TestStore) {
+    let app = app(state(ts));
+    for (i, tier) in ["edge", "cloud", "edge", "hpc", "edge"].iter().enumerate() {
+        let r = json_call(
+            &app,
+            "POST",
+            "/api/v1/regions",
+            &region(&format!("r{i}"), 1, tier),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let names = |a: &Answer| -> Vec<String> {
+        a.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names(&get(&app, "/api/v1/regions?labelSelector=tier%3Dedge").await),
+        ["r0", "r2", "r4"]
+    );
+    assert_eq!(
+        names(&get(&app, "/api/v1/regions?labelSelector=tier%20notin%20(edge)").await),
+        ["r1", "r3"]
+    );
+    for selector in ["", "labelSelector=tier!%3Dhpc&"] {
+        let mut seen = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let uri = match &token {
+                Some(t) => format!("/api/v1/regions?{selector}limit=2&continue={t}"),
+                None => format!("/api/v1/regions?{selector}limit=2"),
+            };
+            let page = get(&app, &uri).await;
+            let page_names = names(&page);
+            assert!(page_names.len() <= 2);
+            seen.extend(page_names);
+            match page.body["metadata"]["continue"].as_str() {
+                Some(t) => token = Some(t.to_string()),
+                None => break,
+            }
+        }
+        let expected: &[&str] = if selector.is_empty() {
+            &["r0", "r1", "r2", "r3", "r4"]
+        } else {
+            &["r0", "r1", "r2", "r4"]
+        };
+        assert_eq!(seen, expected, "selector {selector:?}");
+    }
+}
+
+/// Reads NDJSON lines from a streaming response until `n` lines arrived.
+async fn read_lines(body: Body, n: usize) -> Vec<Value> {
+    let mut stream = body.into_data_stream();
+    let mut buffer = String::new();
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a watch event within 10 s")
+            .expect("stream open")
+            .unwrap();
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buffer.find('\n') {
+            lines.push(serde_json::from_str(&buffer[..end]).unwrap());
+            buffer.drain(..=end);
+        }
+    }
+    lines
+}
+
+async fn watches_stream_changes_and_resume(ts: &TestStore) {
+    let app = app(state(ts));
+    json_call(&app, "POST", "/api/v1/regions", &region("r0", 1, "edge")).await;
+    let start = ts.store.current_version().await.unwrap();
+    let request = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+    let from_now = app
+        .clone()
+        .oneshot(request("/api/v1/regions?watch=true"))
+        .await
+        .unwrap();
+    assert_eq!(from_now.status(), StatusCode::OK);
+    json_call(&app, "PUT", "/api/v1/regions/r0", &region("r0", 2, "edge")).await;
+    json_call(&app, "POST", "/api/v1/regions", &region("r1", 1, "cloud")).await;
+    json_call(&app, "POST", "/api/v1/applications", &batch("job", 1, &[])).await;
+    let lines = read_lines(from_now.into_body(), 3).await;
+    let seen: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["type"].as_str().unwrap(),
+                l["object"]["metadata"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [("ADDED", "r0"), ("MODIFIED", "r0"), ("ADDED", "r1")]);
+
+    let resumed = app
+        .clone()
+        .oneshot(request(&format!(
+            "/api/v1/regions?watch=true&resourceVersion={start}&labelSelector=tier%3Dcloud"
+        )))
+        .await
+        .unwrap();
+    let lines = read_lines(resumed.into_body(), 1).await;
+    assert_eq!(lines[0]["object"]["metadata"]["name"], "r1");
+    assert_eq!(lines[0]["type"], "ADDED");
+    let bad = get(&app, "/api/v1/regions?watch=true&resourceVersion=abc").await;
+    assert_error(&bad, StatusCode::BAD_REQUEST, "BadRequest");
+}
+
+async fn dataset_content_is_streamed_checksummed_and_bounded(ts: &TestStore) {
+    let mut config = ApiConfig::new(ts.dir.path().to_path_buf());
+    config.max_upload_bytes = 1000;
+    let app = app(state_with(ts, config));
+    let ds = json!({"metadata": {"name": "cube"}, "spec": {"format": "fits"}});
+    assert_eq!(
+        json_call(&app, "POST", "/api/v1/datasets", &ds)
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let content: Vec<u8> = (0..900u32).map(|i| (i % 251) as u8).collect();
+    let up = call(
+        &app,
+        "PUT",
+        "/api/v1/datasets/cube/content",
+        "application/octet-stream",
+        content.clone(),
+    )
+    .await;
+    assert_eq!(up.status, StatusCode::OK, "{}", up.text);
+    use sha2::Digest;
+    assert_eq!(
+        up.body["status"]["sha256"],
+        hex::encode(sha2::Sha256::digest(&content))
+    );
+    assert_eq!(up.body["status"]["size"], 900);
+    assert_eq!(up.body["status"]["phase"], "Ready");
+    let down = app
+        .clone()
+        .oneshot(
+            Request::get("/api/v1/datasets/cube/content")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let bytes = axum::body::to_bytes(down.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), content.as_slice());
+
+    let version = ts.store.current_version().await.unwrap();
+    let too_big = call(
+        &app,
+        "PUT",
+        "/api/v1/datasets/cube/content",
+        "application/octet-stream",
+        vec![0u8; 1001],
+    )
+    .await;
+    assert_error(&too_big, StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge");
+    assert_eq!(ts.store.current_version().await.unwrap(), version);
+    let down = app
+        .clone()
+        .oneshot(
+            Request::get("/api/v1/datasets/cube/content")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        axum::body::to_bytes(down.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        900
+    );
+    let leftovers = std::fs::read_dir(ts.dir.path().join("datasets"))
+        .unwrap()
+        .count();
+    assert_eq!(leftovers, 1, "a refused upload leaves no file behind");
+    assert_error(
+        &call(
+            &app,
+            "PUT",
+            "/api/v1/datasets/nope/content",
+            "application/octet-stream",
+            vec![1u8],
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "NotFound",
+    );
+    assert_eq!(
+        call(
+            &app,
+            "DELETE",
+            "/api/v1/datasets/cube",
+            "application/json",
+            Body::empty()
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    assert!(!ts.dir.path().join("datasets/cube").exists());
+}
+
+async fn status_patches_merge_and_guard(ts: &TestStore) {
+    let app = app(state(ts));
+    json_call(&app, "POST", "/api/v1/regions", &region("r0", 1, "edge")).await;
+    let patched = call(
+        &app,
+        "PATCH",
+        "/api/v1/regions/r0/status",
+        "application/merge-patch+json",
+        json!({"status": {"phase": "Ready", "load": 0.5}}).to_string(),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.text);
+    assert_eq!(patched.body["status"]["phase"], "Ready");
+    assert_eq!(patched.body["status"]["load"], 0.5);
+    let cleared = call(
+        &app,
+        "PATCH",
+        "/api/v1/regions/r0/status",
+        "application/json",
+        json!({"status": {"message": null}}).to_string(),
+    )
+    .await;
+    assert!(cleared.body["status"].get("message").is_none());
+    let not_status = call(
+        &app,
+        "PATCH",
+        "/api/v1/regions/r0/status",
+        "application/json",
+        json!({"spec": {}}).to_string(),
+    )
+    .await;
+    assert_error(&not_status, StatusCode::BAD_REQUEST, "BadRequest");
+    let stale = call(
+        &app,
+        "PATCH",
+        "/api/v1/regions/r0/status",
+        "application/json",
+        json!({"metadata": {"resourceVersion": "1"}, "status": {"load": 1.0}}).to_string(),
+    )
+    .await;
+    assert_error(&stale, StatusCode::CONFLICT, "Conflict");
+}
+
+fn context(ts: &TestStore) -> Context {
+    Context {
+        store: ts.store.clone(),
+        driver: Arc::new(ceccm_federation::local::LocalDriver::new(
+            ceccm_federation::local::WorkerCommand {
+                program: "true".into(),
+                args: vec![],
+            },
+        )),
+        data_dir: ts.dir.path().to_path_buf(),
+    }
+}
+
+/// Runs the application reconciler until it asks to wait for a change.
+async fn settle(ctx: &Context, name: &str) -> Value {
+    for _ in 0..20 {
+        let Some(app) = ctx.store.get(Kind::Application, name).await.unwrap() else {
+            break;
+        };
+        match crate::reconcile::application::reconcile(app, ctx)
+            .await
+            .unwrap()
+        {
+            Action::Requeue(d) if d.is_zero() => continue,
+            _ => break,
+        }
+    }
+    ctx.store
+        .get(Kind::Application, name)
+        .await
+        .unwrap()
+        .unwrap_or(Value::Null)
+}
+
+async fn tasks_flow_through_leases_to_a_succeeded_application(ts: &TestStore) {
+    let app = app(state(ts));
+    let ctx = context(ts);
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 2, "edge"),
+    )
+    .await;
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        &batch("job", 3, &["edge-a"]),
+    )
+    .await;
+    let waiting = settle(&ctx, "job").await;
+    assert_eq!(waiting["status"]["phase"], "Scheduling");
+    assert_eq!(
+        waiting["status"]["conditions"][0]["reason"],
+        "Unschedulable"
+    );
+    call(
+        &app,
+        "PATCH",
+        "/api/v1/regions/edge-a/status",
+        "application/json",
+        json!({"status": {"phase": "Ready"}}).to_string(),
+    )
+    .await;
+    let running = settle(&ctx, "job").await;
+    assert_eq!(running["status"]["phase"], "Running");
+    assert_eq!(running["status"]["placements"][0]["region"], "edge-a");
+    assert_eq!(running["status"]["placements"][0]["tasks"], 3);
+    assert!(
+        running["status"]["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("edge-a")
+    );
+
+    let lease = |worker: &str| json!({"worker": worker, "region": "edge-a", "leaseSeconds": 30});
+    let first = json_call(&app, "POST", "/api/v1/tasks:lease", &lease("w1")).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert_eq!(first.body["metadata"]["name"], "job-00000");
+    assert_eq!(first.body["status"]["state"], "Leased");
+    let hb = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks/job-00000/heartbeat",
+        &json!({"worker": "w1", "leaseSeconds": 30}),
+    )
+    .await;
+    assert_eq!(hb.status, StatusCode::OK);
+    let thief = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks/job-00000/heartbeat",
+        &json!({"worker": "w2"}),
+    )
+    .await;
+    assert_error(&thief, StatusCode::CONFLICT, "Conflict");
+    let done = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks/job-00000/complete",
+        &json!({"worker": "w1", "result": {"stdout": "0\n"}, "cpuSeconds": 0.5}),
+    )
+    .await;
+    assert_eq!(done.body["status"]["state"], "Done");
+    let twice = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks/job-00000/complete",
+        &json!({"worker": "w2", "result": {"stdout": "dup"}}),
+    )
+    .await;
+    assert_error(&twice, StatusCode::CONFLICT, "Conflict");
+
+    // Task 1 fails twice (maxAttempts 2): dead-lettered; task 2 completes.
+    for worker in ["w1", "w2"] {
+        let leased = json_call(&app, "POST", "/api/v1/tasks:lease", &lease(worker)).await;
+        assert_eq!(leased.body["metadata"]["name"], "job-00001");
+        let failed = json_call(
+            &app,
+            "POST",
+            "/api/v1/tasks/job-00001/fail",
+            &json!({"worker": worker, "error": "exit 1"}),
+        )
+        .await;
+        assert_eq!(failed.status, StatusCode::OK, "{}", failed.text);
+    }
+    assert_eq!(
+        get(&app, "/api/v1/tasks/job-00001").await.body["status"]["state"],
+        "DeadLettered"
+    );
+    let leased = json_call(&app, "POST", "/api/v1/tasks:lease", &lease("w1")).await;
+    assert_eq!(leased.body["metadata"]["name"], "job-00002");
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks/job-00002/complete",
+        &json!({"worker": "w1", "result": {}}),
+    )
+    .await;
+    let empty = json_call(&app, "POST", "/api/v1/tasks:lease", &lease("w1")).await;
+    assert_eq!(empty.status, StatusCode::NO_CONTENT);
+
+    let failed = settle(&ctx, "job").await;
+    assert_eq!(failed["status"]["phase"], "Failed");
+    assert_eq!(
+        failed["status"]["progress"],
+        json!({"done": 2, "failed": 1, "total": 3})
+    );
+    assert_eq!(ts.store.task_results("job").await.unwrap().len(), 2);
+    let events = get(
+        &app,
+        "/api/v1/events?fieldSelector=involvedObject.kind%3DApplication,involvedObject.name%3Djob",
+    )
+    .await;
+    let reasons: Vec<&str> = events.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    for reason in [
+        "Scheduling",
+        "Unschedulable",
+        "Scheduled",
+        "TaskDeadLettered",
+    ] {
+        assert!(reasons.contains(&reason), "{reasons:?}");
+    }
+    let logs = get(&app, "/api/v1/applications/job/logs?task=job-00001").await;
+    assert!(logs.text.contains("error: exit 1"), "{}", logs.text);
+
+    // Deleting releases tasks and results, then the finalizer lets the object go.
+    call(
+        &app,
+        "DELETE",
+        "/api/v1/applications/job",
+        "application/json",
+        Body::empty(),
+    )
+    .await;
+    settle(&ctx, "job").await;
+    assert_error(
+        &get(&app, "/api/v1/applications/job").await,
+        StatusCode::NOT_FOUND,
+        "NotFound",
+    );
+    assert!(
+        get(&app, "/api/v1/tasks").await.body["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(ts.store.task_results("job").await.unwrap().is_empty());
+}
+
+async fn expired_leases_requeue(ts: &TestStore) {
+    let app = app(state(ts));
+    let ctx = context(ts);
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 1, "edge"),
+    )
+    .await;
+    call(
+        &app,
+        "PATCH",
+        "/api/v1/regions/edge-a/status",
+        "application/json",
+        json!({"status": {"phase": "Ready"}}).to_string(),
+    )
+    .await;
+    json_call(&app, "POST", "/api/v1/applications", &batch("job", 1, &[])).await;
+    settle(&ctx, "job").await;
+    let leased = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w1", "region": "edge-a", "leaseSeconds": 1}),
+    )
+    .await;
+    assert_eq!(leased.status, StatusCode::OK);
+    let requeued = crate::testing::poll(|| async {
+        let n = crate::queue::expire_leases(&ts.store).await.unwrap();
+        (!n.is_empty()).then_some(n)
+    })
+    .await;
+    assert_eq!(requeued[0]["status"]["state"], "Queued");
+    assert_eq!(requeued[0]["status"]["attempts"], 1);
+    let late = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks/job-00000/heartbeat",
+        &json!({"worker": "w1"}),
+    )
+    .await;
+    assert_error(&late, StatusCode::CONFLICT, "Conflict");
+    let again = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w2", "region": "edge-a"}),
+    )
+    .await;
+    assert_eq!(again.body["status"]["attempts"], 2);
+}
+
+async fn health_readiness_and_metrics(ts: &TestStore) {
+    let app = app(state(ts));
+    assert_eq!(get(&app, "/healthz").await.status, StatusCode::OK);
+    assert_eq!(get(&app, "/readyz").await.status, StatusCode::OK);
+    json_call(&app, "POST", "/api/v1/regions", &region("r0", 1, "edge")).await;
+    get(&app, "/api/v1/regions/r0").await;
+    let metrics = get(&app, "/metrics").await.text;
+    assert!(metrics.contains("ceccm_http_requests_total{method=\"GET\",route=\"/api/v1/{plural}/{name}\",status=\"200\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("ceccm_objects{kind=\"Region\",phase=\"NotReady\"} 1"),
+        "{metrics}"
+    );
+    ts.store.close().await;
+    assert_error(
+        &get(&app, "/readyz").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+    );
+}
+
+async fn followed_logs_stream_each_finished_task_until_the_end(ts: &TestStore) {
+    let app = app(state(ts));
+    let ctx = context(ts);
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 1, "edge"),
+    )
+    .await;
+    call(
+        &app,
+        "PATCH",
+        "/api/v1/regions/edge-a/status",
+        "application/json",
+        json!({"status": {"phase": "Ready"}}).to_string(),
+    )
+    .await;
+    json_call(&app, "POST", "/api/v1/applications", &batch("job", 2, &[])).await;
+    settle(&ctx, "job").await;
+    let followed = app
+        .clone()
+        .oneshot(
+            Request::get("/api/v1/applications/job/logs?follow=true")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(followed.status(), StatusCode::OK);
+    for (i, out) in ["zero", "one"].iter().enumerate() {
+        let lease = json!({"worker": "w1", "region": "edge-a"});
+        let leased = json_call(&app, "POST", "/api/v1/tasks:lease", &lease).await;
+        let name = leased.body["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(name, format!("job-{i:05}"));
+        json_call(
+            &app,
+            "POST",
+            &format!("/api/v1/tasks/{name}/complete"),
+            &json!({"worker": "w1", "result": {"stdout": format!("{out}\n")}}),
+        )
+        .await;
+    }
+    assert_eq!(settle(&ctx, "job").await["status"]["phase"], "Succeeded");
+    // The stream ends by itself once the application has.
+    let bytes = tokio::time::timeout(
+        Duration::from_secs(20),
+        axum::body::to_bytes(followed.into_body(), usize::MAX),
+    )
+    .await
+    .expect("the followed log ends with the application")
+    .unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert_eq!(
+        text,
+        "==> job-00000 [Done] worker=w1 attempts=1\nzero\n==> job-00001 [Done] worker=w1 attempts=1\none\n"
+    );
+}
+
+store_suite!(
+    crud_follows_kubectl_conventions,
+    bad_input_answers_errors_and_changes_nothing,
+    yaml_bodies_and_dry_runs,
+    lists_select_and_paginate,
+    watches_stream_changes_and_resume,
+    dataset_content_is_streamed_checksummed_and_bounded,
+    status_patches_merge_and_guard,
+    tasks_flow_through_leases_to_a_succeeded_application,
+    expired_leases_requeue,
+    health_readiness_and_metrics,
+    followed_logs_stream_each_finished_task_until_the_end,
+);
+
+#[test]
+fn committed_openapi_matches_the_router() {
+    let generated = crate::api::openapi_yaml();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/openapi.yaml");
+    if std::env::var_os("CECCM_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "api/openapi.yaml differs from what the router generates; regenerate it with \
+         `CECCM_UPDATE_OPENAPI=1 cargo test -p ceccm-controller committed_openapi` and commit it"
+    );
+}

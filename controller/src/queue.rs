@@ -1,0 +1,504 @@
+//! The embedded task queue: tasks are store objects; workers lease them over HTTP.
+//!
+//! Life cycle: `Queued -> Leased(worker, deadline) -> Done | Failed (attempts < max -> Queued) |
+//! DeadLettered`. The transitions are pure functions over `TaskStatus`; the async functions
+//! below apply them atomically through the store. A task's result is written once: the first
+//! completion wins, later ones (a redelivered task finishing twice) change nothing.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::resources::{Kind, TaskObject, TaskSpec, TaskState, TaskStatus, typed};
+use crate::store::{Change, Query, Store, TaskResultRow};
+use crate::time::{format_millis, now_millis};
+
+/// Bounds on what workers may ask for.
+pub const MAX_LEASE_SECONDS: u32 = 3600;
+/// Task output kept in the store, per stream.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LeaseRequest {
+    pub worker: String,
+    pub region: String,
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u32,
+}
+
+fn default_lease_seconds() -> u32 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeartbeatRequest {
+    pub worker: String,
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CompleteRequest {
+    pub worker: String,
+    /// What the task produced: for command tasks `{exitCode, stdout, stderr}`.
+    #[schema(value_type = Object)]
+    pub result: Value,
+    #[serde(default)]
+    pub cpu_seconds: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FailRequest {
+    pub worker: String,
+    pub error: String,
+    #[serde(default)]
+    pub cpu_seconds: f64,
+}
+
+/// Why a transition was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NotQueued,
+    LeaseLost { holder: Option<String> },
+    Finished(TaskState),
+}
+
+pub fn on_lease(
+    status: &TaskStatus,
+    worker: &str,
+    now_ms: i64,
+    lease_ms: i64,
+) -> Result<TaskStatus, Refusal> {
+    if status.state != TaskState::Queued {
+        return Err(Refusal::NotQueued);
+    }
+    Ok(TaskStatus {
+        state: TaskState::Leased,
+        attempts: status.attempts + 1,
+        worker: Some(worker.to_string()),
+        lease_deadline: Some(format_millis(now_ms + lease_ms)),
+        start_time: Some(format_millis(now_ms)),
+        error: None,
+        ..status.clone()
+    })
+}
+
+fn held_by(status: &TaskStatus, worker: &str) -> Result<(), Refusal> {
+    match status.state {
+        TaskState::Leased if status.worker.as_deref() == Some(worker) => Ok(()),
+        TaskState::Done | TaskState::DeadLettered => Err(Refusal::Finished(status.state)),
+        _ => Err(Refusal::LeaseLost {
+            holder: status.worker.clone(),
+        }),
+    }
+}
+
+pub fn on_heartbeat(
+    status: &TaskStatus,
+    worker: &str,
+    now_ms: i64,
+    lease_ms: i64,
+) -> Result<TaskStatus, Refusal> {
+    held_by(status, worker)?;
+    Ok(TaskStatus {
+        lease_deadline: Some(format_millis(now_ms + lease_ms)),
+        ..status.clone()
+    })
+}
+
+/// The first completion wins, whoever holds the lease now: the work is done and its result is
+/// as good as any later one. A finished task refuses.
+pub fn on_complete(
+    status: &TaskStatus,
+    worker: &str,
+    result: Value,
+    cpu_seconds: f64,
+    joules: f64,
+    now_ms: i64,
+) -> Result<TaskStatus, Refusal> {
+    if matches!(status.state, TaskState::Done | TaskState::DeadLettered) {
+        return Err(Refusal::Finished(status.state));
+    }
+    Ok(TaskStatus {
+        state: TaskState::Done,
+        worker: Some(worker.to_string()),
+        lease_deadline: None,
+        completion_time: Some(format_millis(now_ms)),
+        cpu_seconds: status.cpu_seconds + cpu_seconds,
+        energy_joules: status.energy_joules + joules,
+        result: Some(result),
+        error: None,
+        ..status.clone()
+    })
+}
+
+/// A failed attempt (reported, or a lease that expired): back to the queue while attempts
+/// remain, else dead-lettered.
+pub fn on_attempt_failed(
+    status: &TaskStatus,
+    max_attempts: u32,
+    error: String,
+    cpu_seconds: f64,
+    joules: f64,
+) -> TaskStatus {
+    let state = if status.attempts >= max_attempts {
+        TaskState::DeadLettered
+    } else {
+        TaskState::Queued
+    };
+    TaskStatus {
+        state,
+        worker: None,
+        lease_deadline: None,
+        cpu_seconds: status.cpu_seconds + cpu_seconds,
+        energy_joules: status.energy_joules + joules,
+        error: Some(error),
+        ..status.clone()
+    }
+}
+
+fn refused(name: &str, refusal: Refusal) -> ApiError {
+    let message = match &refusal {
+        Refusal::NotQueued => format!("task {name:?} is not queued"),
+        Refusal::LeaseLost { holder } => format!(
+            "task {name:?} is not leased to this worker (holder: {})",
+            holder.as_deref().unwrap_or("none")
+        ),
+        Refusal::Finished(state) => format!("task {name:?} is already {state:?}"),
+    };
+    ApiError::new(ErrorCode::Conflict, message).with_details(json!({"kind": "Task", "name": name}))
+}
+
+fn task_of(object: &Value) -> Result<TaskObject, ApiError> {
+    Ok(typed::<TaskSpec, TaskStatus>(object)?)
+}
+
+fn with_status(mut object: Value, status: &TaskStatus) -> Value {
+    object["status"] = serde_json::to_value(status).unwrap_or_default();
+    object
+}
+
+fn check_lease_seconds(seconds: u32) -> Result<i64, ApiError> {
+    if !(1..=MAX_LEASE_SECONDS).contains(&seconds) {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            format!("leaseSeconds must be 1 to {MAX_LEASE_SECONDS}"),
+        ));
+    }
+    Ok(i64::from(seconds) * 1000)
+}
+
+/// Leases the first queued task of `region` whose application is runnable (not suspended,
+/// not being deleted). `None` when there is nothing to do.
+pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value>, ApiError> {
+    let lease_ms = check_lease_seconds(request.lease_seconds)?;
+    if request.worker.is_empty() || request.worker.len() > 253 {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            "worker must be 1 to 253 characters",
+        ));
+    }
+    let mut after: Option<String> = None;
+    let mut blocked_apps: Vec<String> = Vec::new();
+    loop {
+        let query = Query {
+            phase: Some("Queued"),
+            region: Some(&request.region),
+            after: after.as_deref(),
+            limit: Some(32),
+            ..Default::default()
+        };
+        let candidates = store.list(Kind::Task, &query).await?;
+        let Some(last) = candidates.last() else {
+            return Ok(None);
+        };
+        after = last["metadata"]["name"].as_str().map(str::to_string);
+        for candidate in candidates {
+            let task = task_of(&candidate)?;
+            if blocked_apps.contains(&task.spec.application) {
+                continue;
+            }
+            if !application_runnable(store, &task.spec.application).await? {
+                blocked_apps.push(task.spec.application);
+                continue;
+            }
+            let name = task.metadata.name.clone();
+            let worker = request.worker.clone();
+            let written = store
+                .write(Kind::Task, &name, |current| -> Result<Change, ApiError> {
+                    let Some(object) = current else {
+                        return Ok(Change::Keep);
+                    };
+                    let task = task_of(&object)?;
+                    match on_lease(
+                        &task.status.unwrap_or(queued()),
+                        &worker,
+                        now_millis(),
+                        lease_ms,
+                    ) {
+                        Ok(status) => Ok(Change::Put(with_status(object, &status))),
+                        // Someone else took it between our read and this write.
+                        Err(_) => Ok(Change::Keep),
+                    }
+                })
+                .await?;
+            if written.changed {
+                return Ok(written.object);
+            }
+        }
+    }
+}
+
+fn queued() -> TaskStatus {
+    TaskStatus {
+        state: TaskState::Queued,
+        attempts: 0,
+        region: None,
+        worker: None,
+        lease_deadline: None,
+        start_time: None,
+        completion_time: None,
+        cpu_seconds: 0.0,
+        energy_joules: 0.0,
+        result: None,
+        error: None,
+    }
+}
+
+async fn application_runnable(store: &Store, application: &str) -> Result<bool, ApiError> {
+    let Some(app) = store.get(Kind::Application, application).await? else {
+        return Ok(false);
+    };
+    let suspended = app["spec"]["suspend"].as_bool().unwrap_or(false);
+    let deleting = app["metadata"]["deletionTimestamp"].is_string();
+    Ok(!suspended && !deleting)
+}
+
+/// Applies a transition to one task; 404 if it is gone, 409 if refused.
+async fn transition(
+    store: &Store,
+    name: &str,
+    step: impl FnOnce(&TaskObject) -> Result<(TaskStatus, Option<TaskResultRow>), Refusal>,
+) -> Result<Value, ApiError> {
+    let written = store
+        .write(Kind::Task, name, |current| -> Result<Change, ApiError> {
+            let Some(object) = current else {
+                return Err(ApiError::not_found("Task", name));
+            };
+            let task = task_of(&object)?;
+            let (status, result) = step(&task).map_err(|r| refused(name, r))?;
+            let object = with_status(object, &status);
+            Ok(match result {
+                Some(row) => Change::PutWithResult(object, row),
+                None => Change::Put(object),
+            })
+        })
+        .await?;
+    Ok(written.object.unwrap_or_default())
+}
+
+pub async fn heartbeat(
+    store: &Store,
+    name: &str,
+    request: &HeartbeatRequest,
+) -> Result<Value, ApiError> {
+    let lease_ms = check_lease_seconds(request.lease_seconds)?;
+    transition(store, name, |task| {
+        let status = task.status.clone().unwrap_or(queued());
+        Ok((
+            on_heartbeat(&status, &request.worker, now_millis(), lease_ms)?,
+            None,
+        ))
+    })
+    .await
+}
+
+/// Joules for `cpu_seconds` of work in the task's region (0 when the region is unknown).
+async fn task_joules(store: &Store, name: &str, cpu_seconds: f64) -> Result<f64, ApiError> {
+    let Some(task) = store.get(Kind::Task, name).await? else {
+        return Err(ApiError::not_found("Task", name));
+    };
+    let Some(region) = task["status"]["region"].as_str() else {
+        return Ok(0.0);
+    };
+    let Some(region) = store.get(Kind::Region, region).await? else {
+        return Ok(0.0);
+    };
+    let profile: ceccm_federation::region::EnergyProfile =
+        serde_json::from_value(region["spec"]["energy"].clone()).unwrap_or_default();
+    Ok(profile.work_joules(cpu_seconds))
+}
+
+fn check_cpu(cpu_seconds: f64) -> Result<(), ApiError> {
+    if cpu_seconds.is_finite() && cpu_seconds >= 0.0 {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::Invalid,
+            "cpuSeconds must be a finite number >= 0",
+        ))
+    }
+}
+
+pub async fn complete(
+    store: &Store,
+    name: &str,
+    request: CompleteRequest,
+) -> Result<Value, ApiError> {
+    check_cpu(request.cpu_seconds)?;
+    let joules = task_joules(store, name, request.cpu_seconds).await?;
+    transition(store, name, |task| {
+        let status = task.status.clone().unwrap_or(queued());
+        let row = TaskResultRow {
+            task: name.to_string(),
+            application: task.spec.application.clone(),
+            index: i64::from(task.spec.index),
+            worker: request.worker.clone(),
+            body: json!({"task": name, "index": task.spec.index, "worker": request.worker,
+                         "result": request.result})
+            .to_string(),
+        };
+        let done = on_complete(
+            &status,
+            &request.worker,
+            request.result,
+            request.cpu_seconds,
+            joules,
+            now_millis(),
+        )?;
+        Ok((done, Some(row)))
+    })
+    .await
+}
+
+pub async fn fail(store: &Store, name: &str, request: FailRequest) -> Result<Value, ApiError> {
+    check_cpu(request.cpu_seconds)?;
+    let joules = task_joules(store, name, request.cpu_seconds).await?;
+    transition(store, name, |task| {
+        let status = task.status.clone().unwrap_or(queued());
+        held_by(&status, &request.worker)?;
+        let error: String = request.error.chars().take(4096).collect();
+        Ok((
+            on_attempt_failed(
+                &status,
+                task.spec.max_attempts,
+                error,
+                request.cpu_seconds,
+                joules,
+            ),
+            None,
+        ))
+    })
+    .await
+}
+
+/// Requeues (or dead-letters) every task whose lease has expired. Returns how many.
+pub async fn expire_leases(store: &Store) -> Result<Vec<Value>, ApiError> {
+    let now = now_millis();
+    let expired = store
+        .list(
+            Kind::Task,
+            &Query {
+                phase: Some("Leased"),
+                deadline_before_ms: Some(now),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut requeued = Vec::new();
+    for object in expired {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let written = store
+            .write(Kind::Task, &name, |current| -> Result<Change, ApiError> {
+                let Some(object) = current else {
+                    return Ok(Change::Keep);
+                };
+                let task = task_of(&object)?;
+                let status = task.status.clone().unwrap_or(queued());
+                let deadline = status
+                    .lease_deadline
+                    .as_deref()
+                    .and_then(crate::time::parse_millis);
+                // Re-check under the write lock: a heartbeat may have extended it.
+                if status.state != TaskState::Leased || deadline.is_none_or(|d| d >= now) {
+                    return Ok(Change::Keep);
+                }
+                let error = format!(
+                    "lease of worker {} expired",
+                    status.worker.as_deref().unwrap_or("?")
+                );
+                let next = on_attempt_failed(&status, task.spec.max_attempts, error, 0.0, 0.0);
+                Ok(Change::Put(with_status(object, &next)))
+            })
+            .await?;
+        if let (true, Some(object)) = (written.changed, written.object) {
+            requeued.push(object);
+        }
+    }
+    Ok(requeued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_then_heartbeat_then_complete() {
+        let leased = on_lease(&queued(), "w1", 1000, 5000).unwrap();
+        assert_eq!(leased.state, TaskState::Leased);
+        assert_eq!(leased.attempts, 1);
+        assert_eq!(
+            leased.lease_deadline.as_deref(),
+            Some("1970-01-01T00:00:06.000Z")
+        );
+        assert_eq!(on_lease(&leased, "w2", 1000, 5000), Err(Refusal::NotQueued));
+        let extended = on_heartbeat(&leased, "w1", 4000, 5000).unwrap();
+        assert_eq!(
+            extended.lease_deadline.as_deref(),
+            Some("1970-01-01T00:00:09.000Z")
+        );
+        assert!(matches!(
+            on_heartbeat(&leased, "w2", 4000, 5000),
+            Err(Refusal::LeaseLost { .. })
+        ));
+        let done = on_complete(&extended, "w1", json!({"exitCode": 0}), 1.5, 3.0, 9000).unwrap();
+        assert_eq!(done.state, TaskState::Done);
+        assert_eq!(done.cpu_seconds, 1.5);
+        assert_eq!(
+            on_complete(&done, "w1", json!({}), 0.0, 0.0, 9001),
+            Err(Refusal::Finished(TaskState::Done))
+        );
+    }
+
+    #[test]
+    fn failed_attempts_requeue_until_max_then_dead_letter() {
+        let first = on_lease(&queued(), "w1", 0, 1000).unwrap();
+        let requeued = on_attempt_failed(&first, 2, "boom".into(), 0.5, 1.0);
+        assert_eq!(requeued.state, TaskState::Queued);
+        assert_eq!(requeued.worker, None);
+        let second = on_lease(&requeued, "w2", 0, 1000).unwrap();
+        assert_eq!(second.attempts, 2);
+        let dead = on_attempt_failed(&second, 2, "boom".into(), 0.5, 1.0);
+        assert_eq!(dead.state, TaskState::DeadLettered);
+        assert_eq!(dead.cpu_seconds, 1.0);
+        assert_eq!(dead.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn a_late_completion_by_a_previous_holder_still_counts_once() {
+        let first = on_lease(&queued(), "w1", 0, 1000).unwrap();
+        let expired = on_attempt_failed(&first, 3, "lease expired".into(), 0.0, 0.0);
+        let second = on_lease(&expired, "w2", 2000, 1000).unwrap();
+        let done = on_complete(&second, "w1", json!({"by": "w1"}), 0.0, 0.0, 2500).unwrap();
+        assert_eq!(done.worker.as_deref(), Some("w1"));
+        assert!(on_complete(&done, "w2", json!({"by": "w2"}), 0.0, 0.0, 2600).is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! `ceccm server`: the store, the API, the reconcilers and the local region driver in one
+//! process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ceccm_federation::RegionDriver;
+use ceccm_federation::local::{LocalDriver, WorkerCommand};
+use tokio::sync::watch;
+
+use crate::api::{ApiConfig, AppState};
+use crate::reconcile::{self, Context};
+use crate::resources::Kind;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    /// Lease length the local driver's workers ask for.
+    pub lease_seconds: u32,
+    /// The program the local driver starts as a worker (normally this `ceccm` binary).
+    pub worker_program: PathBuf,
+}
+
+/// A started server: its address, and the handles to stop it.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub store: Arc<Store>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    driver: Arc<dyn RegionDriver>,
+}
+
+impl RunningServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving, stops every worker, and closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.driver.release_all();
+        self.store.close().await;
+    }
+}
+
+pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
+    std::fs::create_dir_all(&options.data_dir)?;
+    let store = Arc::new(Store::open(&options.data_dir, options.database_url.as_deref()).await?);
+    let listener = tokio::net::TcpListener::bind(options.listen).await?;
+    let addr = listener.local_addr()?;
+    let driver: Arc<dyn RegionDriver> = Arc::new(LocalDriver::new(WorkerCommand {
+        program: options.worker_program.clone(),
+        args: vec![
+            "worker".into(),
+            "--server".into(),
+            format!("http://{addr}"),
+            "--lease-seconds".into(),
+            options.lease_seconds.to_string(),
+        ],
+    }));
+    let state = AppState {
+        store: store.clone(),
+        config: Arc::new(ApiConfig::new(options.data_dir.clone())),
+        metrics: Default::default(),
+    };
+    let ctx = Arc::new(Context {
+        store: store.clone(),
+        driver: driver.clone(),
+        data_dir: options.data_dir.clone(),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let app = crate::api::app(state);
+    let mut serve_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = serve_stop.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+    tasks.push(tokio::spawn(reconcile::run(
+        ctx.clone(),
+        Kind::Region,
+        &[Kind::Region, Kind::Task],
+        Duration::from_secs(1),
+        reconcile::region::reconcile_boxed,
+        stopped.clone(),
+    )));
+    tasks.push(tokio::spawn(reconcile::run(
+        ctx.clone(),
+        Kind::Application,
+        &[Kind::Application, Kind::Task, Kind::Region],
+        Duration::from_secs(2),
+        reconcile::application::reconcile_boxed,
+        stopped.clone(),
+    )));
+    tasks.push(tokio::spawn(reconcile::expire_leases(
+        ctx,
+        Duration::from_millis(500),
+        stopped,
+    )));
+    Ok(RunningServer {
+        addr,
+        store,
+        stop,
+        tasks,
+        driver,
+    })
+}
+
+/// `ceccm server`: runs until Ctrl-C or SIGTERM.
+pub async fn serve(options: ServerOptions) -> anyhow::Result<()> {
+    let server = start(options).await?;
+    // The e2e harness and scripts read this exact line to learn the port.
+    println!("ceccm listening on {}", server.url());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}

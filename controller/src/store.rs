@@ -1,0 +1,594 @@
+//! The state store: every object as JSON in one table, through sqlx on SQLite (default, WAL) or
+//! PostgreSQL, with the same migrations and the same code.
+//!
+//! Writes go through one in-process lock, so resource versions commit in order: a watcher that
+//! saw version N has seen every change up to N. Each write also appends to `changes`, which
+//! watches replay from, and is then broadcast to live watchers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sqlx::{AnyPool, ConnectOptions, Connection, Row};
+use tokio::sync::{Mutex, broadcast};
+
+use crate::resources::{IndexColumns, Kind};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How many changes watches can resume from.
+pub const RETAINED_CHANGES: i64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(#[from] sqlx::Error),
+    #[error("store holds a malformed object: {0}")]
+    Corrupt(String),
+    #[error("store migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ChangeType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl ChangeType {
+    fn as_str(self) -> &'static str {
+        match self {
+            ChangeType::Added => "ADDED",
+            ChangeType::Modified => "MODIFIED",
+            ChangeType::Deleted => "DELETED",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "ADDED" => Ok(ChangeType::Added),
+            "MODIFIED" => Ok(ChangeType::Modified),
+            "DELETED" => Ok(ChangeType::Deleted),
+            other => Err(StoreError::Corrupt(format!("change type {other:?}"))),
+        }
+    }
+}
+
+/// One committed change, as watchers receive it.
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    pub resource_version: i64,
+    pub kind: Kind,
+    pub change: ChangeType,
+    /// The object as JSON text.
+    pub body: Arc<str>,
+}
+
+/// What a write closure decides, given the current object (if any).
+pub enum Change {
+    Keep,
+    Put(Value),
+    /// Put, and record a task's result in the same transaction unless one exists already.
+    PutWithResult(Value, TaskResultRow),
+    Delete,
+}
+
+pub struct TaskResultRow {
+    pub task: String,
+    pub application: String,
+    pub index: i64,
+    pub worker: String,
+    pub body: String,
+}
+
+/// The object after a write (`None` once deleted), and whether anything was written.
+pub struct Written {
+    pub object: Option<Value>,
+    pub changed: bool,
+    pub created: bool,
+}
+
+/// Filters over the indexed columns.
+#[derive(Debug, Default, Clone)]
+pub struct Query<'a> {
+    pub phase: Option<&'a str>,
+    pub region: Option<&'a str>,
+    pub owner: Option<&'a str>,
+    /// Only objects whose deadline lies before this instant (ms since the epoch).
+    pub deadline_before_ms: Option<i64>,
+    /// Names strictly after this one (pagination).
+    pub after: Option<&'a str>,
+    pub limit: Option<i64>,
+}
+
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    write: Mutex<()>,
+    changes: broadcast::Sender<ChangeEvent>,
+    mirror: RwLock<Mirror>,
+}
+
+/// In-memory copy of the user kinds (regions, applications, datasets: few, read often), kept
+/// in step by `write` after each commit, so that gets and plain lists of them never wait on the
+/// database. It assumes this process is the store's only writer, as the write lock already does.
+#[derive(Default)]
+struct Mirror {
+    version: i64,
+    objects: HashMap<Kind, BTreeMap<String, Arc<str>>>,
+}
+
+fn mirrored(kind: Kind) -> bool {
+    matches!(kind, Kind::Region | Kind::Application | Kind::Dataset)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store and applies the embedded migrations.
+    /// `database_url` of `None` means `DATA_DIR/ceccm.db` on SQLite in WAL mode.
+    pub async fn open(data_dir: &Path, database_url: Option<&str>) -> Result<Store, StoreError> {
+        install_default_drivers();
+        let (url, backend) = match database_url {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                (url.to_string(), Backend::Postgres)
+            }
+            Some(url) => (url.to_string(), Backend::Sqlite),
+            None => {
+                let path = data_dir.join("ceccm.db");
+                (format!("sqlite://{}", path.display()), Backend::Sqlite)
+            }
+        };
+        if backend == Backend::Sqlite {
+            // WAL is a property of the database file: set it once, every later connection uses it.
+            let mut conn = SqliteConnectOptions::from_str(&url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .connect()
+                .await?;
+            conn.ping().await?;
+            conn.close().await?;
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        let (changes, _) = broadcast::channel(4096);
+        let store = Store {
+            pool,
+            backend,
+            write: Mutex::new(()),
+            changes,
+            mirror: RwLock::new(Mirror::default()),
+        };
+        store.load_mirror().await?;
+        Ok(store)
+    }
+
+    async fn load_mirror(&self) -> Result<(), StoreError> {
+        let mut mirror = Mirror::default();
+        for kind in Kind::ALL.into_iter().filter(|k| mirrored(*k)) {
+            let (version, rows) = self.list_from_database(kind, &Query::default()).await?;
+            mirror.version = version;
+            mirror.objects.insert(
+                kind,
+                rows.into_iter().map(|(n, b)| (n, Arc::from(b))).collect(),
+            );
+        }
+        *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = mirror;
+        Ok(())
+    }
+
+    /// Serves a plain list (no filter on indexed columns) of a mirrored kind from memory.
+    fn list_from_mirror(
+        &self,
+        kind: Kind,
+        query: &Query<'_>,
+    ) -> Option<(i64, Vec<(String, String)>)> {
+        let plain = query.phase.is_none()
+            && query.region.is_none()
+            && query.owner.is_none()
+            && query.deadline_before_ms.is_none();
+        if !mirrored(kind) || !plain {
+            return None;
+        }
+        let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
+        let objects = mirror.objects.get(&kind)?;
+        let range = match query.after {
+            Some(after) => objects
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => objects.range::<str, _>(..),
+        };
+        let limit = query.limit.map_or(usize::MAX, |l| l.max(0) as usize);
+        let items = range
+            .take(limit)
+            .map(|(n, b)| (n.clone(), b.to_string()))
+            .collect();
+        Some((mirror.version, items))
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
+        self.changes.subscribe()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn get(&self, kind: Kind, name: &str) -> Result<Option<Value>, StoreError> {
+        self.get_raw(kind, name)
+            .await?
+            .map(|b| parse(&b))
+            .transpose()
+    }
+
+    /// The object as stored JSON text.
+    pub async fn get_raw(&self, kind: Kind, name: &str) -> Result<Option<String>, StoreError> {
+        if mirrored(kind) {
+            let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
+            return Ok(mirror
+                .objects
+                .get(&kind)
+                .and_then(|m| m.get(name))
+                .map(|b| b.to_string()));
+        }
+        let row = sqlx::query("SELECT body FROM objects WHERE kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get::<String, _>(0)))
+    }
+
+    /// Objects of `kind` matching `query`, by name, as JSON text; with the store's resource
+    /// version read in the same transaction.
+    pub async fn list_raw(
+        &self,
+        kind: Kind,
+        query: &Query<'_>,
+    ) -> Result<(i64, Vec<(String, String)>), StoreError> {
+        match self.list_from_mirror(kind, query) {
+            Some(found) => Ok(found),
+            None => self.list_from_database(kind, query).await,
+        }
+    }
+
+    async fn list_from_database(
+        &self,
+        kind: Kind,
+        query: &Query<'_>,
+    ) -> Result<(i64, Vec<(String, String)>), StoreError> {
+        let mut sql = String::from("SELECT name, body FROM objects WHERE kind = $1");
+        let mut binds: Vec<String> = vec![kind.as_str().to_string()];
+        for (column, value) in [
+            ("phase", query.phase),
+            ("region", query.region),
+            ("owner", query.owner),
+        ] {
+            if let Some(value) = value {
+                binds.push(value.to_string());
+                sql.push_str(&format!(" AND {column} = ${}", binds.len()));
+            }
+        }
+        if let Some(after) = query.after {
+            binds.push(after.to_string());
+            sql.push_str(&format!(" AND name > ${}", binds.len()));
+        }
+        if let Some(ms) = query.deadline_before_ms {
+            sql.push_str(&format!(" AND deadline_ms < {ms}"));
+        }
+        sql.push_str(" ORDER BY name");
+        if let Some(limit) = query.limit {
+            sql.push_str(&format!(" LIMIT {}", limit.max(0)));
+        }
+        let mut tx = self.pool.begin().await?;
+        let version = current_version(&mut tx).await?;
+        let mut q = sqlx::query(&sql);
+        for b in &binds {
+            q = q.bind(b.as_str());
+        }
+        let rows = q.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        let items = rows
+            .into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .collect();
+        Ok((version, items))
+    }
+
+    pub async fn list(&self, kind: Kind, query: &Query<'_>) -> Result<Vec<Value>, StoreError> {
+        let (_, rows) = self.list_raw(kind, query).await?;
+        rows.iter().map(|(_, body)| parse(body)).collect()
+    }
+
+    pub async fn count(&self, kind: Kind, query: &Query<'_>) -> Result<i64, StoreError> {
+        // Counting through list keeps one query builder; counts here are over small sets.
+        Ok(self.list_raw(kind, query).await?.1.len() as i64)
+    }
+
+    /// Object counts by kind and phase (for metrics).
+    pub async fn phase_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kind, COALESCE(phase, ''), COUNT(*) FROM objects GROUP BY kind, COALESCE(phase, '')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get::<i64, _>(2)))
+            .collect())
+    }
+
+    pub async fn current_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .mirror
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .version)
+    }
+
+    /// The oldest resource version a watch can resume after.
+    pub async fn compacted_version(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT value FROM counters WHERE name = 'compactedVersion'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Changes to `kind` after `version`, oldest first.
+    pub async fn changes_after(
+        &self,
+        kind: Kind,
+        version: i64,
+    ) -> Result<Vec<ChangeEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT resource_version, event_type, body FROM changes \
+             WHERE kind = $1 AND resource_version > $2 ORDER BY resource_version",
+        )
+        .bind(kind.as_str())
+        .bind(version)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(ChangeEvent {
+                    resource_version: r.get(0),
+                    kind,
+                    change: ChangeType::parse(&r.get::<String, _>(1))?,
+                    body: Arc::from(r.get::<String, _>(2)),
+                })
+            })
+            .collect()
+    }
+
+    /// Reads the object, lets `decide` choose what to write, and writes it atomically with a
+    /// new resource version. `decide` runs under the store's write lock: it must not block.
+    pub async fn write<E>(
+        &self,
+        kind: Kind,
+        name: &str,
+        decide: impl FnOnce(Option<Value>) -> Result<Change, E>,
+    ) -> Result<Written, E>
+    where
+        E: From<StoreError>,
+    {
+        let _guard = self.write.lock().await;
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let current = sqlx::query("SELECT body FROM objects WHERE kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?
+            .map(|r| parse(&r.get::<String, _>(0)))
+            .transpose()?;
+        let existed = current.is_some();
+        let (mut object, result, change) = match decide(current.clone())? {
+            Change::Keep => {
+                return Ok(Written {
+                    object: current,
+                    changed: false,
+                    created: false,
+                });
+            }
+            Change::Delete => match current {
+                None => {
+                    return Ok(Written {
+                        object: None,
+                        changed: false,
+                        created: false,
+                    });
+                }
+                Some(obj) => (obj, None, ChangeType::Deleted),
+            },
+            Change::Put(obj) => (obj, None, modified_or_added(existed)),
+            Change::PutWithResult(obj, row) => (obj, Some(row), modified_or_added(existed)),
+        };
+        let version = next_version(&mut tx).await?;
+        object["metadata"]["resourceVersion"] = Value::String(version.to_string());
+        let body = object.to_string();
+        if change == ChangeType::Deleted {
+            sqlx::query("DELETE FROM objects WHERE kind = $1 AND name = $2")
+                .bind(kind.as_str())
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        } else {
+            let index = IndexColumns::of(kind, &object);
+            sqlx::query(
+                "INSERT INTO objects (kind, name, resource_version, phase, owner, region, deadline_ms, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (kind, name) DO UPDATE SET resource_version = excluded.resource_version, \
+                 phase = excluded.phase, owner = excluded.owner, region = excluded.region, \
+                 deadline_ms = excluded.deadline_ms, body = excluded.body",
+            )
+            .bind(kind.as_str())
+            .bind(name)
+            .bind(version)
+            .bind(index.phase)
+            .bind(index.owner)
+            .bind(index.region)
+            .bind(index.deadline_ms)
+            .bind(body.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        if let Some(row) = result {
+            sqlx::query(
+                "INSERT INTO task_results (task, application, task_index, worker, body, written_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (task) DO NOTHING",
+            )
+            .bind(row.task)
+            .bind(row.application)
+            .bind(row.index)
+            .bind(row.worker)
+            .bind(row.body)
+            .bind(crate::time::now_rfc3339())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        sqlx::query(
+            "INSERT INTO changes (resource_version, kind, event_type, body) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(version)
+        .bind(kind.as_str())
+        .bind(change.as_str())
+        .bind(body.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        if version % 1000 == 0 {
+            compact(&mut tx, version - RETAINED_CHANGES).await?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        {
+            let mut mirror = self.mirror.write().unwrap_or_else(|e| e.into_inner());
+            mirror.version = version;
+            if mirrored(kind) {
+                let objects = mirror.objects.entry(kind).or_default();
+                if change == ChangeType::Deleted {
+                    objects.remove(name);
+                } else {
+                    objects.insert(name.to_string(), Arc::from(body.as_str()));
+                }
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.changes.send(ChangeEvent {
+            resource_version: version,
+            kind,
+            change,
+            body: Arc::from(body),
+        });
+        Ok(Written {
+            object: (change != ChangeType::Deleted).then_some(object),
+            changed: true,
+            created: !existed,
+        })
+    }
+
+    /// Results of an application's tasks, by task index, as `(task, worker, body)`.
+    pub async fn task_results(
+        &self,
+        application: &str,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT task, worker, body FROM task_results WHERE application = $1 ORDER BY task_index",
+        )
+        .bind(application)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    pub async fn delete_task_results(&self, application: &str) -> Result<(), StoreError> {
+        let _guard = self.write.lock().await;
+        sqlx::query("DELETE FROM task_results WHERE application = $1")
+            .bind(application)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+fn modified_or_added(existed: bool) -> ChangeType {
+    if existed {
+        ChangeType::Modified
+    } else {
+        ChangeType::Added
+    }
+}
+
+fn parse(body: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+async fn current_version(conn: &mut sqlx::AnyConnection) -> Result<i64, StoreError> {
+    let row = sqlx::query("SELECT value FROM counters WHERE name = 'resourceVersion'")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row.get(0))
+}
+
+async fn next_version(conn: &mut sqlx::AnyConnection) -> Result<i64, StoreError> {
+    let row = sqlx::query(
+        "UPDATE counters SET value = value + 1 WHERE name = 'resourceVersion' RETURNING value",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(row.get(0))
+}
+
+async fn compact(conn: &mut sqlx::AnyConnection, up_to: i64) -> Result<(), StoreError> {
+    if up_to <= 0 {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM changes WHERE resource_version <= $1")
+        .bind(up_to)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE counters SET value = $1 WHERE name = 'compactedVersion'")
+        .bind(up_to)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

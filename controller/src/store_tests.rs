@@ -1,0 +1,256 @@
+//! The store suite, run on SQLite and on PostgreSQL.
+
+use serde_json::{Value, json};
+
+use crate::error::ErrorCode;
+use crate::objects;
+use crate::resources::{Kind, RELEASE_FINALIZER, parse_submitted};
+use crate::store::{Change, ChangeType, Query, StoreError, TaskResultRow};
+use crate::testing::{TestStore, store_suite};
+
+fn region(name: &str, cpu: u32) -> Value {
+    json!({"apiVersion": "ceccm/v1", "kind": "Region", "metadata": {"name": name, "labels": {"tier": "edge"}},
+           "spec": {"tier": "edge", "driver": "local", "capacity": {"cpu": cpu}}})
+}
+
+fn rv(object: &Value) -> i64 {
+    object["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+async fn put(ts: &TestStore, kind: Kind, name: &str, object: Value) -> Value {
+    ts.store
+        .write(kind, name, |_| -> Result<Change, StoreError> {
+            Ok(Change::Put(object))
+        })
+        .await
+        .unwrap()
+        .object
+        .unwrap()
+}
+
+async fn versions_grow_and_changes_are_replayable(ts: &TestStore) {
+    let store = &ts.store;
+    let a = put(ts, Kind::Region, "a", region("a", 1)).await;
+    let b = put(ts, Kind::Region, "b", region("b", 1)).await;
+    assert!(rv(&b) > rv(&a));
+    let kept = store
+        .write(Kind::Region, "a", |_| -> Result<Change, StoreError> {
+            Ok(Change::Keep)
+        })
+        .await
+        .unwrap();
+    assert!(!kept.changed);
+    assert_eq!(store.current_version().await.unwrap(), rv(&b));
+    let a2 = put(ts, Kind::Region, "a", region("a", 2)).await;
+    store
+        .write(Kind::Region, "b", |_| -> Result<Change, StoreError> {
+            Ok(Change::Delete)
+        })
+        .await
+        .unwrap();
+    let changes = store.changes_after(Kind::Region, rv(&a)).await.unwrap();
+    let seen: Vec<(ChangeType, i64)> = changes
+        .iter()
+        .map(|c| (c.change, c.resource_version))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (ChangeType::Added, rv(&b)),
+            (ChangeType::Modified, rv(&a2)),
+            (ChangeType::Deleted, rv(&a2) + 1)
+        ]
+    );
+    assert!(store.get(Kind::Region, "b").await.unwrap().is_none());
+    assert!(
+        store
+            .changes_after(Kind::Application, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn queries_filter_on_indexed_columns(ts: &TestStore) {
+    for (i, (state, region, deadline)) in [
+        ("Queued", "edge", None),
+        ("Leased", "edge", Some("1970-01-01T00:00:01.000Z")),
+        ("Leased", "cloud", Some("2999-01-01T00:00:00.000Z")),
+        ("Queued", "cloud", None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("job-{i:05}");
+        let task = json!({"kind": "Task", "metadata": {"name": name},
+            "spec": {"application": "job"},
+            "status": {"state": state, "region": region, "leaseDeadline": deadline}});
+        put(ts, Kind::Task, &name, task).await;
+    }
+    let names = |items: Vec<Value>| -> Vec<String> {
+        items
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let store = &ts.store;
+    let q = |phase, region| Query {
+        phase,
+        region,
+        ..Default::default()
+    };
+    assert_eq!(
+        names(
+            store
+                .list(Kind::Task, &q(Some("Queued"), Some("cloud")))
+                .await
+                .unwrap()
+        ),
+        ["job-00003"]
+    );
+    let expired = Query {
+        phase: Some("Leased"),
+        deadline_before_ms: Some(crate::time::now_millis()),
+        ..Default::default()
+    };
+    assert_eq!(
+        names(store.list(Kind::Task, &expired).await.unwrap()),
+        ["job-00001"]
+    );
+    let page = Query {
+        owner: Some("job"),
+        after: Some("job-00000"),
+        limit: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(
+        names(store.list(Kind::Task, &page).await.unwrap()),
+        ["job-00001", "job-00002"]
+    );
+    let counts = store.phase_counts().await.unwrap();
+    assert!(counts.contains(&("Task".into(), "Leased".into(), 2)));
+}
+
+async fn apply_is_idempotent_and_guards_versions(ts: &TestStore) {
+    let store = &ts.store;
+    let submitted = parse_submitted(Kind::Region, region("edge-a", 2)).unwrap();
+    let (first, created) = objects::apply(store, Kind::Region, submitted.clone(), false)
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(first["metadata"]["generation"], 1);
+    assert_eq!(first["metadata"]["finalizers"], json!([RELEASE_FINALIZER]));
+    let (again, created) = objects::apply(store, Kind::Region, submitted.clone(), false)
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(
+        again["metadata"]["resourceVersion"],
+        first["metadata"]["resourceVersion"]
+    );
+
+    let mut changed = region("edge-a", 4);
+    changed["metadata"]["resourceVersion"] = first["metadata"]["resourceVersion"].clone();
+    let (updated, _) = objects::apply(
+        store,
+        Kind::Region,
+        parse_submitted(Kind::Region, changed.clone()).unwrap(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(updated["metadata"]["generation"], 2);
+    assert_eq!(updated["spec"]["capacity"]["cpu"], 4);
+    assert_eq!(updated["metadata"]["uid"], first["metadata"]["uid"]);
+
+    // The same body again now carries a stale version.
+    changed["spec"]["capacity"]["cpu"] = json!(8);
+    let stale = objects::apply(
+        store,
+        Kind::Region,
+        parse_submitted(Kind::Region, changed).unwrap(),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(stale.code, ErrorCode::Conflict);
+    let exists = objects::create(store, Kind::Region, submitted, false)
+        .await
+        .unwrap_err();
+    assert_eq!(exists.code, ErrorCode::AlreadyExists);
+    let stored = store.get(Kind::Region, "edge-a").await.unwrap().unwrap();
+    assert_eq!(stored, updated);
+}
+
+async fn deletion_waits_for_finalizers(ts: &TestStore) {
+    let store = &ts.store;
+    let submitted = parse_submitted(Kind::Region, region("edge-a", 2)).unwrap();
+    objects::create(store, Kind::Region, submitted, false)
+        .await
+        .unwrap();
+    let answered = objects::delete(store, Kind::Region, "edge-a", false)
+        .await
+        .unwrap();
+    assert!(answered["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(answered["status"]["phase"], "Deleting");
+    assert!(store.get(Kind::Region, "edge-a").await.unwrap().is_some());
+    objects::remove_finalizer(store, Kind::Region, "edge-a", RELEASE_FINALIZER)
+        .await
+        .unwrap();
+    assert!(store.get(Kind::Region, "edge-a").await.unwrap().is_none());
+    let gone = objects::delete(store, Kind::Region, "edge-a", false)
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code, ErrorCode::NotFound);
+}
+
+async fn a_task_result_is_written_once(ts: &TestStore) {
+    let store = &ts.store;
+    for worker in ["w1", "w2"] {
+        let task = json!({"kind": "Task", "metadata": {"name": "job-00000"},
+            "spec": {"application": "job"}, "status": {"state": "Done", "worker": worker}});
+        let row = TaskResultRow {
+            task: "job-00000".into(),
+            application: "job".into(),
+            index: 0,
+            worker: worker.into(),
+            body: json!({"by": worker}).to_string(),
+        };
+        store
+            .write(Kind::Task, "job-00000", |_| -> Result<Change, StoreError> {
+                Ok(Change::PutWithResult(task, row))
+            })
+            .await
+            .unwrap();
+    }
+    let results = store.task_results("job").await.unwrap();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].1, "w1");
+    store.delete_task_results("job").await.unwrap();
+    assert!(store.task_results("job").await.unwrap().is_empty());
+}
+
+async fn state_survives_reopening(ts: &TestStore) {
+    let before = put(ts, Kind::Region, "a", region("a", 1)).await;
+    ts.store.close().await;
+    let reopened = ts.reopen().await;
+    assert_eq!(
+        reopened.get(Kind::Region, "a").await.unwrap(),
+        Some(before.clone())
+    );
+    assert_eq!(reopened.current_version().await.unwrap(), rv(&before));
+    reopened.close().await;
+}
+
+store_suite!(
+    versions_grow_and_changes_are_replayable,
+    queries_filter_on_indexed_columns,
+    apply_is_idempotent_and_guards_versions,
+    deletion_waits_for_finalizers,
+    a_task_result_is_written_once,
+    state_survives_reopening,
+);

@@ -1,0 +1,285 @@
+//! The control plane end to end: a real `ceccm server` with two local regions runs batch
+//! applications through worker processes, survives a killed worker and a killed server.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{Server, wait_until, workspace_root};
+
+/// Blocking JSON calls over a private runtime (the polling helpers are synchronous).
+struct Http {
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+impl Http {
+    fn new() -> Http {
+        Http {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        self.runtime.block_on(async {
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap_or_default();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        })
+    }
+
+    fn get(&self, url: &str) -> Value {
+        let (status, body) = self.send(self.client.get(url));
+        assert_eq!(status, 200, "GET {url}: {body}");
+        body
+    }
+
+    fn get_text(&self, url: &str) -> String {
+        self.runtime.block_on(async {
+            self.client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    }
+
+    fn apply(&self, server: &Server, plural: &str, object: &Value) {
+        let name = object["metadata"]["name"].as_str().unwrap();
+        let (status, body) = self.send(
+            self.client
+                .put(server.api(&format!("{plural}/{name}")))
+                .json(object),
+        );
+        assert!(
+            status == 200 || status == 201,
+            "apply {plural}/{name}: {status} {body}"
+        );
+    }
+}
+
+fn regions() -> [Value; 2] {
+    let region = |name: &str, tier: &str| {
+        json!({"apiVersion": "ceccm/v1", "kind": "Region", "metadata": {"name": name},
+               "spec": {"tier": tier, "driver": "local", "capacity": {"cpu": 2},
+                        "energy": {"idleWatts": 10, "wattsPerCore": 5, "pue": 1.2}}})
+    };
+    [region("edge-a", "edge"), region("cloud-b", "cloud")]
+}
+
+/// `n` tasks that each sleep, then print `out-INDEX`.
+fn batch(name: &str, n: usize, sleep: &str) -> Value {
+    let tasks: Vec<Value> = (0..n)
+        .map(|i| json!({"command": "sh", "args": ["-c", format!("sleep {sleep}; echo out-{i}")]}))
+        .collect();
+    json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": name},
+           "spec": {"app": "container", "tasks": tasks, "maxAttempts": 5}})
+}
+
+fn start_with_regions(dir: &std::path::Path, http: &Http) -> Server {
+    let server = Server::start(dir, &["--lease-seconds", "2"]);
+    for region in regions() {
+        http.apply(&server, "regions", &region);
+    }
+    server
+}
+
+fn wait_for_phase(
+    http: &Http,
+    server: &Server,
+    app: &str,
+    phase: &str,
+    timeout: Duration,
+) -> Value {
+    wait_until(&format!("{app} to reach {phase}"), timeout, || {
+        let object = http.get(&server.api(&format!("applications/{app}")));
+        let now = object["status"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_ne!(now, "Failed", "application failed: {}", object["status"]);
+        (now == phase).then_some(object)
+    })
+}
+
+/// Every task is Done, and the results file holds each task's own output exactly once.
+fn assert_each_result_once(http: &Http, server: &Server, app: &str, n: usize) {
+    let tasks = http.get(&server.api(&format!("tasks?labelSelector=ceccm/application%3D{app}")));
+    let items = tasks["items"].as_array().unwrap();
+    assert_eq!(items.len(), n);
+    assert!(items.iter().all(|t| t["status"]["state"] == "Done"));
+    let index = http.get(&server.api(&format!("applications/{app}/results")));
+    assert_eq!(index["files"][0]["name"], "results.ndjson");
+    let text = http.get_text(&server.api(&format!("applications/{app}/results/results.ndjson")));
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), n, "one result line per task");
+    let mut seen = BTreeSet::new();
+    for line in &lines {
+        let i = line["index"].as_u64().unwrap() as usize;
+        assert!(seen.insert(i), "task {i} has two results");
+        assert_eq!(line["result"]["stdout"], format!("out-{i}\n"));
+    }
+    assert_eq!(seen.len(), n);
+}
+
+#[test]
+fn fifty_tasks_succeed_although_a_worker_is_killed_mid_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let server = start_with_regions(dir.path(), &http);
+    http.apply(&server, "applications", &batch("fifty", 50, "0.4"));
+
+    // A task in flight: its worker id is REGION-PID.
+    let (task, pid) = wait_until("a leased task", Duration::from_secs(60), || {
+        let tasks = http.get(&server.api("tasks?labelSelector=ceccm/application%3Dfifty"));
+        tasks["items"].as_array()?.iter().find_map(|t| {
+            let worker = t["status"]["worker"].as_str()?;
+            (t["status"]["state"] == "Leased").then(|| {
+                let pid = worker.rsplit('-').next().unwrap().to_string();
+                (t["metadata"]["name"].as_str().unwrap().to_string(), pid)
+            })
+        })
+    });
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill worker {pid}");
+
+    let app = wait_for_phase(
+        &http,
+        &server,
+        "fifty",
+        "Succeeded",
+        Duration::from_secs(180),
+    );
+    assert_eq!(app["status"]["progress"]["done"], 50);
+    assert!(app["status"]["energyJoules"].as_f64().unwrap() >= 0.0);
+    // Where the tasks run is the scheduler's choice; each must run in one of the two regions.
+    let placements = app["status"]["placements"].as_array().unwrap();
+    let placed: u64 = placements
+        .iter()
+        .map(|p| p["tasks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(placed, 50);
+    assert!(
+        placements
+            .iter()
+            .all(|p| ["edge-a", "cloud-b"].contains(&p["region"].as_str().unwrap()))
+    );
+    let redelivered = http.get(&server.api(&format!("tasks/{task}")));
+    assert!(
+        redelivered["status"]["attempts"].as_u64().unwrap() >= 2,
+        "{redelivered}"
+    );
+    assert!(
+        !redelivered["status"]["worker"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("-{pid}"))
+    );
+    let events = http.get(&server.api(&format!(
+        "events?fieldSelector=involvedObject.kind%3DTask,involvedObject.name%3D{task}"
+    )));
+    assert!(
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "LeaseExpired")
+    );
+    assert_each_result_once(&http, &server, "fifty", 50);
+}
+
+#[test]
+fn a_restarted_server_finishes_the_work_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let server = start_with_regions(dir.path(), &http);
+    http.apply(&server, "applications", &batch("resume", 30, "0.3"));
+    wait_until(
+        "some tasks done and some running",
+        Duration::from_secs(60),
+        || {
+            let app = http.get(&server.api("applications/resume"));
+            let leased =
+                http.get(&server.api("tasks?labelSelector=ceccm/application%3Dresume"))["items"]
+                    .as_array()?
+                    .iter()
+                    .any(|t| t["status"]["state"] == "Leased");
+            (app["status"]["progress"]["done"].as_u64()? >= 3 && leased).then_some(())
+        },
+    );
+    let data_dir = server.data_dir.clone();
+    server.kill();
+
+    let restarted = Server::start(&data_dir, &["--lease-seconds", "2"]);
+    let app = wait_for_phase(
+        &http,
+        &restarted,
+        "resume",
+        "Succeeded",
+        Duration::from_secs(180),
+    );
+    assert_eq!(app["status"]["progress"]["done"], 30);
+    assert_each_result_once(&http, &restarted, "resume", 30);
+}
+
+#[test]
+fn the_examples_apply_and_their_regions_become_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let server = Server::start(dir.path(), &[]);
+    let mut names = Vec::new();
+    for file in ["examples/local-regions.yaml", "examples/batch-app.yaml"] {
+        let text = std::fs::read_to_string(workspace_root().join(file)).unwrap();
+        for document in text.split("\n---\n") {
+            let object: Value = yaml_serde::from_str(document).unwrap();
+            let plural = match object["kind"].as_str().unwrap() {
+                "Region" => "regions",
+                "Application" => "applications",
+                other => panic!("unexpected kind {other} in {file}"),
+            };
+            // Dry run first: validated, answered, not stored.
+            let name = object["metadata"]["name"].as_str().unwrap().to_string();
+            let (status, body) = http.send(
+                http.client
+                    .put(server.api(&format!("{plural}/{name}?dryRun=All")))
+                    .json(&object),
+            );
+            assert_eq!(status, 201, "{file}: {body}");
+            if plural == "regions" {
+                http.apply(&server, plural, &object);
+                names.push(name);
+            }
+        }
+    }
+    assert_eq!(names.len(), 2);
+    for name in names {
+        wait_until(
+            &format!("region {name} Ready"),
+            Duration::from_secs(30),
+            || {
+                let region = http.get(&server.api(&format!("regions/{name}")));
+                (region["status"]["phase"] == "Ready").then_some(())
+            },
+        );
+    }
+    let (status, _) = http.send(http.client.get(server.api("applications/sample-batch")));
+    assert_eq!(status, 404, "a dry run stores nothing");
+}
