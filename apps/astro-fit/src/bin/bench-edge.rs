@@ -434,30 +434,29 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// fpack refuses some files (64-bit integer images): that is a result too.
+    /// fpack refuses some files (64-bit integer images, such as the MUSE mosaic's FIELDMAP):
+    /// then it runs on a copy holding only the cube's planes, and the row says so.
     fn fpack_or_note(&mut self, name: &str, cube: &SpectralCube, fits: &Path, tiles: bool) {
-        if let Err(e) = self.fpack(name, cube, fits, tiles) {
-            let first_line = format!("{e:#}")
-                .lines()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ");
-            eprintln!("{name}: fpack failed: {first_line}");
-            self.rows.push(Row {
-                cube: name.into(),
-                method: if tiles {
-                    "fpack one-spectrum tiles"
-                } else {
-                    "fpack (default)"
+        let Err(e) = self.fpack(name, cube, fits, tiles) else {
+            return;
+        };
+        let reason = format!("{e:#}")
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        eprintln!("{name}: fpack failed ({reason}); retrying on a copy with the cube planes only");
+        let copy = self.args.work.join(format!("{name}.planes.fits"));
+        let retry = write_fits_cube(cube, &copy)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| self.fpack(name, cube, &copy, tiles));
+        match retry {
+            Ok(()) => {
+                if let Some(row) = self.rows.last_mut() {
+                    row.note = format!("on a copy without the HDUs fpack refuses ({reason})");
                 }
-                .into(),
-                raw: file_size(fits).unwrap_or(0),
-                packed: 0,
-                compress_s: 0.0,
-                decompress_s: 0.0,
-                fidelity: None,
-                note: format!("failed: {first_line}"),
-            });
+            }
+            Err(e) => eprintln!("{name}: fpack failed again: {e:#}"),
         }
     }
 
@@ -695,11 +694,7 @@ fn print_table(rows: &[Row]) {
             r.cube,
             r.method,
             r.raw as f64 / 1e6,
-            if r.packed > 0 {
-                r.raw as f64 / r.packed as f64
-            } else {
-                f64::NAN
-            },
+            r.raw as f64 / r.packed as f64,
             mb(r.raw, r.compress_s),
             mb(r.raw, r.decompress_s),
             r.decompress_s,

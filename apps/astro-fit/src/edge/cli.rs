@@ -10,10 +10,11 @@ use serde_json::json;
 
 use super::codec::{Filter, FilterChoice};
 use super::container::{self, CompressOptions, ContainerReader, Mode, StreamDecoder};
-use super::filter::{FilterOptions, filter_cube};
+use super::filter::{FilterOptions, SKY_LINES_AIR, air_to_vacuum, filter_cube};
 use super::io::{read_fits_cube, write_fits_cube};
 use super::tilefits::{TileOptions, write_tile_compressed};
 use super::{EdgeError, Samples};
+use crate::cube::{Cube, WavelengthMedium};
 
 #[derive(Debug, Subcommand)]
 pub enum EdgeCommand {
@@ -46,7 +47,7 @@ pub struct FilterArgs {
     #[arg(long, default_value_t = FilterOptions::default().cosmic_sigma)]
     pub cosmic_sigma: f64,
     /// Comma-separated sky-line wavelengths (Angstrom, same medium as the cube) to check for
-    /// residuals; default: the strong night-sky lines.
+    /// residuals; default: the strong night-sky lines, converted to vacuum for vacuum cubes.
     #[arg(long, value_delimiter = ',')]
     pub sky_lines: Option<Vec<f64>>,
     /// Only flag (in the mask and the report); change no pixel and drop no spaxel.
@@ -149,8 +150,12 @@ fn run_filter(a: FilterArgs) -> anyhow::Result<()> {
         keep_all: a.keep_all,
         ..FilterOptions::default()
     };
-    if let Some(lines) = a.sky_lines {
-        opts.sky_lines = lines;
+    match a.sky_lines {
+        Some(lines) => opts.sky_lines = lines,
+        None if Cube::open(&a.input)?.meta().medium == WavelengthMedium::Vacuum => {
+            opts.sky_lines = SKY_LINES_AIR.iter().map(|&l| air_to_vacuum(l)).collect();
+        }
+        None => {}
     }
     let report = filter_cube(&mut cube, &opts)?;
     write_fits_cube(&cube, &a.output)?;

@@ -768,6 +768,7 @@ pub struct StreamDecoder<R: Read> {
     pub header: Header,
     pub aux: Vec<AuxVector>,
     next: usize,
+    finished: bool,
 }
 
 impl<R: Read> StreamDecoder<R> {
@@ -778,26 +779,25 @@ impl<R: Read> StreamDecoder<R> {
             header,
             aux,
             next: 0,
+            finished: false,
         })
     }
 
     /// The next block, or `None` after the last one (whose end-of-file index is then checked).
     pub fn next_block(&mut self) -> Result<Option<Block>, EdgeError> {
-        if self.next == self.header.n_blocks() {
-            if self.next != usize::MAX {
-                self.next = usize::MAX;
-                expect_magic(&mut self.reader, INDEX_MAGIC, "index marker")?;
-                let len = read_u32(&mut self.reader, "index length")?;
-                read_checked_meta(&mut self.reader, u64::from(len), "index")?;
-                read_u64(&mut self.reader, "trailer")?;
-                expect_magic(&mut self.reader, END_MAGIC, "end marker")?;
-            }
-            return Ok(None);
-        }
-        if self.next == usize::MAX {
+        if self.finished {
             return Ok(None);
         }
         let b = self.next;
+        if b == self.header.n_blocks() {
+            self.finished = true;
+            expect_magic(&mut self.reader, INDEX_MAGIC, "index marker")?;
+            let len = read_u32(&mut self.reader, "index length")?;
+            read_checked_meta(&mut self.reader, u64::from(len), "index")?;
+            read_u64(&mut self.reader, "trailer")?;
+            expect_magic(&mut self.reader, END_MAGIC, "end marker")?;
+            return Ok(None);
+        }
         let payload = read_block_payload(&mut self.reader, &self.header, b)?;
         self.next += 1;
         decode_block(&self.header, b, &payload).map(Some)

@@ -29,6 +29,16 @@ pub const SKY_LINES_AIR: [f64; 14] = [
     7913.71, 8344.60, 8399.17, 8827.10,
 ];
 
+/// Vacuum wavelength of an air wavelength (Angstrom; the VALD / Piskunov inversion of the
+/// IAU standard), for cubes in vacuum such as MaNGA's.
+pub fn air_to_vacuum(air: f64) -> f64 {
+    let s2 = (1e4 / air).powi(2);
+    air * (1.0
+        + 0.000_083_366_242_120_83
+        + 0.024_089_268_699_68 / (130.106_592_452_2 - s2)
+        + 0.000_159_974_089_489_7 / (38.925_687_932_93 - s2))
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FilterOptions {
     pub min_snr: f64,
@@ -522,6 +532,12 @@ mod tests {
         };
         assert_eq!(flags[(2 * NX + 2) * NWAVE + 100], FLAG_COSMIC);
         assert_eq!(flags[7 * NWAVE + 50], FLAG_LOW_SNR);
+    }
+
+    #[test]
+    fn air_to_vacuum_matches_the_oxygen_sky_line() {
+        // [O I] 5577.339 A in air is 5578.887 A in vacuum.
+        assert!((air_to_vacuum(5577.339) - 5578.887).abs() < 0.002);
     }
 
     #[test]

@@ -333,3 +333,45 @@ fn filter_cli_writes_a_cube_and_a_report() {
     ]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn decompress_streams_from_stdin() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let input = cube_file("subcub_mosaic.fits");
+    let packed = dir.path().join("c.tarsis");
+    let from_file = dir.path().join("file.fits");
+    let from_pipe = dir.path().join("pipe.fits");
+    assert!(
+        astro_fit(&["edge", "compress", s(&input), "-o", s(&packed)])
+            .status
+            .success()
+    );
+    assert!(
+        astro_fit(&["edge", "decompress", s(&packed), "-o", s(&from_file)])
+            .status
+            .success()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_astro-fit"))
+        .args(["edge", "decompress", "-", "-o", s(&from_pipe)])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bytes = std::fs::read(&packed).unwrap();
+    child.stdin.take().unwrap().write_all(&bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (a, b) = (
+        read_fits_cube(&from_file).unwrap(),
+        read_fits_cube(&from_pipe).unwrap(),
+    );
+    let bits = |c: &SpectralCube| -> Vec<Vec<u8>> {
+        c.planes
+            .iter()
+            .map(|p| p.samples.le_bytes(0..p.samples.len()))
+            .collect()
+    };
+    assert_eq!(bits(&a), bits(&b));
+}
