@@ -473,13 +473,28 @@ fn split_within(
 
 /// The split with the earliest finish (energy order breaks ties).
 fn fastest_split(candidates: &[Candidate], tasks: u64, parallelism: u64) -> Split {
-    // All tasks on the first candidate always fits: an upper bound to bisect from.
+    // All tasks on the first candidate always fits: an upper bound to bisect from. All of them
+    // on the region that would finish them first usually fits too, and is tighter.
+    let mut scratch = Vec::with_capacity(candidates.len());
     let first = candidates[0];
     let mut hi = first.finish(tasks, first.slots.min(parallelism));
-    let mut lo = 0.0;
-    let mut scratch = Vec::with_capacity(candidates.len());
+    let alone = candidates
+        .iter()
+        .map(|c| c.finish(tasks, c.slots.min(parallelism)))
+        .fold(f64::INFINITY, f64::min);
+    if alone < hi && fill(candidates, tasks, parallelism, alone, &mut scratch) {
+        hi = alone;
+    }
+    // Nothing finishes before one task on the fastest region.
+    let mut lo = candidates
+        .iter()
+        .map(|c| c.finish(1, 1))
+        .fold(f64::INFINITY, f64::min);
+    if fill(candidates, tasks, parallelism, lo, &mut scratch) {
+        hi = lo;
+    }
     for _ in 0..200 {
-        if hi - lo <= hi * 1e-12 {
+        if hi - lo <= hi * 1e-9 {
             break;
         }
         let mid = 0.5 * (lo + hi);
@@ -777,7 +792,7 @@ pub fn place(
     }
 
     // Fill order: regions to avoid last, then least energy per task, then snapshot order.
-    candidates.sort_by(|a, b| {
+    candidates.sort_unstable_by(|a, b| {
         a.avoided
             .cmp(&b.avoided)
             .then(a.joules.total_cmp(&b.joules))
