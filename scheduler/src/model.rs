@@ -345,7 +345,17 @@ impl RegionSnapshot {
 
     /// Every reason this snapshot cannot be used, in words; empty when it is valid.
     pub fn problems(&self) -> Vec<String> {
-        // Plain checks, formatting only on failure: placement calls this for every region.
+        let mut problems = self.scalar_problems();
+        problems.extend(self.energy.carbon_intensity.problem());
+        problems
+    }
+
+    /// The checks of [`Self::problems`] but the carbon-intensity values: placement runs these for
+    /// every region and decision, and they read no memory beyond the snapshot itself. A snapshot
+    /// with a bad curve still places (its carbon figures are then meaningless); region files
+    /// reject it on load.
+    pub fn scalar_problems(&self) -> Vec<String> {
+        // Plain checks, formatting only on failure.
         let mut problems = Vec::new();
         let e = &self.energy;
         let n = &self.network;
@@ -379,7 +389,6 @@ impl RegionSnapshot {
         {
             problems.push(format!("cpuSpeed must be > 0, got {s}"));
         }
-        problems.extend(e.carbon_intensity.problem());
         problems
     }
 }
