@@ -1,4 +1,5 @@
 //! End-to-end tests: one integration binary that drives the real `ceccm`, `ceccmctl` and
 //! `astro-fit` binaries over loopback. Each area has its own module.
 
+mod sim;
 mod support;
