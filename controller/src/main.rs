@@ -55,6 +55,8 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         timeout_seconds: u64,
     },
+    /// Replay a trace over a region set under the placement policies (trace simulator).
+    Sim(ceccm_scheduler::sim::cli::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,16 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    // The simulator is synchronous and needs no runtime.
+    if let Command::Sim(args) = &cli.command {
+        return match ceccm_scheduler::sim::cli::run(args, &mut std::io::stdout().lock()) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ceccm: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -107,6 +119,7 @@ fn main() -> ExitCode {
                 })
                 .await
             }
+            Command::Sim(_) => unreachable!("handled before the runtime starts"),
             Command::Demo {
                 data_dir,
                 timeout_seconds,

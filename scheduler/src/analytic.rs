@@ -7,13 +7,14 @@ use crate::energy::modelled_joules;
 use crate::model::{RegionSnapshot, TaskFeatures, TaskGroup};
 use crate::placement::{CostModel, DEFAULT_TRANSFER_JOULES_PER_BYTE, TaskCost};
 
-/// Pixels per spectrum of the reference configuration (a MaNGA LOGCUBE spectrum).
-pub const REFERENCE_PIXELS: f64 = 4563.0;
+/// Pixels per spectrum of the reference configuration: astro-fit's benchmark (a MaNGA spectrum
+/// cut to the 3600-10000 A rest frame).
+pub const REFERENCE_PIXELS: f64 = 4437.0;
 /// Templates of the reference configuration (the 150 E-MILES SSPs).
 pub const REFERENCE_TEMPLATES: f64 = 150.0;
-/// Seconds one reference core spends on one reference spectrum: the figure the brief gives for
-/// astro-fit with E-MILES 150 templates (no measured benchmark existed when this was written).
-pub const REFERENCE_SECONDS_PER_SPECTRUM: f64 = 0.007;
+/// Seconds one reference core spends on one reference spectrum: astro-fit's measured benchmark
+/// (79.9 spectra/s of CPU on one thread, E-MILES 150 templates, 2 moments; BENCHMARKS.md, issue 4).
+pub const REFERENCE_SECONDS_PER_SPECTRUM: f64 = 1.0 / 79.9;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -91,6 +91,14 @@ pub fn desired_workers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 7 ms per reference spectrum: round numbers (7 s for 1000 spectra on a reference core).
+    fn model() -> AnalyticCostModel {
+        AnalyticCostModel {
+            seconds_per_spectrum: 0.007,
+            ..AnalyticCostModel::default()
+        }
+    }
     use crate::analytic::AnalyticCostModel;
     use crate::model::{CarbonIntensity, EnergyProfile, Network, Objective, TaskFeatures, Tier};
 
@@ -119,7 +127,7 @@ mod tests {
             tasks: 1,
             features: TaskFeatures {
                 spectra: 1000,
-                pixels: 4563,
+                pixels: 4437,
                 templates: 150,
                 moments: 2,
             },
@@ -146,13 +154,7 @@ mod tests {
     fn scales_up_to_meet_the_queue_target() {
         let g = group();
         // 100 tasks x 7 s = 700 s of work: 10 workers drain it in 70 s.
-        let d = desired_workers(
-            &region(64.0),
-            &[(&g, 100)],
-            2,
-            &policy(),
-            &AnalyticCostModel::default(),
-        );
+        let d = desired_workers(&region(64.0), &[(&g, 100)], 2, &policy(), &model());
         assert_eq!(d.workers, 10);
         assert!((d.queued_work_seconds - 700.0).abs() < 1e-9);
         assert!((d.queue_seconds_now - 350.0).abs() < 1e-9);
@@ -163,29 +165,17 @@ mod tests {
     #[test]
     fn never_exceeds_capacity_or_the_policy_maximum() {
         let g = group();
-        let d = desired_workers(
-            &region(6.0),
-            &[(&g, 1000)],
-            2,
-            &policy(),
-            &AnalyticCostModel::default(),
-        );
+        let d = desired_workers(&region(6.0), &[(&g, 1000)], 2, &policy(), &model());
         assert_eq!(d.workers, 6);
         assert!(d.reason.contains("capped at 6 workers"), "{}", d.reason);
-        let d = desired_workers(
-            &region(64.0),
-            &[(&g, 100_000)],
-            2,
-            &policy(),
-            &AnalyticCostModel::default(),
-        );
+        let d = desired_workers(&region(64.0), &[(&g, 100_000)], 2, &policy(), &model());
         assert_eq!(d.workers, 32);
     }
 
     #[test]
     fn scales_down_at_most_half_per_decision_and_keeps_the_minimum() {
         let g = group();
-        let model = AnalyticCostModel::default();
+        let model = model();
         let d = desired_workers(&region(64.0), &[(&g, 0)], 20, &policy(), &model);
         assert_eq!(d.workers, 10);
         let d = desired_workers(&region(64.0), &[], 1, &policy(), &model);

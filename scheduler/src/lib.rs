@@ -51,6 +51,15 @@
 //!
 //! Replicas never exceed free capacity, every constraint holds, and the result depends only on
 //! the arguments (property-tested in `tests/`).
+//!
+//! ## Beyond placement
+//!
+//! * [`predictor`]: the learned [`Predictor`] (a [`CostModel`]): analytic prior until enough
+//!   telemetry, model choice among linfa regressors by k-fold cross-validation, retraining as
+//!   samples arrive, and a [`PredictorReport`] of its held-out error (MAPE).
+//! * [`energy`]: the power model, carbon accounting, and RAPL counters where readable.
+//! * [`autoscale`]: workers per region from the predicted time to drain its queue.
+//! * [`sim`]: the trace simulator behind `ceccm sim` ([`sim::cli::SimArgs`], [`sim::cli::run`]).
 
 pub mod analytic;
 pub mod autoscale;

@@ -345,41 +345,50 @@ impl RegionSnapshot {
 
     /// Every reason this snapshot cannot be used, in words; empty when it is valid.
     pub fn problems(&self) -> Vec<String> {
+        let mut problems = self.scalar_problems();
+        problems.extend(self.energy.carbon_intensity.problem());
+        problems
+    }
+
+    /// The checks of [`Self::problems`] but the carbon-intensity values: placement runs these for
+    /// every region and decision, and they read no memory beyond the snapshot itself. A snapshot
+    /// with a bad curve still places (its carbon figures are then meaningless); region files
+    /// reject it on load.
+    pub fn scalar_problems(&self) -> Vec<String> {
+        // Plain checks, formatting only on failure.
         let mut problems = Vec::new();
-        let mut check = |ok: bool, what: &dyn Fn() -> String| {
-            if !ok {
-                problems.push(what());
-            }
-        };
-        check(!self.name.is_empty(), &|| "name must not be empty".into());
         let e = &self.energy;
-        check(e.idle_watts.is_finite() && e.idle_watts >= 0.0, &|| {
-            format!("idleWatts must be >= 0, got {}", e.idle_watts)
-        });
-        check(
-            e.watts_per_core.is_finite() && e.watts_per_core >= 0.0,
-            &|| format!("wattsPerCore must be >= 0, got {}", e.watts_per_core),
-        );
-        check(e.pue.is_finite() && e.pue >= 1.0, &|| {
-            format!("pue must be >= 1, got {}", e.pue)
-        });
         let n = &self.network;
-        check(n.uplink_mbps.is_finite() && n.uplink_mbps > 0.0, &|| {
-            format!("uplinkMbps must be > 0, got {}", n.uplink_mbps)
-        });
-        check(n.rtt_ms.is_finite() && n.rtt_ms >= 0.0, &|| {
-            format!("rttMs must be >= 0, got {}", n.rtt_ms)
-        });
-        check(
-            self.load.is_finite() && (0.0..=1.0).contains(&self.load),
-            &|| format!("load must be within 0..1, got {}", self.load),
-        );
-        if let Some(s) = self.cpu_speed {
-            check(s.is_finite() && s > 0.0, &|| {
-                format!("cpuSpeed must be > 0, got {s}")
-            });
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if self.name.is_empty() {
+            problems.push("name must not be empty".to_string());
         }
-        problems.extend(e.carbon_intensity.problem());
+        if !non_negative(e.idle_watts) {
+            problems.push(format!("idleWatts must be >= 0, got {}", e.idle_watts));
+        }
+        if !non_negative(e.watts_per_core) {
+            problems.push(format!(
+                "wattsPerCore must be >= 0, got {}",
+                e.watts_per_core
+            ));
+        }
+        if !(e.pue.is_finite() && e.pue >= 1.0) {
+            problems.push(format!("pue must be >= 1, got {}", e.pue));
+        }
+        if !(n.uplink_mbps.is_finite() && n.uplink_mbps > 0.0) {
+            problems.push(format!("uplinkMbps must be > 0, got {}", n.uplink_mbps));
+        }
+        if !non_negative(n.rtt_ms) {
+            problems.push(format!("rttMs must be >= 0, got {}", n.rtt_ms));
+        }
+        if !(non_negative(self.load) && self.load <= 1.0) {
+            problems.push(format!("load must be within 0..1, got {}", self.load));
+        }
+        if let Some(s) = self.cpu_speed
+            && !(s.is_finite() && s > 0.0)
+        {
+            problems.push(format!("cpuSpeed must be > 0, got {s}"));
+        }
         problems
     }
 }

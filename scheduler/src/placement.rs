@@ -473,13 +473,28 @@ fn split_within(
 
 /// The split with the earliest finish (energy order breaks ties).
 fn fastest_split(candidates: &[Candidate], tasks: u64, parallelism: u64) -> Split {
-    // All tasks on the first candidate always fits: an upper bound to bisect from.
+    // All tasks on the first candidate always fits: an upper bound to bisect from. All of them
+    // on the region that would finish them first usually fits too, and is tighter.
+    let mut scratch = Vec::with_capacity(candidates.len());
     let first = candidates[0];
     let mut hi = first.finish(tasks, first.slots.min(parallelism));
-    let mut lo = 0.0;
-    let mut scratch = Vec::with_capacity(candidates.len());
+    let alone = candidates
+        .iter()
+        .map(|c| c.finish(tasks, c.slots.min(parallelism)))
+        .fold(f64::INFINITY, f64::min);
+    if alone < hi && fill(candidates, tasks, parallelism, alone, &mut scratch) {
+        hi = alone;
+    }
+    // Nothing finishes before one task on the fastest region.
+    let mut lo = candidates
+        .iter()
+        .map(|c| c.finish(1, 1))
+        .fold(f64::INFINITY, f64::min);
+    if fill(candidates, tasks, parallelism, lo, &mut scratch) {
+        hi = lo;
+    }
     for _ in 0..200 {
-        if hi - lo <= hi * 1e-12 {
+        if hi - lo <= hi * 1e-9 {
             break;
         }
         let mid = 0.5 * (lo + hi);
@@ -597,7 +612,7 @@ pub fn filter_region(
     data_region: Option<usize>,
 ) -> Result<Feasible, Vec<FilterReason>> {
     let mut reasons = Vec::new();
-    let problems = region.problems();
+    let problems = region.scalar_problems();
     if !problems.is_empty() {
         return Err(vec![FilterReason::InvalidSnapshot { problems }]);
     }
@@ -777,7 +792,7 @@ pub fn place(
     }
 
     // Fill order: regions to avoid last, then least energy per task, then snapshot order.
-    candidates.sort_by(|a, b| {
+    candidates.sort_unstable_by(|a, b| {
         a.avoided
             .cmp(&b.avoided)
             .then(a.joules.total_cmp(&b.joules))
@@ -948,6 +963,14 @@ fn summary_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 7 ms per reference spectrum: round numbers (7 s for 1000 spectra on a reference core).
+    fn model() -> AnalyticCostModel {
+        AnalyticCostModel {
+            seconds_per_spectrum: 0.007,
+            ..AnalyticCostModel::default()
+        }
+    }
     use crate::analytic::AnalyticCostModel;
     use crate::model::{
         CarbonIntensity, DataInput, EnergyProfile, LabelRequirement, Network, Resources,
@@ -986,7 +1009,7 @@ mod tests {
             tasks,
             features: TaskFeatures {
                 spectra: 1000,
-                pixels: 4563,
+                pixels: 4437,
                 templates: 150,
                 moments: 2,
             },
@@ -1019,7 +1042,7 @@ mod tests {
 
     #[test]
     fn energy_objective_fills_the_efficient_region_and_latency_spreads() {
-        let model = AnalyticCostModel::default();
+        let model = model();
         let energy = place(&pair(), &group(16, Objective::Energy), &model).unwrap();
         assert_eq!(energy.assignments.len(), 1);
         assert_eq!(energy.assignments[0].region, "edge-a");
@@ -1044,7 +1067,7 @@ mod tests {
 
     #[test]
     fn energy_objective_spills_over_only_to_meet_the_deadline() {
-        let model = AnalyticCostModel::default();
+        let model = model();
         let mut g = group(16, Objective::Energy);
         g.deadline_s = Some(15.0);
         let p = place(&pair(), &g, &model).unwrap();
@@ -1066,7 +1089,7 @@ mod tests {
 
     #[test]
     fn an_impossible_deadline_gives_the_fastest_split_and_says_so() {
-        let model = AnalyticCostModel::default();
+        let model = model();
         let mut g = group(16, Objective::Energy);
         g.deadline_s = Some(1.0);
         let p = place(&pair(), &g, &model).unwrap();
@@ -1082,7 +1105,7 @@ mod tests {
 
     #[test]
     fn input_data_pulls_work_to_its_region() {
-        let model = AnalyticCostModel::default();
+        let model = model();
         let mut regions = pair();
         regions[0].network.uplink_mbps = 10.0;
         let mut g = group(4, Objective::Latency);
@@ -1102,7 +1125,7 @@ mod tests {
 
     #[test]
     fn filtered_regions_say_why_in_words() {
-        let model = AnalyticCostModel::default();
+        let model = model();
         let mut regions = pair();
         regions.push(region("hpc-c", Tier::Hpc, 64.0, 5.0, 1.5));
         regions.push(region("edge-d", Tier::Edge, 8.0, 3.0, 1.0));
@@ -1177,7 +1200,7 @@ mod tests {
 
     #[test]
     fn required_locality_and_region_lists_filter_with_reasons() {
-        let model = AnalyticCostModel::default();
+        let model = model();
         let mut g = group(2, Objective::Energy);
         g.input = DataInput {
             bytes: 1_000_000,
@@ -1199,7 +1222,7 @@ mod tests {
 
     #[test]
     fn prefer_no_schedule_regions_come_last() {
-        let model = AnalyticCostModel::default();
+        let model = model();
         let mut regions = pair();
         regions[0].taints.push(Taint {
             key: "maintenance".into(),
@@ -1216,7 +1239,7 @@ mod tests {
         let mut g = group(4, Objective::Energy);
         g.deadline_s = Some(-5.0);
         g.parallelism = Some(0);
-        let err = place(&pair(), &g, &AnalyticCostModel::default()).unwrap_err();
+        let err = place(&pair(), &g, &model()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "task group cube-7443-12703 is invalid: deadlineS must be a positive number of seconds, got -5; \
@@ -1228,7 +1251,7 @@ mod tests {
     fn parallelism_caps_replicas_over_all_regions() {
         let mut g = group(40, Objective::Latency);
         g.parallelism = Some(6);
-        let p = place(&pair(), &g, &AnalyticCostModel::default()).unwrap();
+        let p = place(&pair(), &g, &model()).unwrap();
         assert_eq!(p.assignments.iter().map(|a| a.replicas).sum::<u64>(), 6);
         assert_eq!(p.assignments.iter().map(|a| a.tasks).sum::<u64>(), 40);
     }

@@ -7,7 +7,7 @@
 //! the sample count has grown by half, and at least every [`PredictorConfig::retrain_every`]
 //! samples): it holds out the most recent fifth of the samples, picks a regressor among linfa's
 //! (ordinary least squares and elastic net on log features, least squares on the prior's
-//! prediction, and an RBF support-vector regressor) by k-fold cross-validation on the rest,
+//! prediction) by k-fold cross-validation on the rest,
 //! reports the chosen model's error (MAPE) on the held-out part, and refits it on all samples.
 //!
 //! Energy: when telemetry carries measured joules (RAPL, metered nodes), a second model learns
@@ -19,7 +19,6 @@ use std::collections::{BTreeMap, VecDeque};
 use linfa::prelude::*;
 use linfa_elasticnet::ElasticNet;
 use linfa_linear::LinearRegression;
-use linfa_svm::Svm;
 use ndarray::{Array1, Array2, ArrayView1};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -283,16 +282,13 @@ pub enum ModelKind {
     ElasticNetLog,
     /// linfa-linear least squares on the prior's prediction (per CPU model, times load).
     LinearPrior,
-    /// linfa-svm epsilon-SVR with a Gaussian kernel on log features.
-    SvrLog,
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 4] = [
+    pub const ALL: [ModelKind; 3] = [
         ModelKind::LinearLog,
         ModelKind::ElasticNetLog,
         ModelKind::LinearPrior,
-        ModelKind::SvrLog,
     ];
 
     pub fn name(self) -> &'static str {
@@ -300,31 +296,24 @@ impl ModelKind {
             ModelKind::LinearLog => "linear-regression-log",
             ModelKind::ElasticNetLog => "elastic-net-log",
             ModelKind::LinearPrior => "linear-regression-prior",
-            ModelKind::SvrLog => "svr-rbf-log",
         }
     }
 
     fn space(self) -> Space {
         match self {
             ModelKind::LinearPrior => Space::Prior,
-            ModelKind::LinearLog | ModelKind::ElasticNetLog | ModelKind::SvrLog => Space::Log,
+            ModelKind::LinearLog | ModelKind::ElasticNetLog => Space::Log,
         }
     }
 }
 
-/// Support-vector training is quadratic in the samples: it sees at most this many.
-const SVR_MAX_SAMPLES: usize = 150;
-
-#[derive(Debug, Clone)]
-enum Fitted {
-    Linear { weights: Vec<f64>, intercept: f64 },
-    Svr(Box<Svm<f64, f64>>),
-}
-
+/// Every candidate predicts through a linear form over the encoded row (then `exp` in log
+/// space): a prediction costs a dot product, which keeps placement fast with thousands of regions.
 #[derive(Debug, Clone)]
 struct Trained {
     encoder: Encoder,
-    fitted: Fitted,
+    weights: Vec<f64>,
+    intercept: f64,
 }
 
 /// What a head predicts.
@@ -348,29 +337,19 @@ impl Trained {
         targets: &[f64],
         prior: &AnalyticCostModel,
     ) -> Option<Trained> {
-        let (inputs, targets) = if kind == ModelKind::SvrLog && inputs.len() > SVR_MAX_SAMPLES {
-            // The most recent samples: the freshest picture of the regions.
-            (
-                &inputs[inputs.len() - SVR_MAX_SAMPLES..],
-                &targets[targets.len() - SVR_MAX_SAMPLES..],
-            )
-        } else {
-            (inputs, targets)
-        };
         let encoder = Encoder::fit(kind.space(), inputs, prior);
         let x = encoder.matrix(inputs, prior);
-        let y: Array1<f64> = match kind.space() {
-            Space::Log => targets.iter().map(|t| t.ln()).collect(),
-            Space::Prior => targets.iter().copied().collect(),
+        let y: Array1<f64> = match kind {
+            ModelKind::LinearLog | ModelKind::ElasticNetLog => {
+                targets.iter().map(|t| t.ln()).collect()
+            }
+            ModelKind::LinearPrior => targets.iter().copied().collect(),
         };
         let data = Dataset::new(x, y);
-        let fitted = match kind {
+        let (weights, intercept) = match kind {
             ModelKind::LinearLog | ModelKind::LinearPrior => {
                 let m = LinearRegression::new().fit(&data).ok()?;
-                Fitted::Linear {
-                    weights: m.params().to_vec(),
-                    intercept: m.intercept(),
-                }
+                (m.params().to_vec(), m.intercept())
             }
             ModelKind::ElasticNetLog => {
                 let m = ElasticNet::params()
@@ -380,22 +359,14 @@ impl Trained {
                     .max_iterations(200)
                     .fit(&data)
                     .ok()?;
-                Fitted::Linear {
-                    weights: m.hyperplane().to_vec(),
-                    intercept: m.intercept(),
-                }
-            }
-            ModelKind::SvrLog => {
-                let m = Svm::<f64, f64>::params()
-                    .c_svr(10.0, Some(0.01))
-                    .gaussian_kernel(8.0)
-                    .eps(1e-3)
-                    .fit(&data)
-                    .ok()?;
-                Fitted::Svr(Box::new(m))
+                (m.hyperplane().to_vec(), m.intercept())
             }
         };
-        let trained = Trained { encoder, fitted };
+        let trained = Trained {
+            encoder,
+            weights,
+            intercept,
+        };
         // A model that predicts nonsense on its own training data is no candidate.
         inputs
             .first()
@@ -407,17 +378,13 @@ impl Trained {
     fn predict(&self, x: &Inputs, prior: &AnalyticCostModel) -> f64 {
         let mut row = [0.0; MAX_COLUMNS];
         let width = self.encoder.encode(x, prior, &mut row);
-        let raw = match &self.fitted {
-            Fitted::Linear { weights, intercept } => {
-                intercept
-                    + weights
-                        .iter()
-                        .zip(&row[..width])
-                        .map(|(w, v)| w * v)
-                        .sum::<f64>()
-            }
-            Fitted::Svr(m) => m.predict(ArrayView1::from(&row[..width])),
-        };
+        let raw = self.intercept
+            + self
+                .weights
+                .iter()
+                .zip(&row[..width])
+                .map(|(w, v)| w * v)
+                .sum::<f64>();
         match self.encoder.space {
             Space::Log => raw.exp(),
             // A linear model can dip below zero far from its data; a task never takes no time.

@@ -3,4 +3,5 @@
 
 mod cli;
 mod control_plane;
+mod sim;
 mod support;

@@ -97,7 +97,7 @@ pub enum PlotError {
     Draw { path: String, message: String },
 }
 
-/// Scatter of energy (kWh) against makespan (hours), one labelled point per policy.
+/// Scatter of energy (kWh) against makespan (s), one labelled point per policy.
 pub fn plot(report: &SimReport, path: &Path) -> Result<(), PlotError> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
         .map_err(|_| PlotError::Font)?;
@@ -111,7 +111,7 @@ pub fn plot(report: &SimReport, path: &Path) -> Result<(), PlotError> {
             report
                 .policies
                 .get(p.name())
-                .map(|r| (p.name(), r.makespan_s / 3600.0, r.energy_kwh))
+                .map(|r| (p.name(), r.makespan_s, r.energy_kwh))
         })
         .collect();
     let (mut x0, mut x1, mut y0, mut y1) =
@@ -121,7 +121,8 @@ pub fn plot(report: &SimReport, path: &Path) -> Result<(), PlotError> {
         x1 = x1.max(x);
         y1 = y1.max(y);
     }
-    let pad = ((x1 - x0) * 0.15).max(x1 * 0.01).max(0.01);
+    // Makespans of a long trace differ by seconds: the axis spans the spread, not from zero.
+    let pad = ((x1 - x0) * 0.25).max(1.0);
     let (x0, x1) = (x0 - pad, x1 + pad);
     y1 = (y1 * 1.15).max(y0 + 1e-9);
     y0 = y0.min(0.0);
@@ -143,7 +144,7 @@ pub fn plot(report: &SimReport, path: &Path) -> Result<(), PlotError> {
         .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
-        .x_desc("makespan (hours)")
+        .x_desc("makespan (s)")
         .y_desc("energy (kWh)")
         .label_style(("sans-serif", 16))
         .draw()
@@ -151,18 +152,18 @@ pub fn plot(report: &SimReport, path: &Path) -> Result<(), PlotError> {
     let palette = [RED, BLUE, MAGENTA, CYAN, GREEN, BLACK];
     for (i, &(name, x, y)) in points.iter().enumerate() {
         let color = palette[i % palette.len()];
+        // Labels alternate sides so that close points stay readable.
+        let dx = if i % 2 == 0 { 12 } else { -190 };
+        let label = format!("{name} {y:.2} kWh");
         chart
-            .draw_series(std::iter::once(Circle::new((x, y), 7, color.filled())))
+            .draw_series(std::iter::once(
+                EmptyElement::at((x, y))
+                    + Circle::new((0, 0), 7, color.filled())
+                    + Text::new(label, (dx, -8), ("sans-serif", 15).into_font()),
+            ))
             .map_err(|e| fail(&e))?
             .label(name)
             .legend(move |(lx, ly)| Circle::new((lx, ly), 5, color.filled()));
-        chart
-            .draw_series(std::iter::once(Text::new(
-                format!("{name} {y:.1} kWh"),
-                (x, y),
-                ("sans-serif", 15).into_font(),
-            )))
-            .map_err(|e| fail(&e))?;
     }
     chart
         .configure_series_labels()

@@ -4,7 +4,7 @@
 //! something else. The true CPU time of a task is
 //!
 //! ```text
-//! overhead + 7 ms x spectra x (pixels/4563)^1.1 x (templates/150)^0.8 x (1 + 0.15 (moments - 2))
+//! overhead + 12.5 ms x spectra x (pixels/4437)^1.1 x (templates/150)^0.8 x (1 + 0.15 (moments - 2))
 //!     x (1 + loadSlowdown x load) / speed
 //! ```
 //!
