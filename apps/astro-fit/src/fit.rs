@@ -65,7 +65,7 @@ impl Default for FitConfig {
             bias: None,
             clean: false,
             regul: 0.0,
-            basis: TemplateBasis::Compressed { tolerance: 1e-5 },
+            basis: TemplateBasis::Exact,
             max_velocity: 2000.0,
             max_sigma: 1000.0,
             max_iterations: 60,
@@ -321,6 +321,134 @@ impl NormalMatrix for FactoredNormal<'_> {
     }
 }
 
+/// Mutable state of [`LazyExact`]: columns convolved on demand and cached Gram entries.
+struct LazyCells<'a> {
+    cols: &'a mut [f64],
+    wcols: &'a mut Vec<f64>,
+    have: &'a mut [bool],
+    gram: &'a mut [f64],
+    g_pt: &'a mut [f64],
+    weight: &'a [f64],
+    conv: &'a mut ConvolveScratch,
+    model: &'a mut Vec<f64>,
+    adjoint_in: &'a mut [f64],
+    adjoint_out: &'a mut [f64],
+}
+
+/// Normal matrix of [additive polynomials, all templates] built lazily: a template column is
+/// convolved only when NNLS needs its entries (passive set); products with Q go through the
+/// adjoint of the convolution.
+struct LazyExact<'a> {
+    fitter: &'a Fitter,
+    np: usize,
+    nt: usize,
+    npix: usize,
+    used: usize,
+    weight_sum: f64,
+    g_pp: &'a [f64],
+    wpoly: &'a [f64],
+    good_idx: &'a [usize],
+    kernel: &'a [Complex64],
+    cells: std::cell::RefCell<LazyCells<'a>>,
+}
+
+impl LazyExact<'_> {
+    fn ensure(&self, c: &mut LazyCells<'_>, j: usize) {
+        if c.have[j] {
+            return;
+        }
+        let (npix, ng) = (self.npix, self.good_idx.len());
+        let col = &mut c.cols[j * npix..(j + 1) * npix];
+        self.fitter
+            .conv
+            .apply(&self.fitter.basis[j], self.kernel, self.used, col, c.conv);
+        for (g, &i) in self.good_idx.iter().enumerate() {
+            c.wcols[j * ng + g] = col[i] * c.weight[i];
+        }
+        c.have[j] = true;
+    }
+}
+
+impl NormalMatrix for LazyExact<'_> {
+    fn dim(&self) -> usize {
+        self.np + self.nt
+    }
+
+    fn entry(&self, i: usize, j: usize) -> f64 {
+        let (np, nt, ng) = (self.np, self.nt, self.good_idx.len());
+        if i < np && j < np {
+            return self.g_pp[i * np + j];
+        }
+        let mut c = self.cells.borrow_mut();
+        if i < np || j < np {
+            let (l, t) = if i < np { (i, j - np) } else { (j, i - np) };
+            if c.g_pt[l * nt + t].is_nan() {
+                self.ensure(&mut c, t);
+                let v = dot(
+                    &self.wpoly[l * ng..(l + 1) * ng],
+                    &c.wcols[t * ng..(t + 1) * ng],
+                );
+                c.g_pt[l * nt + t] = v;
+            }
+            return c.g_pt[l * nt + t];
+        }
+        let (ti, tj) = (i - np, j - np);
+        if c.gram[ti * nt + tj].is_nan() {
+            self.ensure(&mut c, ti);
+            self.ensure(&mut c, tj);
+            let v = dot(
+                &c.wcols[ti * ng..(ti + 1) * ng],
+                &c.wcols[tj * ng..(tj + 1) * ng],
+            );
+            c.gram[ti * nt + tj] = v;
+            c.gram[tj * nt + ti] = v;
+        }
+        c.gram[ti * nt + tj] + self.fitter.reg.as_ref().map_or(0.0, |r| r[ti * nt + tj])
+    }
+
+    fn diagonal_hint(&self, i: usize) -> f64 {
+        if i < self.np {
+            self.g_pp[i * self.np + i]
+        } else {
+            self.weight_sum * self.fitter.mean_square[i - self.np]
+        }
+    }
+
+    fn mul(&self, x: &[f64], out: &mut [f64]) {
+        let (np, nt, ng) = (self.np, self.nt, self.good_idx.len());
+        let mut guard = self.cells.borrow_mut();
+        let c = &mut *guard;
+        c.model.clear();
+        c.model.resize(ng, 0.0);
+        for j in 0..nt {
+            if x[np + j] != 0.0 {
+                self.ensure(c, j);
+                axpy(x[np + j], &c.wcols[j * ng..(j + 1) * ng], c.model);
+            }
+        }
+        for l in 0..np {
+            axpy(x[l], &self.wpoly[l * ng..(l + 1) * ng], c.model);
+        }
+        for l in 0..np {
+            out[l] = dot(&self.wpoly[l * ng..(l + 1) * ng], c.model);
+        }
+        c.adjoint_in.fill(0.0);
+        for (g, &i) in self.good_idx.iter().enumerate() {
+            c.adjoint_in[i] = c.weight[i] * c.model[g];
+        }
+        self.fitter
+            .conv
+            .adjoint(c.adjoint_in, self.kernel, self.used, c.adjoint_out, c.conv);
+        for j in 0..nt {
+            let t = &self.fitter.samples[j];
+            out[np + j] = dot(t, &c.adjoint_out[..t.len()]);
+            if let Some(r) = &self.fitter.reg {
+                out[np + j] += dot(&r[j * nt..(j + 1) * nt], &x[np..]);
+            }
+        }
+    }
+}
+
 /// A fitter for one template set, one galaxy grid and one configuration; reusable across
 /// many spectra and threads (it is immutable; each thread brings a [`FitScratch`]).
 #[derive(Debug, Clone)]
@@ -331,6 +459,10 @@ pub struct Fitter {
     nt: usize,
     conv: Convolver,
     basis: Vec<Vec<Complex64>>,
+    /// Exact mode: the template samples (for gradients through the adjoint) and their mean
+    /// squares (to scale NNLS without convolving every template).
+    samples: Vec<Vec<f64>>,
+    mean_square: Vec<f64>,
     mix: Mix,
     /// Additive Legendre polynomials P_0..P_degree on the galaxy pixels.
     poly: Vec<Vec<f64>>,
@@ -375,6 +507,12 @@ pub struct FitScratch {
     tw: Vec<f64>,
     evaluations: usize,
     pixel_chi2: f64,
+    /// Exact mode: which template columns this evaluation has convolved, the per-pixel
+    /// weight (mpoly / noise, zero off the mask) and the adjoint output.
+    have_col: Vec<bool>,
+    pixel_weight: Vec<f64>,
+    adjoint_in: Vec<f64>,
+    adjoint_out: Vec<f64>,
 }
 
 /// Parameters in natural units: V, sigma (km/s), h3.., multiplicative coefficients.
@@ -431,6 +569,16 @@ impl Fitter {
             TemplateBasis::Compressed { tolerance } => compress(&templates.spectra, tolerance),
         };
         let basis = basis_samples.iter().map(|s| conv.spectrum_of(s)).collect();
+        let (samples, mean_square) = match mix {
+            Mix::Identity(_) => {
+                let ms = basis_samples
+                    .iter()
+                    .map(|t| t.iter().map(|v| v * v).sum::<f64>() / t.len().max(1) as f64)
+                    .collect();
+                (basis_samples, ms)
+            }
+            Mix::Dense { .. } => (Vec::new(), Vec::new()),
+        };
         let x: Vec<f64> = (0..grid.npix)
             .map(|i| -1.0 + 2.0 * i as f64 / (grid.npix - 1) as f64)
             .collect();
@@ -448,6 +596,8 @@ impl Fitter {
             nt,
             conv,
             basis,
+            samples,
+            mean_square,
             mix,
             poly,
             mpoly,
@@ -510,6 +660,10 @@ impl Fitter {
             tw: vec![0.0; self.nt],
             evaluations: 0,
             pixel_chi2: 0.0,
+            have_col: vec![false; k],
+            pixel_weight: vec![0.0; npix],
+            adjoint_in: vec![0.0; npix],
+            adjoint_out: vec![0.0; self.conv.n_fft()],
         }
     }
 
@@ -664,11 +818,6 @@ impl Fitter {
         let ng = s.good_idx.len();
         let gh = self.losvd(p);
         let used = self.conv.losvd_kernel(&gh, &mut s.kernel);
-        for a in 0..k {
-            let out = &mut s.cols[a * npix..(a + 1) * npix];
-            self.conv
-                .apply(&self.basis[a], &s.kernel, used, out, &mut s.conv);
-        }
         // Multiplicative polynomial, clipped like pPXF's.
         for i in 0..npix {
             let m: f64 = 1.0
@@ -679,6 +828,53 @@ impl Fitter {
                     .map(|(poly, c)| c * poly[i])
                     .sum::<f64>();
             s.mvec[i] = m.max(0.1);
+        }
+        if let Mix::Identity(_) = self.mix {
+            self.solve_exact(s, spectrum, used)?;
+        } else {
+            self.solve_compressed(s, spectrum, used)?;
+        }
+        // Residuals on the good pixels.
+        self.mix.to_basis(&s.x[np..], &mut s.u);
+        s.resid.clear();
+        s.resid.extend_from_slice(&s.wy);
+        for a in 0..k {
+            // Exact mode convolves only templates with weight; skip the others.
+            if s.u[a] != 0.0 {
+                axpy(-s.u[a], &s.wcols[a * ng..(a + 1) * ng], &mut s.resid);
+            }
+        }
+        for l in 0..np {
+            axpy(-s.x[l], &s.wpoly[l * ng..(l + 1) * ng], &mut s.resid);
+        }
+        let chi2 = dot(&s.resid, &s.resid);
+        s.pixel_chi2 = chi2;
+        let mut chi2 = chi2;
+        if let Some(reg) = &self.reg {
+            let w = &s.x[np..];
+            for j in 0..nt {
+                chi2 += w[j] * dot(&reg[j * nt..(j + 1) * nt], w);
+            }
+        }
+        Ok(chi2)
+    }
+
+    /// Linear solve with the compressed basis: all k basis columns, Gram in factored form.
+    fn solve_compressed(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        used: usize,
+    ) -> Result<(), FitError> {
+        let k = self.mix.basis_len();
+        let npix = self.grid.npix;
+        let np = self.poly.len();
+        let nt = self.nt;
+        let ng = s.good_idx.len();
+        for a in 0..k {
+            let out = &mut s.cols[a * npix..(a + 1) * npix];
+            self.conv
+                .apply(&self.basis[a], &s.kernel, used, out, &mut s.conv);
         }
         s.wcols.clear();
         for a in 0..k {
@@ -726,26 +922,72 @@ impl Fitter {
         let solved = s.nnls.solve(&normal, &s.rhs, np, &mut s.x);
         s.tmp_u = normal.tmp_u.into_inner();
         solved.map_err(FitError::Numerical)?;
-        // Residuals on the good pixels.
-        self.mix.to_basis(&s.x[np..], &mut s.u);
-        s.resid.clear();
-        s.resid.extend_from_slice(&s.wy);
-        for a in 0..k {
-            axpy(-s.u[a], &s.wcols[a * ng..(a + 1) * ng], &mut s.resid);
+        Ok(())
+    }
+
+    /// Exact linear solve: NNLS over every template, convolving only the templates that
+    /// enter the passive set; the gradient for all others comes from one adjoint FFT and a
+    /// dot product per template.
+    fn solve_exact(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        used: usize,
+    ) -> Result<(), FitError> {
+        let npix = self.grid.npix;
+        let np = self.poly.len();
+        let nt = self.nt;
+        s.have_col.fill(false);
+        s.gc.fill(f64::NAN);
+        s.g_pt.fill(f64::NAN);
+        s.pixel_weight.fill(0.0);
+        for &i in &s.good_idx {
+            s.pixel_weight[i] = s.mvec[i] / spectrum.noise[i];
         }
-        for l in 0..np {
-            axpy(-s.x[l], &s.wpoly[l * ng..(l + 1) * ng], &mut s.resid);
+        let weight_sum: f64 = s.pixel_weight.iter().map(|w| w * w).sum();
+        s.wcols.resize(nt * s.good_idx.len(), 0.0);
+        // Right-hand side for the templates: <T_j, L^T (weight * y)>.
+        s.adjoint_in.fill(0.0);
+        for (g, &i) in s.good_idx.iter().enumerate() {
+            s.adjoint_in[i] = s.pixel_weight[i] * s.wy[g];
         }
-        let chi2 = dot(&s.resid, &s.resid);
-        s.pixel_chi2 = chi2;
-        let mut chi2 = chi2;
-        if let Some(reg) = &self.reg {
-            let w = &s.x[np..];
-            for j in 0..nt {
-                chi2 += w[j] * dot(&reg[j * nt..(j + 1) * nt], w);
-            }
+        self.conv.adjoint(
+            &s.adjoint_in,
+            &s.kernel,
+            used,
+            &mut s.adjoint_out,
+            &mut s.conv,
+        );
+        for j in 0..nt {
+            let t = &self.samples[j];
+            s.rhs[np + j] = dot(t, &s.adjoint_out[..t.len()]);
         }
-        Ok(chi2)
+        let lazy = LazyExact {
+            fitter: self,
+            np,
+            nt,
+            npix,
+            used,
+            weight_sum,
+            g_pp: &s.g_pp,
+            wpoly: &s.wpoly,
+            good_idx: &s.good_idx,
+            kernel: &s.kernel,
+            cells: std::cell::RefCell::new(LazyCells {
+                cols: &mut s.cols,
+                wcols: &mut s.wcols,
+                have: &mut s.have_col,
+                gram: &mut s.gc,
+                g_pt: &mut s.g_pt,
+                weight: &s.pixel_weight,
+                conv: &mut s.conv,
+                model: &mut s.resid,
+                adjoint_in: &mut s.adjoint_in,
+                adjoint_out: &mut s.adjoint_out,
+            }),
+        };
+        let solved = s.nnls.solve(&lazy, &s.rhs, np, &mut s.x);
+        solved.map(|_| ()).map_err(FitError::Numerical)
     }
 
     /// Best-fit model on every pixel of the grid from the last evaluation.
@@ -755,7 +997,10 @@ impl Fitter {
         let np = self.poly.len();
         (0..npix)
             .map(|i| {
-                let stellar: f64 = (0..k).map(|a| s.cols[a * npix + i] * s.u[a]).sum();
+                let stellar: f64 = (0..k)
+                    .filter(|&a| s.u[a] != 0.0)
+                    .map(|a| s.cols[a * npix + i] * s.u[a])
+                    .sum();
                 stellar * s.mvec[i] + (0..np).map(|l| self.poly[l][i] * s.x[l]).sum::<f64>()
             })
             .collect()
@@ -788,7 +1033,10 @@ impl Fitter {
         }
         // Unmultiplied stellar model for the multiplicative derivatives.
         for i in 0..npix {
-            s.stellar[i] = (0..k).map(|a| s.cols[a * npix + i] * s.u[a]).sum();
+            s.stellar[i] = (0..k)
+                .filter(|&a| s.u[a] != 0.0)
+                .map(|a| s.cols[a * npix + i] * s.u[a])
+                .sum();
         }
         // Active linear columns (polynomials and positive weights) and their normal matrix.
         s.active.clear();
@@ -822,8 +1070,14 @@ impl Fitter {
             for l in 0..np {
                 s.proj_rhs[l] = dot(&s.wpoly[l * ng..(l + 1) * ng], jq);
             }
+            let exact = matches!(self.mix, Mix::Identity(_));
             for a in 0..k {
-                s.tmp_u.0[a] = dot(&s.wcols[a * ng..(a + 1) * ng], jq);
+                // Exact mode: only the active templates' columns exist (and matter).
+                s.tmp_u.0[a] = if exact && s.x[np + a] <= 0.0 {
+                    0.0
+                } else {
+                    dot(&s.wcols[a * ng..(a + 1) * ng], jq)
+                };
             }
             self.mix.to_templates(&s.tmp_u.0, &mut s.proj_rhs[np..]);
             s.coef.clear();

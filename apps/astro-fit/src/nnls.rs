@@ -16,6 +16,11 @@ pub trait NormalMatrix {
     fn entry(&self, i: usize, j: usize) -> f64;
     /// out = Q x
     fn mul(&self, x: &[f64], out: &mut [f64]);
+    /// A positive estimate of Q[i, i] used only to scale the problem (the solution does not
+    /// depend on it); lazily built matrices can avoid computing every column.
+    fn diagonal_hint(&self, i: usize) -> f64 {
+        self.entry(i, i)
+    }
 }
 
 /// A dense row-major normal matrix.
@@ -82,7 +87,7 @@ impl NnlsSolver {
         self.resize(n);
         // Equilibrate: unit diagonal keeps polynomials and templates on one footing.
         for i in 0..n {
-            let d = q.entry(i, i);
+            let d = q.diagonal_hint(i);
             self.scale[i] = if d > 0.0 { 1.0 / d.sqrt() } else { 0.0 };
             self.b[i] = b[i] * self.scale[i];
         }

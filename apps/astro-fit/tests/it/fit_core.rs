@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use astro_fit::spectrum::{Selection, read_spectrum};
 use astro_fit::synthetic::{
-    accuracy_by_sn, load_spaxels, prepare_emiles, read_truth, shared_data_dir,
+    accuracy_by_sn, accuracy_in, load_spaxels, prepare_emiles, read_truth, shared_data_dir,
 };
 use astro_fit::{FitConfig, FitError, Fitter, LogGrid, Spectrum, Start, TemplateLibrary};
 
@@ -18,8 +18,13 @@ fn synthetic_cube_kinematics_match_the_truth_per_sn_bin() {
     let data = shared_data_dir();
     let truth = read_truth(&data.join("cubes/synthetic-manga-seed7-truth.csv")).unwrap();
     assert_eq!(truth.len(), 652);
-    // Every second spaxel keeps the test quick while leaving >= 40 spaxels per S/N bin.
-    let rows: Vec<_> = truth.into_iter().step_by(2).collect();
+    // Every second spaxel below S/N 20 keeps the test quick; all of the rarer brighter ones.
+    let rows: Vec<_> = truth
+        .into_iter()
+        .enumerate()
+        .filter(|(i, r)| r.sn >= 20.0 || i % 2 == 0)
+        .map(|(_, r)| r)
+        .collect();
     let spectra = load_spaxels(
         &data.join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
         &rows,
@@ -27,7 +32,12 @@ fn synthetic_cube_kinematics_match_the_truth_per_sn_bin() {
     )
     .unwrap();
     let templates = prepare_emiles(emiles(), &spectra[0], 1).unwrap();
-    let fitter = Fitter::new(&templates, spectra[0].grid, FitConfig::default()).unwrap();
+    // The cube carries a smooth multiplicative distortion (Legendre degree 3): model it.
+    let cfg = FitConfig {
+        mdegree: 3,
+        ..FitConfig::default()
+    };
+    let fitter = Fitter::new(&templates, spectra[0].grid, cfg).unwrap();
     let mut scratch = fitter.scratch();
     let samples: Vec<_> = rows
         .iter()
@@ -47,17 +57,27 @@ fn synthetic_cube_kinematics_match_the_truth_per_sn_bin() {
         .zip(v_rms_max.iter().zip(&sigma_rms_max))
     {
         eprintln!("{bin:?}");
-        assert!(bin.count >= 20, "{bin:?}");
+        assert!(bin.count >= 5, "{bin:?}");
         assert!(bin.v_rms < *v_max, "V RMS too large: {bin:?}");
         assert!(bin.sigma_rms < *s_max, "sigma RMS too large: {bin:?}");
         assert!(bin.v_bias.abs() < 0.5 * v_max, "V bias: {bin:?}");
         assert!(bin.sigma_bias.abs() < 0.5 * s_max, "sigma bias: {bin:?}");
-        for pull in [bin.v_pull_std, bin.sigma_pull_std] {
-            assert!(
-                (0.85..=1.2).contains(&pull),
-                "errors do not match the scatter: {bin:?}"
-            );
+        // The cube has 8 spaxels above S/N 40: too few to measure a spread; they join the
+        // 20-40 bin for that check below.
+        if bin.count >= 20 {
+            check_error_spread(bin);
         }
+    }
+    check_error_spread(&accuracy_in(&samples, 20.0, f64::INFINITY));
+}
+
+/// (fit - truth)/error must scatter like a unit Gaussian: errors that mean what they say.
+fn check_error_spread(bin: &astro_fit::synthetic::BinAccuracy) {
+    for pull in [bin.v_pull_std, bin.sigma_pull_std] {
+        assert!(
+            (0.85..=1.2).contains(&pull),
+            "errors do not match the scatter: {bin:?}"
+        );
     }
 }
 
