@@ -1032,11 +1032,11 @@ impl Fitter {
             }
         }
         // Unmultiplied stellar model for the multiplicative derivatives.
-        for i in 0..npix {
-            s.stellar[i] = (0..k)
-                .filter(|&a| s.u[a] != 0.0)
-                .map(|a| s.cols[a * npix + i] * s.u[a])
-                .sum();
+        s.stellar.fill(0.0);
+        for a in 0..k {
+            if s.u[a] != 0.0 {
+                axpy(s.u[a], &s.cols[a * npix..(a + 1) * npix], &mut s.stellar);
+            }
         }
         // Active linear columns (polynomials and positive weights) and their normal matrix.
         s.active.clear();
@@ -1096,7 +1096,9 @@ impl Fitter {
             self.mix.to_basis(&s.tw, &mut s.tmp_u.1);
             let jq = &mut s.jac[start..start + ng];
             for a in 0..k {
-                axpy(-s.tmp_u.1[a], &s.wcols[a * ng..(a + 1) * ng], jq);
+                if s.tmp_u.1[a] != 0.0 {
+                    axpy(-s.tmp_u.1[a], &s.wcols[a * ng..(a + 1) * ng], jq);
+                }
             }
             for l in 0..np {
                 axpy(-s.coef[l], &s.wpoly[l * ng..(l + 1) * ng], jq);
@@ -1214,7 +1216,7 @@ impl Fitter {
                 lambda = (lambda * 0.1).max(1e-9);
                 need_jac = true;
                 // Converged: the step moved the parameters by a tiny fraction of their errors.
-                if step_size < 1e-3 || improvement < 1e-8 * chi2.max(1.0) {
+                if step_size < 1e-3 || improvement < 1e-6 * chi2.max(1.0) {
                     break;
                 }
             } else {
