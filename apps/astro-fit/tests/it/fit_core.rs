@@ -208,3 +208,63 @@ fn fully_masked_manga_spectrum_reports_no_good_pixels() {
         "no good pixels: every pixel of the spectrum is masked"
     );
 }
+
+#[test]
+fn regularised_fit_spreads_weights_and_gives_population_averages() {
+    use astro_fit::populations::populations;
+    let data = shared_data_dir();
+    let truth = read_truth(&data.join("cubes/synthetic-manga-seed7-truth.csv")).unwrap();
+    let brightest = truth
+        .iter()
+        .max_by(|a, b| a.sn.total_cmp(&b.sn))
+        .unwrap()
+        .clone();
+    let spectra = load_spaxels(
+        &data.join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
+        &[brightest],
+        (3600.0, 10000.0),
+    )
+    .unwrap();
+    let templates = prepare_emiles(emiles(), &spectra[0], 1).unwrap();
+    let fit_with_regul = |regul: f64| {
+        let cfg = FitConfig {
+            mdegree: 3,
+            degree: -1,
+            regul,
+            ..FitConfig::default()
+        };
+        let fitter = Fitter::new(&templates, spectra[0].grid, cfg).unwrap();
+        fitter
+            .fit(&spectra[0].spectrum, &Start::new(0.0, 150.0))
+            .unwrap()
+    };
+    let plain = fit_with_regul(0.0);
+    let smooth = fit_with_regul(100.0);
+    let used = |w: &[f64]| w.iter().filter(|v| **v > 0.0).count();
+    assert!(
+        used(&smooth.weights) > 2 * used(&plain.weights),
+        "{} vs {}",
+        used(&smooth.weights),
+        used(&plain.weights)
+    );
+    // Regularisation costs little chi2 at this strength.
+    assert!(
+        smooth.chi2 < 1.2 * plain.chi2,
+        "{} vs {}",
+        smooth.chi2,
+        plain.chi2
+    );
+    let pops = populations(&templates, &smooth.weights).unwrap();
+    let (min_age, max_age) = (
+        (templates.ages[0] * 1e9).log10(),
+        (templates.ages[templates.ages.len() - 1] * 1e9).log10(),
+    );
+    assert!(
+        (min_age..=max_age).contains(&pops.light_log_age),
+        "{pops:?}"
+    );
+    let mass_age = pops.mass_log_age.unwrap();
+    // Old populations carry more mass per unit light.
+    assert!(mass_age >= pops.light_log_age - 0.01, "{pops:?}");
+    assert!((-1.8..=0.3).contains(&pops.light_metallicity), "{pops:?}");
+}
