@@ -1382,3 +1382,58 @@ fn regularisation(templates: &PreparedTemplates, regul: f64) -> Result<Vec<f64>,
     }
     Ok(dtd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fitter_is_shared_across_threads_and_scratch_moves_between_them() {
+        fn shared<T: Send + Sync>() {}
+        fn movable<T: Send>() {}
+        shared::<Fitter>();
+        movable::<FitScratch>();
+    }
+
+    #[test]
+    fn legendre_polynomials_match_closed_forms() {
+        let x = [-1.0, -0.3, 0.0, 0.5, 1.0];
+        let t = legendre_table(&x, 3);
+        for (i, &v) in x.iter().enumerate() {
+            assert!((t[2][i] - 0.5 * (3.0 * v * v - 1.0)).abs() < 1e-14);
+            assert!((t[3][i] - 0.5 * (5.0 * v * v * v - 3.0 * v)).abs() < 1e-14);
+        }
+    }
+
+    #[test]
+    fn compressed_basis_reproduces_templates_within_tolerance() {
+        let spectra: Vec<Vec<f64>> = (0..6)
+            .map(|j| {
+                (0..200)
+                    .map(|i| {
+                        1.0 + 0.1 * j as f64 * (i as f64 / 9.0).sin()
+                            + 0.05 * ((i * (j + 1)) as f64 / 5.0).cos()
+                    })
+                    .collect()
+            })
+            .collect();
+        let (basis, mix) = compress(&spectra, 1e-6);
+        let Mix::Dense { k, n, c } = mix else {
+            panic!("expected a dense mix")
+        };
+        assert!(k <= 6 && n == 6 && basis.len() == k);
+        for j in 0..n {
+            let approx: Vec<f64> = (0..200)
+                .map(|i| (0..k).map(|a| basis[a][i] * c[a * n + j]).sum())
+                .collect();
+            let err: f64 = approx
+                .iter()
+                .zip(&spectra[j])
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = spectra[j].iter().map(|v| v * v).sum::<f64>().sqrt();
+            assert!(err < 1e-6 * norm, "template {j}: {err}");
+        }
+    }
+}
