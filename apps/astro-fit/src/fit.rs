@@ -323,6 +323,7 @@ impl NormalMatrix for FactoredNormal<'_> {
 
 /// Mutable state of [`LazyExact`]: columns convolved on demand and cached Gram entries.
 struct LazyCells<'a> {
+    rhs: &'a mut [f64],
     cols: &'a mut [f64],
     wcols: &'a mut Vec<f64>,
     have: &'a mut [bool],
@@ -347,6 +348,7 @@ struct LazyExact<'a> {
     weight_sum: f64,
     g_pp: &'a [f64],
     wpoly: &'a [f64],
+    wy: &'a [f64],
     good_idx: &'a [usize],
     kernel: &'a [Complex64],
     cells: std::cell::RefCell<LazyCells<'a>>,
@@ -414,7 +416,34 @@ impl NormalMatrix for LazyExact<'_> {
         }
     }
 
+    fn rhs(&self, i: usize, b: &[f64]) -> f64 {
+        if i < self.np {
+            return b[i];
+        }
+        let j = i - self.np;
+        let ng = self.good_idx.len();
+        let mut c = self.cells.borrow_mut();
+        if c.rhs[j].is_nan() {
+            self.ensure(&mut c, j);
+            c.rhs[j] = dot(&c.wcols[j * ng..(j + 1) * ng], self.wy);
+        }
+        c.rhs[j]
+    }
+
+    /// b - Q x = A^T W (y - A x): one residual, one adjoint FFT, a dot product per template.
+    fn gradient(&self, b: &[f64], x: &[f64], out: &mut [f64]) {
+        self.mul_or_gradient(Some(b), x, out);
+    }
+
     fn mul(&self, x: &[f64], out: &mut [f64]) {
+        self.mul_or_gradient(None, x, out);
+    }
+}
+
+impl LazyExact<'_> {
+    /// Q x, or with `b` the gradient b - Q x, through the weighted pixel residual. The
+    /// polynomial entries of `b` are exact; the template ones are never needed.
+    fn mul_or_gradient(&self, b: Option<&[f64]>, x: &[f64], out: &mut [f64]) {
         let (np, nt, ng) = (self.np, self.nt, self.good_idx.len());
         let mut guard = self.cells.borrow_mut();
         let c = &mut *guard;
@@ -429,6 +458,16 @@ impl NormalMatrix for LazyExact<'_> {
         for l in 0..np {
             axpy(x[l], &self.wpoly[l * ng..(l + 1) * ng], c.model);
         }
+        // For the gradient, A^T W (y - A x): turn the model into the residual first.
+        let sign = match b {
+            Some(_) => {
+                for (m, y) in c.model.iter_mut().zip(self.wy) {
+                    *m = y - *m;
+                }
+                -1.0
+            }
+            None => 1.0,
+        };
         for l in 0..np {
             out[l] = dot(&self.wpoly[l * ng..(l + 1) * ng], c.model);
         }
@@ -443,7 +482,7 @@ impl NormalMatrix for LazyExact<'_> {
             let t = &self.fitter.samples[j];
             out[np + j] = dot(t, &c.adjoint_out[..t.len()]);
             if let Some(r) = &self.fitter.reg {
-                out[np + j] += dot(&r[j * nt..(j + 1) * nt], &x[np..]);
+                out[np + j] += sign * dot(&r[j * nt..(j + 1) * nt], &x[np..]);
             }
         }
     }
@@ -946,22 +985,8 @@ impl Fitter {
         }
         let weight_sum: f64 = s.pixel_weight.iter().map(|w| w * w).sum();
         s.wcols.resize(nt * s.good_idx.len(), 0.0);
-        // Right-hand side for the templates: <T_j, L^T (weight * y)>.
-        s.adjoint_in.fill(0.0);
-        for (g, &i) in s.good_idx.iter().enumerate() {
-            s.adjoint_in[i] = s.pixel_weight[i] * s.wy[g];
-        }
-        self.conv.adjoint(
-            &s.adjoint_in,
-            &s.kernel,
-            used,
-            &mut s.adjoint_out,
-            &mut s.conv,
-        );
-        for j in 0..nt {
-            let t = &self.samples[j];
-            s.rhs[np + j] = dot(t, &s.adjoint_out[..t.len()]);
-        }
+        // Template right-hand sides are computed on demand (LazyExact::rhs).
+        s.rhs_b.fill(f64::NAN);
         let lazy = LazyExact {
             fitter: self,
             np,
@@ -971,9 +996,11 @@ impl Fitter {
             weight_sum,
             g_pp: &s.g_pp,
             wpoly: &s.wpoly,
+            wy: &s.wy,
             good_idx: &s.good_idx,
             kernel: &s.kernel,
             cells: std::cell::RefCell::new(LazyCells {
+                rhs: &mut s.rhs_b,
                 cols: &mut s.cols,
                 wcols: &mut s.wcols,
                 have: &mut s.have_col,
