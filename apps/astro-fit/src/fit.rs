@@ -65,7 +65,7 @@ impl Default for FitConfig {
             bias: None,
             clean: false,
             regul: 0.0,
-            basis: TemplateBasis::Compressed { tolerance: 1e-5 },
+            basis: TemplateBasis::Exact,
             max_velocity: 2000.0,
             max_sigma: 1000.0,
             max_iterations: 60,
@@ -321,6 +321,173 @@ impl NormalMatrix for FactoredNormal<'_> {
     }
 }
 
+/// Mutable state of [`LazyExact`]: columns convolved on demand and cached Gram entries.
+struct LazyCells<'a> {
+    rhs: &'a mut [f64],
+    cols: &'a mut [f64],
+    wcols: &'a mut Vec<f64>,
+    have: &'a mut [bool],
+    gram: &'a mut [f64],
+    g_pt: &'a mut [f64],
+    weight: &'a [f64],
+    conv: &'a mut ConvolveScratch,
+    model: &'a mut Vec<f64>,
+    adjoint_in: &'a mut [f64],
+    adjoint_out: &'a mut [f64],
+}
+
+/// Normal matrix of [additive polynomials, all templates] built lazily: a template column is
+/// convolved only when NNLS needs its entries (passive set); products with Q go through the
+/// adjoint of the convolution.
+struct LazyExact<'a> {
+    fitter: &'a Fitter,
+    np: usize,
+    nt: usize,
+    npix: usize,
+    used: usize,
+    weight_sum: f64,
+    g_pp: &'a [f64],
+    wpoly: &'a [f64],
+    wy: &'a [f64],
+    good_idx: &'a [usize],
+    kernel: &'a [Complex64],
+    cells: std::cell::RefCell<LazyCells<'a>>,
+}
+
+impl LazyExact<'_> {
+    fn ensure(&self, c: &mut LazyCells<'_>, j: usize) {
+        if c.have[j] {
+            return;
+        }
+        let (npix, ng) = (self.npix, self.good_idx.len());
+        let col = &mut c.cols[j * npix..(j + 1) * npix];
+        self.fitter
+            .conv
+            .apply(&self.fitter.basis[j], self.kernel, self.used, col, c.conv);
+        for (g, &i) in self.good_idx.iter().enumerate() {
+            c.wcols[j * ng + g] = col[i] * c.weight[i];
+        }
+        c.have[j] = true;
+    }
+}
+
+impl NormalMatrix for LazyExact<'_> {
+    fn dim(&self) -> usize {
+        self.np + self.nt
+    }
+
+    fn entry(&self, i: usize, j: usize) -> f64 {
+        let (np, nt, ng) = (self.np, self.nt, self.good_idx.len());
+        if i < np && j < np {
+            return self.g_pp[i * np + j];
+        }
+        let mut c = self.cells.borrow_mut();
+        if i < np || j < np {
+            let (l, t) = if i < np { (i, j - np) } else { (j, i - np) };
+            if c.g_pt[l * nt + t].is_nan() {
+                self.ensure(&mut c, t);
+                let v = dot(
+                    &self.wpoly[l * ng..(l + 1) * ng],
+                    &c.wcols[t * ng..(t + 1) * ng],
+                );
+                c.g_pt[l * nt + t] = v;
+            }
+            return c.g_pt[l * nt + t];
+        }
+        let (ti, tj) = (i - np, j - np);
+        if c.gram[ti * nt + tj].is_nan() {
+            self.ensure(&mut c, ti);
+            self.ensure(&mut c, tj);
+            let v = dot(
+                &c.wcols[ti * ng..(ti + 1) * ng],
+                &c.wcols[tj * ng..(tj + 1) * ng],
+            );
+            c.gram[ti * nt + tj] = v;
+            c.gram[tj * nt + ti] = v;
+        }
+        c.gram[ti * nt + tj] + self.fitter.reg.as_ref().map_or(0.0, |r| r[ti * nt + tj])
+    }
+
+    fn diagonal_hint(&self, i: usize) -> f64 {
+        if i < self.np {
+            self.g_pp[i * self.np + i]
+        } else {
+            self.weight_sum * self.fitter.mean_square[i - self.np]
+        }
+    }
+
+    fn rhs(&self, i: usize, b: &[f64]) -> f64 {
+        if i < self.np {
+            return b[i];
+        }
+        let j = i - self.np;
+        let ng = self.good_idx.len();
+        let mut c = self.cells.borrow_mut();
+        if c.rhs[j].is_nan() {
+            self.ensure(&mut c, j);
+            c.rhs[j] = dot(&c.wcols[j * ng..(j + 1) * ng], self.wy);
+        }
+        c.rhs[j]
+    }
+
+    /// b - Q x = A^T W (y - A x): one residual, one adjoint FFT, a dot product per template.
+    fn gradient(&self, b: &[f64], x: &[f64], out: &mut [f64]) {
+        self.mul_or_gradient(Some(b), x, out);
+    }
+
+    fn mul(&self, x: &[f64], out: &mut [f64]) {
+        self.mul_or_gradient(None, x, out);
+    }
+}
+
+impl LazyExact<'_> {
+    /// Q x, or with `b` the gradient b - Q x, through the weighted pixel residual. The
+    /// polynomial entries of `b` are exact; the template ones are never needed.
+    fn mul_or_gradient(&self, b: Option<&[f64]>, x: &[f64], out: &mut [f64]) {
+        let (np, nt, ng) = (self.np, self.nt, self.good_idx.len());
+        let mut guard = self.cells.borrow_mut();
+        let c = &mut *guard;
+        c.model.clear();
+        c.model.resize(ng, 0.0);
+        for j in 0..nt {
+            if x[np + j] != 0.0 {
+                self.ensure(c, j);
+                axpy(x[np + j], &c.wcols[j * ng..(j + 1) * ng], c.model);
+            }
+        }
+        for l in 0..np {
+            axpy(x[l], &self.wpoly[l * ng..(l + 1) * ng], c.model);
+        }
+        // For the gradient, A^T W (y - A x): turn the model into the residual first.
+        let sign = match b {
+            Some(_) => {
+                for (m, y) in c.model.iter_mut().zip(self.wy) {
+                    *m = y - *m;
+                }
+                -1.0
+            }
+            None => 1.0,
+        };
+        for l in 0..np {
+            out[l] = dot(&self.wpoly[l * ng..(l + 1) * ng], c.model);
+        }
+        c.adjoint_in.fill(0.0);
+        for (g, &i) in self.good_idx.iter().enumerate() {
+            c.adjoint_in[i] = c.weight[i] * c.model[g];
+        }
+        self.fitter
+            .conv
+            .adjoint(c.adjoint_in, self.kernel, self.used, c.adjoint_out, c.conv);
+        for j in 0..nt {
+            let t = &self.fitter.samples[j];
+            out[np + j] = dot(t, &c.adjoint_out[..t.len()]);
+            if let Some(r) = &self.fitter.reg {
+                out[np + j] += sign * dot(&r[j * nt..(j + 1) * nt], &x[np..]);
+            }
+        }
+    }
+}
+
 /// A fitter for one template set, one galaxy grid and one configuration; reusable across
 /// many spectra and threads (it is immutable; each thread brings a [`FitScratch`]).
 #[derive(Debug, Clone)]
@@ -331,6 +498,10 @@ pub struct Fitter {
     nt: usize,
     conv: Convolver,
     basis: Vec<Vec<Complex64>>,
+    /// Exact mode: the template samples (for gradients through the adjoint) and their mean
+    /// squares (to scale NNLS without convolving every template).
+    samples: Vec<Vec<f64>>,
+    mean_square: Vec<f64>,
     mix: Mix,
     /// Additive Legendre polynomials P_0..P_degree on the galaxy pixels.
     poly: Vec<Vec<f64>>,
@@ -375,6 +546,12 @@ pub struct FitScratch {
     tw: Vec<f64>,
     evaluations: usize,
     pixel_chi2: f64,
+    /// Exact mode: which template columns this evaluation has convolved, the per-pixel
+    /// weight (mpoly / noise, zero off the mask) and the adjoint output.
+    have_col: Vec<bool>,
+    pixel_weight: Vec<f64>,
+    adjoint_in: Vec<f64>,
+    adjoint_out: Vec<f64>,
 }
 
 /// Parameters in natural units: V, sigma (km/s), h3.., multiplicative coefficients.
@@ -431,6 +608,16 @@ impl Fitter {
             TemplateBasis::Compressed { tolerance } => compress(&templates.spectra, tolerance),
         };
         let basis = basis_samples.iter().map(|s| conv.spectrum_of(s)).collect();
+        let (samples, mean_square) = match mix {
+            Mix::Identity(_) => {
+                let ms = basis_samples
+                    .iter()
+                    .map(|t| t.iter().map(|v| v * v).sum::<f64>() / t.len().max(1) as f64)
+                    .collect();
+                (basis_samples, ms)
+            }
+            Mix::Dense { .. } => (Vec::new(), Vec::new()),
+        };
         let x: Vec<f64> = (0..grid.npix)
             .map(|i| -1.0 + 2.0 * i as f64 / (grid.npix - 1) as f64)
             .collect();
@@ -448,6 +635,8 @@ impl Fitter {
             nt,
             conv,
             basis,
+            samples,
+            mean_square,
             mix,
             poly,
             mpoly,
@@ -510,6 +699,10 @@ impl Fitter {
             tw: vec![0.0; self.nt],
             evaluations: 0,
             pixel_chi2: 0.0,
+            have_col: vec![false; k],
+            pixel_weight: vec![0.0; npix],
+            adjoint_in: vec![0.0; npix],
+            adjoint_out: vec![0.0; self.conv.n_fft()],
         }
     }
 
@@ -664,11 +857,6 @@ impl Fitter {
         let ng = s.good_idx.len();
         let gh = self.losvd(p);
         let used = self.conv.losvd_kernel(&gh, &mut s.kernel);
-        for a in 0..k {
-            let out = &mut s.cols[a * npix..(a + 1) * npix];
-            self.conv
-                .apply(&self.basis[a], &s.kernel, used, out, &mut s.conv);
-        }
         // Multiplicative polynomial, clipped like pPXF's.
         for i in 0..npix {
             let m: f64 = 1.0
@@ -679,6 +867,53 @@ impl Fitter {
                     .map(|(poly, c)| c * poly[i])
                     .sum::<f64>();
             s.mvec[i] = m.max(0.1);
+        }
+        if let Mix::Identity(_) = self.mix {
+            self.solve_exact(s, spectrum, used)?;
+        } else {
+            self.solve_compressed(s, spectrum, used)?;
+        }
+        // Residuals on the good pixels.
+        self.mix.to_basis(&s.x[np..], &mut s.u);
+        s.resid.clear();
+        s.resid.extend_from_slice(&s.wy);
+        for a in 0..k {
+            // Exact mode convolves only templates with weight; skip the others.
+            if s.u[a] != 0.0 {
+                axpy(-s.u[a], &s.wcols[a * ng..(a + 1) * ng], &mut s.resid);
+            }
+        }
+        for l in 0..np {
+            axpy(-s.x[l], &s.wpoly[l * ng..(l + 1) * ng], &mut s.resid);
+        }
+        let chi2 = dot(&s.resid, &s.resid);
+        s.pixel_chi2 = chi2;
+        let mut chi2 = chi2;
+        if let Some(reg) = &self.reg {
+            let w = &s.x[np..];
+            for j in 0..nt {
+                chi2 += w[j] * dot(&reg[j * nt..(j + 1) * nt], w);
+            }
+        }
+        Ok(chi2)
+    }
+
+    /// Linear solve with the compressed basis: all k basis columns, Gram in factored form.
+    fn solve_compressed(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        used: usize,
+    ) -> Result<(), FitError> {
+        let k = self.mix.basis_len();
+        let npix = self.grid.npix;
+        let np = self.poly.len();
+        let nt = self.nt;
+        let ng = s.good_idx.len();
+        for a in 0..k {
+            let out = &mut s.cols[a * npix..(a + 1) * npix];
+            self.conv
+                .apply(&self.basis[a], &s.kernel, used, out, &mut s.conv);
         }
         s.wcols.clear();
         for a in 0..k {
@@ -726,26 +961,60 @@ impl Fitter {
         let solved = s.nnls.solve(&normal, &s.rhs, np, &mut s.x);
         s.tmp_u = normal.tmp_u.into_inner();
         solved.map_err(FitError::Numerical)?;
-        // Residuals on the good pixels.
-        self.mix.to_basis(&s.x[np..], &mut s.u);
-        s.resid.clear();
-        s.resid.extend_from_slice(&s.wy);
-        for a in 0..k {
-            axpy(-s.u[a], &s.wcols[a * ng..(a + 1) * ng], &mut s.resid);
+        Ok(())
+    }
+
+    /// Exact linear solve: NNLS over every template, convolving only the templates that
+    /// enter the passive set; the gradient for all others comes from one adjoint FFT and a
+    /// dot product per template.
+    fn solve_exact(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        used: usize,
+    ) -> Result<(), FitError> {
+        let npix = self.grid.npix;
+        let np = self.poly.len();
+        let nt = self.nt;
+        s.have_col.fill(false);
+        s.gc.fill(f64::NAN);
+        s.g_pt.fill(f64::NAN);
+        s.pixel_weight.fill(0.0);
+        for &i in &s.good_idx {
+            s.pixel_weight[i] = s.mvec[i] / spectrum.noise[i];
         }
-        for l in 0..np {
-            axpy(-s.x[l], &s.wpoly[l * ng..(l + 1) * ng], &mut s.resid);
-        }
-        let chi2 = dot(&s.resid, &s.resid);
-        s.pixel_chi2 = chi2;
-        let mut chi2 = chi2;
-        if let Some(reg) = &self.reg {
-            let w = &s.x[np..];
-            for j in 0..nt {
-                chi2 += w[j] * dot(&reg[j * nt..(j + 1) * nt], w);
-            }
-        }
-        Ok(chi2)
+        let weight_sum: f64 = s.pixel_weight.iter().map(|w| w * w).sum();
+        s.wcols.resize(nt * s.good_idx.len(), 0.0);
+        // Template right-hand sides are computed on demand (LazyExact::rhs).
+        s.rhs_b.fill(f64::NAN);
+        let lazy = LazyExact {
+            fitter: self,
+            np,
+            nt,
+            npix,
+            used,
+            weight_sum,
+            g_pp: &s.g_pp,
+            wpoly: &s.wpoly,
+            wy: &s.wy,
+            good_idx: &s.good_idx,
+            kernel: &s.kernel,
+            cells: std::cell::RefCell::new(LazyCells {
+                rhs: &mut s.rhs_b,
+                cols: &mut s.cols,
+                wcols: &mut s.wcols,
+                have: &mut s.have_col,
+                gram: &mut s.gc,
+                g_pt: &mut s.g_pt,
+                weight: &s.pixel_weight,
+                conv: &mut s.conv,
+                model: &mut s.resid,
+                adjoint_in: &mut s.adjoint_in,
+                adjoint_out: &mut s.adjoint_out,
+            }),
+        };
+        let solved = s.nnls.solve(&lazy, &s.rhs, np, &mut s.x);
+        solved.map(|_| ()).map_err(FitError::Numerical)
     }
 
     /// Best-fit model on every pixel of the grid from the last evaluation.
@@ -755,7 +1024,10 @@ impl Fitter {
         let np = self.poly.len();
         (0..npix)
             .map(|i| {
-                let stellar: f64 = (0..k).map(|a| s.cols[a * npix + i] * s.u[a]).sum();
+                let stellar: f64 = (0..k)
+                    .filter(|&a| s.u[a] != 0.0)
+                    .map(|a| s.cols[a * npix + i] * s.u[a])
+                    .sum();
                 stellar * s.mvec[i] + (0..np).map(|l| self.poly[l][i] * s.x[l]).sum::<f64>()
             })
             .collect()
@@ -787,8 +1059,11 @@ impl Fitter {
             }
         }
         // Unmultiplied stellar model for the multiplicative derivatives.
-        for i in 0..npix {
-            s.stellar[i] = (0..k).map(|a| s.cols[a * npix + i] * s.u[a]).sum();
+        s.stellar.fill(0.0);
+        for a in 0..k {
+            if s.u[a] != 0.0 {
+                axpy(s.u[a], &s.cols[a * npix..(a + 1) * npix], &mut s.stellar);
+            }
         }
         // Active linear columns (polynomials and positive weights) and their normal matrix.
         s.active.clear();
@@ -822,8 +1097,14 @@ impl Fitter {
             for l in 0..np {
                 s.proj_rhs[l] = dot(&s.wpoly[l * ng..(l + 1) * ng], jq);
             }
+            let exact = matches!(self.mix, Mix::Identity(_));
             for a in 0..k {
-                s.tmp_u.0[a] = dot(&s.wcols[a * ng..(a + 1) * ng], jq);
+                // Exact mode: only the active templates' columns exist (and matter).
+                s.tmp_u.0[a] = if exact && s.x[np + a] <= 0.0 {
+                    0.0
+                } else {
+                    dot(&s.wcols[a * ng..(a + 1) * ng], jq)
+                };
             }
             self.mix.to_templates(&s.tmp_u.0, &mut s.proj_rhs[np..]);
             s.coef.clear();
@@ -842,7 +1123,9 @@ impl Fitter {
             self.mix.to_basis(&s.tw, &mut s.tmp_u.1);
             let jq = &mut s.jac[start..start + ng];
             for a in 0..k {
-                axpy(-s.tmp_u.1[a], &s.wcols[a * ng..(a + 1) * ng], jq);
+                if s.tmp_u.1[a] != 0.0 {
+                    axpy(-s.tmp_u.1[a], &s.wcols[a * ng..(a + 1) * ng], jq);
+                }
             }
             for l in 0..np {
                 axpy(-s.coef[l], &s.wpoly[l * ng..(l + 1) * ng], jq);
@@ -960,7 +1243,7 @@ impl Fitter {
                 lambda = (lambda * 0.1).max(1e-9);
                 need_jac = true;
                 // Converged: the step moved the parameters by a tiny fraction of their errors.
-                if step_size < 1e-3 || improvement < 1e-8 * chi2.max(1.0) {
+                if step_size < 1e-3 || improvement < 1e-6 * chi2.max(1.0) {
                     break;
                 }
             } else {
@@ -1125,4 +1408,59 @@ fn regularisation(templates: &PreparedTemplates, regul: f64) -> Result<Vec<f64>,
         }
     }
     Ok(dtd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fitter_is_shared_across_threads_and_scratch_moves_between_them() {
+        fn shared<T: Send + Sync>() {}
+        fn movable<T: Send>() {}
+        shared::<Fitter>();
+        movable::<FitScratch>();
+    }
+
+    #[test]
+    fn legendre_polynomials_match_closed_forms() {
+        let x = [-1.0, -0.3, 0.0, 0.5, 1.0];
+        let t = legendre_table(&x, 3);
+        for (i, &v) in x.iter().enumerate() {
+            assert!((t[2][i] - 0.5 * (3.0 * v * v - 1.0)).abs() < 1e-14);
+            assert!((t[3][i] - 0.5 * (5.0 * v * v * v - 3.0 * v)).abs() < 1e-14);
+        }
+    }
+
+    #[test]
+    fn compressed_basis_reproduces_templates_within_tolerance() {
+        let spectra: Vec<Vec<f64>> = (0..6)
+            .map(|j| {
+                (0..200)
+                    .map(|i| {
+                        1.0 + 0.1 * j as f64 * (i as f64 / 9.0).sin()
+                            + 0.05 * ((i * (j + 1)) as f64 / 5.0).cos()
+                    })
+                    .collect()
+            })
+            .collect();
+        let (basis, mix) = compress(&spectra, 1e-6);
+        let Mix::Dense { k, n, c } = mix else {
+            panic!("expected a dense mix")
+        };
+        assert!(k <= 6 && n == 6 && basis.len() == k);
+        for j in 0..n {
+            let approx: Vec<f64> = (0..200)
+                .map(|i| (0..k).map(|a| basis[a][i] * c[a * n + j]).sum())
+                .collect();
+            let err: f64 = approx
+                .iter()
+                .zip(&spectra[j])
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = spectra[j].iter().map(|v| v * v).sum::<f64>().sqrt();
+            assert!(err < 1e-6 * norm, "template {j}: {err}");
+        }
+    }
 }

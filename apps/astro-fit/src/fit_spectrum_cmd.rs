@@ -63,9 +63,10 @@ pub struct FitSpectrumArgs {
     /// Starting dispersion, km/s.
     #[arg(long, default_value_t = 150.0)]
     pub sigma_start: f64,
-    /// Convolve every template instead of a compressed basis.
+    /// Convolve a compressed orthonormal basis reproducing every template to this relative
+    /// tolerance instead of the exact templates (faster for large libraries, approximate).
     #[arg(long)]
-    pub exact: bool,
+    pub compress: Option<f64>,
     /// Write a PNG of data, model, residuals and masked regions.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -145,10 +146,9 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         mdegree: args.mdegree,
         clean: args.clean,
         regul: args.regul,
-        basis: if args.exact {
-            TemplateBasis::Exact
-        } else {
-            FitConfig::default().basis
+        basis: match args.compress {
+            Some(tolerance) => TemplateBasis::Compressed { tolerance },
+            None => TemplateBasis::Exact,
         },
         ..FitConfig::default()
     };

@@ -132,6 +132,9 @@ pub struct Convolver {
     n_dec: usize,
     forward: Arc<dyn RealToComplex<f64>>,
     inverse: Arc<dyn ComplexToReal<f64>>,
+    /// Plans of the adjoint: forward on the galaxy grid, inverse on the template grid.
+    forward_dec: Arc<dyn RealToComplex<f64>>,
+    inverse_full: Arc<dyn ComplexToReal<f64>>,
     /// Pixel-averaging box filter times the shift from template pixel 0 to galaxy pixel 0.
     fixed: Vec<Complex64>,
 }
@@ -151,6 +154,10 @@ pub struct ConvolveScratch {
     dec: Vec<Complex64>,
     real: Vec<f64>,
     fft: Vec<Complex64>,
+    adj_in: Vec<f64>,
+    adj_bins: Vec<Complex64>,
+    adj_full: Vec<Complex64>,
+    adj_fft: Vec<Complex64>,
 }
 
 impl Convolver {
@@ -163,6 +170,8 @@ impl Convolver {
         let forward = planner.plan_fft_forward(n_fft);
         let n_dec = n_fft / factor;
         let inverse = planner.plan_fft_inverse(n_dec);
+        let forward_dec = planner.plan_fft_forward(n_dec);
+        let inverse_full = planner.plan_fft_inverse(n_fft);
         let fixed = (0..=n_fft / 2)
             .map(|k| {
                 let omega = 2.0 * PI * k as f64 / n_fft as f64;
@@ -179,6 +188,8 @@ impl Convolver {
             n_dec,
             forward,
             inverse,
+            forward_dec,
+            inverse_full,
             fixed,
         }
     }
@@ -202,6 +213,14 @@ impl Convolver {
             dec: vec![Complex64::new(0.0, 0.0); self.n_dec / 2 + 1],
             real: vec![0.0; self.n_dec],
             fft: self.inverse.make_scratch_vec(),
+            adj_in: vec![0.0; self.n_dec],
+            adj_bins: self.forward_dec.make_output_vec(),
+            adj_full: self.inverse_full.make_input_vec(),
+            adj_fft: {
+                let a = self.forward_dec.get_scratch_len();
+                let b = self.inverse_full.get_scratch_len();
+                vec![Complex64::new(0.0, 0.0); a.max(b)]
+            },
         }
     }
 
@@ -302,6 +321,51 @@ impl Convolver {
         let scale = 1.0 / (self.n_dec * self.factor) as f64;
         for (o, r) in out.iter_mut().zip(&scratch.real) {
             *o = r * scale;
+        }
+    }
+}
+
+impl Convolver {
+    /// The adjoint (transpose) of [`Self::apply`] for the same kernel: maps galaxy pixels `u`
+    /// (the first `u.len()` of the decimated grid) to template samples `out` (length n_fft),
+    /// so that <apply(t), u> = <t, adjoint(u)>. One forward FFT on the galaxy grid and one
+    /// inverse FFT on the template grid give the correlation of every template with `u` by
+    /// a dot product each, instead of one convolution per template.
+    pub fn adjoint(
+        &self,
+        u: &[f64],
+        kernel: &[Complex64],
+        used: usize,
+        out: &mut [f64],
+        scratch: &mut ConvolveScratch,
+    ) {
+        let s = scratch;
+        s.adj_in.fill(0.0);
+        s.adj_in[..u.len()].copy_from_slice(u);
+        self.forward_dec
+            .process_with_scratch(&mut s.adj_in, &mut s.adj_bins, &mut s.adj_fft)
+            .expect("buffer sizes come from the plan");
+        // Upsampling by zeros repeats the decimated spectrum periodically.
+        let m = self.n_dec;
+        s.adj_full.fill(Complex64::new(0.0, 0.0));
+        for k in 0..used {
+            let idx = k % m;
+            let v = if idx <= m / 2 {
+                s.adj_bins[idx]
+            } else {
+                s.adj_bins[m - idx].conj()
+            };
+            s.adj_full[k] = kernel[k].conj() * v;
+        }
+        s.adj_full[0].im = 0.0;
+        let last = s.adj_full.len() - 1;
+        s.adj_full[last].im = 0.0;
+        self.inverse_full
+            .process_with_scratch(&mut s.adj_full, out, &mut s.adj_fft)
+            .expect("buffer sizes come from the plan");
+        let scale = 1.0 / self.n_fft as f64;
+        for o in out.iter_mut() {
+            *o *= scale;
         }
     }
 }
@@ -444,6 +508,34 @@ mod tests {
             for (a, b) in [(d[1], dv), (d[2], ds), (d[3], dh3), (d[4], dh4)] {
                 prop_assert!((a - b).norm() < 1e-4 * (1.0 + b.norm()), "{a} vs {b}");
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// <L t, u> = <t, L^T u> for the convolve-average-decimate operator.
+        #[test]
+        fn adjoint_is_the_transpose(v in -20.0f64..20.0, sigma in 0.3f64..9.0, factor in 1usize..4,
+                                    offset in 0.0f64..40.0, seed in 0u64..1000) {
+            let n_fft = fast_fft_len(400, 2 * factor);
+            let conv = Convolver::new(n_fft, factor, offset);
+            let mut losvd = GaussHermite::gaussian(v, sigma);
+            losvd.h[0] = 0.1;
+            losvd.nh = 1;
+            let mut kernel = vec![Complex64::new(0.0, 0.0); conv.n_bins()];
+            let used = conv.losvd_kernel(&losvd, &mut kernel);
+            let t: Vec<f64> = (0..350).map(|j| ((j as u64 * 7919 + seed) % 101) as f64 / 50.0 - 1.0).collect();
+            let npix = 300 / factor;
+            let u: Vec<f64> = (0..npix).map(|i| ((i as u64 * 104_729 + seed) % 97) as f64 / 48.0 - 1.0).collect();
+            let mut scratch = conv.scratch();
+            let mut lt = vec![0.0; npix];
+            conv.apply(&conv.spectrum_of(&t), &kernel, used, &mut lt, &mut scratch);
+            let mut ltu = vec![0.0; n_fft];
+            conv.adjoint(&u, &kernel, used, &mut ltu, &mut scratch);
+            let lhs: f64 = lt.iter().zip(&u).map(|(a, b)| a * b).sum();
+            let rhs: f64 = t.iter().zip(&ltu).map(|(a, b)| a * b).sum();
+            prop_assert!((lhs - rhs).abs() < 1e-9 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
         }
     }
 

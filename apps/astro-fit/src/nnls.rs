@@ -16,6 +16,23 @@ pub trait NormalMatrix {
     fn entry(&self, i: usize, j: usize) -> f64;
     /// out = Q x
     fn mul(&self, x: &[f64], out: &mut [f64]);
+    /// A positive estimate of Q[i, i] used only to scale the problem (the solution does not
+    /// depend on it); lazily built matrices can avoid computing every column.
+    fn diagonal_hint(&self, i: usize) -> f64 {
+        self.entry(i, i)
+    }
+    /// out = b - Q x, the negative gradient of the objective.
+    fn gradient(&self, b: &[f64], x: &[f64], out: &mut [f64]) {
+        self.mul(x, out);
+        for (o, bi) in out.iter_mut().zip(b) {
+            *o = bi - *o;
+        }
+    }
+    /// Entry i of the right-hand side; lazily built problems may compute it on demand
+    /// (then `b[i]` may be a placeholder).
+    fn rhs(&self, i: usize, b: &[f64]) -> f64 {
+        b[i]
+    }
 }
 
 /// A dense row-major normal matrix.
@@ -49,7 +66,6 @@ impl NormalMatrix for DenseNormal<'_> {
 #[derive(Debug, Clone, Default)]
 pub struct NnlsSolver {
     scale: Vec<f64>,
-    b: Vec<f64>,
     unscaled: Vec<f64>,
     product: Vec<f64>,
     factor: Vec<f64>,
@@ -82,23 +98,21 @@ impl NnlsSolver {
         self.resize(n);
         // Equilibrate: unit diagonal keeps polynomials and templates on one footing.
         for i in 0..n {
-            let d = q.entry(i, i);
+            let d = q.diagonal_hint(i);
             self.scale[i] = if d > 0.0 { 1.0 / d.sqrt() } else { 0.0 };
-            self.b[i] = b[i] * self.scale[i];
         }
         for i in 0..n {
             self.passive[i] = i < n_free || (x[i] > 0.0 && self.scale[i] > 0.0);
             x[i] = 0.0;
         }
-        let bmax = self.b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let tol = 1e-11 * bmax.max(f64::MIN_POSITIVE);
+        let mut tol: Option<f64> = None;
         let mut iterations = 0;
         let max_iter = 3 * n + 30;
 
         // Warm start: drop seeded variables that come out non-positive until the passive-set
         // solution is feasible; that is a valid starting point for Lawson-Hanson.
         loop {
-            self.solve_passive(q, n)?;
+            self.solve_passive(q, b, n)?;
             let mut dropped = false;
             for i in n_free..n {
                 if self.passive[i] && self.z[i] <= 0.0 {
@@ -118,10 +132,19 @@ impl NnlsSolver {
             for i in 0..n {
                 self.unscaled[i] = x[i] * self.scale[i];
             }
-            q.mul(&self.unscaled, &mut self.product);
+            q.gradient(b, &self.unscaled, &mut self.product);
             for i in 0..n {
-                self.grad[i] = self.b[i] - self.scale[i] * self.product[i];
+                self.grad[i] = self.scale[i] * self.product[i];
             }
+            // Optimality is judged relative to the first gradient's size.
+            let tol = *tol.get_or_insert_with(|| {
+                1e-11
+                    * self
+                        .grad
+                        .iter()
+                        .fold(0.0f64, |m, v| m.max(v.abs()))
+                        .max(f64::MIN_POSITIVE)
+            });
             let mut best = None;
             let mut best_w = tol;
             for i in n_free..n {
@@ -136,13 +159,13 @@ impl NnlsSolver {
                 break;
             }
             self.passive[enter] = true;
-            self.solve_passive(q, n)?;
+            self.solve_passive(q, b, n)?;
             if self.z[enter] <= 0.0 {
                 // Rounding: the entering variable cannot move; stop rather than cycle.
                 self.passive[enter] = false;
                 break;
             }
-            self.restore_feasibility(q, n, n_free, x, &mut iterations, max_iter)?;
+            self.restore_feasibility(q, b, n, n_free, x, &mut iterations, max_iter)?;
         }
         for i in 0..n {
             x[i] *= self.scale[i];
@@ -152,7 +175,6 @@ impl NnlsSolver {
 
     fn resize(&mut self, n: usize) {
         self.scale.resize(n, 0.0);
-        self.b.resize(n, 0.0);
         self.unscaled.resize(n, 0.0);
         self.product.resize(n, 0.0);
         self.factor.resize(n * n, 0.0);
@@ -164,9 +186,11 @@ impl NnlsSolver {
 
     /// Inner Lawson-Hanson loop: move from x towards the passive-set solution z, dropping
     /// variables that hit zero, until z is feasible.
+    #[allow(clippy::too_many_arguments)]
     fn restore_feasibility(
         &mut self,
         q: &dyn NormalMatrix,
+        b: &[f64],
         n: usize,
         n_free: usize,
         x: &mut [f64],
@@ -209,12 +233,12 @@ impl NnlsSolver {
                     x[i] = 0.0;
                 }
             }
-            self.solve_passive(q, n)?;
+            self.solve_passive(q, b, n)?;
         }
     }
 
     /// z = Q_PP^{-1} b_P (zero outside P), with a tiny ridge against exact collinearity.
-    fn solve_passive(&mut self, q: &dyn NormalMatrix, n: usize) -> Result<(), String> {
+    fn solve_passive(&mut self, q: &dyn NormalMatrix, b: &[f64], n: usize) -> Result<(), String> {
         self.index.clear();
         self.index.extend((0..n).filter(|&i| self.passive[i]));
         let m = self.index.len();
@@ -223,7 +247,7 @@ impl NnlsSolver {
                 self.factor[a * m + c] = q.entry(i, j) * self.scale[i] * self.scale[j];
             }
             self.factor[a * m + a] += 1e-12;
-            self.rhs[a] = self.b[i];
+            self.rhs[a] = q.rhs(i, b) * self.scale[i];
         }
         if !cholesky(&mut self.factor[..m * m], m) {
             return Err("normal equations are not positive definite".into());

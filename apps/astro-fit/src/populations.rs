@@ -13,9 +13,10 @@ pub struct Populations {
     pub mass_metallicity: Option<f64>,
 }
 
-/// Averages over the SSP grid. `weights` are those of the normalised templates, so they are
-/// light fractions in the normalisation band; masses are weights / normalisation x the
-/// present-day mass in stars and remnants of each SSP (Vazdekis et al. mass table).
+/// Averages over the SSP grid. SSP spectra are fluxes per unit initial mass divided by a
+/// normalisation, so weight / normalisation is initial mass; times the present-day mass in
+/// stars and remnants (Vazdekis et al. mass table) it is stellar mass. Light is weight x the
+/// mean flux of the prepared template over the fitted range.
 pub fn populations(templates: &PreparedTemplates, weights: &[f64]) -> Option<Populations> {
     let ssp = templates.ssp.as_ref()?;
     let total: f64 = weights.iter().sum();
@@ -28,7 +29,12 @@ pub fn populations(templates: &PreparedTemplates, weights: &[f64]) -> Option<Pop
     };
     let log_age = |j: usize| (ssp[j].age_gyr * 1e9).log10();
     let metal = |j: usize| ssp[j].metallicity;
-    let light = |j: usize| weights[j];
+    let mean_flux: Vec<f64> = templates
+        .spectra
+        .iter()
+        .map(|t| t.iter().sum::<f64>() / t.len().max(1) as f64)
+        .collect();
+    let light = |j: usize| weights[j] * mean_flux[j];
     let has_mass = ssp.iter().all(|p| p.mass.is_some());
     let mass = |j: usize| weights[j] / templates.norm[j] * ssp[j].mass.unwrap_or(0.0);
     Some(Populations {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::FitError;
-use crate::fit::{LogGrid, Spectrum};
+use crate::fit::LogGrid;
 use crate::spectrum::{RestFrameSpectrum, read_manga_cube_spaxels};
 use crate::templates::{PrepareConfig, PreparedTemplates, TemplateLibrary, prepare};
 
@@ -123,43 +123,44 @@ pub const SN_BINS: [(f64, f64); 4] = [
     (40.0, f64::INFINITY),
 ];
 
+/// A fitted spaxel: (truth, fitted V, V error, fitted sigma, sigma error).
+pub type FittedSpaxel = (TruthRow, f64, f64, f64, f64);
+
 /// (truth, fitted V, V error, fitted sigma, sigma error) per spaxel -> statistics per S/N bin.
-pub fn accuracy_by_sn(samples: &[(TruthRow, f64, f64, f64, f64)]) -> Vec<BinAccuracy> {
+pub fn accuracy_by_sn(samples: &[FittedSpaxel]) -> Vec<BinAccuracy> {
     SN_BINS
         .iter()
-        .map(|&(lo, hi)| {
-            let sel: Vec<_> = samples
-                .iter()
-                .filter(|s| s.0.sn >= lo && s.0.sn < hi)
-                .collect();
-            let n = sel.len().max(1) as f64;
-            let stats = |d: Vec<f64>| {
-                let bias = d.iter().sum::<f64>() / n;
-                let rms = (d.iter().map(|v| v * v).sum::<f64>() / n).sqrt();
-                (bias, rms)
-            };
-            let std = |d: Vec<f64>| {
-                let mean = d.iter().sum::<f64>() / n;
-                (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt()
-            };
-            let (v_bias, v_rms) = stats(sel.iter().map(|s| s.1 - s.0.v).collect());
-            let (sigma_bias, sigma_rms) = stats(sel.iter().map(|s| s.3 - s.0.sigma).collect());
-            BinAccuracy {
-                sn_min: lo,
-                sn_max: hi,
-                count: sel.len(),
-                v_bias,
-                v_rms,
-                v_pull_std: std(sel.iter().map(|s| (s.1 - s.0.v) / s.2).collect()),
-                sigma_bias,
-                sigma_rms,
-                sigma_pull_std: std(sel.iter().map(|s| (s.3 - s.0.sigma) / s.4).collect()),
-            }
-        })
+        .map(|&(lo, hi)| accuracy_in(samples, lo, hi))
         .collect()
 }
 
-/// The spectrum of a rest-frame spectrum for the fitter (clone of its flux, noise and mask).
-pub fn spectrum_of(s: &RestFrameSpectrum) -> &Spectrum {
-    &s.spectrum
+/// Statistics of the spaxels with lo <= S/N < hi.
+pub fn accuracy_in(samples: &[FittedSpaxel], lo: f64, hi: f64) -> BinAccuracy {
+    let sel: Vec<_> = samples
+        .iter()
+        .filter(|s| s.0.sn >= lo && s.0.sn < hi)
+        .collect();
+    let n = sel.len().max(1) as f64;
+    let stats = |d: Vec<f64>| {
+        let bias = d.iter().sum::<f64>() / n;
+        let rms = (d.iter().map(|v| v * v).sum::<f64>() / n).sqrt();
+        (bias, rms)
+    };
+    let std = |d: Vec<f64>| {
+        let mean = d.iter().sum::<f64>() / n;
+        (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt()
+    };
+    let (v_bias, v_rms) = stats(sel.iter().map(|s| s.1 - s.0.v).collect());
+    let (sigma_bias, sigma_rms) = stats(sel.iter().map(|s| s.3 - s.0.sigma).collect());
+    BinAccuracy {
+        sn_min: lo,
+        sn_max: hi,
+        count: sel.len(),
+        v_bias,
+        v_rms,
+        v_pull_std: std(sel.iter().map(|s| (s.1 - s.0.v) / s.2).collect()),
+        sigma_bias,
+        sigma_rms,
+        sigma_pull_std: std(sel.iter().map(|s| (s.3 - s.0.sigma) / s.4).collect()),
+    }
 }

@@ -87,11 +87,17 @@ fn fit_all(
     let mut scratch = fitter.scratch();
     let (wall0, cpu0) = (Instant::now(), thread_cpu_seconds());
     let mut out = Vec::with_capacity(spectra.len());
+    let mut evaluations = 0;
     for s in spectra {
         let r = fitter.fit_with(&mut scratch, &s.spectrum, &Start::new(0.0, 150.0))?;
+        evaluations += r.evaluations;
         out.push((r.v, r.errors[0], r.sigma, r.errors[1]));
     }
     let cpu = cpu0.zip(thread_cpu_seconds()).map(|(a, b)| b - a);
+    println!(
+        "{label}: {:.2} model evaluations per fit",
+        evaluations as f64 / spectra.len().max(1) as f64
+    );
     Ok((
         Timing {
             label: label.to_string(),

@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use astro_fit::spectrum::{Selection, read_spectrum};
 use astro_fit::synthetic::{
-    accuracy_by_sn, load_spaxels, prepare_emiles, read_truth, shared_data_dir,
+    accuracy_by_sn, accuracy_in, load_spaxels, prepare_emiles, read_truth, shared_data_dir,
 };
 use astro_fit::{FitConfig, FitError, Fitter, LogGrid, Spectrum, Start, TemplateLibrary};
 
@@ -18,8 +18,13 @@ fn synthetic_cube_kinematics_match_the_truth_per_sn_bin() {
     let data = shared_data_dir();
     let truth = read_truth(&data.join("cubes/synthetic-manga-seed7-truth.csv")).unwrap();
     assert_eq!(truth.len(), 652);
-    // Every second spaxel keeps the test quick while leaving >= 40 spaxels per S/N bin.
-    let rows: Vec<_> = truth.into_iter().step_by(2).collect();
+    // Every second spaxel below S/N 20 keeps the test quick; all of the rarer brighter ones.
+    let rows: Vec<_> = truth
+        .into_iter()
+        .enumerate()
+        .filter(|(i, r)| r.sn >= 20.0 || i % 2 == 0)
+        .map(|(_, r)| r)
+        .collect();
     let spectra = load_spaxels(
         &data.join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
         &rows,
@@ -27,7 +32,12 @@ fn synthetic_cube_kinematics_match_the_truth_per_sn_bin() {
     )
     .unwrap();
     let templates = prepare_emiles(emiles(), &spectra[0], 1).unwrap();
-    let fitter = Fitter::new(&templates, spectra[0].grid, FitConfig::default()).unwrap();
+    // The cube carries a smooth multiplicative distortion (Legendre degree 3): model it.
+    let cfg = FitConfig {
+        mdegree: 3,
+        ..FitConfig::default()
+    };
+    let fitter = Fitter::new(&templates, spectra[0].grid, cfg).unwrap();
     let mut scratch = fitter.scratch();
     let samples: Vec<_> = rows
         .iter()
@@ -47,17 +57,27 @@ fn synthetic_cube_kinematics_match_the_truth_per_sn_bin() {
         .zip(v_rms_max.iter().zip(&sigma_rms_max))
     {
         eprintln!("{bin:?}");
-        assert!(bin.count >= 20, "{bin:?}");
+        assert!(bin.count >= 5, "{bin:?}");
         assert!(bin.v_rms < *v_max, "V RMS too large: {bin:?}");
         assert!(bin.sigma_rms < *s_max, "sigma RMS too large: {bin:?}");
         assert!(bin.v_bias.abs() < 0.5 * v_max, "V bias: {bin:?}");
         assert!(bin.sigma_bias.abs() < 0.5 * s_max, "sigma bias: {bin:?}");
-        for pull in [bin.v_pull_std, bin.sigma_pull_std] {
-            assert!(
-                (0.85..=1.2).contains(&pull),
-                "errors do not match the scatter: {bin:?}"
-            );
+        // The cube has 8 spaxels above S/N 40: too few to measure a spread; they join the
+        // 20-40 bin for that check below.
+        if bin.count >= 20 {
+            check_error_spread(bin);
         }
+    }
+    check_error_spread(&accuracy_in(&samples, 20.0, f64::INFINITY));
+}
+
+/// (fit - truth)/error must scatter like a unit Gaussian: errors that mean what they say.
+fn check_error_spread(bin: &astro_fit::synthetic::BinAccuracy) {
+    for pull in [bin.v_pull_std, bin.sigma_pull_std] {
+        assert!(
+            (0.85..=1.2).contains(&pull),
+            "errors do not match the scatter: {bin:?}"
+        );
     }
 }
 
@@ -186,5 +206,161 @@ fn fully_masked_manga_spectrum_reports_no_good_pixels() {
     assert_eq!(
         err.to_string(),
         "no good pixels: every pixel of the spectrum is masked"
+    );
+}
+
+#[test]
+fn regularised_fit_spreads_weights_and_gives_population_averages() {
+    use astro_fit::populations::populations;
+    let (spec, _) = brightest_spaxel();
+    let templates = prepare_emiles(emiles(), &spec, 1).unwrap();
+    let fit_with_regul = |regul: f64| {
+        let cfg = FitConfig {
+            mdegree: 3,
+            degree: -1,
+            regul,
+            ..FitConfig::default()
+        };
+        let fitter = Fitter::new(&templates, spec.grid, cfg).unwrap();
+        fitter.fit(&spec.spectrum, &Start::new(0.0, 150.0)).unwrap()
+    };
+    let plain = fit_with_regul(0.0);
+    let smooth = fit_with_regul(100.0);
+    let used = |w: &[f64]| w.iter().filter(|v| **v > 0.0).count();
+    assert!(
+        used(&smooth.weights) > 2 * used(&plain.weights),
+        "{} vs {}",
+        used(&smooth.weights),
+        used(&plain.weights)
+    );
+    // Regularisation costs little chi2 at this strength.
+    assert!(
+        smooth.chi2 < 1.2 * plain.chi2,
+        "{} vs {}",
+        smooth.chi2,
+        plain.chi2
+    );
+    let pops = populations(&templates, &smooth.weights).unwrap();
+    let (min_age, max_age) = (
+        (templates.ages[0] * 1e9).log10(),
+        (templates.ages[templates.ages.len() - 1] * 1e9).log10(),
+    );
+    assert!(
+        (min_age..=max_age).contains(&pops.light_log_age),
+        "{pops:?}"
+    );
+    let mass_age = pops.mass_log_age.unwrap();
+    // Old populations carry more mass per unit light.
+    assert!(mass_age >= pops.light_log_age - 0.01, "{pops:?}");
+    assert!((-1.8..=0.3).contains(&pops.light_metallicity), "{pops:?}");
+}
+
+/// The brightest spaxel of the synthetic cube on its rest-frame grid, and its truth.
+fn brightest_spaxel() -> (
+    astro_fit::spectrum::RestFrameSpectrum,
+    astro_fit::synthetic::TruthRow,
+) {
+    let data = shared_data_dir();
+    let truth = read_truth(&data.join("cubes/synthetic-manga-seed7-truth.csv")).unwrap();
+    let row = truth
+        .iter()
+        .max_by(|a, b| a.sn.total_cmp(&b.sn))
+        .unwrap()
+        .clone();
+    let mut spectra = load_spaxels(
+        &data.join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
+        std::slice::from_ref(&row),
+        (3600.0, 10000.0),
+    )
+    .unwrap();
+    (spectra.remove(0), row)
+}
+
+#[test]
+fn clean_clips_injected_outliers_and_keeps_the_kinematics() {
+    let (spec, truth) = brightest_spaxel();
+    let templates = prepare_emiles(emiles(), &spec, 1).unwrap();
+    let cfg = FitConfig {
+        mdegree: 3,
+        clean: true,
+        ..FitConfig::default()
+    };
+    let fitter = Fitter::new(&templates, spec.grid, cfg).unwrap();
+    let reference = fitter.fit(&spec.spectrum, &Start::new(0.0, 150.0)).unwrap();
+    let mut spiky = spec.spectrum.clone();
+    let hits: Vec<usize> = (0..25).map(|k| 100 + 167 * k).collect();
+    for &i in &hits {
+        spiky.flux[i] += 40.0 * spiky.noise[i];
+    }
+    let cleaned = fitter.fit(&spiky, &Start::new(0.0, 150.0)).unwrap();
+    for &i in &hits {
+        assert!(!cleaned.good[i], "pixel {i} was not clipped");
+    }
+    assert!((cleaned.v - reference.v).abs() < 0.3 * reference.errors[0]);
+    assert!((cleaned.sigma - reference.sigma).abs() < 0.3 * reference.errors[1]);
+    assert!((cleaned.v - truth.v).abs() < 4.0 * cleaned.errors[0]);
+}
+
+#[test]
+fn oversampled_templates_and_higher_moments_give_consistent_kinematics() {
+    let (spec, truth) = brightest_spaxel();
+    let fit = |ratio: usize, moments: usize| {
+        let templates = prepare_emiles(emiles(), &spec, ratio).unwrap();
+        let cfg = FitConfig {
+            mdegree: 3,
+            moments,
+            ..FitConfig::default()
+        };
+        Fitter::new(&templates, spec.grid, cfg)
+            .unwrap()
+            .fit(&spec.spectrum, &Start::new(0.0, 150.0))
+            .unwrap()
+    };
+    let base = fit(1, 2);
+    let over = fit(3, 2);
+    assert!(
+        (over.v - base.v).abs() < 0.3 * base.errors[0],
+        "{} vs {}",
+        over.v,
+        base.v
+    );
+    assert!((over.sigma - base.sigma).abs() < 0.3 * base.errors[1]);
+    // The cube's LOSVDs are Gaussian: with the default penalty h3, h4 stay near zero.
+    let gh = fit(1, 4);
+    assert_eq!(gh.h.len(), 2);
+    assert_eq!(gh.errors.len(), 4);
+    for (h, e) in gh.h.iter().zip(&gh.errors[2..]) {
+        assert!(h.abs() < 3.0 * e + 0.02, "h {h} +- {e}");
+    }
+    assert!((gh.v - truth.v).abs() < 4.0 * gh.errors[0]);
+    assert!((gh.sigma - truth.sigma).abs() < 4.0 * gh.errors[1]);
+}
+
+#[test]
+fn miles_hc_and_mastar_libraries_load_with_their_media_and_resolution() {
+    let data = shared_data_dir();
+    let miles = TemplateLibrary::load(&data.join("templates/miles_hc")).unwrap();
+    assert_eq!(miles.spectra.len(), 42);
+    assert_eq!(miles.medium, astro_fit::Medium::Air);
+    assert!((miles.wave[0] - 3540.5).abs() < 1e-6);
+    assert!((miles.fwhm.at(5000.0) - 2.5).abs() < 1e-12);
+    let mastar = TemplateLibrary::load(&data.join("templates/mastar_hc_v2")).unwrap();
+    assert_eq!(mastar.spectra.len(), 65);
+    assert_eq!(mastar.medium, astro_fit::Medium::Vacuum);
+    assert!((mastar.wave[0] - 10f64.powf(3.5601)).abs() < 1e-6);
+    // MaStar resolution R ~ 1800 near 5000 A: FWHM ~ 2.8 A.
+    let fwhm = mastar.fwhm.at(5000.0);
+    assert!((2.0..4.0).contains(&fwhm), "{fwhm}");
+    assert!(mastar.spectra.iter().flatten().all(|v| v.is_finite()));
+    let emiles = emiles();
+    assert_eq!(emiles.spectra.len(), 150);
+    assert_eq!((emiles.ages.len(), emiles.metals.len()), (25, 6));
+    assert!(
+        emiles
+            .ssp
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|p| p.mass.is_some())
     );
 }

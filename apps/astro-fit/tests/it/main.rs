@@ -1,5 +1,6 @@
 //! Integration tests of astro-fit against real FITS files (one test binary; one module per area).
 
+mod cli;
 mod cube_cli;
 mod edge;
 mod fit_core;

@@ -1,0 +1,108 @@
+//! The `astro-fit fit-spectrum` command, run as a real process.
+
+use std::process::Command;
+
+use astro_fit::synthetic::shared_data_dir;
+
+fn astro_fit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_astro-fit"))
+}
+
+#[test]
+fn fit_spectrum_prints_json_and_draws_a_plot() {
+    let data = shared_data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("fit.png");
+    let out = astro_fit()
+        .arg("fit-spectrum")
+        .arg(data.join("spectra/NGC4636_SDSS_DR12.fits"))
+        .arg("--templates")
+        .arg(data.join("templates/emiles"))
+        .args(["--lam-range", "3600", "8900", "-o", "json", "--plot"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // pPXF gives V = 7.2, sigma = 225.3 km/s on this spectrum with these settings.
+    assert!((doc["v"].as_f64().unwrap() - 7.2).abs() < 2.0, "{doc}");
+    assert!(
+        (doc["sigma"].as_f64().unwrap() / 225.3 - 1.0).abs() < 0.03,
+        "{doc}"
+    );
+    assert!(
+        doc["populations"]["light_log_age"].as_f64().unwrap() > 9.0,
+        "{doc}"
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(bytes.len() > 10_000);
+}
+
+#[test]
+fn fit_spectrum_table_output_names_the_kinematics() {
+    let data = shared_data_dir();
+    let out = astro_fit()
+        .arg("fit-spectrum")
+        .arg(data.join("spectra/MaNGA_test_spectra.fits.gz"))
+        .args([
+            "--row",
+            "1",
+            "--moments",
+            "4",
+            "--lam-range",
+            "3800",
+            "7000",
+            "--templates",
+        ])
+        .arg(data.join("templates/miles_hc"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in ["V ", "sigma", "h3", "h4", "chi2/DOF"] {
+        assert!(text.contains(key), "{key} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn fit_spectrum_fails_clearly_on_a_fully_masked_spectrum_and_bad_options() {
+    let data = shared_data_dir();
+    let out = astro_fit()
+        .arg("fit-spectrum")
+        .arg(data.join("spectra/MaNGA_test_spectra.fits.gz"))
+        .args(["--row", "5", "--templates"])
+        .arg(data.join("templates/emiles"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no good pixels"));
+
+    let out = astro_fit()
+        .arg("fit-spectrum")
+        .arg(data.join("spectra/NGC4636_SDSS_DR12.fits"))
+        .args(["--moments", "3", "--templates"])
+        .arg(data.join("templates/emiles"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("moments must be 2, 4 or 6"));
+
+    let out = astro_fit()
+        .arg("fit-spectrum")
+        .arg(data.join("spectra/does-not-exist.fits"))
+        .arg("--templates")
+        .arg(data.join("templates/emiles"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does-not-exist.fits"));
+}
