@@ -65,7 +65,7 @@ pub struct CompressArgs {
     /// Lossless: every bit of every plane is kept.
     #[arg(long, conflicts_with_all = ["max_error_sigma", "noise_rel_error"])]
     pub lossless: bool,
-    /// Largest flux error, in units of each pixel's own noise sigma.
+    /// Largest flux error, in units of each pixel's own noise sigma [default: 0.05].
     #[arg(long)]
     pub max_error_sigma: Option<f64>,
     /// Largest relative error of IVAR / variance.

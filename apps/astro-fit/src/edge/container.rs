@@ -58,8 +58,10 @@ pub struct CompressOptions {
 impl Default for CompressOptions {
     fn default() -> Self {
         CompressOptions {
+            // 0.05 sigma keeps fitted V and sigma within 0.1 of their formal errors for 99% of
+            // spaxels (science-edge, BENCHMARKS.md); 0.125 sigma (fpack q=4 fidelity) does not.
             mode: Mode::Lossy {
-                max_error_sigma: 0.125,
+                max_error_sigma: 0.05,
                 noise_rel_error: 0.01,
             },
             spectra_per_block: 32,
