@@ -6,19 +6,13 @@ mod edge;
 mod fit_core;
 mod ppxf_compare;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-/// `<workspace>/../shared/data`, or `$CECCM_SHARED_DATA`.
-pub fn shared_data() -> PathBuf {
-    std::env::var_os("CECCM_SHARED_DATA").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
-        PathBuf::from,
-    )
-}
-
 pub fn cube_file(name: &str) -> PathBuf {
-    let path = shared_data().join("cubes").join(name);
+    let path = astro_fit::synthetic::shared_data_dir()
+        .join("cubes")
+        .join(name);
     assert!(path.is_file(), "test data {} missing", path.display());
     path
 }
