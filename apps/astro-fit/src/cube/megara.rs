@@ -6,11 +6,7 @@ use std::path::Path;
 
 use fitsio::FitsFile;
 
-use super::{
-    CubeError, CubeFormat, CubeMeta, Layout, MaskKind, NoiseKind, Probe, WavelengthMedium,
-    cube_shape, fits_error, pixel_scale_arcsec, read_key_string, same_shape,
-    spectral_axis_from_wcs,
-};
+use super::{CubeError, CubeFormat, Layout, LinearCubeHdus, Probe, linear_wcs_layout};
 
 const FORMAT: CubeFormat = CubeFormat::Megara;
 const DATA_NAMES: [&str; 3] = ["FLUX", "SCI", "DATA"];
@@ -43,54 +39,18 @@ pub(crate) fn layout(file: &mut FitsFile, path: &Path, probe: &Probe) -> Result<
                 hdus: probe.hdus.clone(),
             })?
     };
-    let (nx, ny, nwave) = cube_shape(probe, path, FORMAT, data)?;
-    let noise = match probe.find("VARIANCE") {
-        Some(h) => {
-            same_shape(probe, path, FORMAT, data, h.index)?;
-            Some((h.index, NoiseKind::Variance))
-        }
-        None => None,
-    };
-    let mask = match probe.find("MASK") {
-        Some(h) => {
-            same_shape(probe, path, FORMAT, data, h.index)?;
-            Some((h.index, MaskKind::NonZeroBad))
-        }
-        None => None,
-    };
-    let hdu = file
-        .hdu(data)
-        .map_err(|e| fits_error(path, "cube HDU", e))?;
-    let axis =
-        spectral_axis_from_wcs(file, &hdu, nwave, WavelengthMedium::Air).map_err(|reason| {
-            CubeError::Layout {
-                path: path.to_path_buf(),
-                format: FORMAT,
-                reason: format!("spectral WCS: {reason}"),
-                hdus: probe.hdus.clone(),
-            }
-        })?;
     // MEGARA LCB spaxels are 0.62 arcsec hexagons; megaradrp resamples them to square pixels
     // whose size the WCS gives.
-    let pixel_scale_arcsec = pixel_scale_arcsec(file, &hdu).unwrap_or(0.62);
-    let flux_unit = read_key_string(file, &hdu, "BUNIT").unwrap_or_default();
-    Ok(Layout {
-        flux_hdu: data,
-        noise,
-        mask,
-        meta: CubeMeta {
+    linear_wcs_layout(
+        file,
+        path,
+        probe,
+        LinearCubeHdus {
             format: FORMAT,
-            nx,
-            ny,
-            wavelength: axis.wavelength,
-            medium: axis.medium,
-            log_sampled: axis.log_sampled,
-            resolution: None,
-            pixel_scale_arcsec,
-            flux_unit,
-            noise_stored_as: noise.map(|(_, k)| k),
-            ebv_galactic: None,
-            redshift: None,
+            flux: data,
+            variance: "VARIANCE",
+            mask: "MASK",
+            default_pixel_scale_arcsec: 0.62,
         },
-    })
+    )
 }

@@ -676,5 +676,67 @@ pub(crate) fn same_shape(
     }
 }
 
+/// Where a linear-WCS cube keeps its arrays (MUSE, MEGARA): the flux HDU, the names of the
+/// optional variance and mask companions, and the spaxel size when the WCS does not give one.
+pub(crate) struct LinearCubeHdus {
+    pub format: CubeFormat,
+    pub flux: usize,
+    pub variance: &'static str,
+    pub mask: &'static str,
+    pub default_pixel_scale_arcsec: f64,
+}
+
+/// The layout of a 3-D cube with a linear spectral WCS (air wavelengths unless CTYPE3 says
+/// otherwise), a variance and a non-zero-is-bad mask, each optional and shaped like the flux.
+pub(crate) fn linear_wcs_layout(
+    file: &mut FitsFile,
+    path: &Path,
+    probe: &Probe,
+    hdus: LinearCubeHdus,
+) -> Result<Layout, CubeError> {
+    let LinearCubeHdus { format, flux, .. } = hdus;
+    let (nx, ny, nwave) = cube_shape(probe, path, format, flux)?;
+    let companion = |name: &str| match probe.find(name) {
+        Some(h) => same_shape(probe, path, format, flux, h.index).map(|()| Some(h.index)),
+        None => Ok(None),
+    };
+    let noise = companion(hdus.variance)?.map(|index| (index, NoiseKind::Variance));
+    let mask = companion(hdus.mask)?.map(|index| (index, MaskKind::NonZeroBad));
+    let hdu = file
+        .hdu(flux)
+        .map_err(|e| fits_error(path, "flux HDU", e))?;
+    let axis =
+        spectral_axis_from_wcs(file, &hdu, nwave, WavelengthMedium::Air).map_err(|reason| {
+            CubeError::Layout {
+                path: path.to_path_buf(),
+                format,
+                reason: format!("spectral WCS of HDU {}: {reason}", probe.hdus[flux]),
+                hdus: probe.hdus.clone(),
+            }
+        })?;
+    let pixel_scale_arcsec =
+        pixel_scale_arcsec(file, &hdu).unwrap_or(hdus.default_pixel_scale_arcsec);
+    let flux_unit = read_key_string(file, &hdu, "BUNIT").unwrap_or_default();
+    Ok(Layout {
+        flux_hdu: flux,
+        noise,
+        mask,
+        meta: CubeMeta {
+            format,
+            nx,
+            ny,
+            wavelength: axis.wavelength,
+            medium: axis.medium,
+            log_sampled: axis.log_sampled,
+            resolution: None,
+            pixel_scale_arcsec,
+            flux_unit,
+            noise_stored_as: noise.map(|(_, k)| k),
+            ebv_galactic: None,
+            redshift: None,
+        },
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests;
