@@ -4,15 +4,25 @@ astro-fit's comparison test uses, and write a small JSON of the results.
 
 Reference tool only (pip install ppxf astropy); nothing here is used by astro-fit at run time.
 
-    python3 scripts/ppxf_reference.py --data ../shared/data \
+    cargo build --release -p astro-fit
+    python3 scripts/ppxf_reference.py --data ../shared/data --astro-fit target/release/astro-fit \
         --out apps/astro-fit/tests/data/ppxf_reference.json
 
-Settings (mirrored in apps/astro-fit/tests/it/ppxf_compare.rs): E-MILES (150 SSPs, air,
-converted to the galaxy's medium), broadened to the galaxy resolution with pPXF's exact
-constant-width `varsmooth` on 20 A segments (see `piecewise_smooth`), log-rebinned with pPXF's `log_rebin` (velscale_ratio 1), all divided by one
-median; galaxy de-redshifted by the file's redshift, rest frame 3600-8900 A, normalised by its
-median; noise from IVAR; good pixels: the file's mask, minus +-800 km/s around the usual
-emission lines; moments 2, additive degree 4, no multiplicative polynomial, start (0, 150); ftol 1e-8 so
+Two pPXF runs per spectrum (apps/astro-fit/tests/it/ppxf_compare.rs compares with both):
+
+1. Same inputs (the fields at the top level of each result): `astro-fit fit-spectrum ...
+   --save-inputs` writes the arrays it fits (rest-frame spectrum, noise, good pixels, templates
+   broadened and log-rebinned by astro-fit) and pPXF fits exactly those. The command line is
+   stored with the result so the test fits the very same thing.
+2. pPXF's own preparation (`own_preparation`): templates prepared here with pPXF's tools:
+   E-MILES (150 SSPs, air, converted to the galaxy's medium), broadened to the galaxy
+   resolution with pPXF's exact constant-width `varsmooth` on 20 A segments (see
+   `piecewise_smooth`), log-rebinned with pPXF's `log_rebin`, all divided by one median;
+   galaxy de-redshifted by the file's redshift, rest frame 3600-8900 A, normalised by its
+   median; noise from IVAR; good pixels: the file's mask, minus +-800 km/s around the usual
+   emission lines.
+
+Both: moments 2, additive degree 4, no multiplicative polynomial, start (0, 150); ftol 1e-8 so
 pPXF's solution is converged well below the 2 km/s / 3% comparison tolerance (its default
 1e-4 stops early on flat chi2 surfaces of low-S/N spectra).
 """
@@ -20,12 +30,17 @@ import argparse
 import glob
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 from astropy.io import fits
 from ppxf.ppxf import ppxf
 import ppxf.ppxf_util as util
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ppxf_bench import fit_one, read_inputs  # noqa: E402
 
 C = 299792.458
 LAM_RANGE = (3600.0, 8900.0)
@@ -119,14 +134,49 @@ def fit(name, lam_obs, flux, ivar, good, fwhm_obs, z, vacuum, log_sampled, tpl):
             "chi2": float(pp.chi2), "n_good": int(pp.goodpixels.size), "redshift": float(z)}
 
 
+def same_inputs(astro_fit, data, cli):
+    """pPXF on the arrays `astro-fit fit-spectrum CLI --save-inputs` writes."""
+    args = [a.replace("{data}", data) for a in cli]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "inputs.fits")
+        run = subprocess.run([astro_fit, "fit-spectrum", *args, "--save-inputs", path, "-o", "json"],
+                             capture_output=True, text=True)
+        if not os.path.exists(path):
+            raise RuntimeError(f"astro-fit {' '.join(args)}: {run.stderr}")
+        inputs = read_inputs(path)
+        pp = fit_one(inputs, 0, ftol=1e-8)
+    g = pp.goodpixels
+    # The objective itself, so the test can check astro-fit's minimum is at least as deep.
+    chi2_sum = np.sum(((inputs["galaxy"][0][g] - pp.bestfit[g]) / inputs["noise"][0][g]) ** 2)
+    return {"v": float(pp.sol[0]), "sigma": float(pp.sol[1]), "v_error": float(pp.error[0]),
+            "sigma_error": float(pp.error[1]), "chi2": float(pp.chi2),
+            "chi2_sum": float(chi2_sum), "n_good": int(g.size)}
+
+
+COMMON_CLI = ["--templates", "{data}/templates/emiles", "--lam-range", "3600", "8900",
+              "--line-mask", "800", "--moments", "2", "--degree", "4", "--mdegree", "0"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data"))
+    ap.add_argument("--astro-fit", default=os.path.join(os.path.dirname(__file__),
+                                                        "../target/release/astro-fit"))
     ap.add_argument("--out", default="-")
     args = ap.parse_args()
     tpl = load_emiles(os.path.join(args.data, "templates/emiles"))
     spectra_dir = os.path.join(args.data, "spectra")
     results = []
+
+    def record(own, cli):
+        if "error" not in own:
+            own = {k: own[k] for k in ("v", "sigma", "v_error", "sigma_error", "chi2", "n_good")}
+            result = {"name": name, "cli": cli, **same_inputs(args.astro_fit, args.data, cli),
+                      "own_preparation": own}
+        else:
+            result = {"name": name, "cli": cli, "error": own["error"]}
+        results.append(result)
+
     for fname in ["NGC4636_SDSS_DR12.fits", "NGC3522_SDSS_DR18.fits", "NGC3073_SDSS_DR18.fits"]:
         with fits.open(os.path.join(spectra_dir, fname)) as h:
             t = h["COADD"].data
@@ -137,7 +187,9 @@ def main():
             flux = t["flux"].astype(float)
             good = (ivar > 0) & np.isfinite(flux)
             z = float(h["SPECOBJ"].data["Z"][0])
-            results.append(fit(fname, lam, flux, ivar, good, fwhm, z, True, True, tpl))
+            name = fname
+            record(fit(fname, lam, flux, ivar, good, fwhm, z, True, True, tpl),
+                   ["{data}/spectra/" + fname, *COMMON_CLI])
     for fname in ["MaNGA_test_spectra.fits.gz", "MaNGA_multicomp_test_spectra.fits.gz"]:
         with fits.open(os.path.join(spectra_dir, fname)) as h:
             wave = h["WAVE"].data.astype(float)
@@ -147,13 +199,19 @@ def main():
                 good = ((h["MASK"].data[row] & MANGA_BAD) == 0) & (ivar > 0) & np.isfinite(flux)
                 fwhm = (wave, wave / h["SRES"].data[row])
                 z = float(h["Z"].data[row])
-                results.append(fit(f"{fname}#{row}", wave, flux, ivar, good, fwhm, z, True, True, tpl))
+                name = f"{fname}#{row}"
+                record(fit(name, wave, flux, ivar, good, fwhm, z, True, True, tpl),
+                       ["{data}/spectra/" + fname, "--row", str(row), *COMMON_CLI])
     with fits.open(os.path.join(spectra_dir, "NGC4550_SAURON.fits")) as h:
         flux = h[0].data.astype(float)
         lam = h[0].header["CRVAL1"] + h[0].header["CDELT1"] * np.arange(flux.size)
-        results.append(fit("NGC4550_SAURON.fits", lam, flux, None, np.isfinite(flux), 4.2, 0.0015,
-                           False, False, tpl))
+        name = "NGC4550_SAURON.fits"
+        # The file carries neither redshift nor resolution: pPXF's example values.
+        record(fit(name, lam, flux, None, np.isfinite(flux), 4.2, 0.0015, False, False, tpl),
+               ["{data}/spectra/NGC4550_SAURON.fits", "--z", "0.0015", "--fwhm", "4.2",
+                *COMMON_CLI])
     doc = {"command": "python3 scripts/ppxf_reference.py --data ../shared/data "
+                      "--astro-fit target/release/astro-fit "
                       "--out apps/astro-fit/tests/data/ppxf_reference.json",
            "ppxf_version": __import__("ppxf").__version__,
            "settings": {"moments": 2, "degree": 4, "mdegree": 0, "velscale_ratio": 1,
@@ -167,7 +225,7 @@ def main():
         with open(args.out, "w") as f:
             f.write(text + "\n")
     for r in results:
-        print(r, file=sys.stderr)
+        print(r["name"], {k: v for k, v in r.items() if k not in ("name", "cli")}, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -217,6 +217,9 @@ struct GalaxyGrid {
     redshift: f64,
     lam_range: (f64, f64),
     emission_mask_kms: f64,
+    /// Pixels of the fit grid outside the emission-line masks (the grid is the same for
+    /// every spectrum of the cube, so the masks are computed once).
+    outside_lines: Option<Vec<bool>>,
 }
 
 impl GalaxyGrid {
@@ -252,6 +255,7 @@ impl GalaxyGrid {
             redshift,
             lam_range: options.lam_range,
             emission_mask_kms: options.emission_mask_kms,
+            outside_lines: None,
         };
         // The grid is a property of the wavelengths alone: take it from a flat spectrum.
         let flat = BinSpectrum {
@@ -262,6 +266,11 @@ impl GalaxyGrid {
         let rest = gg.rest_frame(&flat).map_err(CubeFitError::GlobalFit)?;
         gg.grid = rest.grid;
         gg.fwhm = rest.fwhm;
+        if gg.emission_mask_kms > 0.0 {
+            let mut outside = vec![true; gg.grid.npix];
+            mask_emission_lines(&gg.grid, gg.medium, gg.emission_mask_kms, &mut outside);
+            gg.outside_lines = Some(outside);
+        }
         Ok(gg)
     }
 
@@ -285,13 +294,10 @@ impl GalaxyGrid {
             redshift: Some(self.redshift),
         };
         let mut rest = observed.to_rest_frame(self.redshift, Some(self.lam_range))?;
-        if self.emission_mask_kms > 0.0 {
-            mask_emission_lines(
-                &rest.grid,
-                self.medium,
-                self.emission_mask_kms,
-                &mut rest.spectrum.good,
-            );
+        if let Some(outside) = &self.outside_lines {
+            for (good, outside) in rest.spectrum.good.iter_mut().zip(outside) {
+                *good &= *outside;
+            }
         }
         Ok(rest)
     }
@@ -410,6 +416,27 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CubeFitError> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Write one fitted chunk: the model spectra first, then the JSON whose presence marks the
+/// chunk done (so an interrupted write is refitted on resume).
+fn write_chunk(
+    out: &Path,
+    id: usize,
+    fitted: Vec<(BinResult, Vec<f32>)>,
+) -> Result<(), CubeFitError> {
+    let (json, model) = chunk_paths(out, id);
+    let bytes: Vec<u8> = fitted
+        .iter()
+        .flat_map(|(_, m)| m.iter().flat_map(|v| v.to_le_bytes()))
+        .collect();
+    write_atomic(&model, &bytes)?;
+    let result = ChunkResult {
+        chunk: id,
+        results: fitted.into_iter().map(|(r, _)| r).collect(),
+    };
+    let text = serde_json::to_vec(&result).map_err(|e| io_err(&json)(std::io::Error::other(e)))?;
+    write_atomic(&json, &text)
 }
 
 fn read_chunk_result(path: &Path) -> Result<ChunkResult, CubeFitError> {
@@ -579,7 +606,6 @@ pub fn fit_cube(
     let lib = TemplateLibrary::load(&options.templates).map_err(CubeFitError::Templates)?;
     std::fs::create_dir_all(options.out.join("chunks")).map_err(io_err(&options.out))?;
     let plan = make_or_load_plan(options, &mut cube, &lib, &mut timings)?;
-    drop(cube); // the reader thread opens its own handle
     let gg = GalaxyGrid::new(&meta, options, plan.redshift)?;
     let kept: std::collections::HashSet<&str> =
         plan.global.templates.iter().map(String::as_str).collect();
@@ -605,83 +631,71 @@ pub fn fit_cube(
     let bins_by_id: HashMap<usize, &BinSpec> = plan.bins.iter().map(|b| (b.id, b)).collect();
 
     let t = Instant::now();
-    let (tx, rx) = sync_channel::<Result<(&Chunk, Vec<BinSpectrum>), CubeError>>(1);
+    // This thread reads row bands in chunk order (one band in memory at a time) with the cube
+    // already open (a .gz cube is decompressed once); a second thread fits each chunk on the
+    // pool and writes it while the next band is read.
+    let (tx, rx) = sync_channel::<(&Chunk, Vec<BinSpectrum>)>(1);
     std::thread::scope(|scope| -> Result<(), CubeFitError> {
-        // The reader: row bands in chunk order, one band in memory at a time.
-        let path = &options.cube;
-        let bins = &bins_by_id;
-        let reader = scope.spawn(move || {
-            let mut cube = match Cube::open(path) {
-                Ok(cube) => cube,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            for chunk in todo {
-                let spectra = cube.read_rows(chunk.rows.clone()).map(|block| {
+        let fitting = scope.spawn(|| -> Result<(), CubeFitError> {
+            for (chunk, spectra) in rx {
+                let fitted: Vec<(BinResult, Vec<f32>)> = pool.install(|| {
                     chunk
                         .bins
-                        .iter()
-                        .map(|id| prepare::combine(&block, &bins[id].spaxels))
+                        .par_iter()
+                        .zip(spectra.par_iter())
+                        .map_init(
+                            || fitter.scratch(),
+                            |scratch, (id, spec)| {
+                                let sn = bins_by_id[id].sn;
+                                let outcome = gg.rest_frame(spec).and_then(|rest| {
+                                    let fit =
+                                        fitter.fit_with(scratch, &rest.spectrum, &start_values)?;
+                                    Ok((rest, fit))
+                                });
+                                progress.inc(1);
+                                match outcome {
+                                    Ok((rest, fit)) => (
+                                        bin_result(*id, sn, &fit, &tpl, options.populations),
+                                        gg.model_on_cube(&rest, &fit.bestfit),
+                                    ),
+                                    Err(e) => (
+                                        BinResult::failed(*id, sn, e.to_string()),
+                                        vec![0.0; meta.nwave()],
+                                    ),
+                                }
+                            },
+                        )
                         .collect()
                 });
-                let failed = spectra.is_err();
-                if tx.send(spectra.map(|s| (chunk, s))).is_err() || failed {
+                write_chunk(&options.out, chunk.id, fitted)?;
+            }
+            Ok(())
+        });
+        let mut read = Ok(());
+        for chunk in todo {
+            match cube.read_rows(chunk.rows.clone()) {
+                Ok(block) => {
+                    let spectra = chunk
+                        .bins
+                        .iter()
+                        .map(|id| prepare::combine(&block, &bins_by_id[id].spaxels))
+                        .collect();
+                    // A closed channel means the fitting thread stopped on an error.
+                    if tx.send((chunk, spectra)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    read = Err(CubeFitError::from(e));
                     break;
                 }
             }
-        });
-        for message in rx {
-            let (chunk, spectra) = message?;
-            let fitted: Vec<(BinResult, Vec<f32>)> = pool.install(|| {
-                chunk
-                    .bins
-                    .par_iter()
-                    .zip(spectra.par_iter())
-                    .map_init(
-                        || fitter.scratch(),
-                        |scratch, (id, spec)| {
-                            let sn = bins_by_id[id].sn;
-                            let outcome = gg.rest_frame(spec).and_then(|rest| {
-                                let fit =
-                                    fitter.fit_with(scratch, &rest.spectrum, &start_values)?;
-                                Ok((rest, fit))
-                            });
-                            progress.inc(1);
-                            match outcome {
-                                Ok((rest, fit)) => (
-                                    bin_result(*id, sn, &fit, &tpl, options.populations),
-                                    gg.model_on_cube(&rest, &fit.bestfit),
-                                ),
-                                Err(e) => (
-                                    BinResult::failed(*id, sn, e.to_string()),
-                                    vec![0.0; meta.nwave()],
-                                ),
-                            }
-                        },
-                    )
-                    .collect()
-            });
-            let (json, model) = chunk_paths(&options.out, chunk.id);
-            let bytes: Vec<u8> = fitted
-                .iter()
-                .flat_map(|(_, m)| m.iter().flat_map(|v| v.to_le_bytes()))
-                .collect();
-            // Model first: the JSON's presence is what marks the chunk done.
-            write_atomic(&model, &bytes)?;
-            let result = ChunkResult {
-                chunk: chunk.id,
-                results: fitted.into_iter().map(|(r, _)| r).collect(),
-            };
-            let text =
-                serde_json::to_vec(&result).map_err(|e| io_err(&json)(std::io::Error::other(e)))?;
-            write_atomic(&json, &text)?;
         }
-        reader
+        drop(tx);
+        fitting
             .join()
-            .map_err(|_| CubeFitError::Threads("the cube reader panicked".into()))?;
-        Ok(())
+            .map_err(|_| CubeFitError::Threads("the fitting thread panicked".into()))??;
+        read
     })?;
     timings.fit_s = t.elapsed().as_secs_f64();
     progress.finish();

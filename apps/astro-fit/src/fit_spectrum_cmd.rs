@@ -70,6 +70,10 @@ pub struct FitSpectrumArgs {
     /// Write a PNG of data, model, residuals and masked regions.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Write the prepared inputs (rest-frame spectrum, noise, mask, log-rebinned templates,
+    /// settings) to this FITS file, e.g. to run pPXF on exactly the same arrays.
+    #[arg(long)]
+    pub save_inputs: Option<PathBuf>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
 }
@@ -152,6 +156,10 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         },
         ..FitConfig::default()
     };
+    if let Some(path) = &args.save_inputs {
+        crate::ppxf_inputs::write(path, &templates, std::slice::from_ref(&rest), &cfg)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let fitter = Fitter::new(&templates, grid, cfg)?;
     let fit = fitter.fit(&rest.spectrum, &Start::new(0.0, args.sigma_start))?;
     if let Some(path) = &args.plot {

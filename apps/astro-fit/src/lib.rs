@@ -12,6 +12,7 @@ pub mod losvd;
 pub mod nnls;
 pub mod plot;
 pub mod populations;
+pub mod ppxf_inputs;
 pub mod spectrum;
 pub mod stats;
 pub mod synthetic;

@@ -125,9 +125,15 @@ pub fn symmetric_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
     (values, vectors)
 }
 
-/// Dot product with eight independent partial sums (pairs of lanes vectorise; no reassociation
-/// needed from the compiler).
+/// Dot product with eight independent partial sums (lanes vectorise; no reassociation needed
+/// from the compiler). Runs with the widest vector instructions the CPU has (`pulp` detects
+/// them at run time); the summation order, hence the result, is the same on every CPU.
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    pulp::Arch::new().dispatch(|| dot_lanes(a, b))
+}
+
+#[inline(always)]
+fn dot_lanes(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f64; 8];
@@ -151,6 +157,11 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// written to `out` (k x k, row-major). Blocks of 2 x 2 columns with 2 lanes keep the partial
 /// sums in registers, so each pixel value is loaded once per block instead of once per pair.
 pub fn gram(cols: &[f64], k: usize, n: usize, out: &mut [f64]) {
+    pulp::Arch::new().dispatch(|| gram_blocks(cols, k, n, out));
+}
+
+#[inline(always)]
+fn gram_blocks(cols: &[f64], k: usize, n: usize, out: &mut [f64]) {
     let col = |a: usize| &cols[a * n..(a + 1) * n];
     let mut a = 0;
     while a < k {
@@ -191,11 +202,13 @@ pub fn gram(cols: &[f64], k: usize, n: usize, out: &mut [f64]) {
     }
 }
 
-/// y += alpha x
+/// y += alpha x, with the widest vector instructions the CPU has.
 pub fn axpy(alpha: f64, x: &[f64], y: &mut [f64]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
-    }
+    pulp::Arch::new().dispatch(|| {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += alpha * xi;
+        }
+    });
 }
 
 #[cfg(test)]

@@ -270,7 +270,7 @@ fn run_ppxf(
     }
     let dir = tempfile::tempdir()?;
     let input = dir.path().join("ppxf_input.fits");
-    write_ppxf_input(&input, templates, spectra)?;
+    astro_fit::ppxf_inputs::write(&input, templates, spectra, &FitConfig::default())?;
     let out = Command::new("python3").arg(&script).arg(&input).output()?;
     if !out.status.success() {
         anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr));
@@ -297,59 +297,4 @@ fn run_ppxf(
         },
         results,
     ))
-}
-
-fn write_ppxf_input(
-    path: &Path,
-    templates: &PreparedTemplates,
-    spectra: &[RestFrameSpectrum],
-) -> anyhow::Result<()> {
-    use fitsio::images::{ImageDescription, ImageType};
-    let mut f = fitsio::FitsFile::create(path).open()?;
-    let (nt, npt) = (templates.len(), templates.npix());
-    let npix = spectra[0].grid.npix;
-    let mut image = |name: &str,
-                     rows: usize,
-                     cols: usize,
-                     data: Vec<f64>|
-     -> anyhow::Result<fitsio::hdu::FitsHdu> {
-        let desc = ImageDescription {
-            data_type: ImageType::Double,
-            dimensions: &[rows, cols],
-        };
-        let hdu = f.create_image(name, &desc)?;
-        hdu.write_image(&mut f, &data)?;
-        Ok(hdu)
-    };
-    let hdu = image("TEMPLATES", nt, npt, templates.spectra.concat())?;
-    image(
-        "GALAXY",
-        spectra.len(),
-        npix,
-        spectra
-            .iter()
-            .flat_map(|s| s.spectrum.flux.clone())
-            .collect(),
-    )?;
-    image(
-        "NOISE",
-        spectra.len(),
-        npix,
-        spectra
-            .iter()
-            .flat_map(|s| s.spectrum.noise.clone())
-            .collect(),
-    )?;
-    let good = spectra
-        .iter()
-        .flat_map(|s| s.spectrum.good.iter().map(|g| f64::from(u8::from(*g))))
-        .collect();
-    image("GOOD", spectra.len(), npix, good)?;
-    hdu.write_key(&mut f, "VELSCALE", templates.velscale)?;
-    hdu.write_key(&mut f, "VSRATIO", templates.velscale_ratio as i64)?;
-    hdu.write_key(&mut f, "LNLAMT0", templates.ln_lam0)?;
-    hdu.write_key(&mut f, "LNLAMG0", spectra[0].grid.ln_lam0)?;
-    hdu.write_key(&mut f, "DEGREE", 4i64)?;
-    hdu.write_key(&mut f, "MOMENTS", 2i64)?;
-    Ok(())
 }

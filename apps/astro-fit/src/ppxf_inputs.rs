@@ -1,0 +1,82 @@
+//! The prepared inputs of a fit (log-rebinned, resolution-matched templates; rest-frame
+//! spectra, noise and good-pixel masks; the settings) in one FITS file, so that pPXF can be run
+//! on exactly the arrays astro-fit fits (`scripts/ppxf_bench.py`, `scripts/ppxf_reference.py`).
+//! A comparison on these files tests the two fitters, not two ways of preparing templates.
+
+use std::path::Path;
+
+use fitsio::FitsFile;
+use fitsio::images::{ImageDescription, ImageType};
+
+use crate::fit::FitConfig;
+use crate::spectrum::RestFrameSpectrum;
+use crate::templates::PreparedTemplates;
+
+/// Write `templates` and `spectra` (all on one grid) with the fit settings of `cfg` to `path`
+/// (overwritten). Extensions: TEMPLATES (ntemp x npix_temp; keywords VELSCALE, VSRATIO,
+/// LNLAMT0, LNLAMG0, DEGREE, MDEGREE, MOMENTS), GALAXY, NOISE, GOOD (nspec x npix).
+pub fn write(
+    path: &Path,
+    templates: &PreparedTemplates,
+    spectra: &[RestFrameSpectrum],
+    cfg: &FitConfig,
+) -> Result<(), fitsio::errors::Error> {
+    let Some(first) = spectra.first() else {
+        return Err(fitsio::errors::Error::Message("no spectra to write".into()));
+    };
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let mut f = FitsFile::create(path).open()?;
+    let npix = first.grid.npix;
+    let mut image = |name: &str, rows: usize, cols: usize, data: Vec<f64>| {
+        let desc = ImageDescription {
+            data_type: ImageType::Double,
+            dimensions: &[rows, cols],
+        };
+        let hdu = f.create_image(name, &desc)?;
+        hdu.write_image(&mut f, &data)?;
+        Ok::<_, fitsio::errors::Error>(hdu)
+    };
+    let hdu = image(
+        "TEMPLATES",
+        templates.len(),
+        templates.npix(),
+        templates.spectra.concat(),
+    )?;
+    let rows = |pick: &dyn Fn(&RestFrameSpectrum) -> Vec<f64>| -> Vec<f64> {
+        spectra.iter().flat_map(pick).collect()
+    };
+    image(
+        "GALAXY",
+        spectra.len(),
+        npix,
+        rows(&|s| s.spectrum.flux.clone()),
+    )?;
+    image(
+        "NOISE",
+        spectra.len(),
+        npix,
+        rows(&|s| s.spectrum.noise.clone()),
+    )?;
+    image(
+        "GOOD",
+        spectra.len(),
+        npix,
+        rows(&|s| {
+            s.spectrum
+                .good
+                .iter()
+                .map(|g| f64::from(u8::from(*g)))
+                .collect()
+        }),
+    )?;
+    hdu.write_key(&mut f, "VELSCALE", templates.velscale)?;
+    hdu.write_key(&mut f, "VSRATIO", templates.velscale_ratio as i64)?;
+    hdu.write_key(&mut f, "LNLAMT0", templates.ln_lam0)?;
+    hdu.write_key(&mut f, "LNLAMG0", first.grid.ln_lam0)?;
+    hdu.write_key(&mut f, "DEGREE", i64::from(cfg.degree))?;
+    hdu.write_key(&mut f, "MDEGREE", cfg.mdegree as i64)?;
+    hdu.write_key(&mut f, "MOMENTS", cfg.moments as i64)?;
+    Ok(())
+}
