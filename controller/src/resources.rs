@@ -452,6 +452,15 @@ impl ApplicationSpec {
                 ));
             }
         }
+        if let Err(message) = crate::scheduling::declared_features(self) {
+            out.push(Violation::new(
+                format!(
+                    "spec.parameters.{}",
+                    crate::scheduling::TASK_FEATURES_PARAMETER
+                ),
+                message,
+            ));
+        }
         out
     }
 }
