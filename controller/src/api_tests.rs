@@ -1019,7 +1019,31 @@ async fn telemetry_is_recorded_on_completion_and_survives_a_restart(ts: &TestSto
     assert_eq!(before.body["minSamples"], 60);
     assert!(before.body.get("runtimeMape").is_none(), "{}", before.text);
 
-    assert_eq!(run_one(&app, "edge-a", 2.5).await.status, StatusCode::OK);
+    // The load at the lease is the sample's, whatever the load at completion.
+    let loaded = |load: f64| json!({"status": {"load": load}}).to_string();
+    let patch = "/api/v1/regions/edge-a/status";
+    call(&app, "PATCH", patch, "application/json", loaded(0.5)).await;
+    let leased = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w1", "region": "edge-a"}),
+    )
+    .await;
+    assert_eq!(leased.body["status"]["startLoad"], 0.5, "{}", leased.text);
+    call(&app, "PATCH", patch, "application/json", loaded(0.0)).await;
+    let name = leased.body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = json_call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{name}/complete"),
+        &json!({"worker": "w1", "result": {}, "seconds": 2.5}),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.text);
 
     // Bad telemetry is refused with the API's error shape, stores nothing, and leaves the task
     // leased so that a correct report can follow.
@@ -1112,6 +1136,7 @@ async fn telemetry_is_recorded_on_completion_and_survives_a_restart(ts: &TestSto
     assert_eq!(first["cores"], 1.0);
     assert_eq!(first["joules"], Value::Null);
     assert_eq!(first["features"]["spectra"], 100);
+    assert_eq!(first["load"], 0.5);
     let second: Value = serde_json::from_str(&bodies[1]).unwrap();
     assert_eq!(second["joules"], 30.0);
 

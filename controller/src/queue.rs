@@ -216,6 +216,12 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
             "worker must be 1 to 253 characters",
         ));
     }
+    // Recorded with the lease: the predictor learns how load at the start slows a task.
+    let region_load = store
+        .get(Kind::Region, &request.region)
+        .await?
+        .and_then(|r| r["status"]["load"].as_f64())
+        .filter(|l| l.is_finite());
     let mut after: Option<String> = None;
     let mut blocked_apps: Vec<String> = Vec::new();
     loop {
@@ -254,7 +260,13 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
                         now_millis(),
                         lease_ms,
                     ) {
-                        Ok(status) => Ok(Change::Put(with_status(object, &status))),
+                        Ok(status) => Ok(Change::Put(with_status(
+                            object,
+                            &TaskStatus {
+                                start_load: region_load,
+                                ..status
+                            },
+                        ))),
                         // Someone else took it between our read and this write.
                         Err(_) => Ok(Change::Keep),
                     }
@@ -275,6 +287,7 @@ fn queued() -> TaskStatus {
         worker: None,
         lease_deadline: None,
         start_time: None,
+        start_load: None,
         completion_time: None,
         cpu_seconds: 0.0,
         energy_joules: 0.0,
@@ -418,7 +431,11 @@ pub fn completion_sample(
             (now_ms - started) as f64 / 1000.0
         }
     };
-    let sample = telemetry_sample(ran_on.0, ran_on.1, seconds, measured_joules);
+    let mut sample = telemetry_sample(ran_on.0, ran_on.1, seconds, measured_joules);
+    // The load when the task started describes its run better than the load now.
+    if let Some(load) = status.start_load {
+        sample.load = load;
+    }
     match sample.unusable() {
         Some(reason) => Err(reason),
         None => Ok(sample),
@@ -637,7 +654,15 @@ mod tests {
         assert_eq!(sample.seconds, 2.5);
         assert_eq!(sample.joules, None);
         assert_eq!(sample.cores, 2.0);
+        // No load recorded at the lease: the region's load now.
         assert_eq!(sample.load, 0.5);
+        let loaded_at_start = TaskStatus {
+            start_load: Some(0.25),
+            ..leased.clone()
+        };
+        let sample =
+            completion_sample((&region, &app), &loaded_at_start, None, None, 12_500).unwrap();
+        assert_eq!(sample.load, 0.25);
         assert_eq!(sample.cpu_model.as_deref(), Some("edge-a"));
         assert_eq!(sample.features.spectra, 500);
         assert_eq!(sample.features.moments, 4);

@@ -526,6 +526,9 @@ pub struct TaskStatus {
     pub lease_deadline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,
+    /// The region's load (0..1) when this attempt was leased: a feature of its telemetry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_load: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,
     #[serde(default)]
