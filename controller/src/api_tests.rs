@@ -1236,6 +1236,17 @@ async fn the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster(t
         .as_f64()
         .unwrap();
     assert!(b > 0.0, "{after}");
+
+    // A restarted controller has learned the same from the store, without new telemetry.
+    let restored = crate::predictor::SharedPredictor::load(
+        &ts.store,
+        ceccm_scheduler::PredictorConfig::default(),
+    )
+    .await
+    .unwrap();
+    let restored = restored.read();
+    assert!(restored.trained());
+    assert_eq!(restored.report().samples, 80);
 }
 
 store_suite!(

@@ -359,7 +359,9 @@ impl RanOn {
     }
 }
 
-async fn ran_on(store: &Store, name: &str) -> Result<RanOn, ApiError> {
+/// The task's region, and its application's spec when `with_application` (only a completion's
+/// telemetry needs it; a large application is costly to read).
+async fn ran_on(store: &Store, name: &str, with_application: bool) -> Result<RanOn, ApiError> {
     let Some(task) = store.get(Kind::Task, name).await? else {
         return Err(ApiError::not_found("Task", name));
     };
@@ -368,8 +370,8 @@ async fn ran_on(store: &Store, name: &str) -> Result<RanOn, ApiError> {
         None => None,
     };
     let application = match task["spec"]["application"].as_str() {
-        Some(app) => store.get(Kind::Application, app).await?,
-        None => None,
+        Some(app) if with_application => store.get(Kind::Application, app).await?,
+        _ => None,
     };
     Ok(RanOn {
         region: region
@@ -450,7 +452,7 @@ pub async fn complete(
     check_cpu(request.cpu_seconds)?;
     check_measured(request.seconds, "seconds")?;
     check_measured(request.joules, "joules")?;
-    let ran_on = ran_on(store, name).await?;
+    let ran_on = ran_on(store, name, true).await?;
     let joules = ran_on.joules(request.cpu_seconds);
     let mut recorded = None;
     let task = transition(store, name, |task| {
@@ -514,7 +516,9 @@ pub async fn complete(
 
 pub async fn fail(store: &Store, name: &str, request: FailRequest) -> Result<Value, ApiError> {
     check_cpu(request.cpu_seconds)?;
-    let joules = ran_on(store, name).await?.joules(request.cpu_seconds);
+    let joules = ran_on(store, name, false)
+        .await?
+        .joules(request.cpu_seconds);
     transition(store, name, |task| {
         let status = task.status.clone().unwrap_or(queued());
         held_by(&status, &request.worker)?;
