@@ -389,6 +389,10 @@ pub fn task_name(application: &str, task: &str) -> String {
 }
 
 pub async fn top(client: &Client, kind: &str) -> Result<()> {
+    if kind == "predictor" {
+        let report = client.get_path("predictor").await?;
+        return output::print(&table::render(&predictor_rows(&report)));
+    }
     let kind = kinds::resolve(kind)?;
     let columns = top_columns(kind)?;
     let list = client.list(kind, None, None).await?;
@@ -404,12 +408,53 @@ pub async fn top(client: &Client, kind: &str) -> Result<()> {
     )))
 }
 
+/// The placement predictor as one table row: what it learned from and how wrong it is.
+fn predictor_rows(report: &Value) -> Vec<Vec<String>> {
+    let percent = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |m| format!("{:.1}%", 100.0 * m))
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    let header = [
+        "STATE",
+        "SAMPLES",
+        "MODEL",
+        "RUNTIME-MAPE",
+        "ENERGY-MAPE",
+        "PRIOR-MAPE",
+    ];
+    vec![
+        header.iter().map(|h| h.to_string()).collect(),
+        vec![
+            text(&report["state"]),
+            format!(
+                "{}/{}",
+                text(&report["samples"]),
+                text(&report["minSamples"])
+            ),
+            text(&report["model"]),
+            percent(&report["runtimeMape"]),
+            percent(&report["energyMape"]),
+            percent(&report["priorRuntimeMape"]),
+        ],
+    ]
+}
+
 fn top_columns(kind: &KindInfo) -> Result<&'static [kinds::Column]> {
     kinds::TOP
         .iter()
         .find(|(k, _)| *k == kind.kind)
         .map(|(_, columns)| *columns)
-        .ok_or_else(|| usage!("top shows regions and applications, not {}", kind.plural))
+        .ok_or_else(|| {
+            usage!(
+                "top shows regions, applications and the predictor, not {}",
+                kind.plural
+            )
+        })
 }
 
 #[cfg(test)]
@@ -426,6 +471,31 @@ mod tests {
             targets("app/m51", &["x".into()]),
             Err(Error::Usage(_))
         ));
+    }
+
+    #[test]
+    fn the_predictor_shows_its_state_samples_and_error() {
+        let prior = serde_json::json!({"state": "prior", "trained": false, "samples": 12,
+            "minSamples": 60, "trainings": 0, "model": "analytic-prior"});
+        assert_eq!(
+            table::render(&predictor_rows(&prior)),
+            "STATE   SAMPLES   MODEL            RUNTIME-MAPE   ENERGY-MAPE   PRIOR-MAPE\n\
+             prior   12/60     analytic-prior   -              -             -\n"
+        );
+        let learned = serde_json::json!({"state": "learned", "trained": true, "samples": 80,
+            "minSamples": 60, "trainings": 1, "model": "linear-regression-log",
+            "runtimeMape": 0.0123, "priorRuntimeMape": 0.5});
+        assert_eq!(
+            predictor_rows(&learned)[1],
+            [
+                "learned",
+                "80/60",
+                "linear-regression-log",
+                "1.2%",
+                "-",
+                "50.0%"
+            ]
+        );
     }
 
     #[test]

@@ -89,9 +89,10 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Show load, power and energy per region (or per application)
+    /// Show load, power and energy per region (or per application), or the placement
+    /// predictor's state and error
     Top {
-        /// regions (rg) or applications (apps)
+        /// regions (rg), applications (apps) or predictor
         kind: String,
     },
     /// Upload a file as the content of a dataset, with a progress bar

@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::metrics::Metrics;
 use crate::objects;
+use crate::predictor::SharedPredictor;
 use crate::queue::{self, CompleteRequest, FailRequest, HeartbeatRequest, LeaseRequest};
 use crate::reconcile::application::results_dir;
 use crate::resources::{ApiObject, Kind, ObjectMeta, parse_submitted, read_only, validate_name};
@@ -49,6 +50,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
+    /// Learns from each completed task's telemetry; the reconciler prices placements with it.
+    pub predictor: SharedPredictor,
 }
 
 #[derive(OpenApi)]
@@ -80,6 +83,7 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(heartbeat_task))
         .routes(routes!(complete_task))
         .routes(routes!(fail_task))
+        .routes(routes!(predictor))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
@@ -650,7 +654,11 @@ async fn complete_task(
     let value = read_document(&headers, body, state.config.max_body_bytes).await?;
     let request: CompleteRequest = serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))?;
-    Ok(Json(queue::complete(&state.store, &name, request).await?).into_response())
+    let completed = queue::complete(&state.store, &name, request).await?;
+    if let Some(sample) = completed.telemetry {
+        state.predictor.observe(sample).await;
+    }
+    Ok(Json(completed.task).into_response())
 }
 
 #[utoipa::path(post, path = "/api/v1/tasks/{name}/fail", tag = "tasks",
@@ -665,6 +673,90 @@ async fn fail_task(
 ) -> Result<Response, ApiError> {
     let request: FailRequest = read_typed(&headers, body).await?;
     Ok(Json(queue::fail(&state.store, &name, request).await?).into_response())
+}
+
+// ---- predictor -------------------------------------------------------------------------------
+
+/// One head (run time or energy) of the trained predictor.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PredictorHead {
+    /// The regressor chosen by cross-validation, e.g. `linear-regression-log`.
+    pub model: String,
+    /// Mean absolute percentage error (a fraction) on the newest samples, held out of training.
+    pub holdout_mape: f64,
+    pub holdout_samples: usize,
+    /// Cross-validated MAPE of every candidate regressor.
+    pub cv_mape: std::collections::BTreeMap<String, f64>,
+    /// Samples the deployed model was fitted on.
+    pub trained_on: usize,
+}
+
+/// What the scheduler's predictor has learned, and how wrong it is.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PredictorStatus {
+    /// `prior` (the analytic cost model) until trained, then `learned`.
+    pub state: String,
+    pub trained: bool,
+    /// Telemetry samples observed (finished tasks).
+    pub samples: usize,
+    /// Samples needed before the first training.
+    pub min_samples: usize,
+    pub trainings: usize,
+    /// The model that prices placements: `analytic-prior` or the learned run-time regressor.
+    pub model: String,
+    /// The run-time head's held-out MAPE (a fraction); absent before training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_mape: Option<f64>,
+    /// The energy head's held-out MAPE, when telemetry carries measured joules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy_mape: Option<f64>,
+    /// The analytic prior's MAPE on the same held-out samples, for comparison.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prior_runtime_mape: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<PredictorHead>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy: Option<PredictorHead>,
+}
+
+impl PredictorStatus {
+    fn of(predictor: &ceccm_scheduler::Predictor) -> Self {
+        let report = predictor.report();
+        let head = |h: &ceccm_scheduler::predictor::HeadReport| PredictorHead {
+            model: h.model.to_string(),
+            holdout_mape: h.holdout_mape,
+            holdout_samples: h.holdout_samples,
+            cv_mape: h.cv_mape.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            trained_on: h.trained_on,
+        };
+        let runtime = report.runtime.as_ref().map(head);
+        let energy = report.energy.as_ref().map(head);
+        PredictorStatus {
+            state: report.state.to_string(),
+            trained: predictor.trained(),
+            samples: report.samples,
+            min_samples: predictor.config().min_samples,
+            trainings: report.trainings,
+            model: runtime
+                .as_ref()
+                .map_or_else(|| "analytic-prior".to_string(), |r| r.model.clone()),
+            runtime_mape: runtime.as_ref().map(|r| r.holdout_mape),
+            energy_mape: energy.as_ref().map(|e| e.holdout_mape),
+            prior_runtime_mape: report.prior_holdout_mape,
+            runtime,
+            energy,
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/predictor", tag = "scheduler",
+    responses((status = 200, description = "The placement predictor's state and held-out error", body = PredictorStatus),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn predictor(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let status = PredictorStatus::of(&state.predictor.read());
+    Ok(Json(status).into_response())
 }
 
 // ---- health and metrics ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ fn state_with(ts: &TestStore, config: ApiConfig) -> AppState {
         store: ts.store.clone(),
         config: Arc::new(config),
         metrics: Default::default(),
+        predictor: Default::default(),
     }
 }
 
@@ -632,6 +633,7 @@ fn context(ts: &TestStore) -> Context {
             },
         )),
         data_dir: ts.dir.path().to_path_buf(),
+        predictor: Default::default(),
     }
 }
 
@@ -953,6 +955,300 @@ async fn followed_logs_stream_each_finished_task_until_the_end(ts: &TestStore) {
     );
 }
 
+/// The API and the reconciler sharing one predictor, as `ceccm server` wires them.
+fn learning_pair(ts: &TestStore) -> (Router, Context) {
+    let predictor = crate::predictor::SharedPredictor::default();
+    let mut state = state(ts);
+    state.predictor = predictor.clone();
+    let mut ctx = context(ts);
+    ctx.predictor = predictor;
+    (app(state), ctx)
+}
+
+/// A ready region with a power model (10 W per busy core).
+async fn ready_region(app: &Router, name: &str) {
+    let mut body = region(name, 2, "cloud");
+    body["spec"]["energy"] = json!({"wattsPerCore": 10.0});
+    let created = json_call(app, "POST", "/api/v1/regions", &body).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    call(
+        app,
+        "PATCH",
+        &format!("/api/v1/regions/{name}/status"),
+        "application/json",
+        json!({"status": {"phase": "Ready"}}).to_string(),
+    )
+    .await;
+}
+
+/// Leases the next task of `region` and completes it, reporting `seconds`.
+async fn run_one(app: &Router, region: &str, seconds: f64) -> Answer {
+    let leased = json_call(
+        app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w1", "region": region}),
+    )
+    .await;
+    assert_eq!(leased.status, StatusCode::OK, "{}", leased.text);
+    let name = leased.body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    json_call(
+        app,
+        "POST",
+        &format!("/api/v1/tasks/{name}/complete"),
+        &json!({"worker": "w1", "result": {}, "seconds": seconds}),
+    )
+    .await
+}
+
+async fn telemetry_is_recorded_on_completion_and_survives_a_restart(ts: &TestStore) {
+    let (app, ctx) = learning_pair(ts);
+    ready_region(&app, "edge-a").await;
+    json_call(&app, "POST", "/api/v1/applications", &batch("job", 3, &[])).await;
+    assert_eq!(settle(&ctx, "job").await["status"]["phase"], "Running");
+
+    let before = get(&app, "/api/v1/predictor").await;
+    assert_eq!(before.status, StatusCode::OK, "{}", before.text);
+    assert_eq!(before.body["state"], "prior");
+    assert_eq!(before.body["trained"], false);
+    assert_eq!(before.body["model"], "analytic-prior");
+    assert_eq!(before.body["samples"], 0);
+    assert_eq!(before.body["minSamples"], 60);
+    assert!(before.body.get("runtimeMape").is_none(), "{}", before.text);
+
+    // The load at the lease is the sample's, whatever the load at completion.
+    let loaded = |load: f64| json!({"status": {"load": load}}).to_string();
+    let patch = "/api/v1/regions/edge-a/status";
+    call(&app, "PATCH", patch, "application/json", loaded(0.5)).await;
+    let leased = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w1", "region": "edge-a"}),
+    )
+    .await;
+    assert_eq!(leased.body["status"]["startLoad"], 0.5, "{}", leased.text);
+    call(&app, "PATCH", patch, "application/json", loaded(0.0)).await;
+    let name = leased.body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = json_call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{name}/complete"),
+        &json!({"worker": "w1", "result": {}, "seconds": 2.5}),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.text);
+
+    // Bad telemetry is refused with the API's error shape, stores nothing, and leaves the task
+    // leased so that a correct report can follow.
+    let leased = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w1", "region": "edge-a"}),
+    )
+    .await;
+    let name = leased.body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let complete = format!("/api/v1/tasks/{name}/complete");
+    for bad in [
+        json!({"worker": "w1", "result": {}, "seconds": -1.0}),
+        json!({"worker": "w1", "result": {}, "seconds": 0.0}),
+        json!({"worker": "w1", "result": {}, "seconds": 1.0, "joules": -5.0}),
+    ] {
+        let refused = json_call(&app, "POST", &complete, &bad).await;
+        assert_error(&refused, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    }
+    // JSON has no NaN: a worker that sends one sends a malformed request.
+    let nan = call(
+        &app,
+        "POST",
+        &complete,
+        "application/json",
+        r#"{"worker": "w1", "result": {}, "seconds": NaN}"#,
+    )
+    .await;
+    assert_error(&nan, StatusCode::BAD_REQUEST, "BadRequest");
+    let nan_text = json_call(
+        &app,
+        "POST",
+        &complete,
+        &json!({"worker": "w1", "result": {}, "seconds": "NaN"}),
+    )
+    .await;
+    assert_error(&nan_text, StatusCode::BAD_REQUEST, "BadRequest");
+    assert_eq!(ts.store.telemetry(10).await.unwrap().0, 1);
+    assert_eq!(
+        get(&app, &format!("/api/v1/tasks/{name}")).await.body["status"]["state"],
+        "Leased"
+    );
+    let measured = json_call(
+        &app,
+        "POST",
+        &complete,
+        &json!({"worker": "w1", "result": {}, "seconds": 1.5, "joules": 30.0, "cpuSeconds": 1.4}),
+    )
+    .await;
+    assert_eq!(measured.status, StatusCode::OK, "{}", measured.text);
+    // Without a measured time the sample is the time since the lease; none is stored if
+    // that is not positive, but the completion itself always counts.
+    let leased = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w1", "region": "edge-a"}),
+    )
+    .await;
+    let name = leased.body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let unmeasured = json_call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{name}/complete"),
+        &json!({"worker": "w1", "result": {}}),
+    )
+    .await;
+    assert_eq!(
+        unmeasured.body["status"]["state"], "Done",
+        "{}",
+        unmeasured.text
+    );
+
+    let (count, bodies) = ts.store.telemetry(10).await.unwrap();
+    let observed = get(&app, "/api/v1/predictor").await.body["samples"]
+        .as_i64()
+        .unwrap();
+    assert!((2..=3).contains(&count), "{count}");
+    assert_eq!(observed, count, "the predictor saw what the store holds");
+    let first: Value = serde_json::from_str(&bodies[0]).unwrap();
+    assert_eq!(first["seconds"], 2.5);
+    assert_eq!(first["cpuModel"], "edge-a");
+    assert_eq!(first["cores"], 1.0);
+    assert_eq!(first["joules"], Value::Null);
+    assert_eq!(first["features"]["spectra"], 100);
+    assert_eq!(first["load"], 0.5);
+    let second: Value = serde_json::from_str(&bodies[1]).unwrap();
+    assert_eq!(second["joules"], 30.0);
+
+    // A restarted controller rebuilds its predictor from the store.
+    ts.store.close().await;
+    let reopened = ts.reopen().await;
+    let restored = crate::predictor::SharedPredictor::load(
+        &reopened,
+        ceccm_scheduler::PredictorConfig::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(restored.read().report().samples as i64, count);
+    reopened.close().await;
+}
+
+async fn the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster(ts: &TestStore) {
+    let (app, ctx) = learning_pair(ts);
+    // Two regions alike in every declared respect; telemetry will show "b" four times faster.
+    ready_region(&app, "a").await;
+    ready_region(&app, "b").await;
+    let probe = |name: &str| {
+        let mut body = batch(name, 4, &[]);
+        body["spec"]["objective"] = json!("energy");
+        body
+    };
+    let on_b = |app: &Value| -> u64 {
+        app["status"]["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["region"] == "b")
+            .map(|p| p["tasks"].as_u64().unwrap())
+            .sum()
+    };
+    json_call(&app, "POST", "/api/v1/applications", &probe("before")).await;
+    let before = settle(&ctx, "before").await;
+    let explanation = before["status"]["explanation"].as_str().unwrap();
+    assert!(
+        explanation
+            .ends_with("priced by the analytic prior (0 of 60 telemetry samples needed to learn)"),
+        "{explanation}"
+    );
+    assert!(
+        on_b(&before) < 4,
+        "the prior sees no difference: {explanation}"
+    );
+
+    for region in ["a", "b"] {
+        json_call(
+            &app,
+            "POST",
+            "/api/v1/applications",
+            &batch(&format!("train-{region}"), 40, &[region]),
+        )
+        .await;
+        assert_eq!(
+            settle(&ctx, &format!("train-{region}")).await["status"]["phase"],
+            "Running"
+        );
+    }
+    for i in 0..40 {
+        // A few percent of noise, as real run times have.
+        let jitter = 1.0 + 0.02 * ((i % 5) as f64 - 2.0);
+        assert_eq!(
+            run_one(&app, "a", 4.0 * jitter).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            run_one(&app, "b", 1.0 * jitter).await.status,
+            StatusCode::OK
+        );
+    }
+
+    let report = get(&app, "/api/v1/predictor").await;
+    assert_eq!(report.body["state"], "learned", "{}", report.text);
+    assert_eq!(report.body["trained"], true);
+    assert_eq!(report.body["samples"], 80);
+    let mape = report.body["runtimeMape"].as_f64().unwrap();
+    assert!(mape < 0.1, "{}", report.text);
+    assert_eq!(report.body["model"], report.body["runtime"]["model"]);
+    assert!(
+        report.body.get("energyMape").is_none(),
+        "no measured joules: {}",
+        report.text
+    );
+
+    json_call(&app, "POST", "/api/v1/applications", &probe("after")).await;
+    let after = settle(&ctx, "after").await;
+    let explanation = after["status"]["explanation"].as_str().unwrap();
+    assert_eq!(on_b(&after), 4, "{explanation}");
+    assert!(
+        explanation.contains("priced by the learned model") && explanation.contains("MAPE"),
+        "{explanation}"
+    );
+    let b = after["status"]["placements"][0]["predictedSeconds"]
+        .as_f64()
+        .unwrap();
+    assert!(b > 0.0, "{after}");
+
+    // A restarted controller has learned the same from the store, without new telemetry.
+    let restored = crate::predictor::SharedPredictor::load(
+        &ts.store,
+        ceccm_scheduler::PredictorConfig::default(),
+    )
+    .await
+    .unwrap();
+    let restored = restored.read();
+    assert!(restored.trained());
+    assert_eq!(restored.report().samples, 80);
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -965,6 +1261,8 @@ store_suite!(
     expired_leases_requeue,
     health_readiness_and_metrics,
     followed_logs_stream_each_finished_task_until_the_end,
+    telemetry_is_recorded_on_completion_and_survives_a_restart,
+    the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster,
 );
 
 #[test]

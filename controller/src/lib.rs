@@ -8,6 +8,7 @@ pub mod error;
 pub mod logs;
 pub mod metrics;
 pub mod objects;
+pub mod predictor;
 pub mod queue;
 pub mod reconcile;
 pub mod resources;

@@ -9,10 +9,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
+use ceccm_scheduler::TelemetrySample;
+
 use crate::error::{ApiError, ErrorCode};
-use crate::resources::{Kind, TaskObject, TaskSpec, TaskState, TaskStatus, typed};
-use crate::store::{Change, Query, Store, TaskResultRow};
-use crate::time::{format_millis, now_millis};
+use crate::resources::{
+    ApplicationObject, ApplicationSpec, Kind, RegionObject, TaskObject, TaskSpec, TaskState,
+    TaskStatus, typed,
+};
+use crate::scheduling::{RegionView, telemetry_sample};
+use crate::store::{Change, Query, Store, TaskResultRow, TelemetryRow};
+use crate::time::{format_millis, now_millis, parse_millis};
 
 /// Bounds on what workers may ask for.
 pub const MAX_LEASE_SECONDS: u32 = 3600;
@@ -49,6 +55,13 @@ pub struct CompleteRequest {
     pub result: Value,
     #[serde(default)]
     pub cpu_seconds: f64,
+    /// Wall-clock seconds the task ran, as the worker measured them (> 0). Without it the
+    /// predictor learns from the time between the lease and this completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// Joules the task used, where the worker measures energy (RAPL, metered nodes; > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joules: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -203,6 +216,12 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
             "worker must be 1 to 253 characters",
         ));
     }
+    // Recorded with the lease: the predictor learns how load at the start slows a task.
+    let region_load = store
+        .get(Kind::Region, &request.region)
+        .await?
+        .and_then(|r| r["status"]["load"].as_f64())
+        .filter(|l| l.is_finite());
     let mut after: Option<String> = None;
     let mut blocked_apps: Vec<String> = Vec::new();
     loop {
@@ -241,7 +260,13 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
                         now_millis(),
                         lease_ms,
                     ) {
-                        Ok(status) => Ok(Change::Put(with_status(object, &status))),
+                        Ok(status) => Ok(Change::Put(with_status(
+                            object,
+                            &TaskStatus {
+                                start_load: region_load,
+                                ..status
+                            },
+                        ))),
                         // Someone else took it between our read and this write.
                         Err(_) => Ok(Change::Keep),
                     }
@@ -262,6 +287,7 @@ fn queued() -> TaskStatus {
         worker: None,
         lease_deadline: None,
         start_time: None,
+        start_load: None,
         completion_time: None,
         cpu_seconds: 0.0,
         energy_joules: 0.0,
@@ -318,20 +344,43 @@ pub async fn heartbeat(
     .await
 }
 
-/// Joules for `cpu_seconds` of work in the task's region (0 when the region is unknown).
-async fn task_joules(store: &Store, name: &str, cpu_seconds: f64) -> Result<f64, ApiError> {
+/// Where a task ran and what its application declares, read before its transition commits.
+struct RanOn {
+    region: Option<RegionView>,
+    application: Option<ApplicationSpec>,
+}
+
+impl RanOn {
+    /// Joules for `cpu_seconds` of work in the task's region (0 when the region is unknown).
+    fn joules(&self, cpu_seconds: f64) -> f64 {
+        self.region
+            .as_ref()
+            .map_or(0.0, |r| r.spec.energy.work_joules(cpu_seconds))
+    }
+}
+
+/// The task's region, and its application's spec when `with_application` (only a completion's
+/// telemetry needs it; a large application is costly to read).
+async fn ran_on(store: &Store, name: &str, with_application: bool) -> Result<RanOn, ApiError> {
     let Some(task) = store.get(Kind::Task, name).await? else {
         return Err(ApiError::not_found("Task", name));
     };
-    let Some(region) = task["status"]["region"].as_str() else {
-        return Ok(0.0);
+    let region = match task["status"]["region"].as_str() {
+        Some(region) => store.get(Kind::Region, region).await?,
+        None => None,
     };
-    let Some(region) = store.get(Kind::Region, region).await? else {
-        return Ok(0.0);
+    let application = match task["spec"]["application"].as_str() {
+        Some(app) if with_application => store.get(Kind::Application, app).await?,
+        _ => None,
     };
-    let profile: ceccm_federation::region::EnergyProfile =
-        serde_json::from_value(region["spec"]["energy"].clone()).unwrap_or_default();
-    Ok(profile.work_joules(cpu_seconds))
+    Ok(RanOn {
+        region: region
+            .and_then(|r| typed(&r).ok())
+            .map(|r: RegionObject| RegionView::of(r)),
+        application: application
+            .and_then(|a| typed(&a).ok())
+            .map(|a: ApplicationObject| a.spec),
+    })
 }
 
 fn check_cpu(cpu_seconds: f64) -> Result<(), ApiError> {
@@ -345,15 +394,99 @@ fn check_cpu(cpu_seconds: f64) -> Result<(), ApiError> {
     }
 }
 
+/// Measured seconds or joules, when reported, must be usable as telemetry.
+fn check_measured(value: Option<f64>, field: &str) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !(v.is_finite() && v > 0.0) => Err(ApiError::new(
+            ErrorCode::Invalid,
+            format!("{field} must be a finite number > 0"),
+        )
+        .with_details(json!({"field": field}))),
+        _ => Ok(()),
+    }
+}
+
+/// A recorded completion: the task as stored, and the telemetry sample stored with it (`None`
+/// when the task's region or application is gone, or the sample is unusable).
+pub struct Completed {
+    pub task: Value,
+    pub telemetry: Option<TelemetrySample>,
+}
+
+/// The telemetry of a task finishing at `now_ms`: the worker's measured seconds, else the time
+/// since its lease. `Err` says why nothing can be learned from it.
+pub fn completion_sample(
+    ran_on: (&RegionView, &ApplicationSpec),
+    status: &TaskStatus,
+    measured_seconds: Option<f64>,
+    measured_joules: Option<f64>,
+    now_ms: i64,
+) -> Result<TelemetrySample, &'static str> {
+    let seconds = match measured_seconds {
+        Some(s) => s,
+        None => {
+            let started = status
+                .start_time
+                .as_deref()
+                .and_then(parse_millis)
+                .ok_or("the task has no start time")?;
+            (now_ms - started) as f64 / 1000.0
+        }
+    };
+    let mut sample = telemetry_sample(ran_on.0, ran_on.1, seconds, measured_joules);
+    // The load when the task started describes its run better than the load now.
+    if let Some(load) = status.start_load {
+        sample.load = load;
+    }
+    match sample.unusable() {
+        Some(reason) => Err(reason),
+        None => Ok(sample),
+    }
+}
+
 pub async fn complete(
     store: &Store,
     name: &str,
     request: CompleteRequest,
-) -> Result<Value, ApiError> {
+) -> Result<Completed, ApiError> {
     check_cpu(request.cpu_seconds)?;
-    let joules = task_joules(store, name, request.cpu_seconds).await?;
-    transition(store, name, |task| {
+    check_measured(request.seconds, "seconds")?;
+    check_measured(request.joules, "joules")?;
+    let ran_on = ran_on(store, name, true).await?;
+    let joules = ran_on.joules(request.cpu_seconds);
+    let mut recorded = None;
+    let task = transition(store, name, |task| {
         let status = task.status.clone().unwrap_or(queued());
+        let now = now_millis();
+        let sample = match (&ran_on.region, &ran_on.application) {
+            (Some(region), Some(app)) => {
+                completion_sample((region, app), &status, request.seconds, request.joules, now)
+            }
+            _ => Err("the task's region or application is gone"),
+        };
+        let telemetry = match sample {
+            Ok(sample) => {
+                let row = TelemetryRow {
+                    task_uid: task
+                        .metadata
+                        .uid
+                        .clone()
+                        .unwrap_or_else(|| name.to_string()),
+                    region: ran_on
+                        .region
+                        .as_ref()
+                        .map(|r| r.name.clone())
+                        .unwrap_or_default(),
+                    body: serde_json::to_string(&sample).unwrap_or_default(),
+                };
+                recorded = Some(sample);
+                Some(row)
+            }
+            Err(reason) => {
+                tracing::debug!(task = name, reason, "no telemetry recorded");
+                None
+            }
+        };
         let row = TaskResultRow {
             task: name.to_string(),
             application: task.spec.application.clone(),
@@ -362,6 +495,7 @@ pub async fn complete(
             body: json!({"task": name, "index": task.spec.index, "worker": request.worker,
                          "result": request.result})
             .to_string(),
+            telemetry,
         };
         let done = on_complete(
             &status,
@@ -369,16 +503,22 @@ pub async fn complete(
             request.result,
             request.cpu_seconds,
             joules,
-            now_millis(),
+            now,
         )?;
         Ok((done, Some(row)))
     })
-    .await
+    .await?;
+    Ok(Completed {
+        task,
+        telemetry: recorded,
+    })
 }
 
 pub async fn fail(store: &Store, name: &str, request: FailRequest) -> Result<Value, ApiError> {
     check_cpu(request.cpu_seconds)?;
-    let joules = task_joules(store, name, request.cpu_seconds).await?;
+    let joules = ran_on(store, name, false)
+        .await?
+        .joules(request.cpu_seconds);
     transition(store, name, |task| {
         let status = task.status.clone().unwrap_or(queued());
         held_by(&status, &request.worker)?;
@@ -490,6 +630,57 @@ mod tests {
         assert_eq!(dead.state, TaskState::DeadLettered);
         assert_eq!(dead.cpu_seconds, 1.0);
         assert_eq!(dead.error.as_deref(), Some("boom"));
+    }
+
+    fn ran_on() -> (RegionView, ApplicationSpec) {
+        let region: RegionObject = typed(&json!({
+            "metadata": {"name": "edge-a"},
+            "spec": {"tier": "edge", "driver": "local", "capacity": {"cpu": 4},
+                     "energy": {"idleWatts": 40.0, "wattsPerCore": 10.0}},
+            "status": {"phase": "Ready", "load": 0.5}
+        }))
+        .unwrap();
+        let app: ApplicationSpec = serde_json::from_value(json!({
+            "app": "container", "tasks": [{"command": "true"}], "resources": {"cpu": 2.0},
+            "parameters": {"taskFeatures": {"spectra": 500, "pixels": 3681, "templates": 42,
+                                            "moments": 4}}
+        }))
+        .unwrap();
+        (RegionView::of(region), app)
+    }
+
+    #[test]
+    fn a_completion_samples_the_region_the_task_and_its_time() {
+        let (region, app) = ran_on();
+        let leased = on_lease(&queued(), "w1", 10_000, 5000).unwrap();
+        // No measured time: from the lease to the completion.
+        let sample = completion_sample((&region, &app), &leased, None, None, 12_500).unwrap();
+        assert_eq!(sample.seconds, 2.5);
+        assert_eq!(sample.joules, None);
+        assert_eq!(sample.cores, 2.0);
+        // No load recorded at the lease: the region's load now.
+        assert_eq!(sample.load, 0.5);
+        let loaded_at_start = TaskStatus {
+            start_load: Some(0.25),
+            ..leased.clone()
+        };
+        let sample =
+            completion_sample((&region, &app), &loaded_at_start, None, None, 12_500).unwrap();
+        assert_eq!(sample.load, 0.25);
+        assert_eq!(sample.cpu_model.as_deref(), Some("edge-a"));
+        assert_eq!(sample.features.spectra, 500);
+        assert_eq!(sample.features.moments, 4);
+        // (40 W idle / 4 cores + 10 W) x PUE 1.
+        assert_eq!(sample.joules_per_cpu_second, 20.0);
+        // The worker's measurement wins.
+        let measured =
+            completion_sample((&region, &app), &leased, Some(1.25), Some(9.0), 12_500).unwrap();
+        assert_eq!((measured.seconds, measured.joules), (1.25, Some(9.0)));
+        // Nothing to learn from a task with no time, or a clock that went backwards.
+        assert!(completion_sample((&region, &app), &leased, None, None, 10_000).is_err());
+        assert!(completion_sample((&region, &app), &leased, None, None, 9_000).is_err());
+        assert!(completion_sample((&region, &app), &queued(), None, None, 9_000).is_err());
+        assert!(completion_sample((&region, &app), &leased, Some(f64::NAN), None, 0).is_err());
     }
 
     #[test]

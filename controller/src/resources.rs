@@ -452,6 +452,15 @@ impl ApplicationSpec {
                 ));
             }
         }
+        if let Err(message) = crate::scheduling::declared_features(self) {
+            out.push(Violation::new(
+                format!(
+                    "spec.parameters.{}",
+                    crate::scheduling::TASK_FEATURES_PARAMETER
+                ),
+                message,
+            ));
+        }
         out
     }
 }
@@ -517,6 +526,9 @@ pub struct TaskStatus {
     pub lease_deadline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,
+    /// The region's load (0..1) when this attempt was leased: a feature of its telemetry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_load: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,
     #[serde(default)]

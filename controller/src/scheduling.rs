@@ -1,6 +1,9 @@
 //! The one call site where an application's tasks are placed on regions: builds the
 //! scheduler's snapshot of the regions and the application's task group, and calls
-//! `ceccm_scheduler::place` (filter -> score -> select) with the analytic cost model.
+//! `ceccm_scheduler::place` (filter -> score -> select) with the cost model it is given (the
+//! controller's learned predictor, which answers with the analytic prior until trained). The
+//! same snapshot and task group describe a finished task's telemetry sample, so the predictor
+//! learns from exactly what it is later asked about.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +11,7 @@ use ceccm_federation::RegionSpec;
 use ceccm_federation::region::Tier;
 use ceccm_scheduler as sched;
 
-use crate::resources::{ApplicationSpec, Objective, PlacementStatus};
+use crate::resources::{ApplicationSpec, Objective, PlacementStatus, RegionObject};
 
 /// Per-task features assumed for generic container work, which says nothing about its cost: one
 /// reference chunk (100 MaNGA-like spectra against 150 templates, about 0.7 s of a core).
@@ -19,6 +22,15 @@ const GENERIC_TASK: sched::TaskFeatures = sched::TaskFeatures {
     moments: 2,
 };
 
+/// Where an application declares what one of its tasks computes, in `spec.parameters`:
+/// `{spectra, pixels, templates, moments}` per task (astro-fit chunks know them).
+pub const TASK_FEATURES_PARAMETER: &str = "taskFeatures";
+/// Region label naming its CPU model. Without it the region's name stands for its hardware, so
+/// the predictor still learns each region's own speed from its telemetry.
+pub const CPU_MODEL_LABEL: &str = "ceccm/cpu-model";
+/// Region label with its core speed relative to the reference core (e.g. `"1.3"`).
+pub const CPU_SPEED_LABEL: &str = "ceccm/cpu-speed";
+
 /// A region as the controller sees it.
 #[derive(Debug, Clone)]
 pub struct RegionView {
@@ -28,6 +40,83 @@ pub struct RegionView {
     pub ready: bool,
     /// 0..1.
     pub load: f64,
+}
+
+impl RegionView {
+    pub fn of(region: RegionObject) -> Self {
+        let status = region.status.unwrap_or_default();
+        RegionView {
+            ready: status.phase.as_deref() == Some("Ready")
+                && region.metadata.deletion_timestamp.is_none(),
+            load: status.load,
+            name: region.metadata.name,
+            labels: region.metadata.labels,
+            spec: region.spec,
+        }
+    }
+}
+
+/// The per-task features `spec.parameters.taskFeatures` declares; `Ok(None)` when absent.
+pub fn declared_features(app: &ApplicationSpec) -> Result<Option<sched::TaskFeatures>, String> {
+    let Some(value) = app
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get(TASK_FEATURES_PARAMETER))
+    else {
+        return Ok(None);
+    };
+    let features: sched::TaskFeatures = serde_json::from_value(value.clone()).map_err(|e| {
+        format!("{e} (expected {{spectra, pixels, templates, moments}}, whole numbers)")
+    })?;
+    if features.spectra == 0 || features.pixels == 0 || features.templates == 0 {
+        return Err("spectra, pixels and templates must be at least 1".into());
+    }
+    Ok(Some(features))
+}
+
+fn task_features(app: &ApplicationSpec) -> sched::TaskFeatures {
+    // Validation rejects malformed declarations; anything else is generic work.
+    declared_features(app)
+        .ok()
+        .flatten()
+        .unwrap_or(GENERIC_TASK)
+}
+
+/// A cost model that can say what it is, for the placement's explanation.
+pub trait Pricing: sched::CostModel {
+    /// Completes "priced by ...".
+    fn pricing(&self) -> String;
+}
+
+impl Pricing for sched::AnalyticCostModel {
+    fn pricing(&self) -> String {
+        "the analytic prior".into()
+    }
+}
+
+impl Pricing for sched::Predictor {
+    fn pricing(&self) -> String {
+        let report = self.report();
+        match (&report.runtime, self.trained()) {
+            (Some(runtime), true) => format!(
+                "the learned model {} (held-out run-time MAPE {:.1}% over {} tasks{}; trained \
+                 on {} samples)",
+                runtime.model,
+                100.0 * runtime.holdout_mape,
+                runtime.holdout_samples,
+                report
+                    .prior_holdout_mape
+                    .map(|m| format!(", prior {:.1}%", 100.0 * m))
+                    .unwrap_or_default(),
+                runtime.trained_on,
+            ),
+            _ => format!(
+                "the analytic prior ({} of {} telemetry samples needed to learn)",
+                report.samples,
+                self.config().min_samples
+            ),
+        }
+    }
 }
 
 /// Where an application's input lives and how big it is.
@@ -104,8 +193,18 @@ fn snapshot(region: &RegionView) -> sched::RegionSnapshot {
             uplink_mbps: spec.network.uplink_mbps,
             rtt_ms: spec.network.rtt_ms,
         },
-        cpu_speed: None,
-        cpu_model: None,
+        cpu_speed: region
+            .labels
+            .get(CPU_SPEED_LABEL)
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0),
+        cpu_model: Some(
+            region
+                .labels
+                .get(CPU_MODEL_LABEL)
+                .unwrap_or(&region.name)
+                .clone(),
+        ),
     }
 }
 
@@ -120,7 +219,7 @@ fn task_group(
     sched::TaskGroup {
         name: name.to_string(),
         tasks: tasks as u64,
-        features: GENERIC_TASK,
+        features: task_features(app),
         // A local worker runs one task per core slot: no request means one core.
         resources: sched::Resources::new(
             if app.resources.cpu > 0.0 {
@@ -177,24 +276,38 @@ fn task_group(
     }
 }
 
-pub fn place(
+/// The telemetry sample of one finished task of `app` that ran `seconds` on `region` (as the
+/// controller saw the region when the task finished).
+pub fn telemetry_sample(
+    region: &RegionView,
+    app: &ApplicationSpec,
+    seconds: f64,
+    joules: Option<f64>,
+) -> sched::TelemetrySample {
+    let group = task_group("", app, 1, &InputView::default(), 0);
+    sched::TelemetrySample::new(&snapshot(region), &group, seconds, joules)
+}
+
+/// Places `tasks` tasks of `app` on `regions`, costed by `model`; the explanation ends with
+/// which model priced it.
+pub fn place<M: Pricing + ?Sized>(
     name: &str,
     app: &ApplicationSpec,
     tasks: usize,
     regions: &[RegionView],
     input: &InputView,
     now_ms: i64,
+    model: &M,
 ) -> Result<Placement, Unschedulable> {
     let snapshots: Vec<sched::RegionSnapshot> = regions.iter().map(snapshot).collect();
     let group = task_group(name, app, tasks, input, now_ms);
-    let decided =
-        sched::place(&snapshots, &group, &sched::AnalyticCostModel::default()).map_err(|e| {
-            let mut reasons: Vec<String> = e.regions().iter().map(ToString::to_string).collect();
-            if reasons.is_empty() {
-                reasons.push(e.to_string());
-            }
-            Unschedulable { reasons }
-        })?;
+    let decided = sched::place(&snapshots, &group, &model).map_err(|e| {
+        let mut reasons: Vec<String> = e.regions().iter().map(ToString::to_string).collect();
+        if reasons.is_empty() {
+            reasons.push(e.to_string());
+        }
+        Unschedulable { reasons }
+    })?;
     let mut assignment = Vec::with_capacity(tasks);
     let mut placements = Vec::new();
     for a in &decided.assignments {
@@ -209,7 +322,11 @@ pub fn place(
     Ok(Placement {
         placements,
         assignment,
-        explanation: decided.explanation.to_string().trim_end().to_string(),
+        explanation: format!(
+            "{}\npriced by {}",
+            decided.explanation.to_string().trim_end(),
+            model.pricing()
+        ),
     })
 }
 
@@ -240,8 +357,90 @@ mod tests {
         }
     }
 
+    const PRIOR: sched::AnalyticCostModel = sched::AnalyticCostModel {
+        seconds_per_spectrum: sched::analytic::REFERENCE_SECONDS_PER_SPECTRUM,
+        transfer_joules_per_byte: sched::placement::DEFAULT_TRANSFER_JOULES_PER_BYTE,
+    };
+
     fn app(yaml: &str) -> ApplicationSpec {
         yaml_serde::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn declared_task_features_price_the_work_and_malformed_ones_are_reported() {
+        let generic = app("app: container\ntasks: [{command: 'true'}]\n");
+        let big = app(
+            "app: container\ntasks: [{command: 'true'}]\nparameters: {taskFeatures: {spectra: 1000, pixels: 4563, templates: 150, moments: 2}}\n",
+        );
+        assert_eq!(declared_features(&generic), Ok(None));
+        assert_eq!(declared_features(&big).unwrap().unwrap().spectra, 1000);
+        let regions = [region("cloud", Tier::Cloud, 2, true)];
+        let seconds = |spec: &ApplicationSpec| {
+            place("job", spec, 1, &regions, &InputView::default(), 0, &PRIOR)
+                .unwrap()
+                .placements[0]
+                .predicted_seconds
+                .unwrap()
+        };
+        let ratio = seconds(&big) / seconds(&generic);
+        assert!((ratio - 10.0).abs() < 1e-6, "{ratio}");
+        for bad in [
+            "{spectra: 0, pixels: 1, templates: 1, moments: 2}",
+            "{spectra: -3, pixels: 1, templates: 1, moments: 2}",
+            "{spectra: 1}",
+        ] {
+            let spec = app(&format!(
+                "app: container\ntasks: [{{command: 'true'}}]\nparameters: {{taskFeatures: {bad}}}\n"
+            ));
+            assert!(declared_features(&spec).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn region_labels_declare_cpu_model_and_speed_and_the_name_stands_in_for_the_model() {
+        let mut labelled = region("hpc", Tier::Hpc, 4, true);
+        labelled
+            .labels
+            .insert(CPU_MODEL_LABEL.into(), "xeon-8480".into());
+        labelled.labels.insert(CPU_SPEED_LABEL.into(), "2".into());
+        let s = snapshot(&labelled);
+        assert_eq!(s.cpu_model.as_deref(), Some("xeon-8480"));
+        assert_eq!(s.cpu_speed, Some(2.0));
+        labelled.labels.insert(CPU_SPEED_LABEL.into(), "-1".into());
+        assert_eq!(snapshot(&labelled).cpu_speed, None);
+        let plain = snapshot(&region("edge", Tier::Edge, 2, true));
+        assert_eq!(plain.cpu_model.as_deref(), Some("edge"));
+        assert_eq!(plain.cpu_speed, None);
+    }
+
+    #[test]
+    fn the_explanation_names_the_model_that_priced_it() {
+        let spec = app("app: container\ntasks: [{command: 'true'}]\n");
+        let regions = [region("cloud", Tier::Cloud, 2, true)];
+        let p = place("job", &spec, 1, &regions, &InputView::default(), 0, &PRIOR).unwrap();
+        assert!(
+            p.explanation.ends_with("priced by the analytic prior"),
+            "{}",
+            p.explanation
+        );
+        let predictor = sched::Predictor::new(PRIOR, sched::PredictorConfig::default());
+        let p = place(
+            "job",
+            &spec,
+            1,
+            &regions,
+            &InputView::default(),
+            0,
+            &predictor,
+        )
+        .unwrap();
+        assert!(
+            p.explanation.ends_with(
+                "priced by the analytic prior (0 of 60 telemetry samples needed to learn)"
+            ),
+            "{}",
+            p.explanation
+        );
     }
 
     #[test]
@@ -252,7 +451,7 @@ mod tests {
             region("cloud", Tier::Cloud, 2, true),
             region("down", Tier::Cloud, 8, false),
         ];
-        let p = place("job", &spec, 10, &regions, &InputView::default(), 0).unwrap();
+        let p = place("job", &spec, 10, &regions, &InputView::default(), 0, &PRIOR).unwrap();
         assert_eq!(p.assignment.len(), 10);
         assert!(p.assignment.iter().all(|r| r != "down"));
         assert_eq!(p.placements.iter().map(|p| p.tasks).sum::<u32>(), 10);
@@ -270,7 +469,7 @@ mod tests {
         });
         let regions = [tainted, region("cloud", Tier::Cloud, 2, true)];
         let spec = app("app: container\ntasks: [{command: 'true'}]\nplacement: {tiers: [edge]}\n");
-        let err = place("job", &spec, 3, &regions, &InputView::default(), 0).unwrap_err();
+        let err = place("job", &spec, 3, &regions, &InputView::default(), 0, &PRIOR).unwrap_err();
         assert_eq!(err.reasons.len(), 2);
         assert!(
             err.reasons[0].starts_with("tainted") && err.reasons[0].contains("taint"),
@@ -285,7 +484,16 @@ mod tests {
         let tolerant = app(
             "app: container\ntasks: [{command: 'true'}]\nplacement: {tiers: [edge], tolerations: [{key: telescope}]}\n",
         );
-        let p = place("job", &tolerant, 3, &regions, &InputView::default(), 0).unwrap();
+        let p = place(
+            "job",
+            &tolerant,
+            3,
+            &regions,
+            &InputView::default(),
+            0,
+            &PRIOR,
+        )
+        .unwrap();
         assert_eq!(p.assignment, ["tainted", "tainted", "tainted"]);
     }
 }

@@ -11,9 +11,11 @@ use ceccm_federation::local::{LocalDriver, WorkerCommand};
 use tokio::sync::watch;
 
 use crate::api::{ApiConfig, AppState};
+use crate::predictor::SharedPredictor;
 use crate::reconcile::{self, Context};
 use crate::resources::Kind;
 use crate::store::Store;
+use ceccm_scheduler::PredictorConfig;
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -66,15 +68,19 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             options.lease_seconds.to_string(),
         ],
     }));
+    // Learned from the telemetry of every task finished before this start.
+    let predictor = SharedPredictor::load(&store, PredictorConfig::default()).await?;
     let state = AppState {
         store: store.clone(),
         config: Arc::new(ApiConfig::new(options.data_dir.clone())),
         metrics: Default::default(),
+        predictor: predictor.clone(),
     };
     let ctx = Arc::new(Context {
         store: store.clone(),
         driver: driver.clone(),
         data_dir: options.data_dir.clone(),
+        predictor,
     });
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();

@@ -91,6 +91,15 @@ pub struct TaskResultRow {
     pub index: i64,
     pub worker: String,
     pub body: String,
+    /// The finished task's telemetry sample, recorded once with its result.
+    pub telemetry: Option<TelemetryRow>,
+}
+
+/// One row of `telemetry`: a sample as JSON (`ceccm_scheduler::TelemetrySample`).
+pub struct TelemetryRow {
+    pub task_uid: String,
+    pub region: String,
+    pub body: String,
 }
 
 /// The object after a write (`None` once deleted), and whether anything was written.
@@ -468,7 +477,21 @@ impl Store {
             .await
             .map_err(StoreError::from)?;
         }
-        if let Some(row) = result {
+        if let Some(mut row) = result {
+            if let Some(sample) = row.telemetry.take() {
+                // Ordered by the write's resource version: the predictor holds out the newest.
+                sqlx::query(
+                    "INSERT INTO telemetry (task_uid, resource_version, region, body) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (task_uid) DO NOTHING",
+                )
+                .bind(sample.task_uid)
+                .bind(version)
+                .bind(sample.region)
+                .bind(sample.body)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+            }
             sqlx::query(
                 "INSERT INTO task_results (task, application, task_index, worker, body, written_at) \
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (task) DO NOTHING",
@@ -538,6 +561,23 @@ impl Store {
             .into_iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+
+    /// How many telemetry samples the store holds, and the newest `limit` of them as JSON,
+    /// oldest first.
+    pub async fn telemetry(&self, limit: i64) -> Result<(i64, Vec<String>), StoreError> {
+        let count: i64 = sqlx::query("SELECT COUNT(*) FROM telemetry")
+            .fetch_one(&self.pool)
+            .await?
+            .get(0);
+        let rows =
+            sqlx::query("SELECT body FROM telemetry ORDER BY resource_version DESC LIMIT $1")
+                .bind(limit.max(0))
+                .fetch_all(&self.pool)
+                .await?;
+        let mut bodies: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
+        bodies.reverse();
+        Ok((count, bodies))
     }
 
     pub async fn delete_task_results(&self, application: &str) -> Result<(), StoreError> {

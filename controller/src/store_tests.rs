@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use crate::error::ErrorCode;
 use crate::objects;
 use crate::resources::{Kind, RELEASE_FINALIZER, parse_submitted};
-use crate::store::{Change, ChangeType, Query, StoreError, TaskResultRow};
+use crate::store::{Change, ChangeType, Query, StoreError, TaskResultRow, TelemetryRow};
 use crate::testing::{TestStore, store_suite};
 
 fn region(name: &str, cpu: u32) -> Value {
@@ -219,6 +219,7 @@ async fn a_task_result_is_written_once(ts: &TestStore) {
             index: 0,
             worker: worker.into(),
             body: json!({"by": worker}).to_string(),
+            telemetry: None,
         };
         store
             .write(Kind::Task, "job-00000", |_| -> Result<Change, StoreError> {
@@ -232,6 +233,57 @@ async fn a_task_result_is_written_once(ts: &TestStore) {
     assert_eq!(results[0].1, "w1");
     store.delete_task_results("job").await.unwrap();
     assert!(store.task_results("job").await.unwrap().is_empty());
+}
+
+async fn telemetry_is_written_once_per_task_and_outlives_results_and_restarts(ts: &TestStore) {
+    let store = &ts.store;
+    // Task "job-00000" completes twice (the second write is a redelivery) under one uid, then
+    // again after its application was re-created (a new uid): two samples, not three.
+    for (uid, seconds) in [("uid-1", 1.0), ("uid-1", 9.0), ("uid-2", 2.0)] {
+        let task = json!({"kind": "Task", "metadata": {"name": "job-00000", "uid": uid},
+            "spec": {"application": "job"}, "status": {"state": "Done"}});
+        let row = TaskResultRow {
+            task: format!("job-00000-{uid}"),
+            application: "job".into(),
+            index: 0,
+            worker: "w1".into(),
+            body: "{}".into(),
+            telemetry: Some(TelemetryRow {
+                task_uid: uid.into(),
+                region: "edge-a".into(),
+                body: json!({"seconds": seconds}).to_string(),
+            }),
+        };
+        store
+            .write(Kind::Task, "job-00000", |_| -> Result<Change, StoreError> {
+                Ok(Change::PutWithResult(task, row))
+            })
+            .await
+            .unwrap();
+    }
+    let seconds = |bodies: &[String]| -> Vec<f64> {
+        bodies
+            .iter()
+            .map(|b| {
+                serde_json::from_str::<Value>(b).unwrap()["seconds"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (count, bodies) = store.telemetry(10).await.unwrap();
+    assert_eq!(count, 2);
+    assert_eq!(seconds(&bodies), [1.0, 2.0], "oldest first");
+    let (_, newest) = store.telemetry(1).await.unwrap();
+    assert_eq!(seconds(&newest), [2.0]);
+
+    store.delete_task_results("job").await.unwrap();
+    store.close().await;
+    let reopened = ts.reopen().await;
+    let (count, bodies) = reopened.telemetry(10).await.unwrap();
+    assert_eq!(count, 2);
+    assert_eq!(seconds(&bodies), [1.0, 2.0]);
+    reopened.close().await;
 }
 
 async fn state_survives_reopening(ts: &TestStore) {
@@ -252,5 +304,6 @@ store_suite!(
     apply_is_idempotent_and_guards_versions,
     deletion_waits_for_finalizers,
     a_task_result_is_written_once,
+    telemetry_is_written_once_per_task_and_outlives_results_and_restarts,
     state_survives_reopening,
 );

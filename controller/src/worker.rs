@@ -141,6 +141,8 @@ async fn run_task(client: &reqwest::Client, o: &WorkerOptions, task: &Value) {
     let base = format!("{}/api/v1/tasks/{name}", o.server);
     let heartbeat_every = Duration::from_millis(u64::from(o.lease_seconds) * 1000 / 3)
         .max(Duration::from_millis(100));
+    // Wall time of the command itself, the predictor's target (lease and report latency excluded).
+    let started = Instant::now();
     let output = command.output();
     tokio::pin!(output);
     let mut ticker = tokio::time::interval(heartbeat_every);
@@ -160,11 +162,13 @@ async fn run_task(client: &reqwest::Client, o: &WorkerOptions, task: &Value) {
         }
     };
     let cpu_seconds = (children_cpu_seconds() - cpu_before).max(0.0);
+    // A command too quick for the clock reports nothing measured rather than zero seconds.
+    let seconds = Some(started.elapsed().as_secs_f64()).filter(|s| *s > 0.0);
     let report = match outcome {
         Ok(out) if out.status.success() => post(
             client,
             format!("{base}/complete"),
-            json!({"worker": o.worker_id, "cpuSeconds": cpu_seconds, "result": {
+            json!({"worker": o.worker_id, "cpuSeconds": cpu_seconds, "seconds": seconds, "result": {
                 "exitCode": 0, "stdout": truncated(&out.stdout), "stderr": truncated(&out.stderr)}}),
         ),
         Ok(out) => post(

@@ -23,15 +23,16 @@ use ndarray::{Array1, Array2, ArrayView1};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::analytic::{AnalyticCostModel, task_cores};
 use crate::energy::{joules_per_cpu_second, modelled_joules};
 use crate::model::{RegionSnapshot, TaskFeatures, TaskGroup};
 use crate::placement::{CostModel, TaskCost};
 
-/// One finished task: what it was, where it ran, what it cost.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One finished task: what it was, where it ran, what it cost. Its JSON is what the controller
+/// stores, so that a restarted controller retrains from the same samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TelemetrySample {
     pub features: TaskFeatures,
@@ -70,16 +71,32 @@ impl TelemetrySample {
         }
     }
 
-    fn usable(&self) -> bool {
+    /// Why the predictor cannot learn from this sample, if it cannot.
+    pub fn unusable(&self) -> Option<&'static str> {
         let positive = |v: f64| v.is_finite() && v > 0.0;
-        positive(self.seconds)
-            && positive(self.cores)
-            && positive(self.speed)
-            && positive(self.joules_per_cpu_second)
-            && self.features.spectra > 0
-            && self.features.pixels > 0
-            && self.features.templates > 0
-            && self.load.is_finite()
+        if !positive(self.seconds) {
+            Some("seconds must be a finite number > 0")
+        } else if !positive(self.cores) {
+            Some("cores must be a finite number > 0")
+        } else if !positive(self.speed) {
+            Some("the region's speed must be a finite number > 0")
+        } else if !(self.joules_per_cpu_second.is_finite() && self.joules_per_cpu_second >= 0.0) {
+            // Zero is a region that declares no power model: its run times still teach.
+            Some("the region's joules per CPU second must be a finite number >= 0")
+        } else if self.features.spectra == 0
+            || self.features.pixels == 0
+            || self.features.templates == 0
+        {
+            Some("spectra, pixels and templates must be > 0")
+        } else if !self.load.is_finite() {
+            Some("load must be finite")
+        } else {
+            None
+        }
+    }
+
+    fn usable(&self) -> bool {
+        self.unusable().is_none()
     }
 }
 
@@ -121,6 +138,10 @@ impl<'a> Inputs<'a> {
         prior.reference_cpu_seconds(&self.features) / (self.speed * self.cores)
     }
 }
+
+/// Floor of the power-model feature before its logarithm: a region without a power model
+/// declares 0 J per CPU second. Far below any real core (a few watts at least).
+const MIN_JOULES_PER_CPU_SECOND: f64 = 1e-3;
 
 /// Most CPU models given their own indicator column; the rest share none.
 const MAX_CPU_MODELS: usize = 12;
@@ -169,7 +190,7 @@ impl Encoder {
                     x.cores.ln(),
                     x.speed.ln(),
                     x.load,
-                    x.joules_per_cpu_second.ln(),
+                    x.joules_per_cpu_second.max(MIN_JOULES_PER_CPU_SECOND).ln(),
                 ]);
                 for (i, slot) in row[BASE_LOG_COLUMNS..BASE_LOG_COLUMNS + self.cpu_models.len()]
                     .iter_mut()
@@ -500,6 +521,35 @@ impl Predictor {
         &self.report
     }
 
+    pub fn config(&self) -> &PredictorConfig {
+        &self.config
+    }
+
+    /// Whether predictions come from a trained model rather than the prior.
+    pub fn trained(&self) -> bool {
+        self.runtime.is_some()
+    }
+
+    /// Rebuilds the state of a predictor that had observed `observed` samples, of which `recent`
+    /// are the newest (oldest first), with one training instead of replaying every retraining
+    /// the samples once caused. Unusable samples are skipped.
+    pub fn restore(&mut self, observed: usize, recent: impl IntoIterator<Item = TelemetrySample>) {
+        let mut restored = 0;
+        for sample in recent.into_iter().filter(TelemetrySample::usable) {
+            self.samples.push_back(sample);
+            if self.samples.len() > self.config.window {
+                self.samples.pop_front();
+            }
+            restored += 1;
+        }
+        self.observed += observed.max(restored);
+        self.report.samples = self.observed;
+        if self.observed >= self.config.min_samples && self.samples.len() >= self.config.min_samples
+        {
+            self.retrain();
+        }
+    }
+
     /// Records a finished task; retrains when enough new samples have arrived. Unusable samples
     /// (non-positive times, NaN) are ignored. Returns whether it retrained.
     pub fn observe(&mut self, sample: TelemetrySample) -> bool {
@@ -795,6 +845,30 @@ mod tests {
         );
         assert!(seconds < 0.10, "runtime MAPE {seconds}");
         assert!(joules < 0.10, "energy MAPE {joules}");
+    }
+
+    #[test]
+    fn restoring_stored_samples_trains_once_and_keeps_the_retraining_schedule() {
+        let data: Vec<TelemetrySample> = telemetry(101, 5).into_iter().map(|d| d.2).collect();
+        let mut bad = data[0].clone();
+        bad.seconds = -1.0;
+        assert_eq!(bad.unusable(), Some("seconds must be a finite number > 0"));
+        assert_eq!(data[0].unusable(), None);
+
+        let mut p = Predictor::new(AnalyticCostModel::default(), PredictorConfig::default());
+        p.restore(100, data[..100].iter().cloned().chain([bad]));
+        assert!(p.trained());
+        assert_eq!(p.report().state, "learned");
+        assert_eq!(p.report().trainings, 1);
+        assert_eq!(p.report().samples, 100);
+        // Trained at 100: the next training comes at 150, not at the next sample.
+        assert!(!p.observe(data[100].clone()));
+
+        let mut few = Predictor::new(AnalyticCostModel::default(), PredictorConfig::default());
+        few.restore(10, data[..10].iter().cloned());
+        assert!(!few.trained());
+        assert_eq!(few.report().state, "prior");
+        assert_eq!(few.report().samples, 10);
     }
 
     #[test]

@@ -796,6 +796,9 @@ fn an_application_runs_and_its_logs_and_results_come_back() {
 
     let top = s.run(&["top", "apps"]).expect(0).stdout;
     assert!(top.starts_with("NAME    PHASE       PROGRESS   REGIONS      ENERGY\nhello   Succeeded   3/3        edge-local   "), "{top}");
+    // Each finished task taught the predictor one sample; 60 are needed before it trains.
+    let top = s.run(&["top", "predictor"]).expect(0).stdout;
+    golden("top-predictor.txt", &top);
 
     let describe = s.run(&["describe", "app", "hello"]).expect(0).stdout;
     assert!(

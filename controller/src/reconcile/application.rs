@@ -11,7 +11,7 @@ use super::{Action, Context, ReconcileError, set_condition};
 use crate::objects::{self, EventType};
 use crate::resources::{
     APPLICATION_LABEL, AppKind, AppPhase, ApplicationObject, ApplicationSpec, ApplicationStatus,
-    Kind, Progress, RELEASE_FINALIZER, RegionObject, TaskState, TaskTemplate, typed,
+    Kind, Progress, RELEASE_FINALIZER, TaskState, TaskTemplate, typed,
 };
 use crate::scheduling::{self, InputView, RegionView};
 use crate::store::{Change, Query, StoreError};
@@ -190,14 +190,20 @@ async fn schedule(
     };
     let regions = region_views(ctx).await?;
     let input = input_view(ctx, &app.spec).await?;
-    let placement = match scheduling::place(
-        name,
-        &app.spec,
-        templates.len(),
-        &regions,
-        &input,
-        crate::time::now_millis(),
-    ) {
+    // The predictor answers with the analytic prior until it has learned from telemetry.
+    let decided = {
+        let predictor = ctx.predictor.read();
+        scheduling::place(
+            name,
+            &app.spec,
+            templates.len(),
+            &regions,
+            &input,
+            crate::time::now_millis(),
+            &*predictor,
+        )
+    };
+    let placement = match decided {
         Ok(p) => p,
         Err(unschedulable) => {
             let message = unschedulable.reasons.join("; ");
@@ -306,16 +312,7 @@ async fn create_task(
 async fn region_views(ctx: &Context) -> Result<Vec<RegionView>, ReconcileError> {
     let mut views = Vec::new();
     for object in ctx.store.list(Kind::Region, &Default::default()).await? {
-        let region: RegionObject = typed(&object)?;
-        let status = region.status.unwrap_or_default();
-        views.push(RegionView {
-            ready: status.phase.as_deref() == Some("Ready")
-                && region.metadata.deletion_timestamp.is_none(),
-            load: status.load,
-            name: region.metadata.name,
-            labels: region.metadata.labels,
-            spec: region.spec,
-        });
+        views.push(RegionView::of(typed(&object)?));
     }
     Ok(views)
 }

@@ -12,6 +12,7 @@ use ceccm_federation::RegionDriver;
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::predictor::SharedPredictor;
 use crate::resources::{Condition, Kind};
 use crate::store::{Store, StoreError};
 use crate::time::now_rfc3339;
@@ -20,6 +21,8 @@ pub struct Context {
     pub store: Arc<Store>,
     pub driver: Arc<dyn RegionDriver>,
     pub data_dir: PathBuf,
+    /// Prices placements; learns from the telemetry the API records.
+    pub predictor: SharedPredictor,
 }
 
 /// What the runner should do with an object after reconciling it.

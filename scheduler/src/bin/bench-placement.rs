@@ -85,26 +85,46 @@ fn busy_snapshot(regions: &RegionFile, seed: u64) -> Vec<RegionSnapshot> {
         .collect()
 }
 
-/// A predictor trained on telemetry drawn from the simulated world's costs.
-fn trained_predictor(
+/// Telemetry drawn from the simulated world's costs: 3,000 finished tasks, the predictor's window.
+fn telemetry(
     regions: &RegionFile,
     snapshot: &[RegionSnapshot],
     groups: &[TaskGroup],
-) -> Predictor {
+) -> Vec<TelemetrySample> {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
+    (0..3000)
+        .map(|i| {
+            let r = rng.gen_range(0..snapshot.len());
+            let g = &groups[i % groups.len()];
+            let cost = true_cost(&snapshot[r], &regions.regions[r].truth, g);
+            TelemetrySample::new(&snapshot[r], g, cost.seconds, Some(cost.joules))
+        })
+        .collect()
+}
+
+/// A predictor trained online on `samples`, as it learns while tasks finish.
+fn trained_predictor(regions: &RegionFile, samples: &[TelemetrySample]) -> Predictor {
     let mut p = Predictor::new(regions.prior(), PredictorConfig::default());
-    for i in 0..3000 {
-        let r = rng.gen_range(0..snapshot.len());
-        let g = &groups[i % groups.len()];
-        let cost = true_cost(&snapshot[r], &regions.regions[r].truth, g);
-        p.observe(TelemetrySample::new(
-            &snapshot[r],
-            g,
-            cost.seconds,
-            Some(cost.joules),
-        ));
+    for sample in samples {
+        p.observe(sample.clone());
     }
     p
+}
+
+/// Seconds to learn `samples` online (every retraining included) and to restore them at once,
+/// as the controller does from its store at start-up (one training).
+fn training_seconds(regions: &RegionFile, samples: &[TelemetrySample]) -> (f64, f64, usize) {
+    let started = Instant::now();
+    let online = trained_predictor(regions, samples);
+    let online_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut restored = Predictor::new(regions.prior(), PredictorConfig::default());
+    restored.restore(samples.len(), samples.iter().cloned());
+    (
+        online_s,
+        started.elapsed().as_secs_f64(),
+        online.report().trainings,
+    )
 }
 
 fn main() -> ExitCode {
@@ -141,7 +161,8 @@ fn run() -> anyhow::Result<()> {
         args.runs,
         args.seconds
     );
-    let predictor = trained_predictor(&regions, &snapshot, &groups);
+    let samples = telemetry(&regions, &snapshot, &groups);
+    let predictor = trained_predictor(&regions, &samples);
     let models: [(&str, &dyn CostModel); 2] =
         [("analytic", &regions.prior()), ("learned", &predictor)];
     for (name, model) in models {
@@ -154,6 +175,17 @@ fn run() -> anyhow::Result<()> {
             median(runs.iter().map(|r| r.1).collect())
         );
     }
+
+    let runs: Vec<(f64, f64, usize)> = (0..args.runs)
+        .map(|_| training_seconds(&regions, &samples))
+        .collect();
+    println!(
+        "training on {} samples: online {:.1} ms ({} trainings), restored at start-up {:.1} ms (1 training)",
+        samples.len(),
+        1e3 * median(runs.iter().map(|r| r.0).collect()),
+        runs[0].2,
+        1e3 * median(runs.iter().map(|r| r.1).collect()),
+    );
 
     if args.no_replay {
         return Ok(());
