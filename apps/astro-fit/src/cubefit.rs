@@ -20,7 +20,7 @@ use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cube::{Cube, CubeError, CubeFormat, CubeMeta, WavelengthMedium, muse};
+use crate::cube::{Cube, CubeError, CubeFormat, CubeMeta};
 use crate::error::FitError;
 use crate::fit::{FitConfig, FitResult, Fitter, LogGrid, Start};
 use crate::mapplot::{ColorScale, Panel, PlotError, plot_maps};
@@ -243,9 +243,9 @@ impl GalaxyGrid {
                 npix: 0,
             },
             fwhm: None,
-            medium: medium(meta.medium),
+            medium: meta.fit_medium(),
             wavelength: w.clone(),
-            observed_fwhm: galaxy_resolution(meta),
+            observed_fwhm: meta.resolution_curve(),
             log_sampled: meta.log_sampled,
             dereddening: meta.ebv_galactic.filter(|e| *e > 0.0).map(|ebv| {
                 w.iter()
@@ -325,30 +325,6 @@ impl GalaxyGrid {
         }
         out
     }
-}
-
-fn medium(m: WavelengthMedium) -> Medium {
-    match m {
-        WavelengthMedium::Vacuum => Medium::Vacuum,
-        WavelengthMedium::Air => Medium::Air,
-    }
-}
-
-/// The instrument's resolution (observed frame), where known.
-fn galaxy_resolution(meta: &CubeMeta) -> Option<ResolutionCurve> {
-    let curve = match (&meta.resolution, meta.format) {
-        (Some(r), _) => ResolutionCurve::from_resolving_power(&meta.wavelength, r),
-        (None, CubeFormat::Muse) => ResolutionCurve {
-            lam: meta.wavelength.clone(),
-            fwhm: meta
-                .wavelength
-                .iter()
-                .map(|l| muse::udf_lsf_fwhm(*l))
-                .collect(),
-        },
-        (None, _) => return None,
-    };
-    Some(curve)
 }
 
 fn prepare_templates(

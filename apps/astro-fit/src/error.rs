@@ -21,6 +21,8 @@ pub enum FitError {
         "inverse variance must be positive and finite on good pixels, got {value} at pixel {pixel}"
     )]
     BadIvar { pixel: usize, value: f64 },
+    #[error(transparent)]
+    Cube(#[from] crate::cube::CubeError),
     #[error("no good pixels: every pixel of the spectrum is masked")]
     NoGoodPixels,
     #[error("too few good pixels: {good} good pixels for {params} free parameters")]

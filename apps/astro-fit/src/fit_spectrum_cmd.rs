@@ -117,8 +117,8 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         row: args.row,
         spaxel: args.spaxel.as_ref().map(|s| (s[0], s[1])),
     };
-    let mut obs = read_spectrum(&args.file, sel)
-        .with_context(|| format!("reading {}", args.file.display()))?;
+    // Reading errors name the file themselves.
+    let mut obs = read_spectrum(&args.file, sel)?;
     if let Some(fwhm) = args.fwhm {
         obs.fwhm = Some(ResolutionCurve::constant(fwhm));
     }

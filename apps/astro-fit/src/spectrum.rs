@@ -11,9 +11,9 @@ use crate::fit::{LogGrid, Spectrum};
 use crate::fits_io;
 use crate::templates::{C_KMS, Medium, ResolutionCurve, convert_medium, log_rebin};
 
-/// MaNGA DRP 3-D pixel mask bits that make a pixel unusable: NOCOV, LOWCOV, DEADFIBER,
-/// FORESTAR, DONOTUSE.
-pub const MANGA_BAD_BITS: i64 = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 10);
+/// MaNGA DRP 3-D pixel mask bits that make a pixel unusable: the cube reader's definition
+/// ([`crate::cube::manga::DRP3_BAD_BITS`]), for rows of MaNGA-format files too.
+pub const MANGA_BAD_BITS: i64 = crate::cube::manga::DRP3_BAD_BITS as i64;
 
 /// A spectrum as observed, before de-redshifting and log-rebinning.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,10 +50,34 @@ pub fn read_spectrum(path: &Path, sel: Selection) -> Result<ObservedSpectrum, Fi
     if f.hdu("COADD").is_ok() {
         return read_sdss(path);
     }
+    if let Some((x, y)) = sel.spaxel {
+        drop(f);
+        let mut spaxels = read_cube_spaxels(path, &[(x, y)])?;
+        return spaxels
+            .pop()
+            .ok_or_else(|| FitError::read(path, "no spaxel read"));
+    }
     if f.hdu("FLUX").is_ok() && f.hdu("WAVE").is_ok() {
         return read_manga(path, sel);
     }
-    let (wave, flux) = fits_io::read_linear_spectrum(path)?;
+    drop(f);
+    let (wave, flux) = match fits_io::read_linear_spectrum(path) {
+        Ok(spectrum) => spectrum,
+        // Not a 1-D spectrum: say so plainly if it is a cube the cube reader knows.
+        Err(e) => match crate::cube::Cube::open(path) {
+            Ok(cube) => {
+                let m = cube.meta();
+                return Err(FitError::read(
+                    path,
+                    format!(
+                        "a {}x{} datacube: choose a spaxel with --spaxel X Y",
+                        m.nx, m.ny
+                    ),
+                ));
+            }
+            Err(_) => return Err(e),
+        },
+    };
     let good = flux.iter().map(|v| v.is_finite()).collect();
     Ok(ObservedSpectrum {
         wave,
@@ -114,8 +138,7 @@ pub fn read_sdss(path: &Path) -> Result<ObservedSpectrum, FitError> {
     })
 }
 
-/// One row of a MaNGA-format file (WAVE, FLUX, IVAR, MASK, SRES or SPECRES, optional Z),
-/// or one spaxel of a 3-D LOGCUBE.
+/// One row of a MaNGA-format file (WAVE, FLUX, IVAR, MASK, SRES or SPECRES, optional Z).
 pub fn read_manga(path: &Path, sel: Selection) -> Result<ObservedSpectrum, FitError> {
     let mut f = fits_io::open(path)?;
     let wave_hdu = fits_io::hdu(&mut f, path, "WAVE")?;
@@ -123,24 +146,17 @@ pub fn read_manga(path: &Path, sel: Selection) -> Result<ObservedSpectrum, FitEr
     let nw = wave.len();
     let flux_hdu = fits_io::hdu(&mut f, path, "FLUX")?;
     let shape = image_shape(&mut f, &flux_hdu, path)?;
-    // Index range of the selected spectrum in the flattened (row-major, wavelength-last for
-    // 2-D; wavelength-first for cubes) array.
-    let (offset, stride, nspec) = match (shape.len(), sel.spaxel) {
-        (2, _) => (sel.row * nw, 1, shape[0]),
-        (3, Some((x, y))) => {
-            if x >= shape[2] || y >= shape[1] {
-                return Err(FitError::read(
-                    path,
-                    format!(
-                        "spaxel ({x}, {y}) outside the {}x{} cube",
-                        shape[2], shape[1]
-                    ),
-                ));
-            }
-            (y * shape[2] + x, shape[1] * shape[2], 1)
+    // Index range of the selected spectrum in the flattened (row-major, wavelength-last)
+    // array; spaxels of cubes are read by `read_cube_spaxels`.
+    let (offset, stride, nspec) = match shape.len() {
+        2 => (sel.row * nw, 1, shape[0]),
+        1 => (0, 1, 1),
+        3 => {
+            return Err(FitError::read(
+                path,
+                "a cube needs a spaxel (x, y): --spaxel X Y",
+            ));
         }
-        (3, None) => return Err(FitError::read(path, "a LOGCUBE needs a spaxel (x, y)")),
-        (1, _) => (0, 1, 1),
         _ => {
             return Err(FitError::read(
                 path,
@@ -196,63 +212,42 @@ pub fn read_manga(path: &Path, sel: Selection) -> Result<ObservedSpectrum, FitEr
     })
 }
 
-/// Several spaxels of a MaNGA-format LOGCUBE, reading each extension once.
-pub fn read_manga_cube_spaxels(
+/// Spaxels of a datacube in any format the cube reader knows (MaNGA LOGCUBE, MUSE, MEGARA),
+/// with its masks, noise and resolution: the same pixels `fit-cube` fits. Rows are read once
+/// each, in one band from the lowest to the highest row asked for.
+pub fn read_cube_spaxels(
     path: &Path,
     spaxels: &[(usize, usize)],
 ) -> Result<Vec<ObservedSpectrum>, FitError> {
-    let mut f = fits_io::open(path)?;
-    let wave_hdu = fits_io::hdu(&mut f, path, "WAVE")?;
-    let wave = fits_io::image_f64(&mut f, &wave_hdu, path)?;
-    let nw = wave.len();
-    let flux_hdu = fits_io::hdu(&mut f, path, "FLUX")?;
-    let shape = image_shape(&mut f, &flux_hdu, path)?;
-    if shape.len() != 3 || shape[0] != nw {
+    let mut cube = crate::cube::Cube::open(path)?;
+    let meta = cube.meta().clone();
+    if let Some(&(x, y)) = spaxels.iter().find(|(x, y)| *x >= meta.nx || *y >= meta.ny) {
         return Err(FitError::read(
             path,
-            format!("FLUX shape {shape:?} is not (wave, y, x)"),
+            format!("spaxel ({x}, {y}) outside the {}x{} cube", meta.nx, meta.ny),
         ));
     }
-    let (ny, nx) = (shape[1], shape[2]);
-    if let Some(&(x, y)) = spaxels.iter().find(|(x, y)| *x >= nx || *y >= ny) {
-        return Err(FitError::read(
-            path,
-            format!("spaxel ({x}, {y}) outside the {nx}x{ny} cube"),
-        ));
-    }
-    let flux = fits_io::image_f64(&mut f, &flux_hdu, path)?;
-    let ivar_hdu = fits_io::hdu(&mut f, path, "IVAR")?;
-    let ivar = fits_io::image_f64(&mut f, &ivar_hdu, path)?;
-    let mask: Vec<i64> = match f.hdu("MASK") {
-        Ok(h) => h.read_image(&mut f).map_err(|e| FitError::read(path, e))?,
-        Err(_) => vec![0; flux.len()],
+    let (Some(lo), Some(hi)) = (
+        spaxels.iter().map(|s| s.1).min(),
+        spaxels.iter().map(|s| s.1).max(),
+    ) else {
+        return Ok(Vec::new());
     };
-    let specres: Option<Vec<f64>> = f
-        .hdu("SPECRES")
-        .ok()
-        .and_then(|h| h.read_image(&mut f).ok())
-        .filter(|v: &Vec<f64>| v.len() == nw);
-    let plane = nx * ny;
+    let block = cube.read_rows(lo..hi + 1)?;
+    let fwhm = meta.resolution_curve();
     Ok(spaxels
         .iter()
         .map(|&(x, y)| {
-            let at = |i: usize| i * plane + y * nx + x;
-            let fl: Vec<f64> = (0..nw).map(|i| flux[at(i)]).collect();
-            let iv: Vec<f64> = (0..nw).map(|i| ivar[at(i)]).collect();
-            let good = (0..nw)
-                .map(|i| mask[at(i)] & MANGA_BAD_BITS == 0 && iv[i] > 0.0 && fl[i].is_finite())
-                .collect();
+            let view = block.spectrum(x, y);
             ObservedSpectrum {
-                wave: wave.clone(),
-                flux: fl,
-                ivar: Some(iv),
-                good,
-                medium: Medium::Vacuum,
-                log_sampled: true,
-                fwhm: specres
-                    .as_ref()
-                    .map(|r| ResolutionCurve::from_resolving_power(&wave, r)),
-                redshift: None,
+                wave: meta.wavelength.clone(),
+                flux: view.flux.iter().map(|v| f64::from(*v)).collect(),
+                ivar: Some(view.ivar.iter().map(|v| f64::from(*v)).collect()),
+                good: view.good.to_vec(),
+                medium: meta.fit_medium(),
+                log_sampled: meta.log_sampled,
+                fwhm: fwhm.clone(),
+                redshift: meta.redshift,
             }
         })
         .collect())

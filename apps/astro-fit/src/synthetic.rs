@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::FitError;
 use crate::fit::LogGrid;
-use crate::spectrum::{RestFrameSpectrum, read_manga_cube_spaxels};
+use crate::spectrum::{RestFrameSpectrum, read_cube_spaxels};
 use crate::templates::{PrepareConfig, PreparedTemplates, TemplateLibrary, prepare};
 
 /// Systemic redshift of the synthetic cube (its params JSON).
@@ -78,7 +78,7 @@ pub fn load_spaxels(
     lam_range: (f64, f64),
 ) -> Result<Vec<RestFrameSpectrum>, FitError> {
     let spaxels: Vec<(usize, usize)> = rows.iter().map(|r| (r.x, r.y)).collect();
-    read_manga_cube_spaxels(cube, &spaxels)?
+    read_cube_spaxels(cube, &spaxels)?
         .iter()
         .map(|s| s.to_rest_frame(SYNTHETIC_Z, Some(lam_range)))
         .collect()

@@ -94,6 +94,34 @@ pub struct CubeMeta {
 }
 
 impl CubeMeta {
+    /// The fitting core's name for the wavelength medium.
+    pub fn fit_medium(&self) -> crate::templates::Medium {
+        match self.medium {
+            WavelengthMedium::Vacuum => crate::templates::Medium::Vacuum,
+            WavelengthMedium::Air => crate::templates::Medium::Air,
+        }
+    }
+
+    /// The instrumental resolution (observed frame): the file's resolving power, else the
+    /// MUSE UDF line-spread function for MUSE cubes; None when neither is known.
+    pub fn resolution_curve(&self) -> Option<crate::templates::ResolutionCurve> {
+        match (&self.resolution, self.format) {
+            (Some(r), _) => Some(crate::templates::ResolutionCurve::from_resolving_power(
+                &self.wavelength,
+                r,
+            )),
+            (None, CubeFormat::Muse) => Some(crate::templates::ResolutionCurve {
+                lam: self.wavelength.clone(),
+                fwhm: self
+                    .wavelength
+                    .iter()
+                    .map(|l| muse::udf_lsf_fwhm(*l))
+                    .collect(),
+            }),
+            (None, _) => None,
+        }
+    }
+
     pub fn nwave(&self) -> usize {
         self.wavelength.len()
     }
