@@ -164,7 +164,7 @@ impl Iterator for GaussianPhasors<'_> {
 
     fn next(&mut self) -> Option<Complex64> {
         let k = self.k;
-        if k % Self::ANCHOR == 0 {
+        if k.is_multiple_of(Self::ANCHOR) {
             self.value = self.losvd.gaussian_fourier(k as f64 * self.dw);
             // g(k+1) / g(k) = exp(-(dw s)^2 (2k + 1) / 2).
             let ds = self.dw * self.losvd.sigma;
