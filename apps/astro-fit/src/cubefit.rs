@@ -3,8 +3,9 @@
 //! 1. stream the cube once by planes for S/N and footprint, select spaxels, Voronoi-bin them;
 //! 2. plan chunks ([`crate::plan`]) and write `plan.json`;
 //! 3. fit the integrated spectrum with every template: its V and sigma start every bin, its
-//!    non-zero templates are the set each bin is fitted with (all of them with `populations`);
-//! 4. one reader thread streams the chunks' row bands and builds bin spectra while a rayon
+//!    non-zero templates are where each bin's search starts; every bin ends fitted with the
+//!    whole library ([`Fitter::fit_from_templates`]), or with those only on request;
+//! 4. the planning thread streams the chunks' row bands and builds bin spectra while a rayon
 //!    pool fits the previous chunk (one scratch per worker, one shared [`Fitter`]);
 //! 5. each finished chunk is written atomically (`chunks/chunk-NNNNN.json` and `.model`):
 //!    a rerun with the same settings fits only the chunks without a result file;
@@ -97,6 +98,10 @@ pub struct CubeFitOptions {
     pub degree: i32,
     pub mdegree: usize,
     pub populations: bool,
+    /// Fit each bin with the global fit's templates only, never admitting others (faster;
+    /// see `Fitter::fit_from_templates` for the default). Absent from plans when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub global_templates_only: bool,
     /// Systemic redshift; `None`: from the cube header.
     pub redshift: Option<f64>,
     /// Rest-frame range to fit, Angstrom.
@@ -123,6 +128,7 @@ impl CubeFitOptions {
             degree: 4,
             mdegree: 0,
             populations: false,
+            global_templates_only: false,
             redshift: None,
             lam_range: (3600.0, 7400.0),
             min_sn: 1.0,
@@ -585,9 +591,18 @@ pub fn fit_cube(
     let gg = GalaxyGrid::new(&meta, options, plan.redshift)?;
     let kept: std::collections::HashSet<&str> =
         plan.global.templates.iter().map(String::as_str).collect();
-    let names = lib.names.clone();
-    let subset = lib.select(|i| kept.contains(names[i].as_str()));
-    let tpl = prepare_templates(&subset, &gg)?;
+    // Every bin is fitted with the whole library; the global fit's templates are where each
+    // bin's search starts (see `Fitter::fit_from_templates`). Or, on request, with those only.
+    let lib = if options.global_templates_only {
+        let names = lib.names.clone();
+        lib.select(|i| kept.contains(names[i].as_str()))
+    } else {
+        lib
+    };
+    let first: Vec<usize> = (0..lib.names.len())
+        .filter(|&i| kept.contains(lib.names[i].as_str()))
+        .collect();
+    let tpl = prepare_templates(&lib, &gg)?;
     let fitter =
         Fitter::new(&tpl, gg.grid, fit_config(options)).map_err(CubeFitError::Templates)?;
     let start_values = Start::new(plan.global.v, plan.global.sigma);
@@ -624,8 +639,12 @@ pub fn fit_cube(
                             |scratch, (id, spec)| {
                                 let sn = bins_by_id[id].sn;
                                 let outcome = gg.rest_frame(spec).and_then(|rest| {
-                                    let fit =
-                                        fitter.fit_with(scratch, &rest.spectrum, &start_values)?;
+                                    let fit = fitter.fit_from_templates(
+                                        scratch,
+                                        &rest.spectrum,
+                                        &start_values,
+                                        Some(&first),
+                                    )?;
                                     Ok((rest, fit))
                                 });
                                 progress.inc(1);

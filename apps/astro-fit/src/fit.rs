@@ -351,6 +351,8 @@ struct LazyExact<'a> {
     wy: &'a [f64],
     good_idx: &'a [usize],
     kernel: &'a [Complex64],
+    /// Templates held out (false) never enter: zero scale, no correlation computed.
+    allowed: &'a [bool],
     cells: std::cell::RefCell<LazyCells<'a>>,
 }
 
@@ -411,8 +413,10 @@ impl NormalMatrix for LazyExact<'_> {
     fn diagonal_hint(&self, i: usize) -> f64 {
         if i < self.np {
             self.g_pp[i * self.np + i]
-        } else {
+        } else if self.allowed[i - self.np] {
             self.weight_sum * self.fitter.mean_square[i - self.np]
+        } else {
+            0.0
         }
     }
 
@@ -479,6 +483,10 @@ impl LazyExact<'_> {
             .conv
             .adjoint(c.adjoint_in, self.kernel, self.used, c.adjoint_out, c.conv);
         for j in 0..nt {
+            if !self.allowed[j] {
+                out[np + j] = 0.0;
+                continue;
+            }
             let t = &self.fitter.samples[j];
             out[np + j] = dot(t, &c.adjoint_out[..t.len()]);
             if let Some(r) = &self.fitter.reg {
@@ -552,6 +560,10 @@ pub struct FitScratch {
     pixel_weight: Vec<f64>,
     adjoint_in: Vec<f64>,
     adjoint_out: Vec<f64>,
+    /// Exact mode: templates NNLS may use in this pass (see [`Fitter::fit_from_templates`]).
+    allowed: Vec<bool>,
+    /// The last search ended with a check that no held-out template was missing.
+    complete_at_exit: bool,
 }
 
 /// Parameters in natural units: V, sigma (km/s), h3.., multiplicative coefficients.
@@ -703,6 +715,8 @@ impl Fitter {
             pixel_weight: vec![0.0; npix],
             adjoint_in: vec![0.0; npix],
             adjoint_out: vec![0.0; self.conv.n_fft()],
+            allowed: vec![true; self.nt],
+            complete_at_exit: false,
         }
     }
 
@@ -718,6 +732,35 @@ impl Fitter {
         spectrum: &Spectrum,
         start: &Start,
     ) -> Result<FitResult, FitError> {
+        self.fit_from_templates(s, spectrum, start, None)
+    }
+
+    /// Fit one spectrum, searching the kinematics with the templates `first` only (e.g. those
+    /// a global fit used), then admitting every other template the full non-negative solution
+    /// wants at that point and searching again, until none is missing. The result is the fit
+    /// with all templates: at the end the weights are the NNLS optimum over the whole library
+    /// (its optimality conditions hold for every template) at kinematics where the gradient of
+    /// chi2 vanishes. It is faster when `first` holds most of what each spectrum needs, since
+    /// each step of the search correlates only the admitted templates with the residual.
+    /// `None`, an empty list or the compressed basis search with all templates from the start.
+    pub fn fit_from_templates(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        start: &Start,
+        first: Option<&[usize]>,
+    ) -> Result<FitResult, FitError> {
+        s.allowed.fill(true);
+        if let (Some(first), Mix::Identity(_)) = (first, &self.mix)
+            && !first.is_empty()
+        {
+            s.allowed.fill(false);
+            for &j in first {
+                if let Some(a) = s.allowed.get_mut(j) {
+                    *a = true;
+                }
+            }
+        }
         let n_good = spectrum.validate(self.grid.npix)?;
         let npar = self.cfg.moments + self.cfg.mdegree;
         let n_lin = self.poly.len() + 1;
@@ -753,6 +796,15 @@ impl Fitter {
         let mut pass = 0;
         loop {
             (params, cov) = self.levenberg_marquardt(s, spectrum, &good, params, bias)?;
+            // The search checks for missing templates as it converges; a search that stopped
+            // otherwise (step limits) is checked here.
+            while !s.complete_at_exit
+                && self
+                    .admit_missing_templates(s, spectrum, &params)?
+                    .is_some()
+            {
+                (params, cov) = self.levenberg_marquardt(s, spectrum, &good, params, bias)?;
+            }
             pass += 1;
             if !self.cfg.clean || pass == 2 {
                 break;
@@ -788,6 +840,35 @@ impl Fitter {
             good,
             evaluations: s.evaluations,
         })
+    }
+
+    /// With templates held out of the search, solve the NNLS over all templates at `p`
+    /// (warm-started from the restricted solution: one correlation with every template, more
+    /// only if some enter). When some enter, they are admitted and the new chi2 (without the
+    /// h penalty) is returned, the scratch holding the solution at `p`; None when the
+    /// restricted solution was already the full one (nothing changed).
+    fn admit_missing_templates(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        p: &[f64],
+    ) -> Result<Option<f64>, FitError> {
+        if s.allowed.iter().all(|a| *a) {
+            return Ok(None);
+        }
+        let held_out: Vec<usize> = (0..self.nt).filter(|&j| !s.allowed[j]).collect();
+        s.allowed.fill(true);
+        let chi2 = self.evaluate(s, spectrum, p)?;
+        let np = self.poly.len();
+        let mut entered = false;
+        for j in held_out {
+            if s.x[np + j] > 0.0 {
+                entered = true;
+            } else {
+                s.allowed[j] = false;
+            }
+        }
+        Ok(entered.then_some(chi2))
     }
 
     fn min_sigma(&self) -> f64 {
@@ -999,6 +1080,7 @@ impl Fitter {
             wy: &s.wy,
             good_idx: &s.good_idx,
             kernel: &s.kernel,
+            allowed: &s.allowed,
             cells: std::cell::RefCell::new(LazyCells {
                 rhs: &mut s.rhs_b,
                 cols: &mut s.cols,
@@ -1191,6 +1273,8 @@ impl Fitter {
         let mut need_jac = true;
         let mut best_x = s.x.clone();
         let mut state_at_p = true;
+        let mut checked_near = false;
+        s.complete_at_exit = false;
         for _iter in 0..self.cfg.max_iterations {
             if need_jac {
                 self.jacobian(s, spectrum, &p);
@@ -1243,7 +1327,25 @@ impl Fitter {
                 lambda = (lambda * 0.1).max(1e-9);
                 need_jac = true;
                 // Converged: the step moved the parameters by a tiny fraction of their errors.
-                if step_size < 1e-3 || improvement < 1e-6 * chi2.max(1.0) {
+                let converged = step_size < 1e-3 || improvement < 1e-6 * chi2.max(1.0);
+                // With templates held out: once near the minimum, and again at it, let in
+                // those the full solution wants here, and go on from the lower chi2.
+                if (converged || (step_size < 0.1 && !checked_near))
+                    && !s.allowed.iter().all(|a| *a)
+                {
+                    checked_near = true;
+                    match self.admit_missing_templates(s, spectrum, &p)? {
+                        Some(full_chi2) => {
+                            let (scale, pen) = penalty(s, &p);
+                            chi2 = full_chi2 + pen;
+                            pen_scale = scale;
+                            best_x.clone_from(&s.x);
+                            continue;
+                        }
+                        None => s.complete_at_exit = converged,
+                    }
+                }
+                if converged {
                     break;
                 }
             } else {

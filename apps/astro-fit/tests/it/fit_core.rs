@@ -71,6 +71,64 @@ fn synthetic_cube_kinematics_match_the_truth_per_sn_bin() {
     check_error_spread(&accuracy_in(&samples, 20.0, f64::INFINITY));
 }
 
+/// Starting the search from a few templates and admitting the rest as the full solution wants
+/// them ends at the fit with the whole library.
+#[test]
+fn a_search_started_from_some_templates_ends_at_the_full_library_fit() {
+    let data = shared_data_dir();
+    let truth = read_truth(&data.join("cubes/synthetic-manga-seed7-truth.csv")).unwrap();
+    // A spread of S/N: every 80th spaxel.
+    let rows: Vec<_> = truth.into_iter().step_by(80).collect();
+    let spectra = load_spaxels(
+        &data.join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
+        &rows,
+        (3600.0, 7400.0),
+    )
+    .unwrap();
+    let templates = prepare_emiles(emiles(), &spectra[0], 1).unwrap();
+    let fitter = Fitter::new(&templates, spectra[0].grid, FitConfig::default()).unwrap();
+    let mut scratch = fitter.scratch();
+    // Every tenth template: the spectra mix three random ones, so most need others too.
+    let first: Vec<usize> = (0..templates.len()).step_by(10).collect();
+    let mut admitted_any = false;
+    for spec in &spectra {
+        let start = Start::new(0.0, 150.0);
+        let full = fitter
+            .fit_with(&mut scratch, &spec.spectrum, &start)
+            .unwrap();
+        let grown = fitter
+            .fit_from_templates(&mut scratch, &spec.spectrum, &start, Some(&first))
+            .unwrap();
+        admitted_any |= grown
+            .weights
+            .iter()
+            .enumerate()
+            .any(|(j, w)| *w > 0.0 && j % 10 != 0);
+        assert!(
+            (grown.v - full.v).abs() < 0.02 * full.errors[0],
+            "V {} vs {}",
+            grown.v,
+            full.v
+        );
+        assert!(
+            (grown.sigma - full.sigma).abs() < 0.02 * full.errors[1],
+            "sigma {} vs {}",
+            grown.sigma,
+            full.sigma
+        );
+        assert!(
+            (grown.chi2 / full.chi2 - 1.0).abs() < 1e-6,
+            "chi2 {} vs {}",
+            grown.chi2,
+            full.chi2
+        );
+    }
+    assert!(
+        admitted_any,
+        "no spectrum needed a template outside the first set"
+    );
+}
+
 /// (fit - truth)/error must scatter like a unit Gaussian: errors that mean what they say.
 fn check_error_spread(bin: &astro_fit::synthetic::BinAccuracy) {
     for pull in [bin.v_pull_std, bin.sigma_pull_std] {
