@@ -170,7 +170,7 @@ def main():
     spectra_dir = os.path.join(args.data, "spectra")
     results = []
 
-    def record(own, cli):
+    def record(name, own, cli):
         if "error" not in own:
             own = {k: own[k] for k in ("v", "sigma", "v_error", "sigma_error", "chi2", "n_good")}
             result = {"name": name, "cli": cli, **same_inputs(args.astro_fit, args.data, cli),
@@ -189,8 +189,7 @@ def main():
             flux = t["flux"].astype(float)
             good = (ivar > 0) & np.isfinite(flux)
             z = float(h["SPECOBJ"].data["Z"][0])
-            name = fname
-            record(fit(fname, lam, flux, ivar, good, fwhm, z, True, True, tpl),
+            record(fname, fit(fname, lam, flux, ivar, good, fwhm, z, True, True, tpl),
                    ["{data}/spectra/" + fname, *COMMON_CLI])
     for fname in ["MaNGA_test_spectra.fits.gz", "MaNGA_multicomp_test_spectra.fits.gz"]:
         with fits.open(os.path.join(spectra_dir, fname)) as h:
@@ -202,14 +201,14 @@ def main():
                 fwhm = (wave, wave / h["SRES"].data[row])
                 z = float(h["Z"].data[row])
                 name = f"{fname}#{row}"
-                record(fit(name, wave, flux, ivar, good, fwhm, z, True, True, tpl),
+                record(name, fit(name, wave, flux, ivar, good, fwhm, z, True, True, tpl),
                        ["{data}/spectra/" + fname, "--row", str(row), *COMMON_CLI])
     with fits.open(os.path.join(spectra_dir, "NGC4550_SAURON.fits")) as h:
         flux = h[0].data.astype(float)
         lam = h[0].header["CRVAL1"] + h[0].header["CDELT1"] * np.arange(flux.size)
         name = "NGC4550_SAURON.fits"
         # The file carries neither redshift nor resolution: pPXF's example values.
-        record(fit(name, lam, flux, None, np.isfinite(flux), 4.2, 0.0015, False, False, tpl),
+        record(name, fit(name, lam, flux, None, np.isfinite(flux), 4.2, 0.0015, False, False, tpl),
                ["{data}/spectra/NGC4550_SAURON.fits", "--z", "0.0015", "--fwhm", "4.2",
                 *COMMON_CLI])
     doc = {"command": "python3 scripts/ppxf_reference.py --data ../shared/data "

@@ -681,14 +681,7 @@ async fn tasks_flow_through_leases_to_a_succeeded_application(ts: &TestStore) {
         waiting["status"]["conditions"][0]["reason"],
         "Unschedulable"
     );
-    call(
-        &app,
-        "PATCH",
-        "/api/v1/regions/edge-a/status",
-        "application/json",
-        json!({"status": {"phase": "Ready"}}).to_string(),
-    )
-    .await;
+    mark_ready(&app, "edge-a").await;
     let running = settle(&ctx, "job").await;
     assert_eq!(running["status"]["phase"], "Running");
     assert_eq!(running["status"]["placements"][0]["region"], "edge-a");
@@ -830,14 +823,7 @@ async fn expired_leases_requeue(ts: &TestStore) {
         &region("edge-a", 1, "edge"),
     )
     .await;
-    call(
-        &app,
-        "PATCH",
-        "/api/v1/regions/edge-a/status",
-        "application/json",
-        json!({"status": {"phase": "Ready"}}).to_string(),
-    )
-    .await;
+    mark_ready(&app, "edge-a").await;
     json_call(&app, "POST", "/api/v1/applications", &batch("job", 1, &[])).await;
     settle(&ctx, "job").await;
     let leased = json_call(
@@ -903,14 +889,7 @@ async fn followed_logs_stream_each_finished_task_until_the_end(ts: &TestStore) {
         &region("edge-a", 1, "edge"),
     )
     .await;
-    call(
-        &app,
-        "PATCH",
-        "/api/v1/regions/edge-a/status",
-        "application/json",
-        json!({"status": {"phase": "Ready"}}).to_string(),
-    )
-    .await;
+    mark_ready(&app, "edge-a").await;
     json_call(&app, "POST", "/api/v1/applications", &batch("job", 2, &[])).await;
     settle(&ctx, "job").await;
     let followed = app
@@ -965,12 +944,8 @@ fn learning_pair(ts: &TestStore) -> (Router, Context) {
     (app(state), ctx)
 }
 
-/// A ready region with a power model (10 W per busy core).
-async fn ready_region(app: &Router, name: &str) {
-    let mut body = region(name, 2, "cloud");
-    body["spec"]["energy"] = json!({"wattsPerCore": 10.0});
-    let created = json_call(app, "POST", "/api/v1/regions", &body).await;
-    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+/// Marks a region Ready, as its agent's status report would.
+async fn mark_ready(app: &Router, name: &str) {
     call(
         app,
         "PATCH",
@@ -979,6 +954,15 @@ async fn ready_region(app: &Router, name: &str) {
         json!({"status": {"phase": "Ready"}}).to_string(),
     )
     .await;
+}
+
+/// A ready region with a power model (10 W per busy core).
+async fn ready_region(app: &Router, name: &str) {
+    let mut body = region(name, 2, "cloud");
+    body["spec"]["energy"] = json!({"wattsPerCore": 10.0});
+    let created = json_call(app, "POST", "/api/v1/regions", &body).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    mark_ready(app, name).await;
 }
 
 /// Leases the next task of `region` and completes it, reporting `seconds`.

@@ -562,6 +562,7 @@ pub struct FitScratch {
     adjoint_out: Vec<f64>,
     /// Exact mode: templates NNLS may use in this pass (see [`Fitter::fit_from_templates`]).
     allowed: Vec<bool>,
+    held_out: Vec<bool>,
     /// The last search ended with a check that no held-out template was missing.
     complete_at_exit: bool,
 }
@@ -716,6 +717,7 @@ impl Fitter {
             adjoint_in: vec![0.0; npix],
             adjoint_out: vec![0.0; self.conv.n_fft()],
             allowed: vec![true; self.nt],
+            held_out: Vec::with_capacity(self.nt),
             complete_at_exit: false,
         }
     }
@@ -856,16 +858,20 @@ impl Fitter {
         if s.allowed.iter().all(|a| *a) {
             return Ok(None);
         }
-        let held_out: Vec<usize> = (0..self.nt).filter(|&j| !s.allowed[j]).collect();
+        // `held_out` keeps the restricted set while every template is allowed.
+        s.held_out.clear();
+        s.held_out.extend(s.allowed.iter().map(|a| !a));
         s.allowed.fill(true);
         let chi2 = self.evaluate(s, spectrum, p)?;
         let np = self.poly.len();
         let mut entered = false;
-        for j in held_out {
-            if s.x[np + j] > 0.0 {
-                entered = true;
-            } else {
-                s.allowed[j] = false;
+        for j in 0..self.nt {
+            if s.held_out[j] {
+                if s.x[np + j] > 0.0 {
+                    entered = true;
+                } else {
+                    s.allowed[j] = false;
+                }
             }
         }
         Ok(entered.then_some(chi2))

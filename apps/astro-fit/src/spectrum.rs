@@ -46,16 +46,17 @@ pub struct Selection {
 /// Read a spectrum, recognising SDSS (COADD table), MaNGA (WAVE/FLUX/IVAR/MASK images) and
 /// 1-D linear FITS layouts.
 pub fn read_spectrum(path: &Path, sel: Selection) -> Result<ObservedSpectrum, FitError> {
-    let mut f = fits_io::open(path)?;
-    if f.hdu("COADD").is_ok() {
-        return read_sdss(path);
-    }
+    // A spaxel: straight to the cube reader (opening the file here first would decompress a
+    // .fits.gz cube twice).
     if let Some((x, y)) = sel.spaxel {
-        drop(f);
         let mut spaxels = read_cube_spaxels(path, &[(x, y)])?;
         return spaxels
             .pop()
             .ok_or_else(|| FitError::read(path, "no spaxel read"));
+    }
+    let mut f = fits_io::open(path)?;
+    if f.hdu("COADD").is_ok() {
+        return read_sdss(path);
     }
     if f.hdu("FLUX").is_ok() && f.hdu("WAVE").is_ok() {
         return read_manga(path, sel);
@@ -65,16 +66,7 @@ pub fn read_spectrum(path: &Path, sel: Selection) -> Result<ObservedSpectrum, Fi
         Ok(spectrum) => spectrum,
         // Not a 1-D spectrum: say so plainly if it is a cube the cube reader knows.
         Err(e) => match crate::cube::Cube::open(path) {
-            Ok(cube) => {
-                let m = cube.meta();
-                return Err(FitError::read(
-                    path,
-                    format!(
-                        "a {}x{} datacube: choose a spaxel with --spaxel X Y",
-                        m.nx, m.ny
-                    ),
-                ));
-            }
+            Ok(cube) => return Err(needs_spaxel(path, cube.meta().nx, cube.meta().ny)),
             Err(_) => return Err(e),
         },
     };
@@ -151,12 +143,7 @@ pub fn read_manga(path: &Path, sel: Selection) -> Result<ObservedSpectrum, FitEr
     let (offset, stride, nspec) = match shape.len() {
         2 => (sel.row * nw, 1, shape[0]),
         1 => (0, 1, 1),
-        3 => {
-            return Err(FitError::read(
-                path,
-                "a cube needs a spaxel (x, y): --spaxel X Y",
-            ));
-        }
+        3 => return Err(needs_spaxel(path, shape[2], shape[1])),
         _ => {
             return Err(FitError::read(
                 path,
@@ -251,6 +238,14 @@ pub fn read_cube_spaxels(
             }
         })
         .collect())
+}
+
+/// The error for a whole cube given where one spectrum is expected.
+fn needs_spaxel(path: &Path, nx: usize, ny: usize) -> FitError {
+    FitError::read(
+        path,
+        format!("a {nx}x{ny} datacube: choose a spaxel with --spaxel X Y"),
+    )
 }
 
 fn pick_row(all: &[f64], row: usize, n: usize) -> Vec<f64> {
