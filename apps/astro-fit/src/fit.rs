@@ -562,7 +562,8 @@ pub struct FitScratch {
     adjoint_out: Vec<f64>,
     /// Exact mode: templates NNLS may use in this pass (see [`Fitter::fit_from_templates`]).
     allowed: Vec<bool>,
-    held_out: Vec<bool>,
+    /// Kernel bins of the last evaluation (for pricing held-out templates at its solution).
+    used_bins: usize,
     /// The last search ended with a check that no held-out template was missing.
     complete_at_exit: bool,
 }
@@ -717,7 +718,7 @@ impl Fitter {
             adjoint_in: vec![0.0; npix],
             adjoint_out: vec![0.0; self.conv.n_fft()],
             allowed: vec![true; self.nt],
-            held_out: Vec::with_capacity(self.nt),
+            used_bins: 0,
             complete_at_exit: false,
         }
     }
@@ -844,37 +845,60 @@ impl Fitter {
         })
     }
 
-    /// With templates held out of the search, solve the NNLS over all templates at `p`
-    /// (warm-started from the restricted solution: one correlation with every template, more
-    /// only if some enter). When some enter, they are admitted and the new chi2 (without the
-    /// h penalty) is returned, the scratch holding the solution at `p`; None when the
-    /// restricted solution was already the full one (nothing changed).
+    /// With templates held out of the search and the scratch at the solution for `p`: price
+    /// every held-out template (its chi2 gradient at the restricted solution, from one adjoint
+    /// convolution of the residual) and admit those that would lower chi2. When some are
+    /// admitted, the weights are solved again at `p` and the new chi2 (without the h penalty)
+    /// is returned; None when the restricted solution is already the optimum over the whole
+    /// library (no held-out template has a positive gradient: NNLS's optimality conditions).
     fn admit_missing_templates(
         &self,
         s: &mut FitScratch,
         spectrum: &Spectrum,
         p: &[f64],
     ) -> Result<Option<f64>, FitError> {
-        if s.allowed.iter().all(|a| *a) {
+        if s.allowed.iter().all(|a| *a) || self.admit_by_gradient(s) == 0 {
             return Ok(None);
         }
-        // `held_out` keeps the restricted set while every template is allowed.
-        s.held_out.clear();
-        s.held_out.extend(s.allowed.iter().map(|a| !a));
-        s.allowed.fill(true);
-        let chi2 = self.evaluate(s, spectrum, p)?;
+        // Same point, same mask: the convolved columns and their products still hold.
+        self.evaluate_again(s, spectrum, p).map(Some)
+    }
+
+    /// Admit the held-out templates whose gradient at the scratch's solution is positive
+    /// (relative to the largest, as NNLS judges optimality); returns how many.
+    fn admit_by_gradient(&self, s: &mut FitScratch) -> usize {
         let np = self.poly.len();
-        let mut entered = false;
+        s.adjoint_in.fill(0.0);
+        for (g, &i) in s.good_idx.iter().enumerate() {
+            s.adjoint_in[i] = s.pixel_weight[i] * s.resid[g];
+        }
+        self.conv.adjoint(
+            &s.adjoint_in,
+            &s.kernel,
+            s.used_bins,
+            &mut s.adjoint_out,
+            &mut s.conv,
+        );
+        // Gradients scaled as NNLS scales its variables (unit diagonal).
+        let mut largest = 0.0f64;
+        for j in (0..self.nt).filter(|&j| !s.allowed[j]) {
+            let t = &self.samples[j];
+            let mut g = dot(t, &s.adjoint_out[..t.len()]);
+            if let Some(r) = &self.reg {
+                g -= dot(&r[j * self.nt..(j + 1) * self.nt], &s.x[np..]);
+            }
+            let g = g / self.mean_square[j].max(f64::MIN_POSITIVE).sqrt();
+            s.tw[j] = g;
+            largest = largest.max(g.abs());
+        }
+        let mut admitted = 0;
         for j in 0..self.nt {
-            if s.held_out[j] {
-                if s.x[np + j] > 0.0 {
-                    entered = true;
-                } else {
-                    s.allowed[j] = false;
-                }
+            if !s.allowed[j] && s.tw[j] > 1e-10 * largest {
+                s.allowed[j] = true;
+                admitted += 1;
             }
         }
-        Ok(entered.then_some(chi2))
+        admitted
     }
 
     fn min_sigma(&self) -> f64 {
@@ -936,6 +960,27 @@ impl Fitter {
         spectrum: &Spectrum,
         p: &[f64],
     ) -> Result<f64, FitError> {
+        self.evaluate_cached(s, spectrum, p, false)
+    }
+
+    /// [`Self::evaluate`] at the point and mask of the previous evaluation (after templates
+    /// were admitted): the columns convolved then, and their products, are kept.
+    fn evaluate_again(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        p: &[f64],
+    ) -> Result<f64, FitError> {
+        self.evaluate_cached(s, spectrum, p, true)
+    }
+
+    fn evaluate_cached(
+        &self,
+        s: &mut FitScratch,
+        spectrum: &Spectrum,
+        p: &[f64],
+        same_point: bool,
+    ) -> Result<f64, FitError> {
         s.evaluations += 1;
         let k = self.mix.basis_len();
         let npix = self.grid.npix;
@@ -944,6 +989,7 @@ impl Fitter {
         let ng = s.good_idx.len();
         let gh = self.losvd(p);
         let used = self.conv.losvd_kernel(&gh, &mut s.kernel);
+        s.used_bins = used;
         // Multiplicative polynomial, clipped like pPXF's.
         for i in 0..npix {
             let m: f64 = 1.0
@@ -956,7 +1002,7 @@ impl Fitter {
             s.mvec[i] = m.max(0.1);
         }
         if let Mix::Identity(_) = self.mix {
-            self.solve_exact(s, spectrum, used)?;
+            self.solve_exact(s, spectrum, used, same_point)?;
         } else {
             self.solve_compressed(s, spectrum, used)?;
         }
@@ -1053,27 +1099,31 @@ impl Fitter {
 
     /// Exact linear solve: NNLS over every template, convolving only the templates that
     /// enter the passive set; the gradient for all others comes from one adjoint FFT and a
-    /// dot product per template.
+    /// dot product per template. With `same_point`, the columns and products cached by the
+    /// previous solve (same kernel, weights and mask) are reused.
     fn solve_exact(
         &self,
         s: &mut FitScratch,
         spectrum: &Spectrum,
         used: usize,
+        same_point: bool,
     ) -> Result<(), FitError> {
         let npix = self.grid.npix;
         let np = self.poly.len();
         let nt = self.nt;
-        s.have_col.fill(false);
-        s.gc.fill(f64::NAN);
-        s.g_pt.fill(f64::NAN);
-        s.pixel_weight.fill(0.0);
-        for &i in &s.good_idx {
-            s.pixel_weight[i] = s.mvec[i] / spectrum.noise[i];
+        if !same_point {
+            s.have_col.fill(false);
+            s.gc.fill(f64::NAN);
+            s.g_pt.fill(f64::NAN);
+            s.pixel_weight.fill(0.0);
+            for &i in &s.good_idx {
+                s.pixel_weight[i] = s.mvec[i] / spectrum.noise[i];
+            }
+            s.wcols.resize(nt * s.good_idx.len(), 0.0);
+            // Template right-hand sides are computed on demand (LazyExact::rhs).
+            s.rhs_b.fill(f64::NAN);
         }
         let weight_sum: f64 = s.pixel_weight.iter().map(|w| w * w).sum();
-        s.wcols.resize(nt * s.good_idx.len(), 0.0);
-        // Template right-hand sides are computed on demand (LazyExact::rhs).
-        s.rhs_b.fill(f64::NAN);
         let lazy = LazyExact {
             fitter: self,
             np,
@@ -1318,12 +1368,39 @@ impl Fitter {
                 let err = inv[i * npar + i].max(0.0).sqrt().max(1e-12);
                 step_size = step_size.max(((trial[i] - p[i]) / err).abs());
             }
-            let prev_x = s.x.clone();
-            let mut trial_chi2 = self.evaluate(s, spectrum, &trial)?;
-            state_at_p = false;
-            let (trial_scale, trial_pen) = penalty(s, &trial);
-            trial_chi2 += trial_pen;
-            if trial_chi2 <= chi2 {
+            // chi2 reduction the linearised model predicts for the step: -(2 d.J^T r + d.J^T J d).
+            let predicted: f64 = -(0..npar)
+                .map(|i| {
+                    let d = trial[i] - p[i];
+                    let jd: f64 = (0..npar)
+                        .map(|j| jtj[i * npar + j] * (trial[j] - p[j]))
+                        .sum();
+                    d * (2.0 * jtr[i] + jd)
+                })
+                .sum::<f64>();
+            let tolerance = 1e-6 * chi2.max(1.0);
+            // Converged without trying the step: an undamped step from the current solution
+            // would move the parameters by less than 2% of their errors and lower chi2 by
+            // less than the tolerance (the test the step's outcome would face), so evaluating
+            // it would only confirm the minimum.
+            let at_minimum =
+                state_at_p && lambda <= 1e-2 && step_size < 0.02 && predicted < tolerance;
+            let mut converged = at_minimum;
+            if !at_minimum {
+                let prev_x = s.x.clone();
+                let mut trial_chi2 = self.evaluate(s, spectrum, &trial)?;
+                state_at_p = false;
+                let (trial_scale, trial_pen) = penalty(s, &trial);
+                trial_chi2 += trial_pen;
+                if trial_chi2 > chi2 {
+                    // Restore the accepted state's linear solution as the warm start.
+                    s.x = prev_x;
+                    lambda *= 10.0;
+                    if lambda > 1e10 {
+                        break;
+                    }
+                    continue;
+                }
                 let improvement = chi2 - trial_chi2;
                 p = trial;
                 chi2 = trial_chi2;
@@ -1332,43 +1409,41 @@ impl Fitter {
                 state_at_p = true;
                 lambda = (lambda * 0.1).max(1e-9);
                 need_jac = true;
-                // Converged: the step moved the parameters by a tiny fraction of their errors.
-                let converged = step_size < 1e-3 || improvement < 1e-6 * chi2.max(1.0);
-                // With templates held out: once near the minimum, and again at it, let in
-                // those the full solution wants here, and go on from the lower chi2.
-                if (converged || (step_size < 0.1 && !checked_near))
-                    && !s.allowed.iter().all(|a| *a)
-                {
-                    checked_near = true;
-                    match self.admit_missing_templates(s, spectrum, &p)? {
-                        Some(full_chi2) => {
-                            let (scale, pen) = penalty(s, &p);
-                            chi2 = full_chi2 + pen;
-                            pen_scale = scale;
-                            best_x.clone_from(&s.x);
-                            continue;
-                        }
-                        None => s.complete_at_exit = converged,
-                    }
-                }
-                if converged {
-                    break;
-                }
-            } else {
-                // Restore the accepted state's linear solution as the warm start.
-                s.x = prev_x;
-                lambda *= 10.0;
-                if lambda > 1e10 {
-                    break;
+                // Converged: the step moved the parameters by a tiny fraction of their errors,
+                // or barely lowered chi2.
+                converged = step_size < 1e-3 || improvement < tolerance;
+                let first_time_near = step_size < 0.1 && !checked_near;
+                if !converged && !first_time_near {
+                    continue;
                 }
             }
+            // With templates held out: once near the minimum, and again at it, let in those the
+            // full solution wants here, and go on from the lower chi2.
+            if !s.allowed.iter().all(|a| *a) {
+                checked_near = true;
+                if let Some(full_chi2) = self.admit_missing_templates(s, spectrum, &p)? {
+                    let (scale, pen) = penalty(s, &p);
+                    chi2 = full_chi2 + pen;
+                    pen_scale = scale;
+                    best_x.clone_from(&s.x);
+                    need_jac = true;
+                    continue;
+                }
+                s.complete_at_exit = converged;
+            }
+            if converged {
+                break;
+            }
         }
-        // Leave the scratch (columns, weights, residuals) at the solution.
+        // Leave the scratch (columns, weights, residuals) at the solution, with its Jacobian.
         if !state_at_p {
             s.x = best_x;
             self.evaluate(s, spectrum, &p)?;
+            need_jac = true;
         }
-        self.jacobian(s, spectrum, &p);
+        if need_jac {
+            self.jacobian(s, spectrum, &p);
+        }
         for a in 0..npar {
             for b in 0..npar {
                 jtj[a * npar + b] = dot(&s.jac[a * ng..(a + 1) * ng], &s.jac[b * ng..(b + 1) * ng]);
