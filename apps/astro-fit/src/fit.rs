@@ -739,8 +739,9 @@ impl Fitter {
     }
 
     /// Fit one spectrum, searching the kinematics with the templates `first` only (e.g. those
-    /// a global fit used), then admitting every other template the full non-negative solution
-    /// wants at that point and searching again, until none is missing. The result is the fit
+    /// a global fit used), then admitting every other template whose chi2 gradient at that
+    /// solution is positive (one adjoint correlation of the residual prices them all) and
+    /// searching again, until none is. The result is the fit
     /// with all templates: at the end the weights are the NNLS optimum over the whole library
     /// (its optimality conditions hold for every template) at kinematics where the gradient of
     /// chi2 vanishes. It is faster when `first` holds most of what each spectrum needs, since
