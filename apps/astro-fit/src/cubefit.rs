@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -200,6 +201,9 @@ pub struct CubeFitSummary {
     pub chunks: usize,
     pub chunks_resumed: usize,
     pub spectra_fitted_now: usize,
+    /// Model evaluations (convolution and NNLS solve) of the spectra fitted now, per fit.
+    #[serde(default)]
+    pub evaluations_per_fit: f64,
     pub failed_bins: usize,
     pub threads: usize,
     pub spectra_per_second: f64,
@@ -621,6 +625,8 @@ pub fn fit_cube(
         .map_err(|e| CubeFitError::Threads(e.to_string()))?;
     let bins_by_id: HashMap<usize, &BinSpec> = plan.bins.iter().map(|b| (b.id, b)).collect();
 
+    let evaluations = AtomicUsize::new(0);
+    let fitted_ok = AtomicUsize::new(0);
     let t = Instant::now();
     // This thread reads row bands in chunk order (one band in memory at a time) with the cube
     // already open (a .gz cube is decompressed once); a second thread fits each chunk on the
@@ -648,6 +654,10 @@ pub fn fit_cube(
                                     Ok((rest, fit))
                                 });
                                 progress.inc(1);
+                                if let Ok((_, fit)) = &outcome {
+                                    evaluations.fetch_add(fit.evaluations, Ordering::Relaxed);
+                                    fitted_ok.fetch_add(1, Ordering::Relaxed);
+                                }
                                 match outcome {
                                     Ok((rest, fit)) => (
                                         bin_result(*id, sn, &fit, &tpl, options.populations),
@@ -713,6 +723,7 @@ pub fn fit_cube(
         chunks: plan.chunks.len(),
         chunks_resumed: resumed,
         spectra_fitted_now: nspectra,
+        evaluations_per_fit: evaluations.into_inner() as f64 / fitted_ok.into_inner().max(1) as f64,
         failed_bins: summary_parts.failed,
         threads: pool.current_num_threads(),
         spectra_per_second: if timings.fit_s > 0.0 {

@@ -333,7 +333,7 @@ struct LazyCells<'a> {
     conv: &'a mut ConvolveScratch,
     model: &'a mut Vec<f64>,
     adjoint_in: &'a mut [f64],
-    adjoint_out: &'a mut [f64],
+    pricing: &'a mut [f64],
 }
 
 /// Normal matrix of [additive polynomials, all templates] built lazily: a template column is
@@ -479,16 +479,19 @@ impl LazyExact<'_> {
         for (g, &i) in self.good_idx.iter().enumerate() {
             c.adjoint_in[i] = c.weight[i] * c.model[g];
         }
-        self.fitter
-            .conv
-            .adjoint(c.adjoint_in, self.kernel, self.used, c.adjoint_out, c.conv);
+        let len = self.fitter.conv.adjoint_weights(
+            c.adjoint_in,
+            self.kernel,
+            self.used,
+            c.pricing,
+            c.conv,
+        );
         for j in 0..nt {
             if !self.allowed[j] {
                 out[np + j] = 0.0;
                 continue;
             }
-            let t = &self.fitter.samples[j];
-            out[np + j] = dot(t, &c.adjoint_out[..t.len()]);
+            out[np + j] = self.fitter.price(j, &c.pricing[..len]);
             if let Some(r) = &self.fitter.reg {
                 out[np + j] += sign * dot(&r[j * nt..(j + 1) * nt], &x[np..]);
             }
@@ -506,9 +509,8 @@ pub struct Fitter {
     nt: usize,
     conv: Convolver,
     basis: Vec<Vec<Complex64>>,
-    /// Exact mode: the template samples (for gradients through the adjoint) and their mean
-    /// squares (to scale NNLS without convolving every template).
-    samples: Vec<Vec<f64>>,
+    /// Exact mode: the templates' mean squares (to scale NNLS without convolving every
+    /// template).
     mean_square: Vec<f64>,
     mix: Mix,
     /// Additive Legendre polynomials P_0..P_degree on the galaxy pixels.
@@ -559,13 +561,32 @@ pub struct FitScratch {
     have_col: Vec<bool>,
     pixel_weight: Vec<f64>,
     adjoint_in: Vec<f64>,
-    adjoint_out: Vec<f64>,
+    pricing: Vec<f64>,
     /// Exact mode: templates NNLS may use in this pass (see [`Fitter::fit_from_templates`]).
     allowed: Vec<bool>,
     /// Kernel bins of the last evaluation (for pricing held-out templates at its solution).
     used_bins: usize,
     /// The last search ended with a check that no held-out template was missing.
     complete_at_exit: bool,
+}
+
+impl FitScratch {
+    /// Exact mode, at a new point or mask: drop the convolved columns and mark their products
+    /// and right-hand sides as not computed. Only entries of columns that were convolved can
+    /// have been filled, so only those are reset (the full Gram is nt x nt).
+    fn forget_columns(&mut self, np: usize) {
+        let nt = self.have_col.len();
+        for j in (0..nt).filter(|&j| self.have_col[j]) {
+            self.rhs_b[j] = f64::NAN;
+            for l in 0..np {
+                self.g_pt[l * nt + j] = f64::NAN;
+            }
+            for i in (0..nt).filter(|&i| self.have_col[i]) {
+                self.gc[i * nt + j] = f64::NAN;
+            }
+        }
+        self.have_col.fill(false);
+    }
 }
 
 /// Parameters in natural units: V, sigma (km/s), h3.., multiplicative coefficients.
@@ -622,15 +643,12 @@ impl Fitter {
             TemplateBasis::Compressed { tolerance } => compress(&templates.spectra, tolerance),
         };
         let basis = basis_samples.iter().map(|s| conv.spectrum_of(s)).collect();
-        let (samples, mean_square) = match mix {
-            Mix::Identity(_) => {
-                let ms = basis_samples
-                    .iter()
-                    .map(|t| t.iter().map(|v| v * v).sum::<f64>() / t.len().max(1) as f64)
-                    .collect();
-                (basis_samples, ms)
-            }
-            Mix::Dense { .. } => (Vec::new(), Vec::new()),
+        let mean_square = match mix {
+            Mix::Identity(_) => basis_samples
+                .iter()
+                .map(|t| t.iter().map(|v| v * v).sum::<f64>() / t.len().max(1) as f64)
+                .collect(),
+            Mix::Dense { .. } => Vec::new(),
         };
         let x: Vec<f64> = (0..grid.npix)
             .map(|i| -1.0 + 2.0 * i as f64 / (grid.npix - 1) as f64)
@@ -649,7 +667,6 @@ impl Fitter {
             nt,
             conv,
             basis,
-            samples,
             mean_square,
             mix,
             poly,
@@ -692,12 +709,13 @@ impl Fitter {
             good_idx: Vec::with_capacity(npix),
             mvec: vec![1.0; npix],
             g_pp: vec![0.0; np * np],
-            g_pt: vec![0.0; np * self.nt],
+            // NaN marks products not computed yet (exact mode fills them on demand).
+            g_pt: vec![f64::NAN; np * self.nt],
             g_bp: vec![0.0; k * np],
             g_bb: vec![0.0; k * k],
-            gc: vec![0.0; k * self.nt],
+            gc: vec![f64::NAN; k * self.nt],
             rhs: vec![0.0; np + self.nt],
-            rhs_b: vec![0.0; k],
+            rhs_b: vec![f64::NAN; k],
             x: vec![0.0; np + self.nt],
             u: vec![0.0; k],
             nnls: NnlsSolver::default(),
@@ -716,7 +734,7 @@ impl Fitter {
             have_col: vec![false; k],
             pixel_weight: vec![0.0; npix],
             adjoint_in: vec![0.0; npix],
-            adjoint_out: vec![0.0; self.conv.n_fft()],
+            pricing: vec![0.0; 2 * nb],
             allowed: vec![true; self.nt],
             used_bins: 0,
             complete_at_exit: false,
@@ -873,18 +891,17 @@ impl Fitter {
         for (g, &i) in s.good_idx.iter().enumerate() {
             s.adjoint_in[i] = s.pixel_weight[i] * s.resid[g];
         }
-        self.conv.adjoint(
+        let len = self.conv.adjoint_weights(
             &s.adjoint_in,
             &s.kernel,
             s.used_bins,
-            &mut s.adjoint_out,
+            &mut s.pricing,
             &mut s.conv,
         );
         // Gradients scaled as NNLS scales its variables (unit diagonal).
         let mut largest = 0.0f64;
         for j in (0..self.nt).filter(|&j| !s.allowed[j]) {
-            let t = &self.samples[j];
-            let mut g = dot(t, &s.adjoint_out[..t.len()]);
+            let mut g = self.price(j, &s.pricing[..len]);
             if let Some(r) = &self.reg {
                 g -= dot(&r[j * self.nt..(j + 1) * self.nt], &s.x[np..]);
             }
@@ -900,6 +917,13 @@ impl Fitter {
             }
         }
         admitted
+    }
+
+    /// Correlation of template `j` with the residual behind `weights` (from
+    /// [`Convolver::adjoint_weights`]), computed on the template's spectrum.
+    fn price(&self, j: usize, weights: &[f64]) -> f64 {
+        let spectrum: &[f64] = bytemuck::cast_slice(&self.basis[j]);
+        dot(&spectrum[..weights.len()], weights)
     }
 
     fn min_sigma(&self) -> f64 {
@@ -1113,16 +1137,12 @@ impl Fitter {
         let np = self.poly.len();
         let nt = self.nt;
         if !same_point {
-            s.have_col.fill(false);
-            s.gc.fill(f64::NAN);
-            s.g_pt.fill(f64::NAN);
+            s.forget_columns(np);
             s.pixel_weight.fill(0.0);
             for &i in &s.good_idx {
                 s.pixel_weight[i] = s.mvec[i] / spectrum.noise[i];
             }
             s.wcols.resize(nt * s.good_idx.len(), 0.0);
-            // Template right-hand sides are computed on demand (LazyExact::rhs).
-            s.rhs_b.fill(f64::NAN);
         }
         let weight_sum: f64 = s.pixel_weight.iter().map(|w| w * w).sum();
         let lazy = LazyExact {
@@ -1149,7 +1169,7 @@ impl Fitter {
                 conv: &mut s.conv,
                 model: &mut s.resid,
                 adjoint_in: &mut s.adjoint_in,
-                adjoint_out: &mut s.adjoint_out,
+                pricing: &mut s.pricing,
             }),
         };
         let solved = s.nnls.solve(&lazy, &s.rhs, np, &mut s.x);
@@ -1161,15 +1181,15 @@ impl Fitter {
         let npix = self.grid.npix;
         let k = self.mix.basis_len();
         let np = self.poly.len();
-        (0..npix)
-            .map(|i| {
-                let stellar: f64 = (0..k)
-                    .filter(|&a| s.u[a] != 0.0)
-                    .map(|a| s.cols[a * npix + i] * s.u[a])
-                    .sum();
-                stellar * s.mvec[i] + (0..np).map(|l| self.poly[l][i] * s.x[l]).sum::<f64>()
-            })
-            .collect()
+        s.stellar.fill(0.0);
+        for a in (0..k).filter(|&a| s.u[a] != 0.0) {
+            axpy(s.u[a], &s.cols[a * npix..(a + 1) * npix], &mut s.stellar);
+        }
+        let mut model: Vec<f64> = s.stellar.iter().zip(&s.mvec).map(|(t, m)| t * m).collect();
+        for (poly, &c) in self.poly.iter().zip(&s.x[..np]) {
+            axpy(c, poly, &mut model);
+        }
+        model
     }
 
     /// Jacobian of the weighted residuals (rows: good pixels) with respect to the free

@@ -415,6 +415,52 @@ impl Convolver {
         scratch: &mut ConvolveScratch,
     ) {
         let s = scratch;
+        self.adjoint_bins(u, kernel, used, s);
+        s.adj_full[used..].fill(Complex64::new(0.0, 0.0));
+        self.inverse_full
+            .process_with_scratch(&mut s.adj_full, out, &mut s.adj_fft)
+            .expect("buffer sizes come from the plan");
+        let scale = 1.0 / self.n_fft as f64;
+        for o in out.iter_mut() {
+            *o *= scale;
+        }
+    }
+
+    /// The adjoint left in the Fourier domain, as weights that price templates without an
+    /// inverse transform: for every template `t` and its spectrum `T = spectrum_of(t)`,
+    /// `<t, adjoint(u)>` equals the dot product of `T`'s first `used` bins, read as
+    /// (re, im) pairs, with `out[..2 used]` (Parseval). Only the bins the kernel reaches
+    /// count, so a broad LOSVD prices in fewer numbers than the template has samples.
+    /// Returns `2 used`.
+    pub fn adjoint_weights(
+        &self,
+        u: &[f64],
+        kernel: &[Complex64],
+        used: usize,
+        out: &mut [f64],
+        scratch: &mut ConvolveScratch,
+    ) -> usize {
+        self.adjoint_bins(u, kernel, used, scratch);
+        let scale = 1.0 / self.n_fft as f64;
+        for (k, (pair, a)) in out
+            .chunks_exact_mut(2)
+            .zip(&scratch.adj_full[..used])
+            .enumerate()
+        {
+            // Bins 0 and n/2 are their own mirrors (real); every other bin stands for two.
+            let (w, im) = if k == 0 || 2 * k == self.n_fft {
+                (scale, 0.0)
+            } else {
+                (2.0 * scale, a.im)
+            };
+            pair[0] = w * a.re;
+            pair[1] = w * im;
+        }
+        2 * used
+    }
+
+    /// `adj_full[..used]`: the spectrum of the adjoint of `apply` applied to `u`.
+    fn adjoint_bins(&self, u: &[f64], kernel: &[Complex64], used: usize, s: &mut ConvolveScratch) {
         s.adj_in.fill(0.0);
         s.adj_in[..u.len()].copy_from_slice(u);
         self.forward_dec
@@ -422,7 +468,6 @@ impl Convolver {
             .expect("buffer sizes come from the plan");
         // Upsampling by zeros repeats the decimated spectrum periodically.
         let m = self.n_dec;
-        s.adj_full.fill(Complex64::new(0.0, 0.0));
         for k in 0..used {
             let idx = k % m;
             let v = if idx <= m / 2 {
@@ -434,13 +479,8 @@ impl Convolver {
         }
         s.adj_full[0].im = 0.0;
         let last = s.adj_full.len() - 1;
-        s.adj_full[last].im = 0.0;
-        self.inverse_full
-            .process_with_scratch(&mut s.adj_full, out, &mut s.adj_fft)
-            .expect("buffer sizes come from the plan");
-        let scale = 1.0 / self.n_fft as f64;
-        for o in out.iter_mut() {
-            *o *= scale;
+        if used > last {
+            s.adj_full[last].im = 0.0;
         }
     }
 }
@@ -591,7 +631,7 @@ mod tests {
 
         /// <L t, u> = <t, L^T u> for the convolve-average-decimate operator.
         #[test]
-        fn adjoint_is_the_transpose(v in -20.0f64..20.0, sigma in 0.3f64..9.0, factor in 1usize..4,
+        fn adjoint_is_the_transpose_and_prices_on_spectra(v in -20.0f64..20.0, sigma in 0.3f64..9.0, factor in 1usize..4,
                                     offset in 0.0f64..40.0, seed in 0u64..1000) {
             let n_fft = fast_fft_len(400, 2 * factor);
             let conv = Convolver::new(n_fft, factor, offset);
@@ -611,6 +651,13 @@ mod tests {
             let lhs: f64 = lt.iter().zip(&u).map(|(a, b)| a * b).sum();
             let rhs: f64 = t.iter().zip(&ltu).map(|(a, b)| a * b).sum();
             prop_assert!((lhs - rhs).abs() < 1e-9 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
+            // The same correlation priced on the template's spectrum (Parseval).
+            let mut weights = vec![0.0; 2 * conv.n_bins()];
+            let len = conv.adjoint_weights(&u, &kernel, used, &mut weights, &mut scratch);
+            let spectrum = conv.spectrum_of(&t);
+            let pairs: &[f64] = bytemuck::cast_slice(&spectrum);
+            let priced: f64 = pairs[..len].iter().zip(&weights).map(|(a, b)| a * b).sum();
+            prop_assert!((priced - rhs).abs() < 1e-9 * (1.0 + rhs.abs()), "{priced} vs {rhs}");
         }
 
         /// The recurrences of the kernel agree with the closed form at every bin, including
