@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::FitError;
 use crate::mapplot::{ColorScale, Panel, PlotError, plot_maps};
-use crate::synthetic::{BinAccuracy, accuracy_by_sn, read_truth};
+use crate::synthetic::{BinAccuracy, accuracy_by_sn, accuracy_in, read_truth};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccuracyError {
@@ -32,6 +32,9 @@ pub struct AccuracyReport {
     /// Truth spaxels without a fitted value (masked in the MAPS).
     pub missing: usize,
     pub by_sn: Vec<BinAccuracy>,
+    /// S/N 20 and above together: where the spread of (fit - truth) / error is judged when the
+    /// brightest bin alone is too small to measure one (8 spaxels on the seed-7 cube).
+    pub above_sn_20: BinAccuracy,
 }
 
 fn read_map(f: &mut FitsFile, path: &Path, name: &str) -> Result<Vec<f64>, AccuracyError> {
@@ -128,5 +131,6 @@ pub fn compare_with_truth(
         compared: rows.len(),
         missing,
         by_sn: accuracy_by_sn(&rows),
+        above_sn_20: accuracy_in(&rows, 20.0, f64::INFINITY),
     })
 }

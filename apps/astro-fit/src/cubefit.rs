@@ -35,6 +35,7 @@ use crate::prepare::{self, BinSpectrum, PrepareConfig, PrepareError};
 use crate::spectrum::{ObservedSpectrum, RestFrameSpectrum, mask_emission_lines};
 use crate::templates::{self, C_KMS, Medium, PreparedTemplates, ResolutionCurve, TemplateLibrary};
 use crate::voronoi::BinningOutcome;
+use crate::xcorr::CrossCorrelation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CubeFitError {
@@ -156,6 +157,10 @@ pub struct GlobalFit {
     pub chi2: f64,
     /// Templates (by name) each bin is fitted with.
     pub templates: Vec<String>,
+    /// Their weights in the global fit (the reference each bin's start is correlated with);
+    /// empty in plans written before they were kept, which then start every bin at (v, sigma).
+    #[serde(default)]
+    pub weights: Vec<f64>,
 }
 
 /// `plan.json`: what a rerun must agree with to resume.
@@ -484,6 +489,40 @@ fn differences(a: &CubeFitOptions, b: &CubeFitOptions) -> Vec<String> {
         .collect()
 }
 
+/// Each bin's search starts where its spectrum correlates best with the global fit's stellar
+/// model (see [`CrossCorrelation`]); None for plans without the global weights.
+fn start_finder(
+    global: &GlobalFit,
+    names: &[String],
+    fitter: &Fitter,
+) -> Result<Option<CrossCorrelation>, CubeFitError> {
+    if global.weights.len() != global.templates.len() || global.weights.is_empty() {
+        return Ok(None);
+    }
+    let by_name: HashMap<&str, f64> = global
+        .templates
+        .iter()
+        .map(String::as_str)
+        .zip(global.weights.iter().copied())
+        .collect();
+    let weights: Vec<f64> = names
+        .iter()
+        .map(|n| by_name.get(n.as_str()).copied().unwrap_or(0.0))
+        .collect();
+    // A reference one pixel wide keeps the correlation peak sharp; its width is calibrated.
+    let velscale = fitter.grid().velscale;
+    let reference_start = Start::new(global.v, velscale);
+    let reference = fitter
+        .stellar_model(&weights, &reference_start)
+        .map_err(CubeFitError::GlobalFit)?;
+    Ok(CrossCorrelation::new(
+        &reference,
+        reference_start,
+        velscale,
+        fitter.config().max_velocity,
+    ))
+}
+
 /// Step 1-3: the plan, computed, or read back when the output directory already has one.
 fn make_or_load_plan(
     options: &CubeFitOptions,
@@ -547,13 +586,13 @@ fn make_or_load_plan(
     let fit = fitter
         .fit(&rest.spectrum, &Start::new(0.0, 150.0))
         .map_err(CubeFitError::GlobalFit)?;
-    let keep: Vec<String> = all
+    let (keep, weights): (Vec<String>, Vec<f64>) = all
         .names
         .iter()
         .zip(&fit.weights)
         .filter(|(_, w)| options.populations || **w > 0.0)
-        .map(|(n, _)| n.clone())
-        .collect();
+        .map(|(n, w)| (n.clone(), *w))
+        .unzip();
     timings.global_fit_s = t.elapsed().as_secs_f64();
     let plan = CubePlan {
         options: options.clone(),
@@ -567,6 +606,7 @@ fn make_or_load_plan(
             sigma: fit.sigma,
             chi2: fit.chi2,
             templates: keep,
+            weights,
         },
     };
     std::fs::create_dir_all(options.out.join("chunks")).map_err(io_err(&options.out))?;
@@ -610,6 +650,7 @@ pub fn fit_cube(
     let fitter =
         Fitter::new(&tpl, gg.grid, fit_config(options)).map_err(CubeFitError::Templates)?;
     let start_values = Start::new(plan.global.v, plan.global.sigma);
+    let xcorr = start_finder(&plan.global, &lib.names, &fitter)?;
 
     let todo: Vec<&Chunk> = plan
         .chunks
@@ -641,14 +682,20 @@ pub fn fit_cube(
                         .par_iter()
                         .zip(spectra.par_iter())
                         .map_init(
-                            || fitter.scratch(),
-                            |scratch, (id, spec)| {
+                            || (fitter.scratch(), xcorr.as_ref().map(|x| x.scratch())),
+                            |(scratch, xscratch), (id, spec)| {
                                 let sn = bins_by_id[id].sn;
                                 let outcome = gg.rest_frame(spec).and_then(|rest| {
+                                    let sp = &rest.spectrum;
+                                    let start = xcorr
+                                        .as_ref()
+                                        .zip(xscratch.as_mut())
+                                        .and_then(|(x, xs)| x.start_for(&sp.flux, &sp.good, xs))
+                                        .unwrap_or(start_values);
                                     let fit = fitter.fit_from_templates(
                                         scratch,
-                                        &rest.spectrum,
-                                        &start_values,
+                                        sp,
+                                        &start,
                                         Some(&first),
                                     )?;
                                     Ok((rest, fit))

@@ -741,6 +741,34 @@ impl Fitter {
         }
     }
 
+    /// The templates mixed by `weights` (one per template) and convolved with the LOSVD of
+    /// `start`, on the galaxy grid: a stellar model without polynomials.
+    pub fn stellar_model(&self, weights: &[f64], start: &Start) -> Result<Vec<f64>, FitError> {
+        if weights.len() != self.nt {
+            return Err(FitError::Config(format!(
+                "{} weights for {} templates",
+                weights.len(),
+                self.nt
+            )));
+        }
+        let mut s = self.scratch();
+        let mut p = vec![start.v, start.sigma.max(self.min_sigma())];
+        p.extend_from_slice(&start.h[..self.cfg.moments - 2]);
+        let used = self.conv.losvd_kernel(&self.losvd(&p), &mut s.kernel);
+        self.mix.to_basis(weights, &mut s.u);
+        let combined = &mut s.combined;
+        combined.fill(Complex64::new(0.0, 0.0));
+        for (b, &ua) in self.basis.iter().zip(&s.u) {
+            for (c, z) in combined[..used].iter_mut().zip(b) {
+                *c += z * ua;
+            }
+        }
+        let mut model = vec![0.0; self.grid.npix];
+        self.conv
+            .apply(&s.combined, &s.kernel, used, &mut model, &mut s.conv);
+        Ok(model)
+    }
+
     /// Fit one spectrum (allocates a scratch; use [`Self::fit_with`] in loops).
     pub fn fit(&self, spectrum: &Spectrum, start: &Start) -> Result<FitResult, FitError> {
         self.fit_with(&mut self.scratch(), spectrum, start)
@@ -817,7 +845,12 @@ impl Fitter {
         let mut cov;
         let mut pass = 0;
         loop {
-            (params, cov) = self.levenberg_marquardt(s, spectrum, &good, params, bias)?;
+            // Held-out templates are priced at the start of the first search as well: from a
+            // start near the solution (cube fits correlate one, see `xcorr`), most of what the
+            // spectrum needs enters before the search rather than after it.
+            let price_at_start = pass == 0;
+            (params, cov) =
+                self.levenberg_marquardt(s, spectrum, &good, params, bias, price_at_start)?;
             // The search checks for missing templates as it converges; a search that stopped
             // otherwise (step limits) is checked here.
             while !s.complete_at_exit
@@ -825,7 +858,8 @@ impl Fitter {
                     .admit_missing_templates(s, spectrum, &params)?
                     .is_some()
             {
-                (params, cov) = self.levenberg_marquardt(s, spectrum, &good, params, bias)?;
+                (params, cov) =
+                    self.levenberg_marquardt(s, spectrum, &good, params, bias, false)?;
             }
             pass += 1;
             if !self.cfg.clean || pass == 2 {
@@ -1321,6 +1355,8 @@ impl Fitter {
     }
 
     /// Bounded Levenberg-Marquardt; returns the parameters and their covariance (npar x npar).
+    /// With templates held out, they are priced (and admitted) near and at the minimum, and
+    /// with `price_at_start` also at the starting point.
     fn levenberg_marquardt(
         &self,
         s: &mut FitScratch,
@@ -1328,6 +1364,7 @@ impl Fitter {
         good: &[bool],
         mut p: Params,
         bias: f64,
+        price_at_start: bool,
     ) -> Result<(Params, Vec<f64>), FitError> {
         self.set_mask(s, spectrum, good);
         let npar = p.len();
@@ -1342,6 +1379,9 @@ impl Fitter {
             (scale, scale * scale * d2)
         };
         let mut chi2 = self.evaluate(s, spectrum, &p)?;
+        if price_at_start && let Some(full_chi2) = self.admit_missing_templates(s, spectrum, &p)? {
+            chi2 = full_chi2;
+        }
         let (mut pen_scale, pen) = penalty(s, &p);
         chi2 += pen;
         let mut lambda = 1e-3;

@@ -29,6 +29,7 @@ pub mod plan;
 pub mod prepare;
 pub mod synth;
 pub mod voronoi;
+pub mod xcorr;
 
 // TARSIS edge: filtering and compression before data leave the site.
 pub mod edge;

@@ -104,14 +104,18 @@ fn a_search_started_from_some_templates_ends_at_the_full_library_fit() {
             .iter()
             .enumerate()
             .any(|(j, w)| *w > 0.0 && j % 10 != 0);
+        // Each search stops once a step is predicted to lower chi2 by less than 1e-6 chi2,
+        // i.e. within sqrt(1e-6 chi2) ~ 0.055 errors (chi2 ~ 3000) of the minimum along the
+        // flattest direction; two searches from different template sets agree within that.
+        let close = 0.05;
         assert!(
-            (grown.v - full.v).abs() < 0.02 * full.errors[0],
+            (grown.v - full.v).abs() < close * full.errors[0],
             "V {} vs {}",
             grown.v,
             full.v
         );
         assert!(
-            (grown.sigma - full.sigma).abs() < 0.02 * full.errors[1],
+            (grown.sigma - full.sigma).abs() < close * full.errors[1],
             "sigma {} vs {}",
             grown.sigma,
             full.sigma
