@@ -515,11 +515,16 @@ fn start_finder(
     let reference = fitter
         .stellar_model(&weights, &reference_start)
         .map_err(CubeFitError::GlobalFit)?;
+    // Spaxels of one galaxy move by a few times the global dispersion (which rotation
+    // broadens) at most; a peak further out is more likely noise, and the global start stays.
+    let max_offset = (3.0 * global.sigma)
+        .max(500.0)
+        .min(fitter.config().max_velocity);
     Ok(CrossCorrelation::new(
         &reference,
         reference_start,
         velscale,
-        fitter.config().max_velocity,
+        max_offset,
     ))
 }
 

@@ -65,12 +65,13 @@ struct Peak {
 
 impl CrossCorrelation {
     /// `reference`: a model on the galaxy grid (no polynomials needed) with the kinematics
-    /// `reference_start`. None when the reference has no line signal to correlate.
+    /// `reference_start`; peaks are searched within +-`max_offset` km/s of its V. None when
+    /// the reference has no line signal to correlate.
     pub fn new(
         reference: &[f64],
         reference_start: Start,
         velscale: f64,
-        max_velocity: f64,
+        max_offset: f64,
     ) -> Option<Self> {
         let npix = reference.len();
         // Zero padding to twice the length keeps the lags of interest free of wrap-around.
@@ -78,7 +79,7 @@ impl CrossCorrelation {
         let mut planner = RealFftPlanner::<f64>::new();
         let forward = planner.plan_fft_forward(n);
         let inverse = planner.plan_fft_inverse(n);
-        let max_lag = ((max_velocity / velscale).ceil() as usize).min(npix / 2);
+        let max_lag = ((max_offset / velscale).ceil() as usize).min(npix / 2);
         let mut xc = CrossCorrelation {
             forward,
             inverse,
@@ -172,9 +173,14 @@ impl CrossCorrelation {
     }
 }
 
+/// Tonry & Davis's r below which a peak is not trusted: its height over the noise estimated
+/// from the correlation's antisymmetric part about the peak.
+const MIN_PEAK_SIGNIFICANCE: f64 = 3.0;
+
 /// Peak of a circular correlation (lag k at index k, lag -k at n - k) within +-`max_lag`:
 /// sub-pixel lag from the parabola through the highest sample and its neighbours, width from
-/// the Gaussian through them (the parabola of the logarithm).
+/// the Gaussian through them (the parabola of the logarithm). None when the highest sample is
+/// on the edge of the range or not significant.
 fn peak(ccf: &[f64], max_lag: usize) -> Option<Peak> {
     let n = ccf.len();
     let at = |lag: isize| ccf[lag.rem_euclid(n as isize) as usize];
@@ -186,6 +192,18 @@ fn peak(ccf: &[f64], max_lag: usize) -> Option<Peak> {
     }
     let (left, centre, right) = (at(best - 1), at(best), at(best + 1));
     if !(left > 0.0 && centre > 0.0 && right > 0.0) {
+        return None;
+    }
+    // A correlation with a shifted copy of the reference is symmetric about its peak; noise
+    // and chance alignments are not (Tonry & Davis 1979, r = h / (sqrt(2) sigma_a)).
+    let antisymmetric2 = (1..=max_lag)
+        .map(|x| {
+            let a = 0.5 * (at(best + x) - at(best - x));
+            a * a
+        })
+        .sum::<f64>()
+        / max_lag as f64;
+    if centre < MIN_PEAK_SIGNIFICANCE * (2.0 * antisymmetric2).sqrt() {
         return None;
     }
     let curvature = left - 2.0 * centre + right;
@@ -319,6 +337,72 @@ mod tests {
             assert!(start.v.abs() <= 700.0, "{start:?}");
         }
         assert_eq!(xc.start_for(&vec![1.0; npix - 1], &good, &mut s), None);
+    }
+
+    #[test]
+    fn noise_alone_gives_no_start() {
+        let velscale = 70.0;
+        let npix = 2000;
+        let xc = CrossCorrelation::new(
+            &lines(npix, 0.0, 2.0),
+            Start::new(0.0, 140.0),
+            velscale,
+            700.0,
+        )
+        .unwrap();
+        let mut s = xc.scratch();
+        let good = vec![true; npix];
+        // A linear congruential sequence: white noise around a flat continuum.
+        let mut state = 12345u64;
+        let noise: Vec<f64> = (0..npix)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                1.0 + 0.1 * ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5)
+            })
+            .collect();
+        assert_eq!(xc.start_for(&noise, &good, &mut s), None);
+        // The same noise on top of the lines: the peak stands out again.
+        let observed: Vec<f64> = lines(npix, 2.0, 2.0)
+            .iter()
+            .zip(&noise)
+            .map(|(l, n)| l * n)
+            .collect();
+        let start = xc.start_for(&observed, &good, &mut s).unwrap();
+        assert!(
+            (start.v - 2.0 * velscale).abs() < 0.2 * velscale,
+            "{start:?}"
+        );
+    }
+
+    /// A correlation sampled at lags -10..=10 (circularly, n = 64).
+    fn sampled(f: impl Fn(f64) -> f64) -> Vec<f64> {
+        let mut ccf = vec![0.0; 64];
+        for lag in -10isize..=10 {
+            ccf[lag.rem_euclid(64) as usize] = f(lag as f64);
+        }
+        ccf
+    }
+
+    #[test]
+    fn a_peak_must_be_interior_and_stand_above_the_antisymmetric_noise() {
+        let bump = |x: f64| (-(x - 2.3) * (x - 2.3) / 4.0).exp();
+        let found = peak(&sampled(bump), 10).unwrap();
+        assert!((found.lag - 2.3).abs() < 0.1, "{found:?}");
+        // Zero-mean "noise" whose highest sample (lag 2) has positive neighbours: a maximum,
+        // but no taller than the noise says a chance one would be.
+        let noise = |x: f64| {
+            let u = ((x + 11.0) * 7919.0 % 101.0) / 50.0 - 1.0;
+            match x as i64 {
+                2 => 0.6,
+                1 | 3 => 0.55,
+                _ => 0.5 * u,
+            }
+        };
+        assert_eq!(peak(&sampled(noise), 10), None);
+        // The highest sample on the edge of the range.
+        assert_eq!(peak(&sampled(|x| 1.0 + 0.01 * x), 10), None);
     }
 
     #[test]
