@@ -756,17 +756,22 @@ impl Fitter {
         p.extend_from_slice(&start.h[..self.cfg.moments - 2]);
         let used = self.conv.losvd_kernel(&self.losvd(&p), &mut s.kernel);
         self.mix.to_basis(weights, &mut s.u);
-        let combined = &mut s.combined;
-        combined.fill(Complex64::new(0.0, 0.0));
-        for (b, &ua) in self.basis.iter().zip(&s.u) {
-            for (c, z) in combined[..used].iter_mut().zip(b) {
-                *c += z * ua;
-            }
-        }
+        self.combine_basis(&s.u, used, &mut s.combined);
         let mut model = vec![0.0; self.grid.npix];
         self.conv
             .apply(&s.combined, &s.kernel, used, &mut model, &mut s.conv);
         Ok(model)
+    }
+
+    /// `combined[..used]` = the spectra of the basis weighted by `u` (a mixed template's
+    /// spectrum, on the bins a kernel reaches).
+    fn combine_basis(&self, u: &[f64], used: usize, combined: &mut [Complex64]) {
+        combined[..used].fill(Complex64::new(0.0, 0.0));
+        for (b, &ua) in self.basis.iter().zip(u).filter(|(_, ua)| **ua != 0.0) {
+            for (c, z) in combined[..used].iter_mut().zip(&b[..used]) {
+                *c += z * ua;
+            }
+        }
     }
 
     /// Fit one spectrum (allocates a scratch; use [`Self::fit_with`] in loops).
@@ -1240,17 +1245,8 @@ impl Fitter {
         let used = self
             .conv
             .losvd_kernel_with_derivatives(&gh, &mut s.kernel, &mut s.dkernel);
-        // Weighted sum of basis spectra: the best-fit stellar template before convolution.
-        s.combined[..used].fill(Complex64::new(0.0, 0.0));
-        for a in 0..k {
-            let ua = s.u[a];
-            if ua == 0.0 {
-                continue;
-            }
-            for (c, b) in s.combined[..used].iter_mut().zip(&self.basis[a][..used]) {
-                *c += b * ua;
-            }
-        }
+        // The best-fit stellar template before convolution.
+        self.combine_basis(&s.u, used, &mut s.combined);
         // Unmultiplied stellar model for the multiplicative derivatives.
         s.stellar.fill(0.0);
         for a in 0..k {

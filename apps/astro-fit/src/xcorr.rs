@@ -265,17 +265,28 @@ mod tests {
             .collect()
     }
 
+    const VELSCALE: f64 = 70.0;
+    const NPIX: usize = 2000;
+
+    /// A reference of 2-pixel (140 km/s) lines at `v0`, searched within +-`max_offset` km/s.
+    fn reference(v0: f64, max_offset: f64) -> (CrossCorrelation, XcorrScratch) {
+        let xc = CrossCorrelation::new(
+            &lines(NPIX, 0.0, 2.0),
+            Start::new(v0, 2.0 * VELSCALE),
+            VELSCALE,
+            max_offset,
+        )
+        .expect("the reference has lines");
+        let s = xc.scratch();
+        (xc, s)
+    }
+
     #[test]
     fn recovers_the_shift_and_broadening_of_a_line_spectrum() {
-        let velscale = 70.0;
-        let npix = 2000;
-        let reference = lines(npix, 0.0, 2.0);
-        let xc = CrossCorrelation::new(&reference, Start::new(10.0, 140.0), velscale, 2000.0)
-            .expect("the reference has lines");
-        let mut s = xc.scratch();
+        let (velscale, npix) = (VELSCALE, NPIX);
+        let (xc, mut s) = reference(10.0, 2000.0);
         let good = vec![true; npix];
-        // The reference's lines are 2 pixels (140 km/s) wide; these are shifted by 3.4 pixels
-        // and 2.5 pixels wide.
+        // Shifted by 3.4 pixels and 2.5 pixels wide.
         let observed = lines(npix, 3.4, 2.5);
         let start = xc.start_for(&observed, &good, &mut s).unwrap();
         assert!(
@@ -290,16 +301,8 @@ mod tests {
 
     #[test]
     fn masked_pixels_and_noise_do_not_move_the_peak() {
-        let velscale = 70.0;
-        let npix = 2000;
-        let xc = CrossCorrelation::new(
-            &lines(npix, 0.0, 2.0),
-            Start::new(0.0, 140.0),
-            velscale,
-            1000.0,
-        )
-        .unwrap();
-        let mut s = xc.scratch();
+        let (velscale, npix) = (VELSCALE, NPIX);
+        let (xc, mut s) = reference(0.0, 1000.0);
         let mut observed = lines(npix, -5.2, 2.0);
         let mut good = vec![true; npix];
         for (i, (f, g)) in observed.iter_mut().zip(good.iter_mut()).enumerate() {
@@ -319,16 +322,8 @@ mod tests {
 
     #[test]
     fn a_flat_spectrum_or_a_shift_beyond_the_range_gives_no_start() {
-        let velscale = 70.0;
-        let npix = 2000;
-        let xc = CrossCorrelation::new(
-            &lines(npix, 0.0, 2.0),
-            Start::new(0.0, 140.0),
-            velscale,
-            700.0,
-        )
-        .unwrap();
-        let mut s = xc.scratch();
+        let npix = NPIX;
+        let (xc, mut s) = reference(0.0, 700.0);
         let good = vec![true; npix];
         assert_eq!(xc.start_for(&vec![1.0; npix], &good, &mut s), None);
         // 30 pixels = 2100 km/s, beyond +-700 km/s: the best lag in range is on its edge or
@@ -341,16 +336,8 @@ mod tests {
 
     #[test]
     fn noise_alone_gives_no_start() {
-        let velscale = 70.0;
-        let npix = 2000;
-        let xc = CrossCorrelation::new(
-            &lines(npix, 0.0, 2.0),
-            Start::new(0.0, 140.0),
-            velscale,
-            700.0,
-        )
-        .unwrap();
-        let mut s = xc.scratch();
+        let (velscale, npix) = (VELSCALE, NPIX);
+        let (xc, mut s) = reference(0.0, 700.0);
         let good = vec![true; npix];
         // A linear congruential sequence: white noise around a flat continuum.
         let mut state = 12345u64;
