@@ -77,6 +77,8 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(patch_status))
         .routes(routes!(upload_content, download_content))
         .routes(routes!(results_index))
+        .routes(routes!(upload_artifact))
+        .routes(routes!(download_artifact))
         .routes(routes!(result_file))
         .routes(routes!(application_logs))
         .routes(routes!(lease_task))
@@ -368,14 +370,22 @@ async fn check_references(
     store: &Store,
     kind: Kind,
     name: &str,
-    regions: &[String],
+    submitted: &crate::resources::Submitted,
 ) -> Result<(), ApiError> {
     let mut missing = Vec::new();
-    for region in regions {
+    for region in &submitted.referenced_regions {
         if store.get_raw(Kind::Region, region).await?.is_none() {
             missing.push(ceccm_federation::Violation::new(
                 "spec.placement.regions",
                 format!("region {region:?} does not exist"),
+            ));
+        }
+    }
+    for (field, dataset) in &submitted.referenced_datasets {
+        if store.get_raw(Kind::Dataset, dataset).await?.is_none() {
+            missing.push(ceccm_federation::Violation::new(
+                field.as_str(),
+                format!("dataset {dataset:?} does not exist"),
             ));
         }
     }
@@ -404,13 +414,7 @@ async fn create_object(
     }
     let document = read_document(&headers, body, state.config.max_body_bytes).await?;
     let submitted = parse_submitted(kind, document)?;
-    check_references(
-        &state.store,
-        kind,
-        &submitted.metadata.name,
-        &submitted.referenced_regions,
-    )
-    .await?;
+    check_references(&state.store, kind, &submitted.metadata.name, &submitted).await?;
     let object = objects::create(&state.store, kind, submitted, dry_run).await?;
     Ok((StatusCode::CREATED, Json(object)).into_response())
 }
@@ -454,7 +458,7 @@ async fn apply_object(
             submitted.metadata.name
         )));
     }
-    check_references(&state.store, kind, &name, &submitted.referenced_regions).await?;
+    check_references(&state.store, kind, &name, &submitted).await?;
     let (object, created) = objects::apply(&state.store, kind, submitted, dry_run).await?;
     let status = if created {
         StatusCode::CREATED
@@ -560,6 +564,38 @@ async fn results_index(
     Ok(Json(ResultsIndex { files }).into_response())
 }
 
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct StoredArtifact {
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[utoipa::path(put, path = "/api/v1/tasks/{name}/artifacts/{sha256}", tag = "tasks",
+    params(("name" = String, Path), ("sha256" = String, Path, description = "sha256 of the body")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Stored (or already stored): content-addressed, written once", body = StoredArtifact),
+              (status = "default", description = "Error (422: the body does not hash to sha256)", body = ErrorBody)))]
+async fn upload_artifact(
+    State(state): State<AppState>,
+    Path((name, sha256)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let size =
+        crate::content::upload_artifact(&state.store, &state.config, &name, &sha256, body).await?;
+    Ok(Json(StoredArtifact { sha256, size }).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/applications/{name}/artifacts/{sha256}", tag = "applications",
+    params(("name" = String, Path), ("sha256" = String, Path)),
+    responses((status = 200, description = "The artifact", content_type = "application/octet-stream", body = Vec<u8>),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn download_artifact(
+    State(state): State<AppState>,
+    Path((name, sha256)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    crate::content::download_artifact(&state.config, &name, &sha256).await
+}
+
 #[utoipa::path(get, path = "/api/v1/applications/{name}/results/{file}", tag = "applications",
     params(("name" = String, Path), ("file" = String, Path, description = "e.g. results.ndjson")),
     responses((status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
@@ -654,6 +690,16 @@ async fn complete_task(
     let value = read_document(&headers, body, state.config.max_body_bytes).await?;
     let request: CompleteRequest = serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))?;
+    if !request.artifacts.is_empty() {
+        let application = state
+            .store
+            .get(Kind::Task, &name)
+            .await?
+            .and_then(|t| t["spec"]["application"].as_str().map(str::to_string))
+            .ok_or_else(|| ApiError::not_found("Task", &name))?;
+        crate::content::check_artifacts(&state.config.data_dir, &application, &request.artifacts)
+            .await?;
+    }
     let completed = queue::complete(&state.store, &name, request).await?;
     if let Some(sample) = completed.telemetry {
         state.predictor.observe(sample).await;

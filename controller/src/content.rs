@@ -180,3 +180,162 @@ pub async fn list_results(dir: &Path) -> Result<Vec<ResultFile>, ApiError> {
     files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)
 }
+
+/// Where an application's artifacts live: content-addressed by sha256, so an artifact is
+/// written once whoever uploads it, and a redelivered task's identical upload changes nothing.
+pub fn artifact_path(data_dir: &Path, application: &str, sha256: &str) -> PathBuf {
+    data_dir.join("artifacts").join(application).join(sha256)
+}
+
+pub fn artifacts_dir(data_dir: &Path, application: &str) -> PathBuf {
+    data_dir.join("artifacts").join(application)
+}
+
+fn check_sha256(sha256: &str) -> Result<(), ApiError> {
+    if sha256.len() == 64
+        && sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{sha256:?} is not a sha256 (64 lowercase hex digits)"
+        )))
+    }
+}
+
+/// Stores one artifact of `task`'s application under its sha256. The body must hash to
+/// `sha256` (422 otherwise, and nothing is kept); an artifact already stored is not written
+/// again. Returns its size.
+pub async fn upload_artifact(
+    store: &Store,
+    config: &ApiConfig,
+    task: &str,
+    sha256: &str,
+    body: Body,
+) -> Result<u64, ApiError> {
+    check_sha256(sha256)?;
+    let Some(object) = store.get(Kind::Task, task).await? else {
+        return Err(ApiError::not_found("Task", task));
+    };
+    let application = object["spec"]["application"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let path = artifact_path(&config.data_dir, &application, sha256);
+    if let Ok(meta) = tokio::fs::metadata(&path).await {
+        return Ok(meta.len());
+    }
+    let dir = artifacts_dir(&config.data_dir, &application);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| io_error("creating the artifact directory", e))?;
+    let tmp = dir.join(format!(
+        ".{sha256}.{}.upload",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let outcome = receive(body, &tmp, config.max_upload_bytes).await;
+    let (size, actual) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    if actual != sha256 {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            format!("the upload hashes to {actual}, not {sha256}: corrupted on the way?"),
+        )
+        .with_details(json!({"expected": sha256, "actual": actual})));
+    }
+    tokio::fs::rename(&tmp, &path)
+        .await
+        .map_err(|e| io_error("storing the artifact", e))?;
+    Ok(size)
+}
+
+/// Streams an artifact of `application`.
+pub async fn download_artifact(
+    config: &ApiConfig,
+    application: &str,
+    sha256: &str,
+) -> Result<Response, ApiError> {
+    check_sha256(sha256)?;
+    stream_file(
+        &artifact_path(&config.data_dir, application, sha256),
+        &format!("artifact {sha256} of application {application:?}"),
+    )
+    .await
+}
+
+/// Every artifact a completion names must be stored, with the size it claims (422 otherwise):
+/// a task is never marked done with outputs that are not there.
+pub async fn check_artifacts(
+    data_dir: &Path,
+    application: &str,
+    artifacts: &[crate::astro_fit::ContentRef],
+) -> Result<(), ApiError> {
+    for a in artifacts {
+        check_sha256(&a.sha256)?;
+        let safe = !a.name.is_empty()
+            && a.name.len() <= 255
+            && a.name.split('/').all(|part| {
+                !part.is_empty()
+                    && !part.starts_with('.')
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            });
+        if !safe {
+            return Err(ApiError::new(
+                ErrorCode::Invalid,
+                format!(
+                    "artifact name {:?} is not a relative path of plain names",
+                    a.name
+                ),
+            )
+            .with_details(json!({"field": "artifacts", "name": a.name})));
+        }
+        let size = tokio::fs::metadata(artifact_path(data_dir, application, &a.sha256))
+            .await
+            .map(|m| m.len())
+            .ok();
+        if size != Some(a.size) {
+            return Err(ApiError::new(
+                ErrorCode::Invalid,
+                format!(
+                    "artifact {:?} ({}) is not stored with {} bytes; upload it first",
+                    a.name, a.sha256, a.size
+                ),
+            )
+            .with_details(json!({"field": "artifacts", "name": a.name})));
+        }
+    }
+    Ok(())
+}
+
+/// Copies an application's final artifacts into its results directory under their names
+/// (hard links where the file system allows), replacing what an interrupted pass left.
+pub async fn publish_results(
+    data_dir: &Path,
+    application: &str,
+    artifacts: &[crate::astro_fit::ContentRef],
+) -> Result<(), std::io::Error> {
+    let dir = crate::reconcile::application::results_dir(data_dir, application);
+    tokio::fs::create_dir_all(&dir).await?;
+    for a in artifacts {
+        let name = Path::new(&a.name)
+            .file_name()
+            .ok_or_else(|| std::io::Error::other(format!("bad artifact name {:?}", a.name)))?;
+        let target = dir.join(name);
+        let _ = tokio::fs::remove_file(&target).await;
+        let source = artifact_path(data_dir, application, &a.sha256);
+        if tokio::fs::hard_link(&source, &target).await.is_err() {
+            tokio::fs::copy(&source, &target).await?;
+        }
+    }
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! and the `ceccm` binary's subcommands. See docs/architecture.md.
 
 pub mod api;
+pub mod astro_fit;
 pub mod content;
 pub mod demo;
 pub mod error;

@@ -47,11 +47,17 @@ enum Command {
         /// Leave after this many seconds without work.
         #[arg(long, default_value_t = 5.0)]
         idle_exit_seconds: f64,
+        /// Root of the regions' input caches: this worker uses ROOT/REGION, shared with the
+        /// region's other workers (default: under the system's temporary directory; the local
+        /// driver passes DATA_DIR/cache).
+        #[arg(long)]
+        cache_root: Option<PathBuf>,
     },
-    /// The main job: a server with two local regions runs the sample batch application.
+    /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
-        #[arg(long, default_value = ".ceccm-data")]
-        data_dir: PathBuf,
+        /// A new (or empty) directory for the demo's server; default: ceccm-demo/run-TIME.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         #[arg(long, default_value_t = 600)]
         timeout_seconds: u64,
     },
@@ -107,15 +113,20 @@ fn main() -> ExitCode {
                 worker_id,
                 lease_seconds,
                 idle_exit_seconds,
+                cache_root,
             } => {
                 let worker_id =
                     worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
                 ceccm_controller::worker::run(ceccm_controller::worker::WorkerOptions {
                     server: server.trim_end_matches('/').to_string(),
-                    region,
                     worker_id,
                     lease_seconds,
                     idle_exit: Duration::from_secs_f64(idle_exit_seconds.max(0.0)),
+                    cache_dir: cache_root.map_or_else(
+                        || ceccm_controller::worker::default_cache_dir(&region),
+                        |root| root.join(&region),
+                    ),
+                    region,
                 })
                 .await
             }

@@ -62,6 +62,10 @@ pub struct CompleteRequest {
     /// Joules the task used, where the worker measures energy (RAPL, metered nodes; > 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joules: Option<f64>,
+    /// Files the task made, uploaded before as artifacts; recorded only if this completion
+    /// wins (the first one does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<crate::astro_fit::ContentRef>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -71,6 +75,9 @@ pub struct FailRequest {
     pub error: String,
     #[serde(default)]
     pub cpu_seconds: f64,
+    /// Another attempt would fail the same way (bad input): dead-letter the task now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent: bool,
 }
 
 /// Why a transition was refused.
@@ -126,14 +133,26 @@ pub fn on_heartbeat(
 
 /// The first completion wins, whoever holds the lease now: the work is done and its result is
 /// as good as any later one. A finished task refuses.
+/// What a worker reports with a completion.
+pub struct Outcome {
+    pub result: Value,
+    pub artifacts: Vec<crate::astro_fit::ContentRef>,
+    pub cpu_seconds: f64,
+    pub joules: f64,
+}
+
 pub fn on_complete(
     status: &TaskStatus,
     worker: &str,
-    result: Value,
-    cpu_seconds: f64,
-    joules: f64,
+    outcome: Outcome,
     now_ms: i64,
 ) -> Result<TaskStatus, Refusal> {
+    let Outcome {
+        result,
+        artifacts,
+        cpu_seconds,
+        joules,
+    } = outcome;
     if matches!(status.state, TaskState::Done | TaskState::DeadLettered) {
         return Err(Refusal::Finished(status.state));
     }
@@ -145,6 +164,7 @@ pub fn on_complete(
         cpu_seconds: status.cpu_seconds + cpu_seconds,
         energy_joules: status.energy_joules + joules,
         result: Some(result),
+        artifacts,
         error: None,
         ..status.clone()
     })
@@ -292,6 +312,7 @@ fn queued() -> TaskStatus {
         cpu_seconds: 0.0,
         energy_joules: 0.0,
         result: None,
+        artifacts: Vec::new(),
         error: None,
     }
 }
@@ -417,6 +438,7 @@ pub struct Completed {
 /// since its lease. `Err` says why nothing can be learned from it.
 pub fn completion_sample(
     ran_on: (&RegionView, &ApplicationSpec),
+    features: Option<ceccm_scheduler::TaskFeatures>,
     status: &TaskStatus,
     measured_seconds: Option<f64>,
     measured_joules: Option<f64>,
@@ -433,7 +455,10 @@ pub fn completion_sample(
             (now_ms - started) as f64 / 1000.0
         }
     };
-    let mut sample = telemetry_sample(ran_on.0, ran_on.1, seconds, measured_joules);
+    if ran_on.1.app == crate::resources::AppKind::AstroFit && features.is_none() {
+        return Err("an astro-fit prepare or assemble task is not chunk work");
+    }
+    let mut sample = telemetry_sample(ran_on.0, ran_on.1, features, seconds, measured_joules);
     // The load when the task started describes its run better than the load now.
     if let Some(load) = status.start_load {
         sample.load = load;
@@ -459,9 +484,14 @@ pub async fn complete(
         let status = task.status.clone().unwrap_or(queued());
         let now = now_millis();
         let sample = match (&ran_on.region, &ran_on.application) {
-            (Some(region), Some(app)) => {
-                completion_sample((region, app), &status, request.seconds, request.joules, now)
-            }
+            (Some(region), Some(app)) => completion_sample(
+                (region, app),
+                task.spec.features,
+                &status,
+                request.seconds,
+                request.joules,
+                now,
+            ),
             _ => Err("the task's region or application is gone"),
         };
         let telemetry = match sample {
@@ -500,9 +530,12 @@ pub async fn complete(
         let done = on_complete(
             &status,
             &request.worker,
-            request.result,
-            request.cpu_seconds,
-            joules,
+            Outcome {
+                result: request.result,
+                artifacts: request.artifacts,
+                cpu_seconds: request.cpu_seconds,
+                joules,
+            },
             now,
         )?;
         Ok((done, Some(row)))
@@ -523,14 +556,13 @@ pub async fn fail(store: &Store, name: &str, request: FailRequest) -> Result<Val
         let status = task.status.clone().unwrap_or(queued());
         held_by(&status, &request.worker)?;
         let error: String = request.error.chars().take(4096).collect();
+        let max_attempts = if request.permanent {
+            status.attempts
+        } else {
+            task.spec.max_attempts
+        };
         Ok((
-            on_attempt_failed(
-                &status,
-                task.spec.max_attempts,
-                error,
-                request.cpu_seconds,
-                joules,
-            ),
+            on_attempt_failed(&status, max_attempts, error, request.cpu_seconds, joules),
             None,
         ))
     })
@@ -590,6 +622,15 @@ pub async fn expire_leases(store: &Store) -> Result<Vec<Value>, ApiError> {
 mod tests {
     use super::*;
 
+    fn outcome(result: Value, cpu_seconds: f64, joules: f64) -> Outcome {
+        Outcome {
+            result,
+            artifacts: vec![],
+            cpu_seconds,
+            joules,
+        }
+    }
+
     #[test]
     fn lease_then_heartbeat_then_complete() {
         let leased = on_lease(&queued(), "w1", 1000, 5000).unwrap();
@@ -609,11 +650,17 @@ mod tests {
             on_heartbeat(&leased, "w2", 4000, 5000),
             Err(Refusal::LeaseLost { .. })
         ));
-        let done = on_complete(&extended, "w1", json!({"exitCode": 0}), 1.5, 3.0, 9000).unwrap();
+        let done = on_complete(
+            &extended,
+            "w1",
+            outcome(json!({"exitCode": 0}), 1.5, 3.0),
+            9000,
+        )
+        .unwrap();
         assert_eq!(done.state, TaskState::Done);
         assert_eq!(done.cpu_seconds, 1.5);
         assert_eq!(
-            on_complete(&done, "w1", json!({}), 0.0, 0.0, 9001),
+            on_complete(&done, "w1", outcome(json!({}), 0.0, 0.0), 9001),
             Err(Refusal::Finished(TaskState::Done))
         );
     }
@@ -654,7 +701,7 @@ mod tests {
         let (region, app) = ran_on();
         let leased = on_lease(&queued(), "w1", 10_000, 5000).unwrap();
         // No measured time: from the lease to the completion.
-        let sample = completion_sample((&region, &app), &leased, None, None, 12_500).unwrap();
+        let sample = completion_sample((&region, &app), None, &leased, None, None, 12_500).unwrap();
         assert_eq!(sample.seconds, 2.5);
         assert_eq!(sample.joules, None);
         assert_eq!(sample.cores, 2.0);
@@ -665,7 +712,7 @@ mod tests {
             ..leased.clone()
         };
         let sample =
-            completion_sample((&region, &app), &loaded_at_start, None, None, 12_500).unwrap();
+            completion_sample((&region, &app), None, &loaded_at_start, None, None, 12_500).unwrap();
         assert_eq!(sample.load, 0.25);
         assert_eq!(sample.cpu_model.as_deref(), Some("edge-a"));
         assert_eq!(sample.features.spectra, 500);
@@ -673,14 +720,23 @@ mod tests {
         // (40 W idle / 4 cores + 10 W) x PUE 1.
         assert_eq!(sample.joules_per_cpu_second, 20.0);
         // The worker's measurement wins.
-        let measured =
-            completion_sample((&region, &app), &leased, Some(1.25), Some(9.0), 12_500).unwrap();
+        let measured = completion_sample(
+            (&region, &app),
+            None,
+            &leased,
+            Some(1.25),
+            Some(9.0),
+            12_500,
+        )
+        .unwrap();
         assert_eq!((measured.seconds, measured.joules), (1.25, Some(9.0)));
         // Nothing to learn from a task with no time, or a clock that went backwards.
-        assert!(completion_sample((&region, &app), &leased, None, None, 10_000).is_err());
-        assert!(completion_sample((&region, &app), &leased, None, None, 9_000).is_err());
-        assert!(completion_sample((&region, &app), &queued(), None, None, 9_000).is_err());
-        assert!(completion_sample((&region, &app), &leased, Some(f64::NAN), None, 0).is_err());
+        assert!(completion_sample((&region, &app), None, &leased, None, None, 10_000).is_err());
+        assert!(completion_sample((&region, &app), None, &leased, None, None, 9_000).is_err());
+        assert!(completion_sample((&region, &app), None, &queued(), None, None, 9_000).is_err());
+        assert!(
+            completion_sample((&region, &app), None, &leased, Some(f64::NAN), None, 0).is_err()
+        );
     }
 
     #[test]
@@ -688,8 +744,9 @@ mod tests {
         let first = on_lease(&queued(), "w1", 0, 1000).unwrap();
         let expired = on_attempt_failed(&first, 3, "lease expired".into(), 0.0, 0.0);
         let second = on_lease(&expired, "w2", 2000, 1000).unwrap();
-        let done = on_complete(&second, "w1", json!({"by": "w1"}), 0.0, 0.0, 2500).unwrap();
+        let done =
+            on_complete(&second, "w1", outcome(json!({"by": "w1"}), 0.0, 0.0), 2500).unwrap();
         assert_eq!(done.worker.as_deref(), Some("w1"));
-        assert!(on_complete(&done, "w2", json!({"by": "w2"}), 0.0, 0.0, 2600).is_err());
+        assert!(on_complete(&done, "w2", outcome(json!({"by": "w2"}), 0.0, 0.0), 2600).is_err());
     }
 }

@@ -206,18 +206,25 @@ pub struct Submitted {
     pub spec: Value,
     /// Names of regions the spec refers to; each must exist.
     pub referenced_regions: Vec<String>,
+    /// Datasets the spec refers to and that must exist (astro-fit's cube and templates), with
+    /// the field that names each.
+    pub referenced_datasets: Vec<(String, String)>,
 }
 
 /// Parses and checks a request body for `kind`: shape and unknown fields (400), names and
 /// values (422).
 pub fn parse_submitted(kind: Kind, body: Value) -> Result<Submitted, ApiError> {
     match kind {
-        Kind::Region => submit::<RegionSpec>(kind, body, |s| (s.validate(), vec![])),
-        Kind::Application => {
-            submit::<ApplicationSpec>(kind, body, |s| (s.validate(), s.placement.regions.clone()))
-        }
+        Kind::Region => submit::<RegionSpec>(kind, body, |s| (s.validate(), vec![], vec![])),
+        Kind::Application => submit::<ApplicationSpec>(kind, body, |s| {
+            let datasets = match s.app {
+                AppKind::AstroFit => s.referenced_datasets(),
+                AppKind::Container => vec![],
+            };
+            (s.validate(), s.placement.regions.clone(), datasets)
+        }),
         Kind::Dataset => submit::<DatasetSpec>(kind, body, |s| {
-            (s.validate(), s.region.iter().cloned().collect())
+            (s.validate(), s.region.iter().cloned().collect(), vec![])
         }),
         Kind::Task | Kind::Event => Err(read_only(kind)),
     }
@@ -236,7 +243,7 @@ pub fn read_only(kind: Kind) -> ApiError {
 fn submit<S>(
     kind: Kind,
     body: Value,
-    check: impl FnOnce(&S) -> (Vec<Violation>, Vec<String>),
+    check: impl FnOnce(&S) -> (Vec<Violation>, Vec<String>, Vec<(String, String)>),
 ) -> Result<Submitted, ApiError>
 where
     S: serde::de::DeserializeOwned + Serialize,
@@ -268,7 +275,7 @@ where
             violations.push(Violation::new("metadata.labels", e));
         }
     }
-    let (spec_violations, referenced_regions) = check(&incoming.spec);
+    let (spec_violations, referenced_regions, referenced_datasets) = check(&incoming.spec);
     violations.extend(spec_violations);
     if !violations.is_empty() {
         return Err(ApiError::invalid(kind.as_str(), &name, &violations));
@@ -279,6 +286,7 @@ where
         metadata: incoming.metadata,
         spec,
         referenced_regions,
+        referenced_datasets,
     })
 }
 
@@ -452,7 +460,9 @@ impl ApplicationSpec {
                 ));
             }
         }
-        if let Err(message) = crate::scheduling::declared_features(self) {
+        if self.app == AppKind::AstroFit {
+            out.extend(self.validate_astro_fit());
+        } else if let Err(message) = crate::scheduling::declared_features(self) {
             out.push(Violation::new(
                 format!(
                     "spec.parameters.{}",
@@ -462,6 +472,49 @@ impl ApplicationSpec {
             ));
         }
         out
+    }
+}
+
+impl ApplicationSpec {
+    /// An astro-fit application is planned from its parameters and its one cube.
+    fn validate_astro_fit(&self) -> Vec<Violation> {
+        let mut out = Vec::new();
+        if !self.tasks.is_empty() {
+            out.push(Violation::new(
+                "spec.tasks",
+                "an astro-fit application is planned from spec.parameters; give no tasks",
+            ));
+        }
+        if self.inputs.len() != 1 {
+            out.push(Violation::new(
+                "spec.inputs",
+                "an astro-fit application needs exactly one input: [{dataset: CUBE}]",
+            ));
+        }
+        if let Err(violations) =
+            crate::astro_fit::AstroFitParameters::parse(self.parameters.as_ref())
+        {
+            out.extend(violations);
+        }
+        out
+    }
+
+    /// Datasets the spec names, with the field naming each: its inputs and, for astro-fit,
+    /// its templates.
+    pub fn referenced_datasets(&self) -> Vec<(String, String)> {
+        let mut names: Vec<(String, String)> = self
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| (format!("spec.inputs[{i}].dataset"), input.dataset.clone()))
+            .collect();
+        if self.app == AppKind::AstroFit
+            && let Ok(p) = crate::astro_fit::AstroFitParameters::parse(self.parameters.as_ref())
+            && let Some(templates) = p.templates
+        {
+            names.push(("spec.parameters.templates".into(), templates));
+        }
+        names
     }
 }
 
@@ -489,17 +542,26 @@ impl DatasetSpec {
     }
 }
 
-/// Spec of a task: one command of a batch application.
+/// Spec of a task: one unit of an application's work, either a command (container
+/// applications) or one stage of an astro-fit application (`astroFit`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskSpec {
     pub application: String,
     pub index: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub command: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub astro_fit: Option<crate::astro_fit::AstroFitWork>,
+    /// What this task computes, for the predictor (astro-fit chunks know it from the plan);
+    /// absent: the application's `parameters.taskFeatures`, else a reference chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub features: Option<ceccm_scheduler::TaskFeatures>,
     pub max_attempts: u32,
 }
 
@@ -538,6 +600,9 @@ pub struct TaskStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Object)]
     pub result: Option<Value>,
+    /// Files the completing attempt uploaded (content-addressed, written once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<crate::astro_fit::ContentRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -597,6 +662,9 @@ pub struct ApplicationStatus {
     pub explanation: Option<String>,
     #[serde(default)]
     pub progress: Progress,
+    /// Staged applications (astro-fit): each stage's tasks done and total.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<crate::astro_fit::StageStatus>,
     #[serde(default)]
     pub energy_joules: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -211,6 +211,7 @@ fn snapshot(region: &RegionView) -> sched::RegionSnapshot {
 fn task_group(
     name: &str,
     app: &ApplicationSpec,
+    features: Option<sched::TaskFeatures>,
     tasks: usize,
     input: &InputView,
     now_ms: i64,
@@ -219,7 +220,7 @@ fn task_group(
     sched::TaskGroup {
         name: name.to_string(),
         tasks: tasks as u64,
-        features: task_features(app),
+        features: features.unwrap_or_else(|| task_features(app)),
         // A local worker runs one task per core slot: no request means one core.
         resources: sched::Resources::new(
             if app.resources.cpu > 0.0 {
@@ -281,18 +282,22 @@ fn task_group(
 pub fn telemetry_sample(
     region: &RegionView,
     app: &ApplicationSpec,
+    features: Option<sched::TaskFeatures>,
     seconds: f64,
     joules: Option<f64>,
 ) -> sched::TelemetrySample {
-    let group = task_group("", app, 1, &InputView::default(), 0);
+    let group = task_group("", app, features, 1, &InputView::default(), 0);
     sched::TelemetrySample::new(&snapshot(region), &group, seconds, joules)
 }
 
 /// Places `tasks` tasks of `app` on `regions`, costed by `model`; the explanation ends with
-/// which model priced it.
+/// which model priced it. `features` describes one task when the planner knows it (astro-fit
+/// chunks); otherwise the application's declaration or a reference chunk.
+#[allow(clippy::too_many_arguments)]
 pub fn place<M: Pricing + ?Sized>(
     name: &str,
     app: &ApplicationSpec,
+    features: Option<sched::TaskFeatures>,
     tasks: usize,
     regions: &[RegionView],
     input: &InputView,
@@ -300,7 +305,7 @@ pub fn place<M: Pricing + ?Sized>(
     model: &M,
 ) -> Result<Placement, Unschedulable> {
     let snapshots: Vec<sched::RegionSnapshot> = regions.iter().map(snapshot).collect();
-    let group = task_group(name, app, tasks, input, now_ms);
+    let group = task_group(name, app, features, tasks, input, now_ms);
     let decided = sched::place(&snapshots, &group, &model).map_err(|e| {
         let mut reasons: Vec<String> = e.regions().iter().map(ToString::to_string).collect();
         if reasons.is_empty() {
@@ -376,9 +381,18 @@ mod tests {
         assert_eq!(declared_features(&big).unwrap().unwrap().spectra, 1000);
         let regions = [region("cloud", Tier::Cloud, 2, true)];
         let seconds = |spec: &ApplicationSpec| {
-            place("job", spec, 1, &regions, &InputView::default(), 0, &PRIOR)
-                .unwrap()
-                .placements[0]
+            place(
+                "job",
+                spec,
+                None,
+                1,
+                &regions,
+                &InputView::default(),
+                0,
+                &PRIOR,
+            )
+            .unwrap()
+            .placements[0]
                 .predicted_seconds
                 .unwrap()
         };
@@ -417,7 +431,17 @@ mod tests {
     fn the_explanation_names_the_model_that_priced_it() {
         let spec = app("app: container\ntasks: [{command: 'true'}]\n");
         let regions = [region("cloud", Tier::Cloud, 2, true)];
-        let p = place("job", &spec, 1, &regions, &InputView::default(), 0, &PRIOR).unwrap();
+        let p = place(
+            "job",
+            &spec,
+            None,
+            1,
+            &regions,
+            &InputView::default(),
+            0,
+            &PRIOR,
+        )
+        .unwrap();
         assert!(
             p.explanation.ends_with("priced by the analytic prior"),
             "{}",
@@ -427,6 +451,7 @@ mod tests {
         let p = place(
             "job",
             &spec,
+            None,
             1,
             &regions,
             &InputView::default(),
@@ -451,7 +476,17 @@ mod tests {
             region("cloud", Tier::Cloud, 2, true),
             region("down", Tier::Cloud, 8, false),
         ];
-        let p = place("job", &spec, 10, &regions, &InputView::default(), 0, &PRIOR).unwrap();
+        let p = place(
+            "job",
+            &spec,
+            None,
+            10,
+            &regions,
+            &InputView::default(),
+            0,
+            &PRIOR,
+        )
+        .unwrap();
         assert_eq!(p.assignment.len(), 10);
         assert!(p.assignment.iter().all(|r| r != "down"));
         assert_eq!(p.placements.iter().map(|p| p.tasks).sum::<u32>(), 10);
@@ -469,7 +504,17 @@ mod tests {
         });
         let regions = [tainted, region("cloud", Tier::Cloud, 2, true)];
         let spec = app("app: container\ntasks: [{command: 'true'}]\nplacement: {tiers: [edge]}\n");
-        let err = place("job", &spec, 3, &regions, &InputView::default(), 0, &PRIOR).unwrap_err();
+        let err = place(
+            "job",
+            &spec,
+            None,
+            3,
+            &regions,
+            &InputView::default(),
+            0,
+            &PRIOR,
+        )
+        .unwrap_err();
         assert_eq!(err.reasons.len(), 2);
         assert!(
             err.reasons[0].starts_with("tainted") && err.reasons[0].contains("taint"),
@@ -487,6 +532,7 @@ mod tests {
         let p = place(
             "job",
             &tolerant,
+            None,
             3,
             &regions,
             &InputView::default(),

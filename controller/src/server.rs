@@ -66,6 +66,8 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             format!("http://{addr}"),
             "--lease-seconds".into(),
             options.lease_seconds.to_string(),
+            "--cache-root".into(),
+            options.data_dir.join("cache").display().to_string(),
         ],
     }));
     // Learned from the telemetry of every task finished before this start.

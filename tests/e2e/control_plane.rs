@@ -9,13 +9,13 @@ use serde_json::{Value, json};
 use crate::support::{Server, wait_until, workspace_root};
 
 /// Blocking JSON calls over a private runtime (the polling helpers are synchronous).
-struct Http {
-    runtime: tokio::runtime::Runtime,
-    client: reqwest::Client,
+pub(crate) struct Http {
+    pub(crate) runtime: tokio::runtime::Runtime,
+    pub(crate) client: reqwest::Client,
 }
 
 impl Http {
-    fn new() -> Http {
+    pub(crate) fn new() -> Http {
         Http {
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -25,7 +25,7 @@ impl Http {
         }
     }
 
-    fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+    pub(crate) fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
         self.runtime.block_on(async {
             let response = request.send().await.expect("request");
             let status = response.status().as_u16();
@@ -37,13 +37,13 @@ impl Http {
         })
     }
 
-    fn get(&self, url: &str) -> Value {
+    pub(crate) fn get(&self, url: &str) -> Value {
         let (status, body) = self.send(self.client.get(url));
         assert_eq!(status, 200, "GET {url}: {body}");
         body
     }
 
-    fn get_text(&self, url: &str) -> String {
+    pub(crate) fn get_text(&self, url: &str) -> String {
         self.runtime.block_on(async {
             self.client
                 .get(url)
@@ -56,7 +56,7 @@ impl Http {
         })
     }
 
-    fn apply(&self, server: &Server, plural: &str, object: &Value) {
+    pub(crate) fn apply(&self, server: &Server, plural: &str, object: &Value) {
         let name = object["metadata"]["name"].as_str().unwrap();
         let (status, body) = self.send(
             self.client
@@ -88,7 +88,7 @@ fn batch(name: &str, n: usize, sleep: &str) -> Value {
            "spec": {"app": "container", "tasks": tasks, "maxAttempts": 5}})
 }
 
-fn start_with_regions(dir: &std::path::Path, http: &Http) -> Server {
+pub(crate) fn start_with_regions(dir: &std::path::Path, http: &Http) -> Server {
     let server = Server::start(dir, &["--lease-seconds", "2"]);
     for region in regions() {
         http.apply(&server, "regions", &region);
@@ -96,7 +96,7 @@ fn start_with_regions(dir: &std::path::Path, http: &Http) -> Server {
     server
 }
 
-fn wait_for_phase(
+pub(crate) fn wait_for_phase(
     http: &Http,
     server: &Server,
     app: &str,

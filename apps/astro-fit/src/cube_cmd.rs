@@ -1,26 +1,26 @@
-//! The cube subcommands of `astro-fit` (`fit-cube`, `synth`, `compare-truth`): their
-//! arguments and what they run, so that `main.rs` stays a dispatcher.
+//! The cube subcommands of `astro-fit` (`fit-cube`; its three stages `prepare`, `fit-chunk`,
+//! `assemble` as the control plane runs them; `synth`, `compare-truth`): their arguments and
+//! what they run, so that `main.rs` stays a dispatcher.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cubefit::{CubeFitOptions, fit_cube};
+use crate::cube::Cube;
+use crate::cubefit::{
+    ChunkFitter, CubeFitOptions, CubePlan, PLAN_FILE, assemble, chunk_files, fit_cube, load_plan,
+    make_or_load_plan,
+};
 use crate::plan::ChunkLimits;
 use crate::synth::{Footprint, SynthConfig, synthesize};
+use crate::templates::TemplateLibrary;
 
-#[derive(Debug, Args)]
-pub struct FitCubeArgs {
-    /// The cube (.fits or .fits.gz).
-    pub cube: PathBuf,
-    /// Template library directory (E-MILES, MILES HC or MaStar HC).
-    #[arg(long)]
-    pub templates: PathBuf,
-    /// Output directory; rerunning on it resumes (fits only what is missing).
-    #[arg(long)]
-    pub out: PathBuf,
+/// The options that change a fit's results (they go into `plan.json`): shared by `fit-cube`
+/// and `prepare` so that their flags cannot drift apart.
+#[derive(Debug, Clone, Args)]
+pub struct FitOptionArgs {
     /// Voronoi-bin to this S/N per pixel; without it every spaxel is fitted on its own.
     #[arg(long)]
     pub target_sn: Option<f64>,
@@ -41,9 +41,6 @@ pub struct FitCubeArgs {
     /// templates. By default every bin ends fitted with the whole library.
     #[arg(long)]
     pub global_templates_only: bool,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Systemic redshift (default: from the cube header).
     #[arg(long)]
     pub redshift: Option<f64>,
@@ -59,6 +56,93 @@ pub struct FitCubeArgs {
     /// Spectra per chunk (the unit of resumption and of scheduling).
     #[arg(long, default_value_t = 64)]
     pub chunk_spectra: usize,
+}
+
+impl FitOptionArgs {
+    /// `CubeFitOptions` with these settings (threads and model cube left at their defaults).
+    pub fn options(&self, cube: PathBuf, templates: PathBuf, out: PathBuf) -> CubeFitOptions {
+        let mut options = CubeFitOptions::new(cube, templates, out);
+        options.target_sn = self.target_sn;
+        options.moments = self.moments;
+        options.degree = self.degree;
+        options.mdegree = self.mdegree;
+        options.populations = self.populations;
+        options.redshift = self.redshift;
+        // clap's num_args = 2 guarantees two values.
+        options.lam_range = (self.lam_range[0], self.lam_range[1]);
+        options.min_sn = self.min_sn;
+        options.emission_mask_kms = self.emission_mask_kms;
+        options.global_templates_only = self.global_templates_only;
+        options.chunk = ChunkLimits {
+            max_spectra: self.chunk_spectra,
+            ..options.chunk
+        };
+        options
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FitCubeArgs {
+    /// The cube (.fits or .fits.gz).
+    pub cube: PathBuf,
+    /// Template library directory (E-MILES, MILES HC or MaStar HC).
+    #[arg(long)]
+    pub templates: PathBuf,
+    /// Output directory; rerunning on it resumes (fits only what is missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub fit: FitOptionArgs,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Do not write the model cube.
+    #[arg(long)]
+    pub no_model_cube: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// The cube (.fits or .fits.gz).
+    pub cube: PathBuf,
+    /// Template library directory (E-MILES, MILES HC or MaStar HC).
+    #[arg(long)]
+    pub templates: PathBuf,
+    /// Output directory: `plan.json` is written there (kept when it already holds a plan
+    /// with the same settings; an error when its settings differ).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub fit: FitOptionArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FitChunkArgs {
+    /// Directory holding `plan.json`; the chunk's result files are written under its `chunks/`.
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// The cube (a local copy of the one the plan was made from).
+    #[arg(long)]
+    pub cube: PathBuf,
+    /// Template library directory (the same library the plan was made with).
+    #[arg(long)]
+    pub templates: PathBuf,
+    /// The chunk's id in the plan.
+    #[arg(long)]
+    pub chunk: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct AssembleArgs {
+    /// Directory holding `plan.json` and `chunks/`; the maps are written there.
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// The cube (only its header is used: grid and metadata of the maps).
+    #[arg(long)]
+    pub cube: PathBuf,
     /// Do not write the model cube.
     #[arg(long)]
     pub no_model_cube: bool,
@@ -123,25 +207,109 @@ fn progress_bar() -> ProgressBar {
 
 /// `astro-fit fit-cube`: prints the summary as JSON.
 pub fn run_fit_cube(a: &FitCubeArgs) -> anyhow::Result<()> {
-    let mut options = CubeFitOptions::new(a.cube.clone(), a.templates.clone(), a.out.clone());
-    options.target_sn = a.target_sn;
-    options.moments = a.moments;
-    options.degree = a.degree;
-    options.mdegree = a.mdegree;
-    options.populations = a.populations;
+    let mut options = a
+        .fit
+        .options(a.cube.clone(), a.templates.clone(), a.out.clone());
     options.threads = a.threads;
-    options.redshift = a.redshift;
-    options.lam_range = (a.lam_range[0], a.lam_range[1]);
-    options.min_sn = a.min_sn;
-    options.emission_mask_kms = a.emission_mask_kms;
-    options.global_templates_only = a.global_templates_only;
-    options.chunk = ChunkLimits {
-        max_spectra: a.chunk_spectra,
-        ..options.chunk
-    };
     options.model_cube = !a.no_model_cube;
     let summary = fit_cube(&options, &progress_bar()).context("fit-cube")?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `astro-fit prepare`: stage 1, prints the path of `plan.json`.
+pub fn run_prepare(a: &PrepareArgs) -> anyhow::Result<()> {
+    let options = a
+        .fit
+        .options(a.cube.clone(), a.templates.clone(), a.out.clone());
+    let mut cube = Cube::open(&a.cube).context("prepare")?;
+    let lib = TemplateLibrary::load(&a.templates)
+        .with_context(|| format!("prepare: templates {}", a.templates.display()))?;
+    // The same rule as fit-cube's: a plan with these settings is kept (so a redelivered task
+    // or a later fit-cube on the directory agrees with it), one with others is refused.
+    let (prepared, computed) = make_or_load_plan(&options, &mut cube, &lib).context("prepare")?;
+    if computed {
+        eprintln!(
+            "prepare: {} bins in {} chunks (prepare {:.1} s, global fit {:.1} s)",
+            prepared.plan.bins.len(),
+            prepared.plan.chunks.len(),
+            prepared.prepare_s,
+            prepared.global_fit_s
+        );
+    } else {
+        eprintln!("prepare: kept the plan already there (same settings)");
+    }
+    println!("{}", a.out.join(PLAN_FILE).display());
+    Ok(())
+}
+
+fn read_plan(dir: &Path) -> anyhow::Result<CubePlan> {
+    load_plan(dir)?.with_context(|| format!("no {PLAN_FILE} in {}", dir.display()))
+}
+
+/// `astro-fit fit-chunk`: stage 2 for one chunk, prints the two files written.
+pub fn run_fit_chunk(a: &FitChunkArgs) -> anyhow::Result<()> {
+    let plan = read_plan(&a.plan).context("fit-chunk")?;
+    let chunk = plan
+        .chunks
+        .iter()
+        .find(|c| c.id == a.chunk)
+        .with_context(|| {
+            format!(
+                "fit-chunk: the plan has no chunk {} (it has {})",
+                a.chunk,
+                plan.chunks.len()
+            )
+        })?;
+    let mut cube = Cube::open(&a.cube).context("fit-chunk")?;
+    let meta = cube.meta().clone();
+    let lib = TemplateLibrary::load(&a.templates)
+        .with_context(|| format!("fit-chunk: templates {}", a.templates.display()))?;
+    let fitter = ChunkFitter::new(&plan, &meta, lib).context("fit-chunk")?;
+    let spectra = fitter.read_spectra(&mut cube, chunk).context("fit-chunk")?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads.unwrap_or(0))
+        .build()
+        .context("fit-chunk: thread pool")?;
+    let bar = progress_bar();
+    bar.set_length(spectra.len() as u64);
+    let fitted = fitter.fit_chunk(chunk, &spectra, &pool, &bar);
+    bar.finish_and_clear();
+    fitted.write(&a.plan).context("fit-chunk")?;
+    let failed = fitted
+        .result
+        .results
+        .iter()
+        .filter(|r| r.failure.is_some())
+        .count();
+    eprintln!(
+        "fit-chunk: chunk {}: {} spectra, {failed} failed",
+        chunk.id,
+        spectra.len()
+    );
+    let (json, model) = chunk_files(chunk.id);
+    println!("{}", a.plan.join(model).display());
+    println!("{}", a.plan.join(json).display());
+    Ok(())
+}
+
+/// `astro-fit assemble`: stage 3, prints each file written.
+pub fn run_assemble(a: &AssembleArgs) -> anyhow::Result<()> {
+    let plan = read_plan(&a.plan).context("assemble")?;
+    let cube = Cube::open(&a.cube).context("assemble")?;
+    let stats = assemble(&a.plan, cube.meta(), &plan, !a.no_model_cube).context("assemble")?;
+    eprintln!(
+        "assemble: {} bins with results, {} failed, {} chunks missing",
+        stats.bins, stats.failed, stats.chunks_missing
+    );
+    let mut files = vec!["maps.fits"];
+    if !a.no_model_cube {
+        files.push("model.fits");
+    }
+    files.push("maps.png");
+    for f in files {
+        println!("{}", a.plan.join(f).display());
+    }
     Ok(())
 }
 

@@ -10,6 +10,13 @@
 //! 5. each finished chunk is written atomically (`chunks/chunk-NNNNN.json` and `.model`):
 //!    a rerun with the same settings fits only the chunks without a result file;
 //! 6. MAPS FITS, model cube, PNG maps and `summary.json` from the chunk files.
+//!
+//! The control plane runs the same code as three stages on different workers:
+//! [`prepare_plan`] (steps 1-3, writing nothing; [`write_plan`] stores it), [`ChunkFitter`]
+//! (steps 4-5 for any chunk, in any order: [`ChunkFitter::read_spectra`],
+//! [`ChunkFitter::fit_chunk`], [`FittedChunk::write`]) and [`assemble`] (step 6 but
+//! `summary.json`). [`fit_cube`] is those three stages in one process, with the planning
+//! thread reading the next chunk while the previous one is fitted.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -24,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cube::{Cube, CubeError, CubeFormat, CubeMeta};
 use crate::error::FitError;
-use crate::fit::{FitConfig, FitResult, Fitter, LogGrid, Start};
+use crate::fit::{FitConfig, FitResult, FitScratch, Fitter, LogGrid, Start};
 use crate::mapplot::{ColorScale, Panel, PlotError, plot_maps};
 use crate::maps::{
     BinMap, BinResult, MapsError, Measured, write_json_atomic, write_maps, write_model_cube,
@@ -35,7 +42,7 @@ use crate::prepare::{self, BinSpectrum, PrepareConfig, PrepareError};
 use crate::spectrum::{ObservedSpectrum, RestFrameSpectrum, mask_emission_lines};
 use crate::templates::{self, C_KMS, Medium, PreparedTemplates, ResolutionCurve, TemplateLibrary};
 use crate::voronoi::BinningOutcome;
-use crate::xcorr::CrossCorrelation;
+use crate::xcorr::{CrossCorrelation, XcorrScratch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CubeFitError {
@@ -78,6 +85,10 @@ pub enum CubeFitError {
     },
     #[error("thread pool: {0}")]
     Threads(String),
+    #[error("chunk {chunk} names bin {bin}, which is not in the plan")]
+    NotInPlan { chunk: usize, bin: usize },
+    #[error("chunk {chunk} holds spaxel ({x}, {y}), outside its rows or the cube")]
+    SpaxelOutsideChunk { chunk: usize, x: u32, y: u32 },
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CubeFitError + '_ {
@@ -395,39 +406,25 @@ fn bin_result(
     }
 }
 
-fn chunk_paths(out: &Path, id: usize) -> (PathBuf, PathBuf) {
-    let dir = out.join("chunks");
+/// File names of a chunk's two result files relative to an output directory:
+/// `("chunks/chunk-00007.json", "chunks/chunk-00007.model")`. The JSON's presence marks the
+/// chunk done; the model file holds its bins' model spectra.
+pub fn chunk_files(id: usize) -> (String, String) {
     (
-        dir.join(format!("chunk-{id:05}.json")),
-        dir.join(format!("chunk-{id:05}.model")),
+        format!("chunks/chunk-{id:05}.json"),
+        format!("chunks/chunk-{id:05}.model"),
     )
+}
+
+fn chunk_paths(out: &Path, id: usize) -> (PathBuf, PathBuf) {
+    let (json, model) = chunk_files(id);
+    (out.join(json), out.join(model))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CubeFitError> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-/// Write one fitted chunk: the model spectra first, then the JSON whose presence marks the
-/// chunk done (so an interrupted write is refitted on resume).
-fn write_chunk(
-    out: &Path,
-    id: usize,
-    fitted: Vec<(BinResult, Vec<f32>)>,
-) -> Result<(), CubeFitError> {
-    let (json, model) = chunk_paths(out, id);
-    let bytes: Vec<u8> = fitted
-        .iter()
-        .flat_map(|(_, m)| m.iter().flat_map(|v| v.to_le_bytes()))
-        .collect();
-    write_atomic(&model, &bytes)?;
-    let result = ChunkResult {
-        chunk: id,
-        results: fitted.into_iter().map(|(r, _)| r).collect(),
-    };
-    let text = serde_json::to_vec(&result).map_err(|e| io_err(&json)(std::io::Error::other(e)))?;
-    write_atomic(&json, &text)
 }
 
 fn read_chunk_result(path: &Path) -> Result<ChunkResult, CubeFitError> {
@@ -456,9 +453,12 @@ fn read_chunk_models(path: &Path, nwave: usize) -> Result<Vec<f32>, CubeFitError
         .collect())
 }
 
-/// Reads a saved plan; `Ok(None)` when there is none.
-fn load_plan(out: &Path) -> Result<Option<CubePlan>, CubeFitError> {
-    let path = out.join("plan.json");
+/// The plan's file name in an output directory.
+pub const PLAN_FILE: &str = "plan.json";
+
+/// Reads `out/plan.json`; `Ok(None)` when there is none.
+pub fn load_plan(out: &Path) -> Result<Option<CubePlan>, CubeFitError> {
+    let path = out.join(PLAN_FILE);
     if !path.exists() {
         return Ok(None);
     }
@@ -469,6 +469,14 @@ fn load_plan(out: &Path) -> Result<Option<CubePlan>, CubeFitError> {
             path,
             message: e.to_string(),
         })
+}
+
+/// Writes `out/plan.json` atomically, creating `out/chunks/` for the chunks' result files.
+pub fn write_plan(out: &Path, plan: &CubePlan) -> Result<(), CubeFitError> {
+    let chunks = out.join("chunks");
+    std::fs::create_dir_all(&chunks).map_err(io_err(&chunks))?;
+    write_json_atomic(&out.join(PLAN_FILE), plan)?;
+    Ok(())
 }
 
 /// Names of the settings (as serialised into the plan) on which `a` and `b` differ.
@@ -528,32 +536,18 @@ fn start_finder(
     ))
 }
 
-/// Step 1-3: the plan, computed, or read back when the output directory already has one.
-fn make_or_load_plan(
+/// Stage 1 (steps 1-3) computed: a plan from one pass over the cube (S/N, footprint, binning,
+/// chunks) and the global fit. Writes nothing (`options.out` is ignored), so the control plane
+/// can run it anywhere and store the plan where it likes ([`write_plan`]).
+pub fn prepare_plan(
     options: &CubeFitOptions,
     cube: &mut Cube,
     lib: &TemplateLibrary,
-    timings: &mut Timings,
-) -> Result<CubePlan, CubeFitError> {
+) -> Result<PreparedPlan, CubeFitError> {
+    // The size is how a resumed run recognises its cube without reading it again.
     let cube_bytes = std::fs::metadata(&options.cube)
         .map_err(io_err(&options.cube))?
         .len();
-    if let Some(plan) = load_plan(&options.out)? {
-        let mut differs = differences(&plan.options, options);
-        if plan.cube_bytes != cube_bytes {
-            differs.push(format!(
-                "cube size ({} vs {cube_bytes} bytes)",
-                plan.cube_bytes
-            ));
-        }
-        if !differs.is_empty() {
-            return Err(CubeFitError::OtherPlan {
-                dir: options.out.clone(),
-                differs: differs.join(", "),
-            });
-        }
-        return Ok(plan);
-    }
     let t = Instant::now();
     let meta = cube.meta().clone();
     let redshift = options
@@ -577,7 +571,7 @@ fn make_or_load_plan(
         ..options.chunk
     };
     let chunks = plan_chunks(&bins, limits)?;
-    timings.prepare_s = t.elapsed().as_secs_f64();
+    let prepare_s = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
     let gg = GalaxyGrid::new(&meta, options, redshift)?;
@@ -598,7 +592,7 @@ fn make_or_load_plan(
         .filter(|(_, w)| options.populations || **w > 0.0)
         .map(|(n, w)| (n.clone(), *w))
         .unzip();
-    timings.global_fit_s = t.elapsed().as_secs_f64();
+    let global_fit_s = t.elapsed().as_secs_f64();
     let plan = CubePlan {
         options: options.clone(),
         cube_bytes,
@@ -614,48 +608,295 @@ fn make_or_load_plan(
             weights,
         },
     };
-    std::fs::create_dir_all(options.out.join("chunks")).map_err(io_err(&options.out))?;
-    write_json_atomic(&options.out.join("plan.json"), &plan)?;
-    Ok(plan)
+    Ok(PreparedPlan {
+        plan,
+        prepare_s,
+        global_fit_s,
+    })
 }
 
-/// Fits the whole cube as `options` say; see the module documentation.
+/// The plan of `options.out`: read back when the directory has one with the same settings
+/// and cube size (an error when they differ), else computed ([`prepare_plan`]) and written.
+/// Returns whether it was computed now.
+pub fn make_or_load_plan(
+    options: &CubeFitOptions,
+    cube: &mut Cube,
+    lib: &TemplateLibrary,
+) -> Result<(PreparedPlan, bool), CubeFitError> {
+    let cube_bytes = std::fs::metadata(&options.cube)
+        .map_err(io_err(&options.cube))?
+        .len();
+    if let Some(plan) = load_plan(&options.out)? {
+        let mut differs = differences(&plan.options, options);
+        if plan.cube_bytes != cube_bytes {
+            differs.push(format!(
+                "cube size ({} vs {cube_bytes} bytes)",
+                plan.cube_bytes
+            ));
+        }
+        if !differs.is_empty() {
+            return Err(CubeFitError::OtherPlan {
+                dir: options.out.clone(),
+                differs: differs.join(", "),
+            });
+        }
+        let loaded = PreparedPlan {
+            plan,
+            prepare_s: 0.0,
+            global_fit_s: 0.0,
+        };
+        return Ok((loaded, false));
+    }
+    let mut prepared = prepare_plan(options, cube, lib)?;
+    write_plan(&options.out, &prepared.plan)?;
+    // Fit with the plan as written and read back (JSON may move a float by one ulp), as a
+    // resumed run and the control plane's workers do: then every path starts the same bins
+    // from the same bits.
+    if let Some(plan) = load_plan(&options.out)? {
+        prepared.plan = plan;
+    }
+    Ok((prepared, true))
+}
+
+/// Stage 1's outcome: the plan and how long its two parts took.
+#[derive(Debug, Clone)]
+pub struct PreparedPlan {
+    pub plan: CubePlan,
+    /// Reading the cube for S/N and footprint, binning, chunk planning.
+    pub prepare_s: f64,
+    /// The fit of the integrated spectrum.
+    pub global_fit_s: f64,
+}
+
+/// Stage 2: what fitting the chunks of one plan needs (the fit grid, the prepared templates,
+/// the fitter, the start finder), built once per (plan, cube grid, library) and reused for
+/// any number of chunks, in any order, on any thread. Settings come from `plan.options`; the
+/// cube and template paths there are not used (a worker has its own copies).
+pub struct ChunkFitter {
+    gg: GalaxyGrid,
+    tpl: PreparedTemplates,
+    fitter: Fitter,
+    /// Indices of the global fit's templates in `tpl`: where each bin's search starts.
+    first: Vec<usize>,
+    /// Where a bin starts when the cross-correlation finds no clear peak.
+    start_values: Start,
+    xcorr: Option<CrossCorrelation>,
+    bins: HashMap<usize, BinSpec>,
+    populations: bool,
+    nwave: usize,
+}
+
+impl ChunkFitter {
+    pub fn new(
+        plan: &CubePlan,
+        meta: &CubeMeta,
+        lib: TemplateLibrary,
+    ) -> Result<ChunkFitter, CubeFitError> {
+        let options = &plan.options;
+        let gg = GalaxyGrid::new(meta, options, plan.redshift)?;
+        let kept: std::collections::HashSet<&str> =
+            plan.global.templates.iter().map(String::as_str).collect();
+        // Every bin is fitted with the whole library; the global fit's templates are where
+        // each bin's search starts (see `Fitter::fit_from_templates`). Or, on request, with
+        // those only.
+        let lib = if options.global_templates_only {
+            let names = lib.names.clone();
+            lib.select(|i| kept.contains(names[i].as_str()))
+        } else {
+            lib
+        };
+        let first: Vec<usize> = (0..lib.names.len())
+            .filter(|&i| kept.contains(lib.names[i].as_str()))
+            .collect();
+        let tpl = prepare_templates(&lib, &gg)?;
+        let fitter =
+            Fitter::new(&tpl, gg.grid, fit_config(options)).map_err(CubeFitError::Templates)?;
+        let xcorr = start_finder(&plan.global, &lib.names, &fitter)?;
+        Ok(ChunkFitter {
+            gg,
+            tpl,
+            fitter,
+            first,
+            start_values: Start::new(plan.global.v, plan.global.sigma),
+            xcorr,
+            bins: plan.bins.iter().map(|b| (b.id, b.clone())).collect(),
+            populations: options.populations,
+            nwave: meta.nwave(),
+        })
+    }
+
+    /// Reads the chunk's row band from the open cube and combines its bins' spectra (in the
+    /// chunk's bin order).
+    pub fn read_spectra(
+        &self,
+        cube: &mut Cube,
+        chunk: &Chunk,
+    ) -> Result<Vec<BinSpectrum>, CubeFitError> {
+        let bins: Vec<&BinSpec> = chunk
+            .bins
+            .iter()
+            .map(|id| {
+                self.bins.get(id).ok_or(CubeFitError::NotInPlan {
+                    chunk: chunk.id,
+                    bin: *id,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        // A spaxel outside the band would index past the block: refuse a chunk that does not
+        // hold its own bins (a hand-edited or foreign plan) rather than panic.
+        let (nx, ny) = (cube.meta().nx, cube.meta().ny);
+        if let Some(s) = bins.iter().flat_map(|b| &b.spaxels).find(|s| {
+            s[0] as usize >= nx || s[1] as usize >= ny || !chunk.rows.contains(&(s[1] as usize))
+        }) {
+            return Err(CubeFitError::SpaxelOutsideChunk {
+                chunk: chunk.id,
+                x: s[0],
+                y: s[1],
+            });
+        }
+        let block = cube.read_rows(chunk.rows.clone())?;
+        Ok(bins
+            .iter()
+            .map(|b| prepare::combine(&block, &b.spaxels))
+            .collect())
+    }
+
+    /// Fits one chunk's spectra (from [`Self::read_spectra`]) on `pool`, one scratch per
+    /// worker thread, incrementing `progress` per spectrum. A bin whose fit fails is recorded
+    /// as failed (with zeros for its model), as is a bin without a spectrum.
+    pub fn fit_chunk(
+        &self,
+        chunk: &Chunk,
+        spectra: &[BinSpectrum],
+        pool: &rayon::ThreadPool,
+        progress: &ProgressBar,
+    ) -> FittedChunk {
+        let evaluations = AtomicUsize::new(0);
+        let fitted_ok = AtomicUsize::new(0);
+        let fitted: Vec<(BinResult, Vec<f32>)> = pool.install(|| {
+            chunk
+                .bins
+                .par_iter()
+                .enumerate()
+                .map_init(
+                    || {
+                        (
+                            self.fitter.scratch(),
+                            self.xcorr.as_ref().map(|x| x.scratch()),
+                        )
+                    },
+                    |(scratch, xscratch), (k, id)| {
+                        let sn = self.bins.get(id).map_or(f64::NAN, |b| b.sn);
+                        let outcome = match spectra.get(k) {
+                            Some(spec) => self
+                                .fit_one(spec, scratch, xscratch.as_mut())
+                                .map_err(|e| e.to_string()),
+                            None => Err("no spectrum was given for this bin".to_string()),
+                        };
+                        progress.inc(1);
+                        match outcome {
+                            Ok((rest, fit)) => {
+                                evaluations.fetch_add(fit.evaluations, Ordering::Relaxed);
+                                fitted_ok.fetch_add(1, Ordering::Relaxed);
+                                (
+                                    bin_result(*id, sn, &fit, &self.tpl, self.populations),
+                                    self.gg.model_on_cube(&rest, &fit.bestfit),
+                                )
+                            }
+                            Err(why) => (BinResult::failed(*id, sn, why), vec![0.0; self.nwave]),
+                        }
+                    },
+                )
+                .collect()
+        });
+        let mut models = Vec::with_capacity(fitted.len() * self.nwave);
+        let mut results = Vec::with_capacity(fitted.len());
+        for (r, m) in fitted {
+            models.extend_from_slice(&m);
+            results.push(r);
+        }
+        FittedChunk {
+            result: ChunkResult {
+                chunk: chunk.id,
+                results,
+            },
+            models,
+            evaluations: evaluations.into_inner(),
+            fitted_ok: fitted_ok.into_inner(),
+        }
+    }
+
+    fn fit_one(
+        &self,
+        spec: &BinSpectrum,
+        scratch: &mut FitScratch,
+        xscratch: Option<&mut XcorrScratch>,
+    ) -> Result<(RestFrameSpectrum, FitResult), FitError> {
+        let rest = self.gg.rest_frame(spec)?;
+        let sp = &rest.spectrum;
+        let start = self
+            .xcorr
+            .as_ref()
+            .zip(xscratch)
+            .and_then(|(x, xs)| x.start_for(&sp.flux, &sp.good, xs))
+            .unwrap_or(self.start_values);
+        let fit = self
+            .fitter
+            .fit_from_templates(scratch, sp, &start, Some(&self.first))?;
+        Ok((rest, fit))
+    }
+}
+
+/// One fitted chunk: its results, its bins' model spectra on the cube's wavelength grid
+/// (bins in chunk order, `nwave` each), and the fit statistics for the summary.
+#[derive(Debug, Clone)]
+pub struct FittedChunk {
+    pub result: ChunkResult,
+    pub models: Vec<f32>,
+    /// Model evaluations (convolution and NNLS solve) of the bins fitted successfully.
+    pub evaluations: usize,
+    pub fitted_ok: usize,
+}
+
+impl FittedChunk {
+    /// Writes `chunks/chunk-NNNNN.json` and `.model` under `out`: the model spectra first,
+    /// then the JSON whose presence marks the chunk done (each renamed into place, so an
+    /// interrupted write leaves the chunk to be refitted, never half a result).
+    pub fn write(&self, out: &Path) -> Result<(), CubeFitError> {
+        let (json, model) = chunk_paths(out, self.result.chunk);
+        if let Some(dir) = json.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let bytes: Vec<u8> = self.models.iter().flat_map(|v| v.to_le_bytes()).collect();
+        write_atomic(&model, &bytes)?;
+        let text = serde_json::to_vec(&self.result)
+            .map_err(|e| io_err(&json)(std::io::Error::other(e)))?;
+        write_atomic(&json, &text)
+    }
+}
+
+/// Fits the whole cube as `options` say; see the module documentation. Runs the three stages
+/// the control plane runs separately: [`prepare_plan`] (or the saved plan), [`ChunkFitter`]
+/// on every chunk without a result, [`assemble`].
 pub fn fit_cube(
     options: &CubeFitOptions,
     progress: &ProgressBar,
 ) -> Result<CubeFitSummary, CubeFitError> {
     let start = Instant::now();
-    let mut timings = Timings {
-        prepare_s: 0.0,
-        global_fit_s: 0.0,
-        fit_s: 0.0,
-        outputs_s: 0.0,
-        total_s: 0.0,
-    };
     let mut cube = Cube::open(&options.cube)?;
     let meta = cube.meta().clone();
     let lib = TemplateLibrary::load(&options.templates).map_err(CubeFitError::Templates)?;
     std::fs::create_dir_all(options.out.join("chunks")).map_err(io_err(&options.out))?;
-    let plan = make_or_load_plan(options, &mut cube, &lib, &mut timings)?;
-    let gg = GalaxyGrid::new(&meta, options, plan.redshift)?;
-    let kept: std::collections::HashSet<&str> =
-        plan.global.templates.iter().map(String::as_str).collect();
-    // Every bin is fitted with the whole library; the global fit's templates are where each
-    // bin's search starts (see `Fitter::fit_from_templates`). Or, on request, with those only.
-    let lib = if options.global_templates_only {
-        let names = lib.names.clone();
-        lib.select(|i| kept.contains(names[i].as_str()))
-    } else {
-        lib
+    let (prepared, _) = make_or_load_plan(options, &mut cube, &lib)?;
+    let mut timings = Timings {
+        prepare_s: prepared.prepare_s,
+        global_fit_s: prepared.global_fit_s,
+        fit_s: 0.0,
+        outputs_s: 0.0,
+        total_s: 0.0,
     };
-    let first: Vec<usize> = (0..lib.names.len())
-        .filter(|&i| kept.contains(lib.names[i].as_str()))
-        .collect();
-    let tpl = prepare_templates(&lib, &gg)?;
-    let fitter =
-        Fitter::new(&tpl, gg.grid, fit_config(options)).map_err(CubeFitError::Templates)?;
-    let start_values = Start::new(plan.global.v, plan.global.sigma);
-    let xcorr = start_finder(&plan.global, &lib.names, &fitter)?;
+    let plan = prepared.plan;
+    let fitter = ChunkFitter::new(&plan, &meta, lib)?;
 
     let todo: Vec<&Chunk> = plan
         .chunks
@@ -669,87 +910,42 @@ pub fn fit_cube(
         .num_threads(options.threads.unwrap_or(0))
         .build()
         .map_err(|e| CubeFitError::Threads(e.to_string()))?;
-    let bins_by_id: HashMap<usize, &BinSpec> = plan.bins.iter().map(|b| (b.id, b)).collect();
 
-    let evaluations = AtomicUsize::new(0);
-    let fitted_ok = AtomicUsize::new(0);
+    let mut evaluations = 0usize;
+    let mut fitted_ok = 0usize;
     let t = Instant::now();
     // This thread reads row bands in chunk order (one band in memory at a time) with the cube
     // already open (a .gz cube is decompressed once); a second thread fits each chunk on the
     // pool and writes it while the next band is read.
     let (tx, rx) = sync_channel::<(&Chunk, Vec<BinSpectrum>)>(1);
     std::thread::scope(|scope| -> Result<(), CubeFitError> {
-        let fitting = scope.spawn(|| -> Result<(), CubeFitError> {
+        let fitting = scope.spawn(|| -> Result<(usize, usize), CubeFitError> {
+            let (mut evaluations, mut fitted_ok) = (0, 0);
             for (chunk, spectra) in rx {
-                let fitted: Vec<(BinResult, Vec<f32>)> = pool.install(|| {
-                    chunk
-                        .bins
-                        .par_iter()
-                        .zip(spectra.par_iter())
-                        .map_init(
-                            || (fitter.scratch(), xcorr.as_ref().map(|x| x.scratch())),
-                            |(scratch, xscratch), (id, spec)| {
-                                let sn = bins_by_id[id].sn;
-                                let outcome = gg.rest_frame(spec).and_then(|rest| {
-                                    let sp = &rest.spectrum;
-                                    let start = xcorr
-                                        .as_ref()
-                                        .zip(xscratch.as_mut())
-                                        .and_then(|(x, xs)| x.start_for(&sp.flux, &sp.good, xs))
-                                        .unwrap_or(start_values);
-                                    let fit = fitter.fit_from_templates(
-                                        scratch,
-                                        sp,
-                                        &start,
-                                        Some(&first),
-                                    )?;
-                                    Ok((rest, fit))
-                                });
-                                progress.inc(1);
-                                if let Ok((_, fit)) = &outcome {
-                                    evaluations.fetch_add(fit.evaluations, Ordering::Relaxed);
-                                    fitted_ok.fetch_add(1, Ordering::Relaxed);
-                                }
-                                match outcome {
-                                    Ok((rest, fit)) => (
-                                        bin_result(*id, sn, &fit, &tpl, options.populations),
-                                        gg.model_on_cube(&rest, &fit.bestfit),
-                                    ),
-                                    Err(e) => (
-                                        BinResult::failed(*id, sn, e.to_string()),
-                                        vec![0.0; meta.nwave()],
-                                    ),
-                                }
-                            },
-                        )
-                        .collect()
-                });
-                write_chunk(&options.out, chunk.id, fitted)?;
+                let fitted = fitter.fit_chunk(chunk, &spectra, &pool, progress);
+                fitted.write(&options.out)?;
+                evaluations += fitted.evaluations;
+                fitted_ok += fitted.fitted_ok;
             }
-            Ok(())
+            Ok((evaluations, fitted_ok))
         });
         let mut read = Ok(());
         for chunk in todo {
-            match cube.read_rows(chunk.rows.clone()) {
-                Ok(block) => {
-                    let spectra = chunk
-                        .bins
-                        .iter()
-                        .map(|id| prepare::combine(&block, &bins_by_id[id].spaxels))
-                        .collect();
-                    // A closed channel means the fitting thread stopped on an error.
+            match fitter.read_spectra(&mut cube, chunk) {
+                // A closed channel means the fitting thread stopped on an error.
+                Ok(spectra) => {
                     if tx.send((chunk, spectra)).is_err() {
                         break;
                     }
                 }
                 Err(e) => {
-                    read = Err(CubeFitError::from(e));
+                    read = Err(e);
                     break;
                 }
             }
         }
         drop(tx);
-        fitting
+        (evaluations, fitted_ok) = fitting
             .join()
             .map_err(|_| CubeFitError::Threads("the fitting thread panicked".into()))??;
         read
@@ -758,7 +954,7 @@ pub fn fit_cube(
     progress.finish();
 
     let t = Instant::now();
-    let summary_parts = write_outputs(options, &meta, &plan)?;
+    let stats = assemble(&options.out, &meta, &plan, options.model_cube)?;
     timings.outputs_s = t.elapsed().as_secs_f64();
     timings.total_s = start.elapsed().as_secs_f64();
     let summary = CubeFitSummary {
@@ -775,26 +971,34 @@ pub fn fit_cube(
         chunks: plan.chunks.len(),
         chunks_resumed: resumed,
         spectra_fitted_now: nspectra,
-        evaluations_per_fit: evaluations.into_inner() as f64 / fitted_ok.into_inner().max(1) as f64,
-        failed_bins: summary_parts.failed,
+        evaluations_per_fit: evaluations as f64 / fitted_ok.max(1) as f64,
+        failed_bins: stats.failed,
         threads: pool.current_num_threads(),
         spectra_per_second: if timings.fit_s > 0.0 {
             nspectra as f64 / timings.fit_s
         } else {
             0.0
         },
-        median_velocity_error: summary_parts.median_v_err,
-        median_sigma_error: summary_parts.median_sigma_err,
+        median_velocity_error: stats.median_v_err,
+        median_sigma_error: stats.median_sigma_err,
         timings,
     };
     write_json_atomic(&options.out.join("summary.json"), &summary)?;
     Ok(summary)
 }
 
-struct OutputStats {
-    failed: usize,
-    median_v_err: f64,
-    median_sigma_err: f64,
+/// What [`assemble`] found in the chunk results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssembleStats {
+    /// Bins whose fit failed.
+    pub failed: usize,
+    /// Medians of the (sqrt(chi2)-scaled) formal errors over the bins with a result.
+    pub median_v_err: f64,
+    pub median_sigma_err: f64,
+    /// Bins with a result (fitted or failed).
+    pub bins: usize,
+    /// Chunks of the plan without a result file: their bins are flagged as not fitted.
+    pub chunks_missing: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -830,16 +1034,19 @@ pub fn collect_results(
     Ok(results)
 }
 
-fn write_outputs(
-    options: &CubeFitOptions,
+/// Stage 3: from `plan` and the chunk results under `out/chunks/`, writes `maps.fits`,
+/// `model.fits` (when `model_cube`) and `maps.png` into `out`. Chunks without results are
+/// written as not fitted (see [`AssembleStats::chunks_missing`]).
+pub fn assemble(
+    out: &Path,
     meta: &CubeMeta,
     plan: &CubePlan,
-) -> Result<OutputStats, CubeFitError> {
-    let out = &options.out;
+    model_cube: bool,
+) -> Result<AssembleStats, CubeFitError> {
     let results = collect_results(out, plan)?;
     let map = BinMap::from_bins(meta.nx, meta.ny, &plan.bins);
     write_maps(&out.join("maps.fits"), meta, &map, &results)?;
-    if options.model_cube {
+    if model_cube {
         write_model(out, meta, plan)?;
     }
     let per_spaxel = |f: &dyn Fn(&BinResult) -> Option<f64>| -> Vec<Option<f64>> {
@@ -866,7 +1073,7 @@ fn write_outputs(
             range: None,
         },
     ];
-    if options.populations {
+    if plan.options.populations {
         panels.push(Panel {
             title: "light-weighted log age (yr)".into(),
             values: per_spaxel(&|r| r.age_lw),
@@ -900,10 +1107,16 @@ fn write_outputs(
         &panels,
     )?;
     let done: Vec<&BinResult> = results.iter().flatten().collect();
-    Ok(OutputStats {
+    Ok(AssembleStats {
         failed: done.iter().filter(|r| r.failure.is_some()).count(),
         median_v_err: median(done.iter().map(|r| r.velocity.error).collect()),
         median_sigma_err: median(done.iter().map(|r| r.sigma.error).collect()),
+        bins: done.len(),
+        chunks_missing: plan
+            .chunks
+            .iter()
+            .filter(|c| !chunk_paths(out, c.id).0.exists())
+            .count(),
     })
 }
 
@@ -1099,6 +1312,138 @@ mod tests {
         let err = fit_cube(&other, &bar).unwrap_err();
         assert!(matches!(err, CubeFitError::OtherPlan { .. }), "{err}");
         assert!(err.to_string().contains("moments"), "{err}");
+    }
+
+    /// Every image HDU of a FITS file by EXTNAME (the primary, empty, left out), as f64.
+    fn fits_planes(path: &Path) -> Vec<(String, Vec<f64>)> {
+        let mut f = fitsio::FitsFile::open(path).unwrap();
+        let n = f.num_hdus().unwrap();
+        (1..n)
+            .map(|i| {
+                let hdu = f.hdu(i).unwrap();
+                let name: String = hdu.read_key(&mut f, "EXTNAME").unwrap();
+                let data: Vec<f64> = hdu.read_image(&mut f).unwrap();
+                (name, data)
+            })
+            .collect()
+    }
+
+    fn assert_same_planes(a: &Path, b: &Path) {
+        let (pa, pb) = (fits_planes(a), fits_planes(b));
+        let names = |p: &[(String, Vec<f64>)]| p.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&pa), names(&pb), "{}", a.display());
+        for ((name, x), (_, y)) in pa.iter().zip(&pb) {
+            assert_eq!(x.len(), y.len(), "{name}");
+            if name == "BINID" || name.ends_with("_MASK") {
+                assert_eq!(x, y, "{name}");
+                continue;
+            }
+            // Fits of the same spectrum may differ in the last bits: a worker's scratch
+            // history (which spectra it fitted before, in which order) changes rounding.
+            for (k, (u, v)) in x.iter().zip(y).enumerate() {
+                let close = (u - v).abs() <= 1e-6 || (u - v).abs() <= 1e-5 * u.abs().max(v.abs());
+                assert!(
+                    close || (u.is_nan() && v.is_nan()),
+                    "{name}[{k}]: {u} vs {v}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stages_run_apart_in_any_order_give_fit_cubes_maps() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<ChunkFitter>();
+
+        let s = setup();
+        let bar = ProgressBar::hidden();
+        fit_cube(&s.options, &bar).unwrap();
+
+        // Stage 1 writes nothing, wherever `out` points.
+        let mut cube = Cube::open(&s.options.cube).unwrap();
+        let meta = cube.meta().clone();
+        let lib = TemplateLibrary::load(&s.options.templates).unwrap();
+        let mut options = s.options.clone();
+        options.out = s.options.out.with_file_name("never-written");
+        let prepared = prepare_plan(&options, &mut cube, &lib).unwrap();
+        assert!(!options.out.exists());
+        let staged = s.options.out.with_file_name("staged");
+        write_plan(&staged, &prepared.plan).unwrap();
+        let plan = load_plan(&staged).unwrap().unwrap();
+        // The same plan as fit-cube's (compared as read back: serde_json's float parsing
+        // may be one ulp off what was written, the same way for both).
+        let saved = load_plan(&s.options.out).unwrap().unwrap();
+        assert_eq!(plan.bins, saved.bins);
+        assert_eq!(plan.chunks, saved.chunks);
+        assert_eq!(plan.global, saved.global);
+        assert_eq!(plan.redshift, saved.redshift);
+        // Stage 2, backwards (order does not matter), with the plan's template path unused.
+        let mut elsewhere = plan.clone();
+        elsewhere.options.templates = PathBuf::from("/nowhere");
+        elsewhere.options.cube = PathBuf::from("/nowhere.fits");
+        let fitter = ChunkFitter::new(&elsewhere, &meta, lib).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for chunk in plan.chunks.iter().rev() {
+            let spectra = fitter.read_spectra(&mut cube, chunk).unwrap();
+            let fitted = fitter.fit_chunk(chunk, &spectra, &pool, &bar);
+            assert_eq!(fitted.fitted_ok, chunk.nspectra);
+            assert_eq!(fitted.models.len(), chunk.nspectra * meta.nwave());
+            fitted.write(&staged).unwrap();
+        }
+        // Stage 3.
+        let stats = assemble(&staged, &meta, &plan, true).unwrap();
+        assert_eq!((stats.bins, stats.failed, stats.chunks_missing), (30, 0, 0));
+
+        for chunk in &plan.chunks {
+            let (json, model) = chunk_files(chunk.id);
+            let a = read_chunk_result(&s.options.out.join(&json)).unwrap();
+            let b = read_chunk_result(&staged.join(&json)).unwrap();
+            let bins = |r: &ChunkResult| {
+                let mut v: Vec<usize> = r.results.iter().map(|r| r.bin).collect();
+                v.sort_unstable();
+                v
+            };
+            assert_eq!(bins(&a), bins(&b), "chunk {}", chunk.id);
+            assert_eq!(a.chunk, b.chunk);
+            let size = |dir: &Path| std::fs::metadata(dir.join(&model)).unwrap().len();
+            assert_eq!(size(&s.options.out), size(&staged), "chunk {}", chunk.id);
+        }
+        assert_same_planes(&s.options.out.join("maps.fits"), &staged.join("maps.fits"));
+        assert_same_planes(
+            &s.options.out.join("model.fits"),
+            &staged.join("model.fits"),
+        );
+        assert!(staged.join("maps.png").is_file());
+        // A missing chunk is reported, and its bins are flagged as not fitted.
+        std::fs::remove_file(staged.join(chunk_files(1).0)).unwrap();
+        let stats = assemble(&staged, &meta, &plan, false).unwrap();
+        assert_eq!(stats.chunks_missing, 1);
+        assert_eq!(stats.bins, 30 - plan.chunks[1].nspectra);
+    }
+
+    #[test]
+    fn a_chunk_of_another_plan_is_refused() {
+        let s = setup();
+        let mut cube = Cube::open(&s.options.cube).unwrap();
+        let meta = cube.meta().clone();
+        let lib = TemplateLibrary::load(&s.options.templates).unwrap();
+        let plan = prepare_plan(&s.options, &mut cube, &lib).unwrap().plan;
+        let fitter = ChunkFitter::new(&plan, &meta, lib).unwrap();
+        let mut foreign = plan.chunks[0].clone();
+        foreign.bins.push(999);
+        assert!(matches!(
+            fitter.read_spectra(&mut cube, &foreign),
+            Err(CubeFitError::NotInPlan { bin: 999, .. })
+        ));
+        let mut shifted = plan.chunks[0].clone();
+        shifted.rows = plan.chunks[3].rows.clone();
+        assert!(matches!(
+            fitter.read_spectra(&mut cube, &shifted),
+            Err(CubeFitError::SpaxelOutsideChunk { .. })
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod ppxf_inputs;
 pub mod spectrum;
 pub mod stats;
 pub mod synthetic;
+pub mod template_archive;
 pub mod templates;
 
 // Cubes: reading, preparation, binning, planning, fitting and outputs.
@@ -36,6 +37,7 @@ pub mod edge;
 
 pub use error::FitError;
 pub use fit::{FitConfig, FitResult, FitScratch, Fitter, LogGrid, Spectrum, Start, TemplateBasis};
+pub use template_archive::{TemplateArchiveError, unpack_template_tar, unpack_template_tar_from};
 pub use templates::{
     Medium, PrepareConfig, PreparedTemplates, ResolutionCurve, TemplateLibrary, prepare,
 };

@@ -11,7 +11,7 @@ use super::{Action, Context, ReconcileError, set_condition};
 use crate::objects::{self, EventType};
 use crate::resources::{
     APPLICATION_LABEL, AppKind, AppPhase, ApplicationObject, ApplicationSpec, ApplicationStatus,
-    Kind, Progress, RELEASE_FINALIZER, TaskState, TaskTemplate, typed,
+    Kind, Progress, RELEASE_FINALIZER, TaskSpec, TaskState, TaskTemplate, typed,
 };
 use crate::scheduling::{self, InputView, RegionView};
 use crate::store::{Change, Query, StoreError};
@@ -43,17 +43,12 @@ pub fn running_outcome(counts: TaskCounts, expected: u32) -> Option<AppPhase> {
     }
 }
 
-/// The work of an application: its task templates. `astro-fit` applications are planned from
-/// their parameters by the astro-fit planner, which this control plane does not hold yet.
+/// The work of a container application: its task templates. (astro-fit applications are
+/// planned in stages by `super::astro_fit`.)
 pub fn plan_tasks(spec: &ApplicationSpec) -> Result<Vec<TaskTemplate>, String> {
     match spec.app {
         AppKind::Container => Ok(spec.tasks.clone()),
-        AppKind::AstroFit if !spec.tasks.is_empty() => Ok(spec.tasks.clone()),
-        AppKind::AstroFit => Err(
-            "the astro-fit planner is not available in this control plane; \
-                                  give spec.tasks explicitly"
-                .into(),
-        ),
+        AppKind::AstroFit => Err("astro-fit applications are planned in stages".into()),
     }
 }
 
@@ -132,14 +127,20 @@ pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, Reconcile
             .await?;
             Ok(Action::Requeue(Duration::ZERO))
         }
-        AppPhase::Scheduling => schedule(ctx, &object, &app, status).await,
-        AppPhase::Running => follow(ctx, &object, &app, status).await,
+        AppPhase::Scheduling => match app.spec.app {
+            AppKind::Container => schedule(ctx, &object, &app, status).await,
+            AppKind::AstroFit => super::astro_fit::start(ctx, &object, &app, status).await,
+        },
+        AppPhase::Running => match app.spec.app {
+            AppKind::Container => follow(ctx, &object, &app, status).await,
+            AppKind::AstroFit => super::astro_fit::follow(ctx, &object, &app, status).await,
+        },
         AppPhase::Succeeded | AppPhase::Failed | AppPhase::Deleting => Ok(Action::AwaitChange),
     }
 }
 
 /// Writes the new status with `phase` and records the event.
-async fn transition(
+pub(super) async fn transition(
     ctx: &Context,
     object: &Value,
     mut next: ApplicationStatus,
@@ -196,6 +197,7 @@ async fn schedule(
         scheduling::place(
             name,
             &app.spec,
+            None,
             templates.len(),
             &regions,
             &input,
@@ -232,7 +234,14 @@ async fn schedule(
     };
     // Creating a task that exists changes nothing, so a pass cut short by a restart resumes.
     for (index, (template, region)) in templates.iter().zip(&placement.assignment).enumerate() {
-        create_task(ctx, app, index as u32, template, region).await?;
+        create_task(
+            ctx,
+            app,
+            command_task(app, index as u32, template),
+            region,
+            &[],
+        )
+        .await?;
     }
     status.placements = placement.placements;
     status.explanation = Some(placement.explanation.clone());
@@ -270,32 +279,32 @@ pub fn task_name(application: &str, index: u32) -> String {
     format!("{application}-{index:05}")
 }
 
-async fn create_task(
+/// Creates task `index` of `app` with `spec`, queued on `region`. Creating a task that exists
+/// changes nothing, so a pass cut short by a restart resumes.
+pub(super) async fn create_task(
     ctx: &Context,
     app: &ApplicationObject,
-    index: u32,
-    template: &TaskTemplate,
+    spec: TaskSpec,
     region: &str,
+    extra_labels: &[(&str, &str)],
 ) -> Result<(), StoreError> {
-    let name = task_name(&app.metadata.name, index);
+    let name = task_name(&app.metadata.name, spec.index);
+    let mut labels = serde_json::Map::new();
+    labels.insert(APPLICATION_LABEL.into(), json!(app.metadata.name));
+    for (k, v) in extra_labels {
+        labels.insert((*k).into(), json!(v));
+    }
     let task = json!({
         "apiVersion": crate::resources::API_VERSION,
         "kind": "Task",
         "metadata": {
             "name": name,
             "uid": uuid::Uuid::new_v4().to_string(),
-            "labels": {APPLICATION_LABEL: app.metadata.name},
+            "labels": labels,
             "creationTimestamp": now_rfc3339(),
             "generation": 1,
         },
-        "spec": {
-            "application": app.metadata.name,
-            "index": index,
-            "command": template.command,
-            "args": template.args,
-            "env": template.env,
-            "maxAttempts": app.spec.max_attempts,
-        },
+        "spec": spec,
         "status": {"state": "Queued", "attempts": 0, "region": region},
     });
     ctx.store
@@ -309,7 +318,21 @@ async fn create_task(
     Ok(())
 }
 
-async fn region_views(ctx: &Context) -> Result<Vec<RegionView>, ReconcileError> {
+/// The spec of a container application's task `index`.
+fn command_task(app: &ApplicationObject, index: u32, template: &TaskTemplate) -> TaskSpec {
+    TaskSpec {
+        application: app.metadata.name.clone(),
+        index,
+        command: template.command.clone(),
+        args: template.args.clone(),
+        env: template.env.clone(),
+        astro_fit: None,
+        features: None,
+        max_attempts: app.spec.max_attempts,
+    }
+}
+
+pub(super) async fn region_views(ctx: &Context) -> Result<Vec<RegionView>, ReconcileError> {
     let mut views = Vec::new();
     for object in ctx.store.list(Kind::Region, &Default::default()).await? {
         views.push(RegionView::of(typed(&object)?));
@@ -318,7 +341,10 @@ async fn region_views(ctx: &Context) -> Result<Vec<RegionView>, ReconcileError> 
 }
 
 /// Size and place of the application's input datasets (the first input's region counts).
-async fn input_view(ctx: &Context, spec: &ApplicationSpec) -> Result<InputView, ReconcileError> {
+pub(super) async fn input_view(
+    ctx: &Context,
+    spec: &ApplicationSpec,
+) -> Result<InputView, ReconcileError> {
     let mut view = InputView::default();
     for input in &spec.inputs {
         if let Some(dataset) = ctx.store.get(Kind::Dataset, &input.dataset).await? {
@@ -482,9 +508,14 @@ async fn finalize(ctx: &Context, object: &Value, name: &str) -> Result<Action, R
             .await?;
     }
     ctx.store.delete_task_results(name).await?;
-    match tokio::fs::remove_dir_all(results_dir(&ctx.data_dir, name)).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-        _ => {}
+    for dir in [
+        results_dir(&ctx.data_dir, name),
+        crate::content::artifacts_dir(&ctx.data_dir, name),
+    ] {
+        match tokio::fs::remove_dir_all(dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
     }
     objects::record_event(
         &ctx.store,
@@ -543,14 +574,5 @@ mod tests {
         );
         // Tasks still being created after a restart: not done yet.
         assert_eq!(running_outcome(counts(0, 0, 0), 50), None);
-    }
-
-    #[test]
-    fn astro_fit_needs_its_planner_or_explicit_tasks() {
-        let spec: ApplicationSpec = yaml_serde::from_str("app: astro-fit\n").unwrap();
-        assert!(plan_tasks(&spec).is_err());
-        let spec: ApplicationSpec =
-            yaml_serde::from_str("app: container\ntasks: [{command: echo}]\n").unwrap();
-        assert_eq!(plan_tasks(&spec).unwrap().len(), 1);
     }
 }

@@ -2,6 +2,7 @@
 //! only what the store holds, so after a restart they carry on where the last process stopped.
 
 pub mod application;
+pub mod astro_fit;
 pub mod region;
 
 use std::path::PathBuf;

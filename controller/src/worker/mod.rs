@@ -1,0 +1,394 @@
+//! `ceccm worker`: leases tasks of one region over HTTP and runs them: a command task as a
+//! child process, an astro-fit task's stage with the astro-fit library (inputs fetched and
+//! cached by the data plane, outputs uploaded as artifacts). It heartbeats while a task runs
+//! and reports the result (or the failure) with the CPU time it used. Requests and answers are
+//! the server's own typed wire structs.
+
+pub mod data;
+pub mod stage;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::astro_fit::{AstroFitWork, ContentRef};
+use crate::queue::{
+    CompleteRequest, FailRequest, HeartbeatRequest, LeaseRequest, MAX_OUTPUT_BYTES,
+};
+use crate::resources::{TaskObject, TaskSpec};
+use data::DataPlane;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub server: String,
+    pub region: String,
+    pub worker_id: String,
+    pub lease_seconds: u32,
+    /// Leave after this long without work.
+    pub idle_exit: Duration,
+    /// The region's cache of inputs (shared by the region's workers), and scratch space.
+    pub cache_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("HTTP: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("server answered {status}: {body}")]
+    Status { status: u16, body: String },
+}
+
+/// The default cache of a region's workers: `DATA_DIR/cache/REGION` for the local driver.
+pub fn default_cache_dir(region: &str) -> PathBuf {
+    std::env::temp_dir().join("ceccm-cache").join(region)
+}
+
+pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let mut data = DataPlane::new(client.clone(), &options.server, options.cache_dir.clone());
+    let mut warm = stage::StageRunner::default();
+    let parent = std::os::unix::process::parent_id();
+    let mut idle_since = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        // A worker whose server died (it was re-parented) has nobody to report to.
+        if std::os::unix::process::parent_id() != parent {
+            return Ok(());
+        }
+        match lease(&client, &options).await {
+            Ok(Some(task)) => {
+                run_task(&client, &options, &mut data, &mut warm, task).await;
+                idle_since = Instant::now();
+                backoff = Duration::from_millis(50);
+            }
+            Ok(None) => {
+                if idle_since.elapsed() >= options.idle_exit {
+                    return Ok(());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease failed");
+                if idle_since.elapsed() >= options.idle_exit {
+                    return Err(e.into());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn post<B: Serialize, R: DeserializeOwned>(
+    client: &reqwest::Client,
+    url: String,
+    body: &B,
+) -> Result<Option<R>, WorkerError> {
+    let response = client.post(url).json(body).send().await?;
+    let status = response.status();
+    if status == reqwest::StatusCode::NO_CONTENT {
+        return Ok(None);
+    }
+    if !status.is_success() {
+        return Err(WorkerError::Status {
+            status: status.as_u16(),
+            body: response.text().await.unwrap_or_default(),
+        });
+    }
+    Ok(Some(response.json().await?))
+}
+
+async fn lease(
+    client: &reqwest::Client,
+    o: &WorkerOptions,
+) -> Result<Option<TaskObject>, WorkerError> {
+    let request = LeaseRequest {
+        worker: o.worker_id.clone(),
+        region: o.region.clone(),
+        lease_seconds: o.lease_seconds,
+    };
+    post(client, format!("{}/api/v1/tasks:lease", o.server), &request).await
+}
+
+/// CPU seconds used by this process and its waited-for children so far.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime, stime, cutime and cstime are fields 14-17; `rest` starts at field 3.
+            let ticks: f64 = fields[11..15]
+                .iter()
+                .map(|f| f.parse::<f64>().unwrap_or(0.0))
+                .sum();
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn truncated(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(MAX_OUTPUT_BYTES)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+/// How a task ended, as the worker reports it.
+enum Ending {
+    Done {
+        result: serde_json::Value,
+        artifacts: Vec<ContentRef>,
+    },
+    Failed {
+        error: String,
+        permanent: bool,
+    },
+}
+
+async fn run_task(
+    client: &reqwest::Client,
+    o: &WorkerOptions,
+    data: &mut DataPlane,
+    warm: &mut stage::StageRunner,
+    task: TaskObject,
+) {
+    let name = task.metadata.name.clone();
+    let base = format!("{}/api/v1/tasks/{name}", o.server);
+    let heartbeat_every = Duration::from_millis(u64::from(o.lease_seconds) * 1000 / 3)
+        .max(Duration::from_millis(100));
+    let cpu_before = cpu_seconds();
+    // Wall time of the work itself, the predictor's target (lease and report latency excluded).
+    let started = Instant::now();
+    let work = async {
+        match &task.spec.astro_fit {
+            Some(fit) => run_astro_fit(o, data, warm, &task.spec, fit, &name).await,
+            None => run_command(o, &task.spec, &name).await,
+        }
+    };
+    tokio::pin!(work);
+    let mut ticker = tokio::time::interval(heartbeat_every);
+    ticker.tick().await;
+    let ending = loop {
+        tokio::select! {
+            ending = &mut work => break ending,
+            _ = ticker.tick() => {
+                let request = HeartbeatRequest {
+                    worker: o.worker_id.clone(),
+                    lease_seconds: o.lease_seconds,
+                };
+                let beat: Result<Option<serde_json::Value>, _> =
+                    post(client, format!("{base}/heartbeat"), &request).await;
+                if let Err(WorkerError::Status { status: 404 | 409, .. }) = beat {
+                    // The lease is gone (expired and handed on, or the task deleted): stop.
+                    tracing::warn!(task = name, "lease lost; abandoning the task");
+                    return;
+                }
+            }
+        }
+    };
+    let cpu = (cpu_seconds() - cpu_before).max(0.0);
+    // A task too quick for the clock reports nothing measured rather than zero seconds.
+    let seconds = Some(started.elapsed().as_secs_f64()).filter(|s| *s > 0.0);
+    let report: Result<Option<serde_json::Value>, _> = match ending {
+        Ending::Done { result, artifacts } => {
+            let request = CompleteRequest {
+                worker: o.worker_id.clone(),
+                result,
+                cpu_seconds: cpu,
+                seconds,
+                joules: None,
+                artifacts,
+            };
+            post(client, format!("{base}/complete"), &request).await
+        }
+        Ending::Failed { error, permanent } => {
+            let request = FailRequest {
+                worker: o.worker_id.clone(),
+                error,
+                cpu_seconds: cpu,
+                permanent,
+            };
+            post(client, format!("{base}/fail"), &request).await
+        }
+    };
+    if let Err(e) = report {
+        tracing::warn!(task = name, error = %e, "reporting the outcome failed");
+    }
+}
+
+async fn run_command(o: &WorkerOptions, spec: &TaskSpec, name: &str) -> Ending {
+    let output = tokio::process::Command::new(&spec.command)
+        .args(&spec.args)
+        .envs(&spec.env)
+        .env("CECCM_TASK", name)
+        .env("CECCM_TASK_INDEX", spec.index.to_string())
+        .env("CECCM_REGION", &o.region)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    match output {
+        Ok(out) if out.status.success() => Ending::Done {
+            result: serde_json::json!({"exitCode": 0, "stdout": truncated(&out.stdout),
+                                       "stderr": truncated(&out.stderr)}),
+            artifacts: vec![],
+        },
+        Ok(out) => Ending::Failed {
+            error: format!(
+                "exit status {}: {}",
+                out.status,
+                truncated(&out.stderr).trim_end()
+            ),
+            permanent: false,
+        },
+        Err(e) => Ending::Failed {
+            error: format!("could not start {:?}: {e}", spec.command),
+            permanent: false,
+        },
+    }
+}
+
+fn failed(error: impl std::fmt::Display, permanent: bool) -> Ending {
+    Ending::Failed {
+        error: error.to_string(),
+        permanent,
+    }
+}
+
+/// Fetches the stage's inputs, runs it off the async workers, uploads what it made.
+async fn run_astro_fit(
+    o: &WorkerOptions,
+    data: &mut DataPlane,
+    warm: &mut stage::StageRunner,
+    spec: &TaskSpec,
+    work: &AstroFitWork,
+    name: &str,
+) -> Ending {
+    let inputs = match fetch_inputs(data, &spec.application, work).await {
+        Ok(inputs) => inputs,
+        Err(e) => return e,
+    };
+    let scratch = match tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir_in(data.cache_dir())
+    {
+        Ok(dir) => dir,
+        Err(e) => return failed(format!("scratch directory: {e}"), false),
+    };
+    let outcome = warm
+        .run(work.clone(), inputs, scratch.path().to_path_buf())
+        .await;
+    let output = match outcome {
+        Ok(output) => output,
+        Err(e) => return failed(e.message, e.permanent),
+    };
+    let mut artifacts = Vec::with_capacity(output.files.len());
+    for (file, path) in &output.files {
+        match data.upload(name, path, file).await {
+            Ok(r) => artifacts.push(r),
+            Err(e) => return failed(e, false),
+        }
+    }
+    tracing::debug!(task = name, region = o.region, transfers = ?data.transfers, "stage done");
+    Ending::Done {
+        result: output.result,
+        artifacts,
+    }
+}
+
+async fn fetch_inputs(
+    data: &mut DataPlane,
+    application: &str,
+    work: &AstroFitWork,
+) -> Result<stage::StageInputs, Ending> {
+    let fetch_failed = |e: data::DataError| failed(&e, e.permanent());
+    let cube = data.dataset(&work.cube).await.map_err(fetch_failed)?;
+    // A gzipped cube is decompressed once per region: every chunk reads only its rows.
+    let cube = if is_gzip(&cube) {
+        data.derived(&cube, "fits", |gz, fits| {
+            let mut input = flate2::read::MultiGzDecoder::new(
+                std::fs::File::open(gz).map_err(|e| e.to_string())?,
+            );
+            let mut output = std::fs::File::create(fits).map_err(|e| e.to_string())?;
+            std::io::copy(&mut input, &mut output)
+                .map(|_| ())
+                .map_err(|e| format!("decompressing the cube: {e}"))
+        })
+        .await
+        .map_err(|e| failed(e, true))?
+    } else {
+        cube
+    };
+    let templates = match &work.templates {
+        Some(t) => {
+            let tar = data.dataset(t).await.map_err(fetch_failed)?;
+            data.derived(&tar, "templates", |tar, dir| {
+                ::astro_fit::unpack_template_tar(tar, dir)
+                    .map(|_| ())
+                    .map_err(|e| format!("the templates dataset: {e}"))
+            })
+            .await
+            .map_err(|e| failed(e, true))?
+        }
+        None => bundled_templates(data)
+            .await
+            .map_err(|e| failed(e, false))?,
+    };
+    let plan = match &work.plan {
+        Some(p) => Some(data.artifact(application, p).await.map_err(fetch_failed)?),
+        None => None,
+    };
+    let mut chunks = Vec::with_capacity(work.chunks.len());
+    for c in &work.chunks {
+        chunks.push((
+            c.name.clone(),
+            data.artifact(application, c).await.map_err(fetch_failed)?,
+        ));
+    }
+    Ok(stage::StageInputs {
+        cube,
+        templates,
+        plan,
+        chunks,
+    })
+}
+
+fn is_gzip(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 2];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == [0x1f, 0x8b]
+}
+
+/// The template library bundled with astro-fit, unpacked once into the region's cache.
+async fn bundled_templates(data: &DataPlane) -> Result<PathBuf, String> {
+    use sha2::Digest;
+    let bytes = ::astro_fit::template_archive::COMPACT_EMILES_TAR_GZ;
+    let sha = hex::encode(sha2::Sha256::digest(bytes));
+    let marker = data.cache_dir().join(&sha);
+    if tokio::fs::metadata(&marker).await.is_err() {
+        tokio::fs::create_dir_all(data.cache_dir())
+            .await
+            .map_err(|e| e.to_string())?;
+        let tmp = data
+            .cache_dir()
+            .join(format!("{sha}.{}.part", std::process::id()));
+        tokio::fs::write(&tmp, bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::fs::rename(&tmp, &marker)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    data.derived(&marker, "templates", |tar, dir| {
+        ::astro_fit::unpack_template_tar(tar, dir)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await
+}

@@ -1,0 +1,335 @@
+//! astro-fit through the control plane: a cube and a template library uploaded as Datasets, an
+//! astro-fit Application over two local regions, its maps downloaded and compared with
+//! `astro-fit fit-cube`'s maps of the same cube and parameters; bad input refused or failed
+//! with its cause.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::control_plane::{Http, start_with_regions, wait_for_phase};
+use crate::support::{Server, bin, shared_data, wait_until, workspace_root};
+
+fn sample_cube() -> PathBuf {
+    workspace_root().join("examples/data/sample-LOGCUBE.fits.gz")
+}
+
+/// A plain tar of the FITS templates in `dir` (entries are bare file names).
+fn template_tar(dir: &Path, out: &Path) -> PathBuf {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".fits") || n.ends_with(".txt"))
+        .collect();
+    names.sort();
+    let tar = out.join("templates.tar");
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(dir)
+        .args(&names)
+        .status()
+        .expect("run tar");
+    assert!(status.success());
+    tar
+}
+
+fn dataset(http: &Http, server: &Server, name: &str, format: &str, region: Option<&str>) {
+    let mut spec = json!({"format": format});
+    if let Some(r) = region {
+        spec["region"] = json!(r);
+    }
+    http.apply(
+        server,
+        "datasets",
+        &json!({"apiVersion": "ceccm/v1", "kind": "Dataset", "metadata": {"name": name},
+                "spec": spec}),
+    );
+}
+
+fn upload(http: &Http, server: &Server, name: &str, file: &Path) {
+    let bytes = std::fs::read(file).unwrap();
+    let (status, body) = http.send(
+        http.client
+            .put(server.api(&format!("datasets/{name}/content")))
+            .body(bytes),
+    );
+    assert_eq!(status, 200, "upload {name}: {body}");
+}
+
+fn astro_fit_app(name: &str, cube: &str, parameters: Value) -> Value {
+    json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": name},
+           "spec": {"app": "astro-fit", "inputs": [{"dataset": cube}], "parameters": parameters,
+                    "resources": {"cpu": 1}, "maxAttempts": 3}})
+}
+
+fn download(http: &Http, server: &Server, app: &str, file: &str, to: &Path) -> PathBuf {
+    let bytes = http.runtime.block_on(async {
+        let response = http
+            .client
+            .get(server.api(&format!("applications/{app}/results/{file}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{file} of {app}");
+        response.bytes().await.unwrap()
+    });
+    let path = to.join(file);
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+/// Every image HDU of two MAPS files, by name: BINID identical, every value equal to float32
+/// precision (a spectrum fitted twice may differ in its last bits with the scratch history of
+/// the thread that fitted it).
+fn assert_same_maps(a: &Path, b: &Path) {
+    use fitsio::hdu::HduInfo;
+    let mut fa = fitsio::FitsFile::open(a).unwrap();
+    let mut fb = fitsio::FitsFile::open(b).unwrap();
+    let mut compared = 0;
+    for index in 1.. {
+        let Ok(ha) = fa.hdu(index) else { break };
+        let name: String = ha.read_key(&mut fa, "EXTNAME").unwrap();
+        let hb = fb
+            .hdu(name.as_str())
+            .unwrap_or_else(|_| panic!("{name} missing"));
+        let HduInfo::ImageInfo { shape, .. } = &ha.info else {
+            continue;
+        };
+        assert_eq!(
+            Some(shape),
+            match &hb.info {
+                HduInfo::ImageInfo { shape, .. } => Some(shape),
+                _ => None,
+            },
+            "{name}"
+        );
+        let va: Vec<f64> = ha.read_image(&mut fa).unwrap();
+        let vb: Vec<f64> = hb.read_image(&mut fb).unwrap();
+        for (i, (x, y)) in va.iter().zip(&vb).enumerate() {
+            let same = if name == "BINID" {
+                x == y
+            } else {
+                (x.is_nan() && y.is_nan()) || (x - y).abs() <= 1e-5 * x.abs().max(y.abs()) + 1e-6
+            };
+            assert!(same, "{name}[{i}]: {x} vs {y}");
+        }
+        compared += 1;
+    }
+    assert!(compared >= 5, "only {compared} image HDUs compared");
+}
+
+#[test]
+fn a_cube_fitted_through_the_control_plane_gives_fit_cubes_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let server = start_with_regions(&dir.path().join("server"), &http);
+    let emiles = shared_data().join("templates/emiles");
+    let tar = template_tar(&emiles, dir.path());
+    dataset(&http, &server, "cube", "cube", Some("edge-a"));
+    dataset(&http, &server, "emiles", "templates", None);
+    upload(&http, &server, "cube", &sample_cube());
+    upload(&http, &server, "emiles", &tar);
+    let parameters = json!({"templates": "emiles", "chunkSpectra": 16});
+    http.apply(
+        &server,
+        "applications",
+        &astro_fit_app("fit", "cube", parameters),
+    );
+    let app = wait_for_phase(&http, &server, "fit", "Succeeded", Duration::from_secs(600));
+    let status = &app["status"];
+    let stages: Vec<(String, u64, u64)> = status["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["done"].as_u64().unwrap(),
+                s["total"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // 136 spaxels in chunks of 16.
+    assert_eq!(
+        stages,
+        [
+            ("prepare".to_string(), 1, 1),
+            ("fit".to_string(), 9, 9),
+            ("assemble".to_string(), 1, 1)
+        ]
+    );
+    let index = http.get(&server.api("applications/fit/results"));
+    let names: Vec<&str> = index["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["maps.fits", "maps.png", "model.fits", "summary.json"]
+    );
+    // Every chunk's artifact was written once: one completion per task, each naming its files.
+    let tasks = http.get(&server.api("tasks?labelSelector=ceccm/application%3Dfit"));
+    let mut chunk_files: Vec<String> = tasks["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| {
+            t["status"]["artifacts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|a| a["name"].as_str().unwrap().to_string())
+        .filter(|n| n.starts_with("chunks/"))
+        .collect();
+    chunk_files.sort();
+    let before = chunk_files.len();
+    chunk_files.dedup();
+    assert_eq!((before, chunk_files.len()), (18, 18));
+
+    let maps = download(&http, &server, "fit", "maps.fits", dir.path());
+    let reference = dir.path().join("fit-cube");
+    let output = Command::new(bin("astro-fit"))
+        .arg("fit-cube")
+        .arg(sample_cube())
+        .arg("--templates")
+        .arg(&emiles)
+        .arg("--out")
+        .arg(&reference)
+        .args(["--chunk-spectra", "16", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_same_maps(&reference.join("maps.fits"), &maps);
+
+    // The predictor learned from the chunks' telemetry (9 fit tasks; prepare and assemble are
+    // not chunk work).
+    let predictor = http.get(&server.api("predictor"));
+    assert_eq!(predictor["samples"], 9, "{predictor}");
+}
+
+fn wait_for_failure(http: &Http, server: &Server, app: &str) -> String {
+    wait_until(&format!("{app} to fail"), Duration::from_secs(300), || {
+        let object = http.get(&server.api(&format!("applications/{app}")));
+        let status = &object["status"];
+        assert_ne!(status["phase"], "Succeeded", "{app} succeeded: {status}");
+        (status["phase"] == "Failed").then(|| {
+            status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Complete")
+                .map(|c| c["message"].as_str().unwrap_or_default().to_string())
+                .unwrap_or_default()
+        })
+    })
+}
+
+#[test]
+fn bad_astro_fit_input_is_refused_or_fails_with_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let server = start_with_regions(&dir.path().join("server"), &http);
+    dataset(&http, &server, "cube", "cube", None);
+    upload(&http, &server, "cube", &sample_cube());
+
+    // Known at apply: 422 naming the field.
+    let refused = |app: Value, field: &str| {
+        let (status, body) = http.send(
+            http.client
+                .put(server.api(&format!(
+                    "applications/{}",
+                    app["metadata"]["name"].as_str().unwrap()
+                )))
+                .json(&app),
+        );
+        assert_eq!(status, 422, "{body}");
+        let fields: Vec<&str> = body["error"]["details"]["causes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["field"].as_str().unwrap())
+            .collect();
+        assert_eq!(fields, [field], "{body}");
+    };
+    refused(
+        astro_fit_app("a", "cube", json!({"templates": "nothing"})),
+        "spec.parameters.templates",
+    );
+    refused(
+        astro_fit_app("b", "cube", json!({"moments": "two"})),
+        "spec.parameters.moments",
+    );
+    refused(
+        astro_fit_app("c", "cube", json!({"lamda": [1, 2]})),
+        "spec.parameters.lamda",
+    );
+    refused(
+        astro_fit_app("d", "nocube", json!({})),
+        "spec.inputs[0].dataset",
+    );
+
+    // Known only once a worker reads it: the application fails, naming the cause, after one
+    // attempt (bad input is not retried), and no results are published.
+    let png = workspace_root().join("docs/images/seed7-maps.png");
+    dataset(&http, &server, "picture", "cube", None);
+    upload(&http, &server, "picture", &png);
+    http.apply(
+        &server,
+        "applications",
+        &astro_fit_app("png", "picture", json!({})),
+    );
+    let message = wait_for_failure(&http, &server, "png");
+    assert!(
+        message.contains("prepare") && message.contains("cube"),
+        "{message}"
+    );
+    let index = http.get(&server.api("applications/png/results"));
+    assert_eq!(index["files"], json!([]));
+    let tasks = http.get(&server.api("tasks?labelSelector=ceccm/application%3Dpng"));
+    assert_eq!(tasks["items"][0]["status"]["attempts"], 1);
+
+    // A truncated FITS file.
+    let truncated = dir.path().join("truncated.fits.gz");
+    let bytes = std::fs::read(sample_cube()).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    dataset(&http, &server, "half", "cube", None);
+    upload(&http, &server, "half", &truncated);
+    http.apply(
+        &server,
+        "applications",
+        &astro_fit_app("half", "half", json!({})),
+    );
+    let message = wait_for_failure(&http, &server, "half");
+    assert!(message.contains("cube"), "{message}");
+
+    // Templates that do not cover the cube's wavelengths (the fit range is asked beyond them).
+    http.apply(
+        &server,
+        "applications",
+        &astro_fit_app("range", "cube", json!({"lamRange": [20000, 30000]})),
+    );
+    let message = wait_for_failure(&http, &server, "range");
+    assert!(message.contains("range"), "{message}");
+
+    // A dataset declared as something else is not taken as a cube.
+    dataset(&http, &server, "table", "csv", None);
+    upload(&http, &server, "table", &sample_cube());
+    http.apply(
+        &server,
+        "applications",
+        &astro_fit_app("csv", "table", json!({})),
+    );
+    let message = wait_for_failure(&http, &server, "csv");
+    assert!(message.contains("spec.format"), "{message}");
+}
