@@ -77,6 +77,8 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(patch_status))
         .routes(routes!(upload_content, download_content))
         .routes(routes!(results_index))
+        .routes(routes!(cancel_application))
+        .routes(routes!(retry_application))
         .routes(routes!(upload_artifact))
         .routes(routes!(download_artifact))
         .routes(routes!(result_file))
@@ -562,6 +564,28 @@ async fn results_index(
     }
     let files = crate::content::list_results(&results_dir(&state.config.data_dir, &name)).await?;
     Ok(Json(ResultsIndex { files }).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/applications/{name}/cancel", tag = "applications",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "Cancelled: workers stop, finished tasks are kept", body = ApiObject),
+              (status = "default", description = "Error (409: already finished)", body = ErrorBody)))]
+async fn cancel_application(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(crate::operations::cancel(&state.store, &name).await?).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/applications/{name}/retry", tag = "applications",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "Dead-lettered tasks queued again; the application runs again", body = ApiObject),
+              (status = "default", description = "Error (409: not Failed or Cancelled)", body = ErrorBody)))]
+async fn retry_application(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(crate::operations::retry(&state.store, &name).await?).into_response())
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]

@@ -152,6 +152,15 @@ async fn get(client: &reqwest::Client, url: String) -> anyhow::Result<Value> {
     Ok(body)
 }
 
+/// A line above the progress bars, or on stdout when they are hidden (not a terminal).
+fn say(progress: &indicatif::MultiProgress, line: String) {
+    if progress.is_hidden() {
+        println!("{line}");
+    } else {
+        let _ = progress.println(line);
+    }
+}
+
 fn stage_bar(progress: &indicatif::MultiProgress, name: &str) -> indicatif::ProgressBar {
     let bar = progress.add(indicatif::ProgressBar::new(0));
     if let Ok(style) =
@@ -227,19 +236,19 @@ async fn follow(base: &str, data_dir: &std::path::Path, timeout: Duration) -> an
         }
         let line = format!("{phase:<10} {}", stages.join(", "));
         if line != last_line {
-            progress.println(format!(
-                "[{:>5.1}s] {line}",
-                started.elapsed().as_secs_f64()
-            ))?;
+            say(
+                &progress,
+                format!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64()),
+            );
             last_line = line;
         }
         if let Some(explanation) = status["explanation"].as_str()
             && explanation != explained
         {
-            progress.println(format!(
-                "placement: {}",
-                explanation.replace('\n', "\n           ")
-            ))?;
+            say(
+                &progress,
+                format!("placement: {}", explanation.replace('\n', "\n           ")),
+            );
             explained = explanation.to_string();
         }
         match phase.as_str() {

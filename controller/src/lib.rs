@@ -9,6 +9,7 @@ pub mod error;
 pub mod logs;
 pub mod metrics;
 pub mod objects;
+pub mod operations;
 pub mod predictor;
 pub mod queue;
 pub mod reconcile;

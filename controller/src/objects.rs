@@ -130,6 +130,25 @@ pub async fn apply(
         {
             return Ok(Change::Keep);
         }
+        if spec_changed && kind == Kind::Application {
+            let phase = stored["status"]["phase"].as_str().unwrap_or("Pending");
+            let frozen = immutable_changes(&stored["spec"], &submitted.spec, phase);
+            if !frozen.is_empty() {
+                let causes: Vec<ceccm_federation::Violation> = frozen
+                    .into_iter()
+                    .map(|field| {
+                        ceccm_federation::Violation::new(
+                            field,
+                            format!(
+                                "is immutable once the application is scheduled (phase \
+                                 {phase}); delete and re-create it to change it"
+                            ),
+                        )
+                    })
+                    .collect();
+                return Err(ApiError::invalid(kind.as_str(), &name, &causes));
+            }
+        }
         let meta = &mut stored["metadata"];
         set_or_remove(meta, "labels", labels);
         set_or_remove(meta, "annotations", annotations);
@@ -151,6 +170,44 @@ pub async fn apply(
     }
     let written = store.write(kind, &name, decide).await?;
     Ok((written.object.unwrap_or_default(), written.created))
+}
+
+/// The spec fields an update changes that may no longer change: everything but `suspend` once
+/// an application has left `Pending` (its work is planned and placed from the spec it had).
+/// Parameters are named one by one (`spec.parameters.moments`).
+pub fn immutable_changes(stored: &Value, submitted: &Value, phase: &str) -> Vec<String> {
+    if phase == "Pending" {
+        return vec![];
+    }
+    let empty = Map::new();
+    let (old, new) = (
+        stored.as_object().unwrap_or(&empty),
+        submitted.as_object().unwrap_or(&empty),
+    );
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut fields = Vec::new();
+    for key in keys {
+        if key == "suspend" || old.get(key) == new.get(key) {
+            continue;
+        }
+        match (old.get(key), new.get(key)) {
+            (Some(Value::Object(a)), Some(Value::Object(b))) if key == "parameters" => {
+                let mut inner: Vec<&String> = a.keys().chain(b.keys()).collect();
+                inner.sort();
+                inner.dedup();
+                fields.extend(
+                    inner
+                        .into_iter()
+                        .filter(|k| a.get(*k) != b.get(*k))
+                        .map(|k| format!("spec.parameters.{k}")),
+                );
+            }
+            _ => fields.push(format!("spec.{key}")),
+        }
+    }
+    fields
 }
 
 fn set_or_remove(meta: &mut Value, key: &str, value: Value) {
@@ -385,5 +442,21 @@ mod tests {
         let mut scalar = json!(1);
         merge_patch(&mut scalar, &json!({"x": 1}));
         assert_eq!(scalar, json!({"x": 1}));
+    }
+
+    #[test]
+    fn a_scheduled_application_refuses_spec_changes_but_suspend() {
+        let old = json!({"app": "astro-fit", "parameters": {"moments": 2, "degree": 4},
+                         "suspend": false});
+        let new = json!({"app": "astro-fit", "parameters": {"moments": 4, "degree": 4},
+                         "suspend": true, "objective": "energy"});
+        assert!(immutable_changes(&old, &new, "Pending").is_empty());
+        assert_eq!(
+            immutable_changes(&old, &new, "Running"),
+            ["spec.objective", "spec.parameters.moments"]
+        );
+        let only_suspend = json!({"app": "astro-fit", "parameters": {"moments": 2, "degree": 4},
+                                  "suspend": true});
+        assert!(immutable_changes(&old, &only_suspend, "Running").is_empty());
     }
 }

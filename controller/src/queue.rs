@@ -323,7 +323,11 @@ async fn application_runnable(store: &Store, application: &str) -> Result<bool, 
     };
     let suspended = app["spec"]["suspend"].as_bool().unwrap_or(false);
     let deleting = app["metadata"]["deletionTimestamp"].is_string();
-    Ok(!suspended && !deleting)
+    let stopped = matches!(
+        app["status"]["phase"].as_str(),
+        Some("Cancelled" | "Failed")
+    );
+    Ok(!suspended && !deleting && !stopped)
 }
 
 /// Applies a transition to one task; 404 if it is gone, 409 if refused.

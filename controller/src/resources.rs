@@ -452,6 +452,15 @@ impl ApplicationSpec {
                 ));
             }
         }
+        for (i, t) in self.placement.tolerations.iter().enumerate() {
+            // An unknown effect would tolerate every taint of the key: refuse it.
+            if !["", "NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&t.effect.as_str()) {
+                out.push(Violation::new(
+                    format!("spec.placement.tolerations[{i}].effect"),
+                    "must be NoSchedule, PreferNoSchedule, NoExecute or empty (every effect)",
+                ));
+            }
+        }
         for (i, input) in self.inputs.iter().enumerate() {
             if validate_name(&input.dataset).is_err() {
                 out.push(Violation::new(
@@ -637,6 +646,8 @@ pub enum AppPhase {
     Running,
     Succeeded,
     Failed,
+    /// Stopped by a user (`cancel`); finished tasks are kept, `retry` resumes.
+    Cancelled,
     Suspended,
     Deleting,
 }

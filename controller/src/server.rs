@@ -44,6 +44,8 @@ impl RunningServer {
 
     /// Stops serving, stops every worker, and closes the store.
     pub async fn shutdown(self) {
+        // Workers first, so that none is left asking a server that no longer answers.
+        self.driver.release_all();
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = task.await;

@@ -61,7 +61,10 @@ pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, Reconcile
     if app.metadata.deletion_timestamp.is_some() {
         return finalize(ctx, &object, &name).await;
     }
-    if matches!(phase, AppPhase::Succeeded | AppPhase::Failed) {
+    if matches!(
+        phase,
+        AppPhase::Succeeded | AppPhase::Failed | AppPhase::Cancelled
+    ) {
         return Ok(Action::AwaitChange);
     }
     if app.spec.suspend {
@@ -135,7 +138,9 @@ pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, Reconcile
             AppKind::Container => follow(ctx, &object, &app, status).await,
             AppKind::AstroFit => super::astro_fit::follow(ctx, &object, &app, status).await,
         },
-        AppPhase::Succeeded | AppPhase::Failed | AppPhase::Deleting => Ok(Action::AwaitChange),
+        AppPhase::Succeeded | AppPhase::Failed | AppPhase::Cancelled | AppPhase::Deleting => {
+            Ok(Action::AwaitChange)
+        }
     }
 }
 

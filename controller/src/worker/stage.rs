@@ -339,6 +339,14 @@ fn assemble(
     let model_cube = !work.parameters.no_model_cube;
     let stats = cubefit::assemble(out, meta, &plan, model_cube)
         .map_err(|e| StageError::permanent(format!("assemble: {e}")))?;
+    if stats.chunks_missing > 0 {
+        // Never publish maps with holes: the controller hands over every chunk's files.
+        return Err(StageError::permanent(format!(
+            "assemble: {} of {} chunks have no result files",
+            stats.chunks_missing,
+            plan.chunks.len()
+        )));
+    }
     let results = cubefit::collect_results(out, &plan)
         .map_err(|e| StageError::permanent(format!("assemble: {e}")))?;
     let fitted: Vec<_> = results
