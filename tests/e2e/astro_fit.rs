@@ -9,8 +9,20 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::control_plane::{Http, start_with_regions, wait_for_phase};
+use crate::control_plane::{Http, regions, wait_for_phase};
 use crate::support::{Server, bin, shared_data, wait_until, workspace_root};
+
+/// A server with the two local regions; leases of 5 s, so that a worker starved of CPU by the
+/// other tests fitting in parallel keeps its lease, while a killed one loses it soon.
+fn start_with_regions(dir: &Path, http: &Http) -> Server {
+    let server = Server::start(dir, LEASE);
+    for region in regions() {
+        http.apply(&server, "regions", &region);
+    }
+    server
+}
+
+const LEASE: &[&str] = &["--lease-seconds", "5"];
 
 fn sample_cube() -> PathBuf {
     workspace_root().join("examples/data/sample-LOGCUBE.fits.gz")
@@ -63,7 +75,7 @@ fn upload(http: &Http, server: &Server, name: &str, file: &Path) {
 fn astro_fit_app(name: &str, cube: &str, parameters: Value) -> Value {
     json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": name},
            "spec": {"app": "astro-fit", "inputs": [{"dataset": cube}], "parameters": parameters,
-                    "resources": {"cpu": 1}, "maxAttempts": 3}})
+                    "resources": {"cpu": 1}, "maxAttempts": 5}})
 }
 
 fn download(http: &Http, server: &Server, app: &str, file: &str, to: &Path) -> PathBuf {
@@ -332,4 +344,145 @@ fn bad_astro_fit_input_is_refused_or_fails_with_its_cause() {
     );
     let message = wait_for_failure(&http, &server, "csv");
     assert!(message.contains("spec.format"), "{message}");
+}
+
+/// The seed-7 cube (652 spectra) in chunks of 100 spectra with the whole E-MILES library: each
+/// chunk fits long enough for a worker or the server to be killed while it runs.
+fn start_seed7_job(http: &Http, server: &Server, dir: &Path) {
+    let tar = template_tar(&shared_data().join("templates/emiles"), dir);
+    dataset(http, server, "seed7", "cube", None);
+    dataset(http, server, "emiles", "templates", None);
+    upload(
+        http,
+        server,
+        "seed7",
+        &shared_data().join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
+    );
+    upload(http, server, "emiles", &tar);
+    http.apply(
+        server,
+        "applications",
+        &astro_fit_app(
+            "seed7",
+            "seed7",
+            json!({"templates": "emiles", "chunkSpectra": 100, "moments": 4}),
+        ),
+    );
+}
+
+fn seed7_reference(dir: &Path) -> PathBuf {
+    let out = dir.join("fit-cube");
+    let output = Command::new(bin("astro-fit"))
+        .arg("fit-cube")
+        .arg(shared_data().join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"))
+        .arg("--templates")
+        .arg(shared_data().join("templates/emiles"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--chunk-spectra", "100", "--moments", "4", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out.join("maps.fits")
+}
+
+fn fit_tasks(http: &Http, server: &Server) -> Vec<Value> {
+    let tasks =
+        http.get(&server.api("tasks?labelSelector=ceccm/application%3Dseed7,ceccm/stage%3Dfit"));
+    tasks["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// Each chunk's files are recorded once, by the one completion that counted.
+fn assert_chunks_written_once(http: &Http, server: &Server, chunks: usize) {
+    let tasks = fit_tasks(http, server);
+    assert_eq!(tasks.len(), chunks);
+    let mut names: Vec<String> = tasks
+        .iter()
+        .flat_map(|t| {
+            t["status"]["artifacts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|a| a["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    let all = names.len();
+    names.dedup();
+    assert_eq!((all, names.len()), (2 * chunks, 2 * chunks));
+}
+
+#[test]
+fn a_worker_killed_mid_chunk_changes_nothing_in_the_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let server = start_with_regions(&dir.path().join("server"), &http);
+    start_seed7_job(&http, &server, dir.path());
+    // Kill the worker of a chunk while it fits (its id is REGION-PID); a chunk that finished
+    // between the look and the kill does not count, so look again.
+    let killed = wait_until(
+        "a worker killed mid-chunk",
+        Duration::from_secs(300),
+        || {
+            let leased = fit_tasks(&http, &server)
+                .into_iter()
+                .find(|t| t["status"]["state"] == "Leased")?;
+            let worker = leased["status"]["worker"].as_str()?.to_string();
+            let pid = worker.rsplit('-').next()?.to_string();
+            Command::new("kill").args(["-9", &pid]).status().ok()?;
+            let name = leased["metadata"]["name"].as_str()?.to_string();
+            let now = http.get(&server.api(&format!("tasks/{name}")));
+            (now["status"]["state"] != "Done" || now["status"]["worker"] != worker.as_str())
+                .then_some(name)
+        },
+    );
+    wait_for_phase(
+        &http,
+        &server,
+        "seed7",
+        "Succeeded",
+        Duration::from_secs(600),
+    );
+    let task = http.get(&server.api(&format!("tasks/{killed}")));
+    assert!(
+        task["status"]["attempts"].as_u64().unwrap() >= 2,
+        "the killed chunk was fitted again: {}",
+        task["status"]
+    );
+    assert_chunks_written_once(&http, &server, 7);
+    let maps = download(&http, &server, "seed7", "maps.fits", dir.path());
+    assert_same_maps(&seed7_reference(dir.path()), &maps);
+}
+
+#[test]
+fn a_server_killed_mid_job_resumes_to_the_same_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let data_dir = dir.path().join("server");
+    let server = start_with_regions(&data_dir, &http);
+    start_seed7_job(&http, &server, dir.path());
+    wait_until("a chunk fitted", Duration::from_secs(300), || {
+        fit_tasks(&http, &server)
+            .iter()
+            .any(|t| t["status"]["state"] == "Done")
+            .then_some(())
+    });
+    server.kill();
+    // Same data directory, a new process (and port): the store says where the job stood.
+    let server = Server::start(&data_dir, LEASE);
+    let app = wait_for_phase(
+        &http,
+        &server,
+        "seed7",
+        "Succeeded",
+        Duration::from_secs(600),
+    );
+    assert_eq!(app["status"]["progress"]["total"], 9);
+    assert_chunks_written_once(&http, &server, 7);
+    let maps = download(&http, &server, "seed7", "maps.fits", dir.path());
+    assert_same_maps(&seed7_reference(dir.path()), &maps);
 }

@@ -70,7 +70,7 @@ impl Http {
     }
 }
 
-fn regions() -> [Value; 2] {
+pub(crate) fn regions() -> [Value; 2] {
     let region = |name: &str, tier: &str| {
         json!({"apiVersion": "ceccm/v1", "kind": "Region", "metadata": {"name": name},
                "spec": {"tier": tier, "driver": "local", "capacity": {"cpu": 2},

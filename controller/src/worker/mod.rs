@@ -267,10 +267,12 @@ async fn run_astro_fit(
     work: &AstroFitWork,
     name: &str,
 ) -> Ending {
+    let fetching = Instant::now();
     let inputs = match fetch_inputs(data, &spec.application, work).await {
         Ok(inputs) => inputs,
         Err(e) => return e,
     };
+    let fetch_seconds = fetching.elapsed().as_secs_f64();
     let scratch = match tempfile::Builder::new()
         .prefix(&format!("{name}-"))
         .tempdir_in(data.cache_dir())
@@ -285,6 +287,7 @@ async fn run_astro_fit(
         Ok(output) => output,
         Err(e) => return failed(e.message, e.permanent),
     };
+    let uploading = Instant::now();
     let mut artifacts = Vec::with_capacity(output.files.len());
     for (file, path) in &output.files {
         match data.upload(name, path, file).await {
@@ -293,10 +296,16 @@ async fn run_astro_fit(
         }
     }
     tracing::debug!(task = name, region = o.region, transfers = ?data.transfers, "stage done");
-    Ending::Done {
-        result: output.result,
-        artifacts,
+    let mut result = output.result;
+    if let Some(fields) = result.as_object_mut() {
+        // Where the task's time went besides the science, for the dispatch overhead.
+        fields.insert("fetchSeconds".into(), fetch_seconds.into());
+        fields.insert(
+            "uploadSeconds".into(),
+            uploading.elapsed().as_secs_f64().into(),
+        );
     }
+    Ending::Done { result, artifacts }
 }
 
 async fn fetch_inputs(

@@ -130,6 +130,8 @@ pub struct ChunkReport {
     pub evaluations_per_fit: f64,
     /// Whether the cube, templates and thread pool were already set up by an earlier task.
     pub warm: bool,
+    /// Opening the cube and preparing the templates (0 when warm).
+    pub setup_seconds: f64,
     pub read_seconds: f64,
     pub fit_seconds: f64,
 }
@@ -216,6 +218,7 @@ fn fit(
         work.threads
     );
     let was_warm = warm.as_ref().is_some_and(|w| w.key == key);
+    let setup = Instant::now();
     if !was_warm {
         *warm = None;
         let plan = load_plan(plan_path)?;
@@ -245,6 +248,7 @@ fn fit(
         .find(|c| c.id == chunk_id)
         .cloned()
         .ok_or_else(|| StageError::permanent(format!("the plan has no chunk {chunk_id}")))?;
+    let setup_seconds = setup.elapsed().as_secs_f64();
     let t = Instant::now();
     let spectra = w
         .fitter
@@ -270,6 +274,7 @@ fn fit(
         failed,
         evaluations_per_fit: fitted.evaluations as f64 / fitted.fitted_ok.max(1) as f64,
         warm: was_warm,
+        setup_seconds,
         read_seconds,
         fit_seconds,
     };
