@@ -201,6 +201,15 @@ impl Client {
         Ok(self.json(self.request(Method::GET, path)).await?.1)
     }
 
+    /// A POST of a JSON body to any path under `/api/v1` (actions such as
+    /// `applications/NAME/cancel`), answering JSON.
+    pub async fn post_path(&self, path: &str, body: &Value) -> Result<Value> {
+        Ok(self
+            .json(self.request(Method::POST, path).json(body))
+            .await?
+            .1)
+    }
+
     /// A PUT of raw bytes (dataset content) of a known length.
     pub async fn put_bytes(&self, path: &str, body: reqwest::Body, length: u64) -> Result<Value> {
         let request = self

@@ -33,6 +33,102 @@ pub fn targets(kind: &str, names: &[String]) -> Result<(&'static KindInfo, Vec<S
     }
 }
 
+/// Objects named as `KIND/NAME...`, `KIND NAME...`, or a lone `NAME` that is not a kind, which
+/// names an application (as `logs NAME` does): the spellings of commands that act on
+/// applications.
+fn object_refs(words: &[String]) -> Result<Vec<(&'static KindInfo, String)>> {
+    let Some(first) = words.first() else {
+        return Err(usage!(
+            "name the application: application/NAME, application NAME or NAME"
+        ));
+    };
+    if first.contains('/') {
+        return words
+            .iter()
+            .map(|word| match kinds::split_ref(word)? {
+                (kind, Some(name)) => Ok((kind, name.to_string())),
+                (_, None) => Err(usage!(
+                    "\"{word}\" is not KIND/NAME: write every object as KIND/NAME, or KIND NAME..."
+                )),
+            })
+            .collect();
+    }
+    match kinds::resolve(first) {
+        Ok(kind) if words.len() == 1 => Err(usage!(
+            "name the {} after \"{first}\": {first} NAME or {first}/NAME",
+            kind.singular
+        )),
+        Ok(kind) => Ok(words[1..].iter().map(|n| (kind, n.clone())).collect()),
+        Err(_) if words.len() == 1 => Ok(vec![(kinds::resolve("application")?, first.clone())]),
+        Err(e) => Err(e),
+    }
+}
+
+/// The names of the applications `words` name (see [`object_refs`]); any other kind is a usage
+/// error saying why (`what` completes "only applications ...").
+pub fn application_names(words: &[String], what: &str) -> Result<Vec<String>> {
+    object_refs(words)?
+        .into_iter()
+        .map(|(kind, name)| match kind.kind {
+            "Application" => Ok(name),
+            _ => Err(usage!(
+                "only applications {what}, not {}/{name}",
+                kind.plural
+            )),
+        })
+        .collect()
+}
+
+/// What `cancel` and `retry` ask the server to do to an application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppAction {
+    /// Stop its workers, keep its finished chunks; phase `Cancelled`.
+    Cancel,
+    /// Queue its dead-lettered tasks again with fresh attempts and run it again.
+    Retry,
+}
+
+impl AppAction {
+    /// The last segment of `POST /api/v1/applications/{name}/{action}`.
+    fn segment(self) -> &'static str {
+        match self {
+            AppAction::Cancel => "cancel",
+            AppAction::Retry => "retry",
+        }
+    }
+
+    fn done(self) -> &'static str {
+        match self {
+            AppAction::Cancel => "cancelled",
+            AppAction::Retry => "retried",
+        }
+    }
+}
+
+/// `cancel` and `retry`: one POST per application, `application/NAME cancelled` for each that
+/// the server accepted. Like `delete`, a refused one (404, 409 when there is nothing to do)
+/// does not stop the others; the command fails at the end.
+pub async fn act(client: &Client, action: AppAction, words: &[String]) -> Result<()> {
+    let names = application_names(words, &format!("can be {}", action.done()))?;
+    let mut failures = Vec::new();
+    for name in names {
+        let path = format!(
+            "applications/{}/{}",
+            crate::client::encode(&name),
+            action.segment()
+        );
+        match client.post_path(&path, &serde_json::json!({})).await {
+            Ok(_) => output::print(&format!("application/{name} {}\n", action.done()))?,
+            Err(e @ Error::Api { .. }) => failures.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    match last_failure(failures) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 pub async fn get(client: &Client, options: &GetOptions) -> Result<()> {
     let (kind, names) = targets(&options.kind, &options.names)?;
     let now = now_unix();
@@ -103,7 +199,16 @@ pub async fn get(client: &Client, options: &GetOptions) -> Result<()> {
         return Err(e);
     }
     if options.watch {
-        return watch(client, kind, &names, options, resource_version, widths).await;
+        return watch(
+            client,
+            kind,
+            &names,
+            options,
+            &objects,
+            resource_version,
+            widths,
+        )
+        .await;
     }
     Ok(())
 }
@@ -137,11 +242,17 @@ async fn watch(
     kind: &KindInfo,
     names: &[String],
     options: &GetOptions,
+    listed: &[Value],
     mut resource_version: Option<String>,
     mut widths: Vec<usize>,
 ) -> Result<()> {
     let columns = table::columns(kind, options.format == Format::Wide);
     let mut header_printed = !widths.is_empty();
+    let mut changes = ChangeFilter::default();
+    for object in listed {
+        let identity = watch_identity(kind, &columns, options.format, object)?;
+        changes.should_print("ADDED", object_name(object), identity);
+    }
     loop {
         let mut stream = match client
             .watch(
@@ -177,11 +288,12 @@ async fn watch(
             {
                 resource_version = Some(rv.to_string());
             }
-            let name = object
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            let name = object_name(&object);
             if !names.is_empty() && !names.iter().any(|n| n == name) {
+                continue;
+            }
+            let identity = watch_identity(kind, &columns, options.format, &object)?;
+            if !changes.should_print(&event.kind, name, identity) {
                 continue;
             }
             let text = match options.format {
@@ -207,6 +319,54 @@ async fn watch(
             // A server that closes watches at once must not be hammered.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+fn object_name(object: &Value) -> &str {
+    object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+/// What a watched object prints as, for comparing with what was printed last: a table row
+/// without the clock's part (see [`table::row_identity`]), or the whole text of other formats.
+fn watch_identity(
+    kind: &KindInfo,
+    columns: &[&kinds::Column],
+    format: Format,
+    object: &Value,
+) -> Result<Vec<String>> {
+    Ok(match format {
+        Format::Table | Format::Wide => table::row_identity(columns, object),
+        Format::Json => vec![output::to_json(object)?],
+        Format::Yaml => vec![output::to_yaml(object)?],
+        Format::Name => vec![output::reference(kind, object)],
+    })
+}
+
+/// Which watch events print. kubectl prints a row when what it shows changed, not on every
+/// write to the object: heartbeats, energy counters and other fields a table does not show
+/// (or shows rounded) change far more often than the row. Keyed by object name.
+#[derive(Debug, Default)]
+struct ChangeFilter {
+    printed: std::collections::HashMap<String, Vec<String>>,
+}
+
+impl ChangeFilter {
+    /// Whether an event of type `event` (`ADDED`, `MODIFIED`, `DELETED`) about `name`, printing
+    /// as `identity`, is news. A deletion always prints and forgets the name, so that an object
+    /// created again under the same name prints again.
+    fn should_print(&mut self, event: &str, name: &str, identity: Vec<String>) -> bool {
+        if event == "DELETED" {
+            self.printed.remove(name);
+            return true;
+        }
+        if self.printed.get(name) == Some(&identity) {
+            return false;
+        }
+        self.printed.insert(name.to_string(), identity);
+        true
     }
 }
 
@@ -543,5 +703,73 @@ mod tests {
     #[test]
     fn widths_merge_to_the_widest() {
         assert_eq!(merge_widths(&[3, 5], &[4, 2, 7]), vec![4, 5, 7]);
+    }
+
+    #[test]
+    fn a_watch_prints_an_object_again_only_when_its_row_changed() {
+        let mut filter = ChangeFilter::default();
+        let row = |phase: &str| vec!["m51".to_string(), phase.to_string()];
+        assert!(filter.should_print("ADDED", "m51", row("Pending")));
+        assert!(!filter.should_print("MODIFIED", "m51", row("Pending")));
+        assert!(filter.should_print("ADDED", "m52", row("Pending")));
+        assert!(filter.should_print("MODIFIED", "m51", row("Running")));
+        assert!(!filter.should_print("MODIFIED", "m51", row("Running")));
+        // A deletion prints even when the row reads the same, and a re-created object too.
+        assert!(filter.should_print("DELETED", "m51", row("Running")));
+        assert!(filter.should_print("ADDED", "m51", row("Running")));
+        // A watch reopened after 410 Gone sends every object as ADDED again: unchanged, silent.
+        assert!(!filter.should_print("ADDED", "m52", row("Pending")));
+    }
+
+    #[test]
+    fn the_identity_of_a_watched_object_follows_the_output_format() {
+        let kind = kinds::resolve("apps").unwrap();
+        let columns = table::columns(kind, false);
+        let app = serde_json::json!({"metadata": {"name": "m51", "resourceVersion": "7",
+                                                  "creationTimestamp": "2026-11-21T11:57:00Z"},
+                                     "status": {"phase": "Running", "energyJoules": 10.0}});
+        let mut later = app.clone();
+        later["metadata"]["resourceVersion"] = serde_json::json!("8");
+        later["status"]["energyJoules"] = serde_json::json!(10.2);
+        let identity =
+            |format, object: &Value| watch_identity(kind, &columns, format, object).unwrap();
+        assert_eq!(
+            identity(Format::Table, &app),
+            identity(Format::Table, &later)
+        );
+        assert_eq!(identity(Format::Name, &app), identity(Format::Name, &later));
+        // JSON and YAML print the whole object: every change is a change of what they print.
+        assert_ne!(identity(Format::Json, &app), identity(Format::Json, &later));
+        assert_ne!(identity(Format::Yaml, &app), identity(Format::Yaml, &later));
+    }
+
+    #[test]
+    fn commands_on_applications_take_every_spelling() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let names = |w: &[&str]| application_names(&words(w), "can be cancelled");
+        for spelling in [
+            &["app/m51"][..],
+            &["application/m51"],
+            &["applications", "m51"],
+            &["app", "m51"],
+            &["m51"],
+        ] {
+            assert_eq!(names(spelling).unwrap(), ["m51"], "{spelling:?}");
+        }
+        assert_eq!(names(&["apps", "a", "b"]).unwrap(), ["a", "b"]);
+        assert_eq!(names(&["app/a", "application/b"]).unwrap(), ["a", "b"]);
+        for bad in [
+            &[][..],
+            &["app"],
+            &["rg/edge"],
+            &["ds", "cube"],
+            &["app/a", "b"],
+            &["pods", "x"],
+            &["app/"],
+        ] {
+            assert!(matches!(names(bad), Err(Error::Usage(_))), "{bad:?}");
+        }
+        let text = names(&["rg/edge"]).unwrap_err().to_string();
+        assert_eq!(text, "only applications can be cancelled, not regions/edge");
     }
 }

@@ -9,6 +9,7 @@ mod error;
 mod kinds;
 mod manifest;
 mod output;
+mod results;
 mod table;
 mod time;
 mod transfer;
@@ -111,6 +112,29 @@ enum Command {
         /// Directory to write into (default: ./NAME)
         #[arg(long, value_name = "DIR")]
         to: Option<PathBuf>,
+    },
+    /// List the result files of an application: name, size and sha256
+    Results {
+        /// application/NAME, application NAME (any alias of the kind) or NAME
+        #[arg(required = true, num_args = 1..=2, value_name = "TARGET")]
+        target: Vec<String>,
+        /// Output format (json and yaml print the results index as the server serves it,
+        /// name one file name per line)
+        #[arg(short, long, value_enum, default_value_t = output::Format::Table)]
+        output: output::Format,
+    },
+    /// Cancel applications: their workers stop, finished chunks are kept, phase Cancelled
+    Cancel {
+        /// application/NAME..., application NAME... or NAME
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<String>,
+    },
+    /// Run failed or cancelled applications again: their dead-lettered tasks are queued again
+    /// with fresh attempts
+    Retry {
+        /// application/NAME..., application NAME... or NAME
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<String>,
     },
     /// View and edit contexts (server URL, token, TLS CA) in the config file
     #[command(subcommand)]
@@ -290,6 +314,16 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Download { target: object, to } => {
             transfer::download(&target()?, &object, to.as_deref()).await
         }
+        Command::Results {
+            target: words,
+            output,
+        } => results::run(&target()?, &words, output).await,
+        Command::Cancel { targets } => {
+            commands::act(&target()?, commands::AppAction::Cancel, &targets).await
+        }
+        Command::Retry { targets } => {
+            commands::act(&target()?, commands::AppAction::Retry, &targets).await
+        }
         Command::Config(command) => config_command(command, cli.global),
         Command::Completion { shell } => {
             let mut out = Vec::new();
@@ -367,6 +401,26 @@ mod tests {
     }
 
     #[test]
+    fn results_cancel_and_retry_take_their_targets() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap().command;
+        match parse(&["ceccmctl", "results", "application", "m51", "-o", "json"]) {
+            Command::Results { target, output } => {
+                assert_eq!(target, ["application", "m51"]);
+                assert_eq!(output, output::Format::Json);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["ceccmctl", "cancel", "app/a", "app/b"]) {
+            Command::Cancel { targets } => assert_eq!(targets, ["app/a", "app/b"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["ceccmctl", "retry", "m51"]) {
+            Command::Retry { targets } => assert_eq!(targets, ["m51"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn usage_errors_exit_with_2() {
         for args in [
             &["ceccmctl", "get"][..],
@@ -374,6 +428,11 @@ mod tests {
             &["ceccmctl", "get", "rg", "-o", "xml"],
             &["ceccmctl", "frobnicate"],
             &["ceccmctl", "delete", "app", "-f", "x.yaml"],
+            &["ceccmctl", "results"],
+            &["ceccmctl", "results", "app", "a", "b"],
+            &["ceccmctl", "results", "app/a", "-o", "xml"],
+            &["ceccmctl", "cancel"],
+            &["ceccmctl", "retry"],
         ] {
             let err = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -26,6 +26,26 @@ pub fn rows(columns: &[&Column], objects: &[Value], now: i64) -> Vec<Vec<String>
         .collect()
 }
 
+/// A row as it reads at any time: what `rows` prints for the object, except that age cells
+/// carry their timestamp instead of the time since it. Two identities differ only when the
+/// printed row would differ for a reason other than the clock, which is what `get -w` compares
+/// to decide whether a change is worth a new line (an AGE column changes by itself; a new
+/// `lastTimestamp` of an event does not).
+pub fn row_identity(columns: &[&Column], object: &Value) -> Vec<String> {
+    columns
+        .iter()
+        .map(|c| match c.cell {
+            Cell::Age(pointer) => object
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or(NONE)
+                .to_string(),
+            // `now` only matters to age cells, handled above.
+            other => cell(object, other, 0),
+        })
+        .collect()
+}
+
 /// Width of each column over these rows.
 pub fn widths(rows: &[Vec<String>]) -> Vec<usize> {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -173,18 +193,46 @@ fn cpu(object: &Value) -> Option<String> {
     })
 }
 
+/// An astro-fit application's stage in progress (`fit 7/9`), else `done/total` tasks; failures
+/// are appended either way.
 fn progress(object: &Value) -> Option<String> {
+    let failed = object
+        .pointer("/status/progress/failed")
+        .and_then(Value::as_u64)
+        .filter(|&failed| failed > 0);
+    let counts = stage_in_progress(object).or_else(|| task_counts(object))?;
+    Some(match failed {
+        Some(failed) => format!("{counts} ({failed} failed)"),
+        None => counts,
+    })
+}
+
+/// `NAME done/total` of the first stage not yet complete (a stage whose total is still 0 is
+/// not planned yet, so not complete); the last stage once all are. `None` without stages.
+pub fn stage_in_progress(object: &Value) -> Option<String> {
+    let stages = object.pointer("/status/stages")?.as_array()?;
+    let count = |stage: &Value, key: &str| stage.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let complete = |stage: &&Value| {
+        let total = count(stage, "total");
+        total > 0 && count(stage, "done") >= total
+    };
+    let current = stages
+        .iter()
+        .find(|stage| !complete(stage))
+        .or_else(|| stages.last())?;
+    let name = current.get("name").and_then(Value::as_str)?;
+    Some(format!(
+        "{name} {}/{}",
+        count(current, "done"),
+        count(current, "total")
+    ))
+}
+
+/// `done/total` tasks of `status.progress`.
+fn task_counts(object: &Value) -> Option<String> {
     let done = number(object, "/status/progress/done")?;
     let total = number(object, "/status/progress/total")?;
-    Some(
-        match object
-            .pointer("/status/progress/failed")
-            .and_then(Value::as_u64)
-        {
-            Some(failed) if failed > 0 => format!("{done}/{total} ({failed} failed)"),
-            _ => format!("{done}/{total}"),
-        },
-    )
+    Some(format!("{done}/{total}"))
 }
 
 fn placement_regions(object: &Value) -> Option<String> {
@@ -308,5 +356,90 @@ mod tests {
             ),
             "2"
         );
+    }
+
+    fn astro_fit(phase: &str, stages: [(u64, u64); 3], failed: u64) -> Value {
+        let stages: Vec<Value> = ["prepare", "fit", "assemble"]
+            .iter()
+            .zip(stages)
+            .map(|(name, (done, total))| json!({"name": name, "done": done, "total": total}))
+            .collect();
+        json!({"metadata": {"name": "m51", "creationTimestamp": "2026-11-21T11:57:00Z"},
+               "spec": {"app": "astro-fit"},
+               "status": {"phase": phase, "stages": stages,
+                          "progress": {"done": 0, "failed": failed, "total": 11}}})
+    }
+
+    #[test]
+    fn astro_fit_progress_is_the_stage_in_progress() {
+        let progress = |app: &Value| cell(app, Cell::Progress, now());
+        // Before the plan is known the fit stage counts 0/0: prepare is what runs.
+        assert_eq!(
+            progress(&astro_fit("Running", [(0, 1), (0, 0), (0, 1)], 0)),
+            "prepare 0/1"
+        );
+        assert_eq!(
+            progress(&astro_fit("Running", [(1, 1), (0, 0), (0, 1)], 0)),
+            "fit 0/0"
+        );
+        assert_eq!(
+            progress(&astro_fit("Running", [(1, 1), (7, 9), (0, 1)], 0)),
+            "fit 7/9"
+        );
+        assert_eq!(
+            progress(&astro_fit("Running", [(1, 1), (9, 9), (0, 1)], 2)),
+            "assemble 0/1 (2 failed)"
+        );
+        assert_eq!(
+            progress(&astro_fit("Succeeded", [(1, 1), (9, 9), (1, 1)], 0)),
+            "assemble 1/1"
+        );
+        let table = table(
+            "Application",
+            false,
+            &[astro_fit("Running", [(1, 1), (7, 9), (0, 1)], 0)],
+        );
+        assert_eq!(
+            table,
+            "NAME   APP         PHASE     PROGRESS   REGIONS   ENERGY   AGE\n\
+             m51    astro-fit   Running   fit 7/9    <none>    <none>   3m\n"
+        );
+    }
+
+    #[test]
+    fn a_row_identity_ignores_the_clock_but_not_what_is_shown() {
+        let cols = columns(by_kind("Application").unwrap(), false);
+        let app = json!({"metadata": {"name": "m51", "creationTimestamp": "2026-11-21T11:57:00Z"},
+                         "spec": {"app": "container"},
+                         "status": {"phase": "Running", "energyJoules": 35_210.0,
+                                    "progress": {"done": 3, "total": 10}}});
+        let identity = row_identity(&cols, &app);
+        assert_eq!(
+            identity,
+            [
+                "m51",
+                "container",
+                "Running",
+                "3/10",
+                "<none>",
+                "35kJ",
+                "2026-11-21T11:57:00Z"
+            ]
+        );
+        // The energy grew, but not enough to change what the ENERGY column prints.
+        let mut warmer = app.clone();
+        warmer["status"]["energyJoules"] = json!(35_290.0);
+        warmer["status"]["startTime"] = json!("2026-11-21T11:58:00Z");
+        assert_eq!(row_identity(&cols, &warmer), identity);
+        let mut further = app.clone();
+        further["status"]["progress"]["done"] = json!(4);
+        assert_ne!(row_identity(&cols, &further), identity);
+        // An event seen again has a new lastTimestamp: news, though its text is the same.
+        let events = columns(by_kind("Event").unwrap(), false);
+        let event = json!({"type": "Normal", "reason": "Pulled", "message": "m",
+                           "lastTimestamp": "2026-11-21T11:57:00Z"});
+        let mut again = event.clone();
+        again["lastTimestamp"] = json!("2026-11-21T11:58:00Z");
+        assert_ne!(row_identity(&events, &event), row_identity(&events, &again));
     }
 }

@@ -16,6 +16,7 @@ use crate::error::{Result, failed, usage};
 use crate::kinds;
 use crate::manifest::API_VERSION;
 use crate::output;
+use crate::results::Index;
 use crate::table::bytes;
 
 const CHUNK: usize = 256 * 1024;
@@ -120,8 +121,7 @@ pub async fn download(client: &Client, target: &str, to: Option<&Path>) -> Resul
         name.ok_or_else(|| usage!("name what to download: application/NAME or dataset/NAME"))?;
     let files = match kind.kind {
         "Application" => {
-            let base = format!("applications/{}/results", encode(name));
-            let files = results_index(&client.get_path(&base).await?, &base)?;
+            let files = remote_results(name, crate::results::fetch_index(client, name).await?);
             if files.is_empty() {
                 let phase = client
                     .get(kind, name)
@@ -189,26 +189,20 @@ pub async fn download(client: &Client, target: &str, to: Option<&Path>) -> Resul
     output::print(&text)
 }
 
-/// The files of a results index served under `base`.
-fn results_index(index: &Value, base: &str) -> Result<Vec<RemoteFile>> {
-    let files = index
-        .get("files")
-        .and_then(Value::as_array)
-        .ok_or_else(|| failed!("the results index has no \"files\" list"))?;
-    files
-        .iter()
+/// The files of an application's results index, each with the path it is served at.
+fn remote_results(application: &str, index: Index) -> Vec<RemoteFile> {
+    let base = crate::results::index_path(application);
+    index
+        .files
+        .into_iter()
         .map(|f| {
-            let name = f
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| failed!("a results entry has no name: {f}"))?;
-            let segments: Vec<String> = name.split('/').map(encode).collect();
-            Ok(RemoteFile {
-                name: name.to_string(),
+            let segments: Vec<String> = f.name.split('/').map(encode).collect();
+            RemoteFile {
                 path: format!("{base}/{}", segments.join("/")),
-                size: f.get("size").and_then(Value::as_u64).unwrap_or(0),
-                sha256: f.get("sha256").and_then(Value::as_str).map(str::to_string),
-            })
+                name: f.name,
+                size: f.size,
+                sha256: f.sha256,
+            }
         })
         .collect()
 }
@@ -285,18 +279,28 @@ mod tests {
     }
 
     #[test]
-    fn the_results_index_is_read() {
-        let index = json!({"files": [{"name": "maps.fits", "size": 10, "sha256": "ab"},
-                                     {"name": "v.png"}]});
-        let files = results_index(&index, "applications/m51/results").unwrap();
-        assert_eq!(files.len(), 2);
-        assert_eq!(files[1].path, "applications/m51/results/v.png");
+    fn every_file_of_the_results_index_is_fetched_from_its_own_path() {
+        let index = crate::results::parse_index(json!({"files": [
+            {"name": "maps.fits", "size": 10, "sha256": "ab"},
+            {"name": "maps.png", "size": 3, "sha256": "cd"},
+            {"name": "model.fits", "size": 4, "sha256": "ef"},
+            {"name": "summary.json"}]}))
+        .unwrap();
+        let files = remote_results("m51", index);
+        let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "applications/m51/results/maps.fits",
+                "applications/m51/results/maps.png",
+                "applications/m51/results/model.fits",
+                "applications/m51/results/summary.json"
+            ]
+        );
         assert_eq!(
             (files[0].size, files[0].sha256.as_deref()),
             (10, Some("ab"))
         );
-        assert_eq!((files[1].size, files[1].sha256.as_deref()), (0, None));
-        assert!(results_index(&json!({}), "r").is_err());
-        assert!(results_index(&json!({"files": [{"size": 1}]}), "r").is_err());
+        assert_eq!((files[3].size, files[3].sha256.as_deref()), (0, None));
     }
 }

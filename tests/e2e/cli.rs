@@ -954,3 +954,247 @@ fn logs_follow_streams_until_the_application_finishes() {
         run.stdout
     );
 }
+
+/// A batch application of one task running `script` under `sh -c`, tried at most `attempts`
+/// times.
+fn script_app(name: &str, script: &str, attempts: u32) -> String {
+    format!(
+        "apiVersion: ceccm/v1\nkind: Application\nmetadata:\n  name: {name}\nspec:\n  app: container\n  type: batch\n  maxAttempts: {attempts}\n  tasks:\n    - command: sh\n      args: [\"-c\", \"{script}\"]\n"
+    )
+}
+
+#[test]
+fn results_list_the_files_and_describe_shows_what_the_tasks_measured() {
+    let s = Setup::new();
+    let region = s.manifest("region.yaml", LOCAL_REGION);
+    s.run(&["apply", "-f", &region]).expect(0);
+    let app = s.manifest("app.yaml", &echo_app("hello", 3));
+    s.run(&["apply", "-f", &app]).expect(0);
+    s.wait_for_phase("app", "hello", "Succeeded");
+
+    let index = s.json(&["results", "app/hello"]);
+    let files = index["files"].as_array().expect("a files list");
+    assert_eq!(files.len(), 1, "{index}");
+    assert_eq!(files[0]["name"], "results.ndjson");
+    let sha = files[0]["sha256"].as_str().expect("a sha256");
+    let size = files[0]["size"].as_u64().expect("a size");
+    assert!(size < 1024, "three short lines: {size}");
+    let table = s.run(&["results", "application", "hello"]).expect(0).stdout;
+    assert_eq!(
+        table,
+        format!(
+            "NAME             SIZE   SHA256\nresults.ndjson   {:<4}   {sha}\n",
+            format!("{size}B")
+        )
+    );
+    for spelling in [
+        &["results", "apps", "hello", "-o", "name"][..],
+        &["results", "hello", "-o", "name"],
+    ] {
+        assert_eq!(
+            s.run(spelling).expect(0).stdout,
+            "results.ndjson\n",
+            "{spelling:?}"
+        );
+    }
+    let yaml = s
+        .run(&["results", "app/hello", "-o", "yaml"])
+        .expect(0)
+        .stdout;
+    assert!(yaml.contains(&format!("sha256: {sha}")), "{yaml}");
+    let run = s.run(&["results", "rg/edge-local"]).expect(2);
+    assert!(
+        run.stderr.contains("only applications have results"),
+        "{}",
+        run.stderr
+    );
+    let run = s.run(&["results", "app/nope"]).expect(1);
+    assert!(
+        run.stderr.starts_with("Error from server (NotFound): "),
+        "{}",
+        run.stderr
+    );
+
+    let describe = s.run(&["describe", "app", "hello"]).expect(0).stdout;
+    assert!(
+        describe.contains("\nProgress:         3/3 tasks done\n"),
+        "{describe}"
+    );
+    assert!(
+        describe.contains("\nPlacements:\n  Region       Tasks   Predicted Time"),
+        "{describe}"
+    );
+    let measured = describe
+        .split("\nMeasured:\n")
+        .nth(1)
+        .expect("a measured table");
+    assert!(
+        measured.starts_with("  Region       Tasks   CPU Time   Energy\n"),
+        "{describe}"
+    );
+    assert!(measured.contains("\n  edge-local   3       "), "{describe}");
+    let results = describe
+        .split("\nResults:\n")
+        .nth(1)
+        .expect("a results table");
+    assert!(
+        results.starts_with(&format!(
+            "  Name             Size\n  ----             ----\n  results.ndjson   {size}B\n"
+        )),
+        "{describe}"
+    );
+
+    // An application deleted and created again under its name starts a history of its own.
+    let scheduled = |describe: &str| {
+        let events = describe.split("\nEvents:\n").nth(1).unwrap_or_default();
+        events.lines().filter(|l| l.contains(" Scheduled ")).count()
+    };
+    assert_eq!(scheduled(&describe), 1, "{describe}");
+    s.run(&["delete", "app", "hello", "--timeout", "60s"])
+        .expect(0);
+    s.run(&["apply", "-f", &app]).expect(0);
+    s.wait_for_phase("app", "hello", "Succeeded");
+    let describe = s.run(&["describe", "app/hello"]).expect(0).stdout;
+    assert_eq!(scheduled(&describe), 1, "{describe}");
+}
+
+impl Setup {
+    /// A server started with `args` besides the usual ones.
+    fn with_server_args(args: &[&str]) -> Setup {
+        let data = tempfile::tempdir().expect("data dir");
+        Setup {
+            server: Server::start(data.path(), args),
+            ctl: Ctl::new(),
+            _data: data,
+        }
+    }
+}
+
+/// Follows `ceccmctl ARGS` in the background, its stdout lines sent as they come.
+fn follow(command: &mut Command) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ceccmctl");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+#[test]
+fn get_watch_prints_a_row_only_when_it_changed() {
+    // Short leases: the worker heartbeats its task every second, a write to the task that its
+    // row does not show.
+    let s = Setup::with_server_args(&["--lease-seconds", "3"]);
+    let region = s.manifest("region.yaml", LOCAL_REGION);
+    s.run(&["apply", "-f", &region]).expect(0);
+    let (mut rows_child, rows) = follow(&mut s.command(&["get", "tasks", "-w"]));
+    let (mut json_child, json) = follow(&mut s.command(&["get", "tasks", "-w", "-o", "json"]));
+    let app = s.manifest("app.yaml", &script_app("slow", "sleep 4", 1));
+    s.run(&["apply", "-f", &app]).expect(0);
+    let mut printed: Vec<String> = Vec::new();
+    wait_until("the Done row", Duration::from_secs(60), || {
+        printed.extend(rows.try_iter());
+        printed.iter().any(|r| r.contains(" Done ")).then_some(())
+    });
+    // Every write to the task, heartbeats included, is one object on the JSON watch.
+    let mut versions = 0;
+    wait_until("the Done object", Duration::from_secs(30), || {
+        for line in json.try_iter() {
+            versions += usize::from(line.trim_start().starts_with("\"resourceVersion\""));
+            if line.contains("\"state\": \"Done\"") {
+                return Some(());
+            }
+        }
+        None
+    });
+    for child in [&mut rows_child, &mut json_child] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // The row without its AGE: what must differ from the row printed before.
+    let cells = |row: &str| {
+        let mut cells: Vec<String> = row.split_whitespace().map(str::to_string).collect();
+        cells.pop();
+        cells
+    };
+    let task_rows: Vec<Vec<String>> = printed
+        .iter()
+        .filter(|r| r.starts_with("slow-00000 "))
+        .map(|r| cells(r))
+        .collect();
+    for pair in task_rows.windows(2) {
+        assert_ne!(pair[0], pair[1], "a row printed twice:\n{printed:#?}");
+    }
+    // ... though the task was written more often than that: the heartbeats were left out.
+    assert!(
+        versions > task_rows.len(),
+        "the worker heartbeated ({versions} versions, {} rows):\n{printed:#?}",
+        task_rows.len()
+    );
+}
+
+#[test]
+fn cancel_and_retry_an_application() {
+    // Short leases: a cancelled task's worker hears of it at its next heartbeat, within a
+    // second, and frees its slot for the next application.
+    let s = Setup::with_server_args(&["--lease-seconds", "3"]);
+    let region = s.manifest("region.yaml", LOCAL_REGION);
+    s.run(&["apply", "-f", &region]).expect(0);
+
+    // Fails on its first run, succeeds on the next: only a retry gets it there.
+    let marker = s.ctl.home.path().join("ran-once");
+    let script = format!(
+        "if [ -e {0} ]; then echo second run; else touch {0}; exit 3; fi",
+        marker.display()
+    );
+    let failing = s.manifest("failing.yaml", &script_app("failing", &script, 1));
+    s.run(&["apply", "-f", &failing]).expect(0);
+    s.wait_for_phase("app", "failing", "Failed");
+    let run = s.run(&["retry", "apps", "failing"]).expect(0);
+    assert_eq!(run.stdout, "application/failing retried\n");
+    s.wait_for_phase("app", "failing", "Succeeded");
+    let run = s.run(&["retry", "app/failing"]).expect(1);
+    assert!(
+        run.stderr.starts_with("Error from server (Conflict): "),
+        "{}",
+        run.stderr
+    );
+
+    let slow = s.manifest("slow.yaml", &script_app("slow", "sleep 30", 1));
+    s.run(&["apply", "-f", &slow]).expect(0);
+    s.wait_for_phase("app", "slow", "Running");
+    let run = s.run(&["cancel", "app/slow"]).expect(0);
+    assert_eq!(run.stdout, "application/slow cancelled\n");
+    s.wait_for_phase("app", "slow", "Cancelled");
+    let run = s.run(&["cancel", "application", "slow"]).expect(1);
+    assert!(
+        run.stderr.starts_with("Error from server (Conflict): "),
+        "{}",
+        run.stderr
+    );
+
+    // Several at once: each refusal is reported, and the command fails at the end.
+    let run = s.run(&["cancel", "app/nope", "app/slow"]).expect(1);
+    assert_eq!(run.stdout, "");
+    assert!(
+        run.stderr.contains("NotFound") && run.stderr.contains("Conflict"),
+        "{}",
+        run.stderr
+    );
+    let run = s.run(&["cancel", "rg/edge-local"]).expect(2);
+    assert!(
+        run.stderr.contains("only applications can be cancelled"),
+        "{}",
+        run.stderr
+    );
+    s.run(&["retry"]).expect(2);
+}
