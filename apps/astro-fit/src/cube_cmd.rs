@@ -10,12 +10,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cube::Cube;
 use crate::cubefit::{
-    ChunkFitter, CubeFitOptions, CubePlan, PLAN_FILE, assemble, chunk_files, fit_cube, load_plan,
-    make_or_load_plan,
+    ChunkFitter, CubeFitOptions, CubeFitSummary, CubePlan, PLAN_FILE, assemble, chunk_files,
+    fit_cube, load_plan, make_or_load_plan,
 };
+use crate::output::{OutputFormat, file_with_size, human_bytes, print_out};
 use crate::plan::ChunkLimits;
 use crate::synth::{Footprint, SynthConfig, synthesize};
 use crate::templates::TemplateLibrary;
+use crate::voronoi::BinningOutcome;
+
+/// Default half-width (km/s) of the emission-line masks, for every subcommand that fits.
+pub const EMISSION_MASK_KMS: f64 = 600.0;
 
 /// The options that change a fit's results (they go into `plan.json`): shared by `fit-cube`
 /// and `prepare` so that their flags cannot drift apart.
@@ -42,7 +47,7 @@ pub struct FitOptionArgs {
     #[arg(long)]
     pub global_templates_only: bool,
     /// Systemic redshift (default: from the cube header).
-    #[arg(long)]
+    #[arg(long, alias = "z")]
     pub redshift: Option<f64>,
     /// Rest-frame range to fit, Angstrom.
     #[arg(long, num_args = 2, value_names = ["MIN", "MAX"], default_values_t = [3600.0, 7400.0])]
@@ -51,7 +56,7 @@ pub struct FitOptionArgs {
     #[arg(long, default_value_t = 1.0)]
     pub min_sn: f64,
     /// Half-width (km/s) of the masks around gas emission lines; 0 fits them.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, alias = "line-mask", default_value_t = EMISSION_MASK_KMS)]
     pub emission_mask_kms: f64,
     /// Spectra per chunk (the unit of resumption and of scheduling).
     #[arg(long, default_value_t = 64)]
@@ -99,6 +104,9 @@ pub struct FitCubeArgs {
     /// Do not write the model cube.
     #[arg(long)]
     pub no_model_cube: bool,
+    /// What to print: a summary and the files written (text), or the summary as JSON (json).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +199,9 @@ pub struct CompareArgs {
     /// PNG of fit minus truth for V and sigma.
     #[arg(long)]
     pub png: PathBuf,
+    /// What to print: the accuracy per S/N bin as a table (text) or as JSON (json).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: OutputFormat,
 }
 
 fn progress_bar() -> ProgressBar {
@@ -205,7 +216,8 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-/// `astro-fit fit-cube`: prints the summary as JSON.
+/// `astro-fit fit-cube`: prints a summary and the files written, or (`-o json`) the summary
+/// as JSON, the files then listed on standard error.
 pub fn run_fit_cube(a: &FitCubeArgs) -> anyhow::Result<()> {
     let mut options = a
         .fit
@@ -213,8 +225,123 @@ pub fn run_fit_cube(a: &FitCubeArgs) -> anyhow::Result<()> {
     options.threads = a.threads;
     options.model_cube = !a.no_model_cube;
     let summary = fit_cube(&options, &progress_bar()).context("fit-cube")?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    let files = fit_cube_files(&a.out, options.model_cube);
+    match a.output {
+        OutputFormat::Json => {
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+            eprint!("{files}");
+        }
+        OutputFormat::Text => print_out(&format!("{}{files}", fit_cube_text(&summary)))?,
+    }
     Ok(())
+}
+
+fn seconds(s: f64) -> String {
+    if s >= 90.0 {
+        format!("{} min {:.0} s", (s / 60.0).floor(), s % 60.0)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// The summary of a `fit-cube` run for people: what was fitted, how fast, how well.
+pub fn fit_cube_text(s: &CubeFitSummary) -> String {
+    let name = s.cube.file_name().map_or_else(
+        || s.cube.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    );
+    let binning = match &s.binning {
+        None => "one spectrum per spaxel".to_string(),
+        Some(BinningOutcome::Binned { .. }) => "Voronoi bins".to_string(),
+        Some(BinningOutcome::AllAboveTarget) => {
+            "every spaxel above the target S/N: one bin each".to_string()
+        }
+        Some(BinningOutcome::TargetUnreachable { achieved_sn }) => {
+            format!("target S/N out of reach: one bin at S/N {achieved_sn:.1}")
+        }
+    };
+    let t = &s.timings;
+    let resumed = if s.chunks_resumed > 0 {
+        format!(
+            ", {} of {} chunks kept from an earlier run",
+            s.chunks_resumed, s.chunks
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "fitted {name} ({}, {} x {} spaxels, {} wavelengths) at z = {}\n\
+         \x20 bins       {} fitted, {} failed ({} spaxels; {binning})\n\
+         \x20 speed      {} spectra in {}: {:.1} spectra/s on {} threads{resumed}\n\
+         \x20 errors     median {:.1} km/s on V, {:.1} km/s on sigma\n\
+         \x20 wall time  {} (prepare {}, global fit {}, bins {}, outputs {})\n",
+        s.format,
+        s.nx,
+        s.ny,
+        s.nwave,
+        s.redshift,
+        s.bins - s.failed_bins,
+        s.failed_bins,
+        s.spaxels_selected,
+        s.spectra_fitted_now,
+        seconds(t.fit_s),
+        s.spectra_per_second,
+        s.threads,
+        s.median_velocity_error,
+        s.median_sigma_error,
+        seconds(t.total_s),
+        seconds(t.prepare_s),
+        seconds(t.global_fit_s),
+        seconds(t.fit_s),
+        seconds(t.outputs_s),
+    )
+}
+
+/// The files a `fit-cube` run leaves in `out`, with their sizes and what they hold.
+pub fn fit_cube_files(out: &Path, model_cube: bool) -> String {
+    let mut files = vec![
+        (
+            "maps.fits",
+            "MAPS: BINID and each fitted quantity, DAP layout",
+        ),
+        ("model.fits", "best-fit model cube"),
+        ("maps.png", "images of the maps"),
+        ("summary.json", "this summary as JSON"),
+        ("plan.json", "settings, bins, chunks, global fit"),
+    ];
+    if !model_cube {
+        files.retain(|(name, _)| *name != "model.fits");
+    }
+    let mut rows: Vec<(String, &str)> = files
+        .iter()
+        .map(|(name, what)| (file_with_size(&out.join(name)), *what))
+        .collect();
+    let chunks = out.join("chunks");
+    let (count, bytes) = std::fs::read_dir(&chunks)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let json = e.path().extension().is_some_and(|x| x == "json");
+                    e.metadata().ok().filter(|m| m.is_file()).map(|m| (json, m))
+                })
+                .fold((0usize, 0u64), |(n, b), (json, m)| {
+                    (n + usize::from(json), b + m.len())
+                })
+        })
+        .unwrap_or_default();
+    let chunk_note =
+        format!("{count} chunks' results and models (a rerun fits only what is missing)");
+    rows.push((
+        format!("{}/ ({})", chunks.display(), human_bytes(bytes)),
+        &chunk_note,
+    ));
+    let width = rows.iter().map(|(f, _)| f.len()).max().unwrap_or(0);
+    let mut text = String::from("wrote:\n");
+    for (file, what) in rows {
+        text.push_str(&format!("  {file:<width$}  {what}\n"));
+    }
+    text
 }
 
 /// `astro-fit prepare`: stage 1, prints the path of `plan.json`.
@@ -344,10 +471,52 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `astro-fit compare-truth`: prints the accuracy per S/N bin as JSON.
+/// `astro-fit compare-truth`: prints the accuracy per S/N bin as a table or as JSON.
 pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
     let report =
         crate::accuracy::compare_with_truth(&a.maps, &a.truth, &a.png).context("compare-truth")?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    match a.output {
+        OutputFormat::Json => {
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            eprintln!("wrote {}", file_with_size(&a.png));
+        }
+        OutputFormat::Text => {
+            let mut text = format!(
+                "{} spaxels compared with the truth ({} without a fitted value); km/s\n",
+                report.compared, report.missing
+            );
+            text.push_str(&format!(
+                "{:<9} {:>5} {:>7} {:>7} {:>6} {:>8} {:>8} {:>8}\n",
+                "S/N", "n", "V bias", "V rms", "V pull", "sig bias", "sig rms", "sig pull"
+            ));
+            let row = |label: String, b: &crate::synthetic::BinAccuracy| {
+                if b.count == 0 {
+                    return format!("{label:<9} {:>5} {:>7}\n", 0, "-");
+                }
+                format!(
+                    "{label:<9} {:>5} {:>+7.2} {:>7.2} {:>6.2} {:>+8.2} {:>8.2} {:>8.2}\n",
+                    b.count,
+                    b.v_bias,
+                    b.v_rms,
+                    b.v_pull_std,
+                    b.sigma_bias,
+                    b.sigma_rms,
+                    b.sigma_pull_std
+                )
+            };
+            for b in &report.by_sn {
+                let label = if b.sn_max.is_finite() {
+                    format!("{}-{}", b.sn_min, b.sn_max)
+                } else {
+                    format!("{}+", b.sn_min)
+                };
+                text.push_str(&row(label, b));
+            }
+            text.push_str(&row(">= 20".into(), &report.above_sn_20));
+            text.push_str("(pull: std of (fit - truth) / error, 1 when the errors are right)\n");
+            text.push_str(&format!("wrote {}\n", file_with_size(&a.png)));
+            print_out(&text)?;
+        }
+    }
     Ok(())
 }

@@ -29,12 +29,13 @@ use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cube::{Cube, CubeError, CubeFormat, CubeMeta};
+use crate::cube::{Cube, CubeError, CubeFormat, CubeMeta, KeyValue};
 use crate::error::FitError;
 use crate::fit::{FitConfig, FitResult, FitScratch, Fitter, LogGrid, Start};
 use crate::mapplot::{ColorScale, Panel, PlotError, plot_maps};
 use crate::maps::{
-    BinMap, BinResult, MapsError, Measured, write_json_atomic, write_maps, write_model_cube,
+    BinMap, BinResult, Fitted, MapsError, MapsHeader, Measured, write_json_atomic, write_maps_with,
+    write_model_cube,
 };
 use crate::plan::{BinSpec, Chunk, ChunkLimits, PlanError, plan_chunks};
 use crate::populations::populations;
@@ -1034,18 +1035,148 @@ pub fn collect_results(
     Ok(results)
 }
 
+/// Where the maps came from, as their primary header names it: the cube and the template
+/// library (file or dataset names; a base name is enough).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provenance {
+    pub input: String,
+    pub templates: String,
+}
+
+impl Provenance {
+    /// The base names of the plan's cube and template paths.
+    pub fn from_plan(plan: &CubePlan) -> Self {
+        let base = |p: &Path| {
+            p.file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+        };
+        Provenance {
+            input: base(&plan.options.cube),
+            templates: base(&plan.options.templates),
+        }
+    }
+}
+
+/// The primary-header cards of the maps: the provenance and every setting that changes the
+/// results, so that a MAPS file says how it was made.
+fn maps_header(plan: &CubePlan, provenance: &Provenance) -> MapsHeader {
+    let o = &plan.options;
+    let text = |v: &str| KeyValue::Text(v.to_string());
+    let flag = |b: bool| KeyValue::Integer(i64::from(b));
+    let card = |k: &str, v: KeyValue, c: &str| (k.to_string(), v, c.to_string());
+    let mut cards = vec![
+        card("INFILE", text(&provenance.input), "the cube fitted"),
+        card(
+            "REDSHIFT",
+            KeyValue::Number(plan.redshift),
+            "systemic z; velocities are relative to it",
+        ),
+        card(
+            "ZSOURCE",
+            text(if o.redshift.is_some() {
+                "--redshift"
+            } else {
+                "cube header"
+            }),
+            "where the redshift came from",
+        ),
+        card("TPLLIB", text(&provenance.templates), "template library"),
+        card(
+            "MOMENTS",
+            KeyValue::Integer(o.moments as i64),
+            "Gauss-Hermite moments fitted",
+        ),
+        card(
+            "DEGREE",
+            KeyValue::Integer(i64::from(o.degree)),
+            "additive Legendre degree (<0: none)",
+        ),
+        card(
+            "MDEGREE",
+            KeyValue::Integer(o.mdegree as i64),
+            "multiplicative Legendre degree",
+        ),
+        card(
+            "LAMMIN",
+            KeyValue::Number(o.lam_range.0),
+            "[Angstrom] rest-frame range fitted, start",
+        ),
+        card(
+            "LAMMAX",
+            KeyValue::Number(o.lam_range.1),
+            "[Angstrom] rest-frame range fitted, end",
+        ),
+        card(
+            "ELMASK",
+            KeyValue::Number(o.emission_mask_kms),
+            "[km/s] half-width of emission-line masks",
+        ),
+    ];
+    cards.push(match o.target_sn {
+        Some(sn) => card(
+            "TARGETSN",
+            KeyValue::Number(sn),
+            "Voronoi binning target S/N",
+        ),
+        None => card("TARGETSN", text("none"), "no binning: one spaxel per bin"),
+    });
+    cards.extend([
+        card(
+            "MINSN",
+            KeyValue::Number(o.min_sn),
+            "spaxels below this S/N were not fitted",
+        ),
+        card(
+            "POPULAT",
+            flag(o.populations),
+            "1: ages and [M/H] fitted (--populations)",
+        ),
+        card(
+            "GLOBTPL",
+            flag(o.global_templates_only),
+            "1: global fit's templates only",
+        ),
+    ]);
+    MapsHeader {
+        fitted: Fitted {
+            moments: o.moments,
+            populations: o.populations,
+        },
+        provenance: cards,
+    }
+}
+
 /// Stage 3: from `plan` and the chunk results under `out/chunks/`, writes `maps.fits`,
 /// `model.fits` (when `model_cube`) and `maps.png` into `out`. Chunks without results are
-/// written as not fitted (see [`AssembleStats::chunks_missing`]).
+/// written as not fitted (see [`AssembleStats::chunks_missing`]). The maps name the plan's
+/// cube and template library by base name; [`assemble_with`] takes other names.
 pub fn assemble(
     out: &Path,
     meta: &CubeMeta,
     plan: &CubePlan,
     model_cube: bool,
 ) -> Result<AssembleStats, CubeFitError> {
+    assemble_with(out, meta, plan, model_cube, &Provenance::from_plan(plan))
+}
+
+/// [`assemble`], the maps' primary header naming the input and templates as `provenance`
+/// says (e.g. the dataset names on the control plane, where the local paths mean nothing).
+pub fn assemble_with(
+    out: &Path,
+    meta: &CubeMeta,
+    plan: &CubePlan,
+    model_cube: bool,
+    provenance: &Provenance,
+) -> Result<AssembleStats, CubeFitError> {
     let results = collect_results(out, plan)?;
     let map = BinMap::from_bins(meta.nx, meta.ny, &plan.bins);
-    write_maps(&out.join("maps.fits"), meta, &map, &results)?;
+    write_maps_with(
+        &out.join("maps.fits"),
+        meta,
+        &map,
+        &results,
+        &maps_header(plan, provenance),
+    )?;
     if model_cube {
         write_model(out, meta, plan)?;
     }
@@ -1275,6 +1406,34 @@ mod tests {
             &s.options.out.join("maps.fits"),
             &s.options.out.join("model.fits"),
         ]);
+        // Two moments, no populations: no h3/h4, ages or metallicities in the maps.
+        let maps = s.options.out.join("maps.fits");
+        let names = crate::maps::tests::extnames(&maps);
+        assert_eq!(names.len(), 10, "{names:?}");
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("H3") || n.contains("AGE") || n.contains("MH")),
+            "{names:?}"
+        );
+        // The primary header says where the maps came from; every map has the cube's WCS.
+        let mut f = fitsio::FitsFile::open(&maps).unwrap();
+        let primary = f.primary_hdu().unwrap();
+        let key = |f: &mut fitsio::FitsFile, k: &str| -> String { primary.read_key(f, k).unwrap() };
+        assert_eq!(key(&mut f, "INFILE"), "small-LOGCUBE.fits");
+        assert_eq!(key(&mut f, "TPLLIB"), "emiles-subset");
+        assert_eq!(key(&mut f, "PLATEIFU"), "99999-0");
+        assert_eq!(key(&mut f, "ZSOURCE"), "cube header");
+        assert_eq!(key(&mut f, "TARGETSN"), "none");
+        let z: f64 = primary.read_key(&mut f, "REDSHIFT").unwrap();
+        let moments: i64 = primary.read_key(&mut f, "MOMENTS").unwrap();
+        let elmask: f64 = primary.read_key(&mut f, "ELMASK").unwrap();
+        assert_eq!((z, moments, elmask), (0.018, 2, 600.0));
+        let vel = f.hdu("STELLAR_VEL").unwrap();
+        let crval1: f64 = vel.read_key(&mut f, "CRVAL1").unwrap();
+        let cd11: f64 = vel.read_key(&mut f, "CD1_1").unwrap();
+        assert_eq!(crval1, 180.0);
+        assert!((cd11 / (-0.5 / 3600.0) - 1.0).abs() < 1e-14, "{cd11}");
 
         let png = s.options.out.join("residuals.png");
         let report =
@@ -1393,9 +1552,21 @@ mod tests {
             assert_eq!(fitted.models.len(), chunk.nspectra * meta.nwave());
             fitted.write(&staged).unwrap();
         }
-        // Stage 3.
-        let stats = assemble(&staged, &meta, &plan, true).unwrap();
+        // Stage 3, naming the inputs as the control plane does (its local paths mean nothing).
+        let names = Provenance {
+            input: "cube-dataset".into(),
+            templates: "templates-dataset".into(),
+        };
+        let stats = assemble_with(&staged, &meta, &plan, true, &names).unwrap();
         assert_eq!((stats.bins, stats.failed, stats.chunks_missing), (30, 0, 0));
+        let mut f = fitsio::FitsFile::open(staged.join("maps.fits")).unwrap();
+        let primary = f.primary_hdu().unwrap();
+        let input: String = primary.read_key(&mut f, "INFILE").unwrap();
+        let templates: String = primary.read_key(&mut f, "TPLLIB").unwrap();
+        assert_eq!(
+            (input.as_str(), templates.as_str()),
+            ("cube-dataset", "templates-dataset")
+        );
 
         for chunk in &plan.chunks {
             let (json, model) = chunk_files(chunk.id);

@@ -9,11 +9,8 @@ use crate::populations::{Populations, populations};
 use crate::spectrum::{Selection, mask_emission_lines, read_spectrum};
 use crate::templates::{PrepareConfig, ResolutionCurve, TemplateLibrary, prepare};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    Json,
-    Table,
-}
+pub use crate::output::OutputFormat;
+use crate::output::{file_with_size, print_out};
 
 /// Fit one spectrum: SDSS spectrum tables (COADD), 1-D linear FITS (e.g. SAURON), rows of
 /// MaNGA-format files or spaxels of MaNGA LOGCUBEs.
@@ -25,8 +22,8 @@ pub struct FitSpectrumArgs {
     #[arg(long)]
     pub templates: PathBuf,
     /// Redshift to de-redshift by (V is measured relative to it); default: the file's.
-    #[arg(long)]
-    pub z: Option<f64>,
+    #[arg(long, alias = "z")]
+    pub redshift: Option<f64>,
     /// Gauss-Hermite moments: 2, 4 or 6.
     #[arg(long, default_value_t = 2, value_parser = parse_moments)]
     pub moments: usize,
@@ -51,9 +48,9 @@ pub struct FitSpectrumArgs {
     /// Template oversampling factor (pPXF's velscale_ratio).
     #[arg(long, default_value_t = 1)]
     pub velscale_ratio: usize,
-    /// Half-width in km/s of the emission-line masks (0 disables them).
-    #[arg(long, default_value_t = 800.0)]
-    pub line_mask: f64,
+    /// Half-width (km/s) of the masks around gas emission lines; 0 fits them.
+    #[arg(long, alias = "line-mask", default_value_t = crate::cube_cmd::EMISSION_MASK_KMS)]
+    pub emission_mask_kms: f64,
     /// Iteratively clip outliers (pPXF's clean).
     #[arg(long)]
     pub clean: bool,
@@ -74,7 +71,8 @@ pub struct FitSpectrumArgs {
     /// settings) to this FITS file, e.g. to run pPXF on exactly the same arrays.
     #[arg(long)]
     pub save_inputs: Option<PathBuf>,
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    /// What to print: the fit as a table (text) or as JSON (json).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
 }
 
@@ -105,9 +103,27 @@ pub struct FitReport {
 
 pub fn run(args: &FitSpectrumArgs) -> anyhow::Result<()> {
     let report = fit_file(args)?;
+    let written: Vec<String> = [&args.plot, &args.save_inputs]
+        .into_iter()
+        .flatten()
+        .map(|p| format!("wrote {}", file_with_size(p)))
+        .collect();
     match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        OutputFormat::Table => print_table(&report),
+        OutputFormat::Json => {
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            // Standard output holds the JSON only.
+            for line in written {
+                eprintln!("{line}");
+            }
+        }
+        OutputFormat::Text => {
+            let mut text = table(&report);
+            for line in written {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            print_out(&text)?;
+        }
     }
     Ok(())
 }
@@ -122,14 +138,14 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
     if let Some(fwhm) = args.fwhm {
         obs.fwhm = Some(ResolutionCurve::constant(fwhm));
     }
-    let z = args.z.or(obs.redshift).unwrap_or(0.0);
+    let z = args.redshift.or(obs.redshift).unwrap_or(0.0);
     let lam_range = args.lam_range.as_ref().map(|r| (r[0], r[1]));
     let mut rest = obs.to_rest_frame(z, lam_range)?;
-    if args.line_mask > 0.0 {
+    if args.emission_mask_kms > 0.0 {
         mask_emission_lines(
             &rest.grid,
             rest.medium,
-            args.line_mask,
+            args.emission_mask_kms,
             &mut rest.spectrum.good,
         );
     }
@@ -192,31 +208,41 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
     })
 }
 
-fn print_table(r: &FitReport) {
+/// The fit as people read it.
+fn table(r: &FitReport) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
     let names = ["V", "sigma", "h3", "h4", "h5", "h6"];
     let values: Vec<f64> = [r.v, r.sigma]
         .into_iter()
         .chain(r.h.iter().copied())
         .collect();
-    println!("file       {}", r.file);
-    println!("redshift   {}", r.redshift);
-    println!(
+    let _ = writeln!(t, "file       {}", r.file);
+    let _ = writeln!(t, "redshift   {}", r.redshift);
+    let _ = writeln!(
+        t,
         "pixels     {} ({} fitted), velscale {:.3} km/s",
         r.npix, r.n_good, r.velscale
     );
     for (i, v) in values.iter().enumerate() {
         let unit = if i < 2 { " km/s" } else { "" };
-        println!("{:<10} {:>10.3} +- {:.3}{unit}", names[i], v, r.errors[i]);
+        let _ = writeln!(
+            t,
+            "{:<10} {:>10.3} +- {:.3}{unit}",
+            names[i], v, r.errors[i]
+        );
     }
-    println!("chi2/DOF   {:.4} (DOF {})", r.chi2, r.dof);
-    println!("templates  {} with positive weight", r.n_templates_used);
+    let _ = writeln!(t, "chi2/DOF   {:.4} (DOF {})", r.chi2, r.dof);
+    let _ = writeln!(t, "templates  {} with positive weight", r.n_templates_used);
     if let Some(p) = &r.populations {
-        println!(
+        let _ = writeln!(
+            t,
             "light-weighted log age {:.3}, [M/H] {:+.3}",
             p.light_log_age, p.light_metallicity
         );
         if let (Some(a), Some(m)) = (p.mass_log_age, p.mass_metallicity) {
-            println!("mass-weighted  log age {a:.3}, [M/H] {m:+.3}");
+            let _ = writeln!(t, "mass-weighted  log age {a:.3}, [M/H] {m:+.3}");
         }
     }
+    t
 }

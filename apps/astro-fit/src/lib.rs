@@ -10,6 +10,7 @@ pub(crate) mod fits_io;
 pub mod linalg;
 pub mod losvd;
 pub mod nnls;
+pub mod output;
 pub mod plot;
 pub mod populations;
 pub mod ppxf_inputs;

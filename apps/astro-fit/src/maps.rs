@@ -1,13 +1,16 @@
-//! Science outputs of a cube fit: a MAPS FITS file in the spirit of the MaNGA DAP (one image
-//! extension per quantity with `_IVAR` and `_MASK` companions), a model cube, and a JSON summary.
+//! Science outputs of a cube fit: a MAPS FITS file in the layout of the MaNGA DAP's (one image
+//! extension per fitted quantity with `_IVAR` and `_MASK` companions where they carry
+//! something, the cube's celestial WCS on every map, the fit's provenance in the primary
+//! header), a model cube, and a JSON summary.
 
 use std::path::{Path, PathBuf};
 
 use fitsio::FitsFile;
+use fitsio::hdu::FitsHdu;
 use fitsio::images::{ImageDescription, ImageType};
 use serde::{Deserialize, Serialize};
 
-use crate::cube::CubeMeta;
+use crate::cube::{CubeMeta, KeyValue};
 
 /// Per-spaxel mask bits of the MAPS extensions (a subset of `MANGA_DAPPIXMASK`, same meaning).
 pub const MASK_NOCOV: i32 = 1 << 0;
@@ -109,11 +112,69 @@ impl BinMap {
     }
 }
 
-/// One quantity of the MAPS file: how to extract it from a result, its unit.
+/// Which quantities a fit measured: the MAPS file holds those only (a quantity that was not
+/// fitted is absent, never a plane of zeros that would look like a measurement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fitted {
+    /// Gauss-Hermite moments fitted: 2 (V, sigma) or 4 and 6 (also h3, h4; h5 and h6 are not
+    /// mapped).
+    pub moments: usize,
+    /// Light-weighted log age and [M/H]; the mass-weighted ones too where the library gives
+    /// masses (some bin has them).
+    pub populations: bool,
+}
+
+impl Fitted {
+    /// What `results` say was measured (for callers without the fit's settings).
+    pub fn from_results(results: &[Option<BinResult>]) -> Self {
+        let done = || results.iter().flatten();
+        Fitted {
+            moments: if done().any(|r| r.h3.is_some()) { 4 } else { 2 },
+            populations: done().any(|r| r.age_lw.is_some()),
+        }
+    }
+}
+
+/// What a MAPS file's primary header says besides the cube's metadata: which quantities were
+/// fitted and where they came from (`(keyword, value, comment)`, written in this order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapsHeader {
+    pub fitted: Fitted,
+    pub provenance: Vec<(String, KeyValue, String)>,
+}
+
+impl MapsHeader {
+    /// No provenance; the quantities from the results.
+    pub fn from_results(results: &[Option<BinResult>]) -> Self {
+        MapsHeader {
+            fitted: Fitted::from_results(results),
+            provenance: Vec::new(),
+        }
+    }
+}
+
+/// When a quantity is in the MAPS file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Always,
+    /// moments >= 4.
+    HigherMoments,
+    Populations,
+    /// Populations, and some bin has mass-weighted values.
+    MassWeighted,
+}
+
+/// One quantity of the MAPS file: how to extract it from a result, its unit, and which
+/// companions it has (an `_IVAR` plane only with errors, an `_MASK` plane only where being
+/// measured or not is per spaxel).
 struct Quantity {
     name: &'static str,
     unit: &'static str,
+    ivar_unit: &'static str,
     get: fn(&BinResult) -> Option<Measured>,
+    ivar: bool,
+    mask: bool,
+    needs: Needs,
 }
 
 fn plain(v: Option<f64>) -> Option<Measured> {
@@ -123,72 +184,117 @@ fn plain(v: Option<f64>) -> Option<Measured> {
     })
 }
 
+/// In the MaNGA DAP's order: bin S/N, then the stellar kinematics, the fit quality, the
+/// populations.
 const QUANTITIES: [Quantity; 10] = [
+    Quantity {
+        name: "BIN_SNR",
+        unit: "",
+        ivar_unit: "",
+        get: |r| plain(Some(r.sn)),
+        ivar: false,
+        mask: false,
+        needs: Needs::Always,
+    },
     Quantity {
         name: "STELLAR_VEL",
         unit: "km/s",
+        ivar_unit: "(km/s)^{-2}",
         get: |r| Some(r.velocity),
+        ivar: true,
+        mask: true,
+        needs: Needs::Always,
     },
     Quantity {
         name: "STELLAR_SIGMA",
         unit: "km/s",
+        ivar_unit: "(km/s)^{-2}",
         get: |r| Some(r.sigma),
+        ivar: true,
+        mask: true,
+        needs: Needs::Always,
     },
     Quantity {
         name: "STELLAR_H3",
         unit: "",
+        ivar_unit: "",
         get: |r| r.h3,
+        ivar: true,
+        mask: true,
+        needs: Needs::HigherMoments,
     },
     Quantity {
         name: "STELLAR_H4",
         unit: "",
+        ivar_unit: "",
         get: |r| r.h4,
-    },
-    Quantity {
-        name: "STELLAR_AGE_LW",
-        unit: "log10(yr)",
-        get: |r| plain(r.age_lw),
-    },
-    Quantity {
-        name: "STELLAR_MH_LW",
-        unit: "dex",
-        get: |r| plain(r.metallicity_lw),
-    },
-    Quantity {
-        name: "STELLAR_AGE_MW",
-        unit: "log10(yr)",
-        get: |r| plain(r.age_mw),
-    },
-    Quantity {
-        name: "STELLAR_MH_MW",
-        unit: "dex",
-        get: |r| plain(r.metallicity_mw),
+        ivar: true,
+        mask: true,
+        needs: Needs::HigherMoments,
     },
     Quantity {
         name: "STELLAR_CHI2",
         unit: "",
+        ivar_unit: "",
         get: |r| plain(Some(r.chi2)),
+        ivar: false,
+        mask: true,
+        needs: Needs::Always,
     },
     Quantity {
-        name: "BIN_SNR",
-        unit: "",
-        get: |r| plain(Some(r.sn)),
+        name: "STELLAR_AGE_LW",
+        unit: "log10(yr)",
+        ivar_unit: "",
+        get: |r| plain(r.age_lw),
+        ivar: false,
+        mask: true,
+        needs: Needs::Populations,
+    },
+    Quantity {
+        name: "STELLAR_MH_LW",
+        unit: "dex",
+        ivar_unit: "",
+        get: |r| plain(r.metallicity_lw),
+        ivar: false,
+        mask: true,
+        needs: Needs::Populations,
+    },
+    Quantity {
+        name: "STELLAR_AGE_MW",
+        unit: "log10(yr)",
+        ivar_unit: "",
+        get: |r| plain(r.age_mw),
+        ivar: false,
+        mask: true,
+        needs: Needs::MassWeighted,
+    },
+    Quantity {
+        name: "STELLAR_MH_MW",
+        unit: "dex",
+        ivar_unit: "",
+        get: |r| plain(r.metallicity_mw),
+        ivar: false,
+        mask: true,
+        needs: Needs::MassWeighted,
     },
 ];
 
-/// The MAPS quantities as images (value, ivar, mask), row-major `y * nx + x`.
+/// The MAPS quantities as images, row-major `y * nx + x`: the value, its inverse variance
+/// where it has errors, its `MANGA_DAPPIXMASK` mask where it has one.
 pub struct MapImages {
     pub name: &'static str,
     pub unit: &'static str,
+    pub ivar_unit: &'static str,
     pub value: Vec<f32>,
-    pub ivar: Vec<f32>,
-    pub mask: Vec<i32>,
+    pub ivar: Option<Vec<f32>>,
+    pub mask: Option<Vec<i32>>,
 }
 
-/// Spreads per-bin results over the spaxel grid.
+/// Spreads per-bin results over the spaxel grid, for the quantities that were `fitted`.
 pub fn map_images(
     map: &BinMap,
     results: &[Option<BinResult>],
+    fitted: Fitted,
 ) -> Result<Vec<MapImages>, MapsError> {
     if map.bin_of.len() != map.nx * map.ny {
         return Err(MapsError::BadBinMap {
@@ -203,40 +309,78 @@ pub fn map_images(
             nbins: results.len(),
         });
     }
+    let mass_weighted = results.iter().flatten().any(|r| r.age_mw.is_some());
+    let wanted = |needs: Needs| match needs {
+        Needs::Always => true,
+        Needs::HigherMoments => fitted.moments >= 4,
+        Needs::Populations => fitted.populations,
+        Needs::MassWeighted => fitted.populations && mass_weighted,
+    };
     Ok(QUANTITIES
         .iter()
+        .filter(|q| wanted(q.needs))
         .map(|q| {
             let n = map.bin_of.len();
-            let mut img = MapImages {
-                name: q.name,
-                unit: q.unit,
-                value: vec![0.0; n],
-                ivar: vec![0.0; n],
-                mask: vec![MASK_NOCOV | MASK_DONOTUSE; n],
-            };
+            let mut value = vec![0f32; n];
+            let mut ivar = vec![0f32; n];
+            let mut mask = vec![MASK_NOCOV | MASK_DONOTUSE; n];
             for (i, bin) in map.bin_of.iter().enumerate() {
                 let Some(bin) = bin else { continue };
                 let Some(result) = &results[*bin] else {
-                    img.mask[i] = MASK_NOVALUE | MASK_DONOTUSE;
+                    mask[i] = MASK_NOVALUE | MASK_DONOTUSE;
                     continue;
                 };
+                // A failed fit's S/N is still its bin's S/N.
+                let failed = result.failure.is_some() && q.mask;
                 match (q.get)(result) {
-                    _ if result.failure.is_some() => img.mask[i] = MASK_FITFAILED | MASK_DONOTUSE,
+                    _ if failed => mask[i] = MASK_FITFAILED | MASK_DONOTUSE,
                     Some(m) if m.value.is_finite() => {
-                        img.value[i] = m.value as f32;
-                        img.ivar[i] = if m.error.is_finite() && m.error > 0.0 {
+                        value[i] = m.value as f32;
+                        ivar[i] = if m.error.is_finite() && m.error > 0.0 {
                             (1.0 / (m.error * m.error)) as f32
                         } else {
                             0.0
                         };
-                        img.mask[i] = 0;
+                        mask[i] = 0;
                     }
-                    _ => img.mask[i] = MASK_NOVALUE | MASK_DONOTUSE,
+                    _ => mask[i] = MASK_NOVALUE | MASK_DONOTUSE,
                 }
             }
-            img
+            MapImages {
+                name: q.name,
+                unit: q.unit,
+                ivar_unit: q.ivar_unit,
+                value,
+                ivar: q.ivar.then_some(ivar),
+                mask: q.mask.then_some(mask),
+            }
         })
         .collect())
+}
+
+/// A header card to write: keyword, value, comment (empty: none).
+type Card = (String, KeyValue, String);
+
+fn card(key: &str, value: KeyValue, comment: &str) -> Card {
+    (key.to_string(), value, comment.to_string())
+}
+
+fn text(v: &str) -> KeyValue {
+    KeyValue::Text(v.to_string())
+}
+
+fn write_card(f: &mut FitsFile, hdu: &FitsHdu, path: &Path, c: &Card) -> Result<(), MapsError> {
+    let (key, value, comment) = c;
+    let comment = comment.as_str();
+    let written = match (value, comment.is_empty()) {
+        (KeyValue::Text(v), true) => hdu.write_key(f, key, v.as_str()),
+        (KeyValue::Text(v), false) => hdu.write_key(f, key, (v.as_str(), comment)),
+        (KeyValue::Integer(v), true) => hdu.write_key(f, key, *v),
+        (KeyValue::Integer(v), false) => hdu.write_key(f, key, (*v, comment)),
+        (KeyValue::Number(v), true) => hdu.write_key(f, key, *v),
+        (KeyValue::Number(v), false) => hdu.write_key(f, key, (*v, comment)),
+    };
+    written.map_err(fits_err(path))
 }
 
 fn write_image<T>(
@@ -246,7 +390,7 @@ fn write_image<T>(
     kind: ImageType,
     dims: &[usize],
     data: &[T],
-    keys: &[(&str, String)],
+    cards: &[Card],
 ) -> Result<(), MapsError>
 where
     T: fitsio::images::WriteImage,
@@ -261,35 +405,99 @@ where
         )
         .map_err(fits_err(path))?;
     hdu.write_image(f, data).map_err(fits_err(path))?;
-    for (k, v) in keys {
-        hdu.write_key(f, k, v.as_str()).map_err(fits_err(path))?;
+    for c in cards {
+        write_card(f, &hdu, path, c)?;
     }
     Ok(())
 }
 
-/// Writes `path` (replacing it): primary header with the cube's metadata, then BINID and, per
-/// quantity, `Q`, `Q_IVAR`, `Q_MASK`. Written to a temporary name and renamed, so a reader
-/// never sees half a file.
-pub fn write_maps(
+/// The current UTC time as FITS `DATE` (`YYYY-MM-DDThh:mm:ss`).
+pub fn utc_now_fits() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    fits_date(secs)
+}
+
+/// `YYYY-MM-DDThh:mm:ss` of `secs` after 1970-01-01T00:00:00 UTC (proleptic Gregorian).
+fn fits_date(secs: u64) -> String {
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// Writes `path` (replacing it) with the quantities in `fitted` only, the layout of the MaNGA
+/// DAP's MAPS files: a primary header with the cube's metadata and `header`'s provenance,
+/// then BINID and, per quantity, `Q`, `Q_IVAR` (where it has errors) and `Q_MASK` (where it
+/// has a mask, `MANGA_DAPPIXMASK` bits). Every map carries the cube's celestial WCS. Written to
+/// a temporary name and renamed, so a reader never sees half a file.
+pub fn write_maps_with(
     path: &Path,
     meta: &CubeMeta,
     map: &BinMap,
     results: &[Option<BinResult>],
+    header: &MapsHeader,
 ) -> Result<(), MapsError> {
-    let images = map_images(map, results)?;
+    let images = map_images(map, results, header.fitted)?;
     let tmp = path.with_extension("fits.partial");
     let _ = std::fs::remove_file(&tmp);
     let mut f = FitsFile::create(&tmp).open().map_err(fits_err(&tmp))?;
     let primary = f.primary_hdu().map_err(fits_err(&tmp))?;
-    primary
-        .write_key(&mut f, "AUTHOR", "astro-fit")
-        .map_err(fits_err(&tmp))?;
-    primary
-        .write_key(&mut f, "CUBEFMT", meta.format.to_string().as_str())
-        .map_err(fits_err(&tmp))?;
-    primary
-        .write_key(&mut f, "PIXSCALE", meta.pixel_scale_arcsec)
-        .map_err(fits_err(&tmp))?;
+    let mut cards = vec![
+        card("AUTHOR", text("astro-fit"), ""),
+        card(
+            "CREATOR",
+            text(concat!("astro-fit ", env!("CARGO_PKG_VERSION"))),
+            "program that wrote this file",
+        ),
+        card(
+            "DATE",
+            text(&utc_now_fits()),
+            "UTC date and time this file was written",
+        ),
+        card(
+            "CUBEFMT",
+            text(&meta.format.to_string()),
+            "format of the cube",
+        ),
+        card(
+            "PIXSCALE",
+            KeyValue::Number(meta.pixel_scale_arcsec),
+            "[arcsec] spaxel size",
+        ),
+    ];
+    cards.extend(
+        meta.target
+            .iter()
+            .map(|c| card(&c.key, c.value.clone(), "from the cube's header")),
+    );
+    cards.extend(header.provenance.iter().cloned());
+    for c in &cards {
+        write_card(&mut f, &primary, &tmp, c)?;
+    }
+    let wcs: Vec<Card> = meta
+        .celestial_wcs
+        .iter()
+        .map(|c| card(&c.key, c.value.clone(), ""))
+        .collect();
+    let with_wcs = |mut own: Vec<Card>| {
+        own.extend(wcs.iter().cloned());
+        own
+    };
     let dims = [map.ny, map.nx];
     let binid: Vec<i32> = map
         .bin_of
@@ -303,10 +511,30 @@ pub fn write_maps(
         ImageType::Long,
         &dims,
         &binid,
-        &[("BUNIT", String::new())],
+        &with_wcs(vec![
+            card("BUNIT", text(""), ""),
+            card("HDUCLAS1", text("IMAGE"), ""),
+            card(
+                "HDUCLAS2",
+                text("DATA"),
+                "bin of each spaxel, -1: not fitted",
+            ),
+        ]),
     )?;
     for img in &images {
-        let unit = [("BUNIT", img.unit.to_string())];
+        let ivar_name = format!("{}_IVAR", img.name);
+        let mask_name = format!("{}_MASK", img.name);
+        let mut own = vec![
+            card("BUNIT", text(img.unit), ""),
+            card("HDUCLAS1", text("IMAGE"), ""),
+            card("HDUCLAS2", text("DATA"), ""),
+        ];
+        if img.ivar.is_some() {
+            own.push(card("ERRDATA", text(&ivar_name), "inverse variance"));
+        }
+        if img.mask.is_some() {
+            own.push(card("QUALDATA", text(&mask_name), "MANGA_DAPPIXMASK bits"));
+        }
         write_image(
             &mut f,
             &tmp,
@@ -314,33 +542,58 @@ pub fn write_maps(
             ImageType::Float,
             &dims,
             &img.value,
-            &unit,
+            &with_wcs(own),
         )?;
-        write_image(
-            &mut f,
-            &tmp,
-            &format!("{}_IVAR", img.name),
-            ImageType::Float,
-            &dims,
-            &img.ivar,
-            &[],
-        )?;
-        let masks = [("MASKNAME", "MANGA_DAPPIXMASK".to_string())];
-        write_image(
-            &mut f,
-            &tmp,
-            &format!("{}_MASK", img.name),
-            ImageType::Long,
-            &dims,
-            &img.mask,
-            &masks,
-        )?;
+        if let Some(ivar) = &img.ivar {
+            write_image(
+                &mut f,
+                &tmp,
+                &ivar_name,
+                ImageType::Float,
+                &dims,
+                ivar,
+                &with_wcs(vec![
+                    card("BUNIT", text(img.ivar_unit), ""),
+                    card("HDUCLAS1", text("IMAGE"), ""),
+                    card("HDUCLAS2", text("ERROR"), ""),
+                    card("HDUCLAS3", text("INVMSE"), ""),
+                    card("SCIDATA", text(img.name), ""),
+                ]),
+            )?;
+        }
+        if let Some(mask) = &img.mask {
+            write_image(
+                &mut f,
+                &tmp,
+                &mask_name,
+                ImageType::Long,
+                &dims,
+                mask,
+                &with_wcs(vec![
+                    card("HDUCLAS1", text("IMAGE"), ""),
+                    card("HDUCLAS2", text("QUALITY"), ""),
+                    card("HDUCLAS3", text("FLAG32BIT"), ""),
+                    card("SCIDATA", text(img.name), ""),
+                    card("MASKNAME", text("MANGA_DAPPIXMASK"), ""),
+                ]),
+            )?;
+        }
     }
     drop(f);
     std::fs::rename(&tmp, path).map_err(|source| MapsError::Io {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// [`write_maps_with`] without provenance, the quantities taken from `results`.
+pub fn write_maps(
+    path: &Path,
+    meta: &CubeMeta,
+    map: &BinMap,
+    results: &[Option<BinResult>],
+) -> Result<(), MapsError> {
+    write_maps_with(path, meta, map, results, &MapsHeader::from_results(results))
 }
 
 /// Streams a model cube to disk: MODEL (x, y, wavelength) filled one row band at a time, then
@@ -389,7 +642,7 @@ pub fn write_model_cube(
         ImageType::Double,
         &[nwave],
         &meta.wavelength,
-        &[("BUNIT", "Angstrom".to_string())],
+        &[card("BUNIT", text("Angstrom"), "")],
     )?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|source| MapsError::Io {
@@ -429,6 +682,8 @@ pub(crate) mod tests {
             noise_stored_as: None,
             ebv_galactic: None,
             redshift: None,
+            celestial_wcs: Vec::new(),
+            target: Vec::new(),
         }
     }
 
@@ -499,23 +754,34 @@ pub(crate) mod tests {
             Some(BinResult::failed(2, 3.0, "no good pixels".into())),
             None,
         ];
-        let imgs = map_images(&map, &results).unwrap();
+        let four = Fitted {
+            moments: 4,
+            populations: false,
+        };
+        let imgs = map_images(&map, &results, four).unwrap();
         let vel = imgs.iter().find(|i| i.name == "STELLAR_VEL").unwrap();
         assert_eq!(vel.value[..3], [-50.0, -50.0, 80.0]);
-        assert_eq!(vel.ivar[0], 0.25);
-        assert_eq!(vel.mask[..3], [0, 0, 0]);
-        assert_eq!(vel.mask[3], MASK_FITFAILED | MASK_DONOTUSE);
-        assert_eq!(vel.mask[4], MASK_NOVALUE | MASK_DONOTUSE);
-        assert_eq!(vel.mask[5], MASK_NOCOV | MASK_DONOTUSE);
+        let (ivar, mask) = (vel.ivar.as_ref().unwrap(), vel.mask.as_ref().unwrap());
+        assert_eq!(ivar[0], 0.25);
+        assert_eq!(mask[..3], [0, 0, 0]);
+        assert_eq!(mask[3], MASK_FITFAILED | MASK_DONOTUSE);
+        assert_eq!(mask[4], MASK_NOVALUE | MASK_DONOTUSE);
+        assert_eq!(mask[5], MASK_NOCOV | MASK_DONOTUSE);
         let h3 = imgs.iter().find(|i| i.name == "STELLAR_H3").unwrap();
-        assert_eq!(h3.mask[0], MASK_NOVALUE | MASK_DONOTUSE);
+        assert_eq!(h3.mask.as_ref().unwrap()[0], MASK_NOVALUE | MASK_DONOTUSE);
+        // The S/N of a failed fit is still its bin's; S/N has no error and no mask.
+        let sn = imgs.iter().find(|i| i.name == "BIN_SNR").unwrap();
+        assert_eq!(sn.value[..5], [30.0, 30.0, 30.0, 3.0, 0.0]);
+        assert!(sn.ivar.is_none() && sn.mask.is_none());
+        let chi2 = imgs.iter().find(|i| i.name == "STELLAR_CHI2").unwrap();
+        assert!(chi2.ivar.is_none() && chi2.mask.is_some());
         let bad = BinMap {
             nx: 1,
             ny: 1,
             bin_of: vec![Some(9)],
         };
         assert!(matches!(
-            map_images(&bad, &results),
+            map_images(&bad, &results, four),
             Err(MapsError::UnknownBin { bin: 9, .. })
         ));
     }
@@ -562,5 +828,163 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(px, vec![1204.0]);
         astropy_opens(&[&maps, &model]);
+    }
+
+    /// Names of the HDUs of a FITS file after the primary, in order.
+    pub(crate) fn extnames(path: &Path) -> Vec<String> {
+        let mut f = FitsFile::open(path).unwrap();
+        let n = f.num_hdus().unwrap();
+        (1..n)
+            .map(|i| f.hdu(i).unwrap().read_key(&mut f, "EXTNAME").unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn only_what_was_fitted_is_mapped_and_only_companions_that_carry_something() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = meta(2, 1, 5);
+        let map = BinMap {
+            nx: 2,
+            ny: 1,
+            bin_of: vec![Some(0), None],
+        };
+        let path = dir.path().join("maps.fits");
+        let results = [Some(result(0, 10.0))];
+        let header = |moments, populations| MapsHeader {
+            fitted: Fitted {
+                moments,
+                populations,
+            },
+            provenance: vec![(
+                "INFILE".into(),
+                KeyValue::Text("x-LOGCUBE.fits".into()),
+                "the cube fitted".into(),
+            )],
+        };
+        write_maps_with(&path, &meta, &map, &results, &header(2, false)).unwrap();
+        let kinematics = [
+            "BINID",
+            "BIN_SNR",
+            "STELLAR_VEL",
+            "STELLAR_VEL_IVAR",
+            "STELLAR_VEL_MASK",
+            "STELLAR_SIGMA",
+            "STELLAR_SIGMA_IVAR",
+            "STELLAR_SIGMA_MASK",
+        ];
+        let mut two = kinematics.to_vec();
+        two.extend(["STELLAR_CHI2", "STELLAR_CHI2_MASK"]);
+        assert_eq!(extnames(&path), two);
+        let mut f = FitsFile::open(&path).unwrap();
+        let primary = f.primary_hdu().unwrap();
+        let infile: String = primary.read_key(&mut f, "INFILE").unwrap();
+        assert_eq!(infile, "x-LOGCUBE.fits");
+        let creator: String = primary.read_key(&mut f, "CREATOR").unwrap();
+        assert_eq!(creator, concat!("astro-fit ", env!("CARGO_PKG_VERSION")));
+        let date: String = primary.read_key(&mut f, "DATE").unwrap();
+        assert_eq!((date.len(), &date[4..5], &date[10..11]), (19, "-", "T"));
+        drop(f);
+
+        // Populations with light weights only (the library gave no masses): no MW maps.
+        write_maps_with(&path, &meta, &map, &results, &header(4, true)).unwrap();
+        let mut four = kinematics.to_vec();
+        four.extend([
+            "STELLAR_H3",
+            "STELLAR_H3_IVAR",
+            "STELLAR_H3_MASK",
+            "STELLAR_H4",
+            "STELLAR_H4_IVAR",
+            "STELLAR_H4_MASK",
+            "STELLAR_CHI2",
+            "STELLAR_CHI2_MASK",
+            "STELLAR_AGE_LW",
+            "STELLAR_AGE_LW_MASK",
+            "STELLAR_MH_LW",
+            "STELLAR_MH_LW_MASK",
+        ]);
+        assert_eq!(extnames(&path), four);
+        // The old entry point takes the quantities from the results.
+        write_maps(&path, &meta, &map, &results).unwrap();
+        let names = extnames(&path);
+        assert!(names.contains(&"STELLAR_AGE_LW".to_string()), "{names:?}");
+        assert!(!names.contains(&"STELLAR_H3".to_string()), "{names:?}");
+        astropy_opens(&[&path]);
+    }
+
+    #[test]
+    fn fits_dates_are_utc_calendar_dates() {
+        assert_eq!(fits_date(0), "1970-01-01T00:00:00");
+        assert_eq!(fits_date(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(fits_date(1_798_761_599), "2026-12-31T23:59:59");
+    }
+
+    /// The celestial WCS of a real MUSE cube (CD matrix and CDELT both present, RADESYS ICRS)
+    /// is on every map, and astropy finds the same sky position for a spaxel in the maps as in
+    /// the cube.
+    #[test]
+    fn maps_carry_the_cubes_celestial_wcs() {
+        let cube_path = crate::cube::tests::cube_file("minicube.fits");
+        let cube = crate::cube::Cube::open(&cube_path).unwrap();
+        let meta = cube.meta().clone();
+        let keys: Vec<&str> = meta.celestial_wcs.iter().map(|c| c.key.as_str()).collect();
+        for k in [
+            "CTYPE1", "CTYPE2", "CRPIX1", "CRVAL2", "CD1_1", "CD2_2", "RADESYS",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        assert!(!keys.contains(&"CDELT1"), "CD wins over CDELT: {keys:?}");
+        assert!(!keys.iter().any(|k| k.ends_with('3')), "{keys:?}");
+        assert_eq!(
+            meta.target,
+            [crate::cube::HeaderCard {
+                key: "OBJECT".into(),
+                value: KeyValue::Text("Abell 478".into()),
+            }]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("maps.fits");
+        let n = meta.nx * meta.ny;
+        let map = BinMap {
+            nx: meta.nx,
+            ny: meta.ny,
+            bin_of: (0..n).map(|i| (i % 3 != 0).then_some(0)).collect(),
+        };
+        write_maps(&path, &meta, &map, &[Some(result(0, 1.0))]).unwrap();
+        let mut f = FitsFile::open(&path).unwrap();
+        let object: String = f.primary_hdu().unwrap().read_key(&mut f, "OBJECT").unwrap();
+        assert_eq!(object, "Abell 478");
+        for name in extnames(&path) {
+            let hdu = f.hdu(name.as_str()).unwrap();
+            let ctype: String = hdu.read_key(&mut f, "CTYPE1").unwrap();
+            assert_eq!(ctype, "RA---TAN", "{name}");
+        }
+        drop(f);
+        if !astropy_opens(&[&path]) {
+            return;
+        }
+        let script = "import sys, warnings\n\
+                      from astropy.io import fits\n\
+                      from astropy.wcs import WCS, FITSFixedWarning\n\
+                      warnings.simplefilter('ignore', FITSFixedWarning)\n\
+                      cube = WCS(fits.getheader(sys.argv[1], 'DATA')).celestial\n\
+                      with fits.open(sys.argv[2]) as h:\n\
+                      \x20   for x in h[1:]:\n\
+                      \x20       w = WCS(x.header)\n\
+                      \x20       assert w.has_celestial, x.name\n\
+                      \x20       for px in [(0, 0), (39, 0), (12.5, 33)]:\n\
+                      \x20           a, b = w.pixel_to_world(*px), cube.pixel_to_world(*px)\n\
+                      \x20           assert a.separation(b).arcsec < 1e-6, (x.name, px, a, b)\n\
+                      print(cube.pixel_to_world(0, 0))";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&cube_path)
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

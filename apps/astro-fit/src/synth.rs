@@ -348,9 +348,12 @@ pub fn synthesize(
                 },
             )
             .map_err(write_err(&plain))?;
-        let wcs: [(&str, f64); 7] = [
+        // A made-up pointing (as the seed-7 cube's), so that maps have sky coordinates.
+        let wcs: [(&str, f64); 9] = [
             ("CRPIX1", (cfg.nx as f64 + 1.0) / 2.0),
             ("CRPIX2", (cfg.ny as f64 + 1.0) / 2.0),
+            ("CRVAL1", 180.0),
+            ("CRVAL2", 30.0),
             ("CD1_1", -0.5 / 3600.0),
             ("CD2_2", 0.5 / 3600.0),
             ("CRPIX3", 1.0),
@@ -364,6 +367,8 @@ pub fn synthesize(
             ("CTYPE1", "RA---TAN"),
             ("CTYPE2", "DEC--TAN"),
             ("CTYPE3", "WAVE-LOG"),
+            ("CUNIT1", "deg"),
+            ("CUNIT2", "deg"),
             ("CUNIT3", "m"),
         ] {
             hdu.write_key(&mut f, k, v).map_err(write_err(&plain))?;

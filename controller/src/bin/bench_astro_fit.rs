@@ -136,6 +136,10 @@ struct Plane {
     between_ms: Vec<f64>,
     chunks: usize,
     predictor: Value,
+    /// Per stage: first lease and last completion, seconds after the application was applied.
+    timeline: Vec<(String, f64, f64)>,
+    /// Sums over the chunk tasks of what the workers report, seconds.
+    sums: std::collections::BTreeMap<&'static str, f64>,
 }
 
 async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
@@ -185,6 +189,7 @@ async fn through_control_plane(
             .await?;
         }
         let started = Instant::now();
+        let applied_ms = ceccm_controller::time::now_millis();
         send(client.put(format!("{base}/applications/fit")).json(&json!({
             "metadata": {"name": "fit"},
             "spec": {"app": "astro-fit", "inputs": [{"dataset": "cube"}],
@@ -213,7 +218,32 @@ async fn through_control_plane(
             between_ms: vec![],
             chunks: 0,
             predictor: send(client.get(format!("{base}/predictor"))).await?,
+            timeline: vec![],
+            sums: Default::default(),
         };
+        for stage in ["prepare", "fit", "assemble"] {
+            let spans: Vec<(i64, i64)> = items
+                .iter()
+                .filter(|t| t["metadata"]["labels"]["ceccm/stage"] == stage)
+                .filter_map(|t| {
+                    let s = t["status"]["startTime"].as_str().and_then(parse_millis)?;
+                    let e = t["status"]["completionTime"]
+                        .as_str()
+                        .and_then(parse_millis)?;
+                    Some((s, e))
+                })
+                .collect();
+            if let (Some(first), Some(last)) = (
+                spans.iter().map(|s| s.0).min(),
+                spans.iter().map(|s| s.1).max(),
+            ) {
+                plane.timeline.push((
+                    stage.to_string(),
+                    (first - applied_ms) as f64 / 1000.0,
+                    (last - applied_ms) as f64 / 1000.0,
+                ));
+            }
+        }
         let millis = |t: &Value, key: &str| t["status"][key].as_str().and_then(parse_millis);
         let mut by_worker: std::collections::BTreeMap<String, Vec<(i64, i64)>> = Default::default();
         for t in &items {
@@ -229,6 +259,15 @@ async fn through_control_plane(
                 result["fitSeconds"].as_f64(),
             ) {
                 plane.chunks += 1;
+                for key in [
+                    "fetchSeconds",
+                    "setupSeconds",
+                    "readSeconds",
+                    "fitSeconds",
+                    "uploadSeconds",
+                ] {
+                    *plane.sums.entry(key).or_default() += result[key].as_f64().unwrap_or(0.0);
+                }
                 // The worker reports fetch, setup, read and fit; the rest of the time from the
                 // lease to the recorded completion is the upload and the report.
                 let busy_ms = (end - start) as f64;
@@ -305,6 +344,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             median(plane.before_fit_ms),
             median(plane.after_fit_ms),
             median(plane.between_ms)
+        );
+        let stages: Vec<String> = plane
+            .timeline
+            .iter()
+            .map(|(stage, from, to)| format!("{stage} {from:.2}-{to:.2} s"))
+            .collect();
+        println!("stages (last round, from the apply): {}", stages.join(", "));
+        let sums: Vec<String> = plane
+            .sums
+            .iter()
+            .map(|(k, v)| format!("{} {v:.2} s", k.trim_end_matches("Seconds")))
+            .collect();
+        println!(
+            "chunk tasks, summed over workers (last round): {}",
+            sums.join(", ")
         );
         let r = &plane.predictor;
         println!(

@@ -342,7 +342,15 @@ fn assemble(
     let cube = open_cube(&inputs.cube)?;
     let meta: &CubeMeta = cube.meta();
     let model_cube = !work.parameters.no_model_cube;
-    let stats = cubefit::assemble(out, meta, &plan, model_cube)
+    // The maps name the Datasets they came from, not the worker's cache files.
+    let provenance = cubefit::Provenance {
+        input: work.cube.name.clone(),
+        templates: work.templates.as_ref().map_or_else(
+            || "emiles-compact (bundled)".to_string(),
+            |t| t.name.clone(),
+        ),
+    };
+    let stats = cubefit::assemble_with(out, meta, &plan, model_cube, &provenance)
         .map_err(|e| StageError::permanent(format!("assemble: {e}")))?;
     if stats.chunks_missing > 0 {
         // Never publish maps with holes: the controller hands over every chunk's files.

@@ -117,6 +117,8 @@ pub(crate) fn layout(file: &mut FitsFile, path: &Path, probe: &Probe) -> Result<
             noise_stored_as: Some(NoiseKind::InverseVariance),
             ebv_galactic,
             redshift: None,
+            celestial_wcs: Vec::new(),
+            target: Vec::new(),
         },
     })
 }

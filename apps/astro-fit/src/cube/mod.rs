@@ -91,6 +91,111 @@ pub struct CubeMeta {
     /// Systemic redshift from the primary header (`Z`, `REDSHIFT`, or a synthetic cube's
     /// `SIMZSYS`), where given.
     pub redshift: Option<f64>,
+    /// The celestial WCS of the flux HDU (axes 1 and 2: CTYPE, CRPIX, CRVAL, CD or PC and
+    /// CDELT, CUNIT, RADESYS, EQUINOX, ...), for the 2-D maps; empty when the file has none.
+    #[serde(default)]
+    pub celestial_wcs: Vec<HeaderCard>,
+    /// What the file says the target is: `PLATEIFU`, `MANGAID`, `OBJECT` as found (primary
+    /// header first, then the flux HDU's).
+    #[serde(default)]
+    pub target: Vec<HeaderCard>,
+}
+
+/// A header keyword and its value, copied from one FITS header to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeaderCard {
+    pub key: String,
+    pub value: KeyValue,
+}
+
+/// A FITS keyword value: text, an integer or a real number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum KeyValue {
+    Text(String),
+    Integer(i64),
+    Number(f64),
+}
+
+/// Keywords of a 2-D celestial WCS on axes 1 and 2 with text values; all the others of
+/// [`CELESTIAL_NUMBERS`] are numbers.
+const CELESTIAL_TEXT: [&str; 5] = ["CTYPE1", "CTYPE2", "CUNIT1", "CUNIT2", "RADESYS"];
+const CELESTIAL_NUMBERS: [&str; 6] = ["CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2", "LONPOLE", "LATPOLE"];
+const CD_MATRIX: [&str; 4] = ["CD1_1", "CD1_2", "CD2_1", "CD2_2"];
+const PC_MATRIX: [&str; 4] = ["PC1_1", "PC1_2", "PC2_1", "PC2_2"];
+
+/// The celestial part of the WCS of `hdu` (nothing unless CTYPE1 and CTYPE2 are there). A CD
+/// matrix wins over CDELT/PC (as in the FITS standard; MUSE cubes carry both). EQUINOX and
+/// RADESYS (or the older RADECSYS) fall back to the primary header.
+fn read_celestial_wcs(file: &mut FitsFile, hdu: &FitsHdu, primary: &FitsHdu) -> Vec<HeaderCard> {
+    let text = |file: &mut FitsFile, h: &FitsHdu, key: &str| {
+        h.read_key::<String>(file, key)
+            .ok()
+            .map(|v| v.trim().to_string())
+    };
+    if text(file, hdu, "CTYPE1").is_none() || text(file, hdu, "CTYPE2").is_none() {
+        return Vec::new();
+    }
+    let mut cards = Vec::new();
+    let push_text = |cards: &mut Vec<HeaderCard>, key: &str, value: Option<String>| {
+        if let Some(v) = value {
+            cards.push(HeaderCard {
+                key: key.to_string(),
+                value: KeyValue::Text(v),
+            });
+        }
+    };
+    for key in CELESTIAL_TEXT {
+        let mut value = text(file, hdu, key);
+        if key == "RADESYS" {
+            value = value
+                .or_else(|| text(file, hdu, "RADECSYS"))
+                .or_else(|| text(file, primary, "RADESYS"))
+                .or_else(|| text(file, primary, "RADECSYS"));
+        }
+        push_text(&mut cards, key, value);
+    }
+    let number = |file: &mut FitsFile, h: &FitsHdu, key: &str| {
+        read_key_f64(file, h, key).filter(|v| v.is_finite())
+    };
+    let has_cd = CD_MATRIX.iter().any(|k| number(file, hdu, k).is_some());
+    let mut numbers: Vec<&str> = CELESTIAL_NUMBERS.to_vec();
+    if has_cd {
+        numbers.extend(CD_MATRIX);
+    } else {
+        numbers.extend(["CDELT1", "CDELT2", "CROTA2"]);
+        numbers.extend(PC_MATRIX);
+    }
+    for key in numbers {
+        if let Some(v) = number(file, hdu, key) {
+            cards.push(HeaderCard {
+                key: key.to_string(),
+                value: KeyValue::Number(v),
+            });
+        }
+    }
+    if let Some(v) = number(file, hdu, "EQUINOX").or_else(|| number(file, primary, "EQUINOX")) {
+        cards.push(HeaderCard {
+            key: "EQUINOX".into(),
+            value: KeyValue::Number(v),
+        });
+    }
+    cards
+}
+
+/// `PLATEIFU`, `MANGAID` and `OBJECT`, where the primary header or the flux HDU has them.
+fn read_target(file: &mut FitsFile, hdu: &FitsHdu, primary: &FitsHdu) -> Vec<HeaderCard> {
+    ["PLATEIFU", "MANGAID", "OBJECT"]
+        .iter()
+        .filter_map(|key| {
+            let value = read_key_string(file, primary, key)
+                .or_else(|| read_key_string(file, hdu, key))
+                .filter(|v| !v.is_empty())?;
+            Some(HeaderCard {
+                key: key.to_string(),
+                value: KeyValue::Text(value),
+            })
+        })
+        .collect()
 }
 
 impl CubeMeta {
@@ -508,6 +613,11 @@ impl Cube {
             .iter()
             .find_map(|k| read_key_f64(&mut file, &primary, k))
             .filter(|z| z.is_finite() && *z > -1.0);
+        let flux = file
+            .hdu(layout.flux_hdu)
+            .map_err(|e| fits_error(&path, "reading the flux HDU", e))?;
+        layout.meta.celestial_wcs = read_celestial_wcs(&mut file, &flux, &primary);
+        layout.meta.target = read_target(&mut file, &flux, &primary);
         let mut cube = Cube { path, file, layout };
         cube.check_complete()?;
         Ok(cube)
@@ -762,6 +872,8 @@ pub(crate) fn linear_wcs_layout(
             noise_stored_as: noise.map(|(_, k)| k),
             ebv_galactic: None,
             redshift: None,
+            celestial_wcs: Vec::new(),
+            target: Vec::new(),
         },
     })
 }

@@ -15,6 +15,7 @@ use super::io::{read_fits_cube, write_fits_cube};
 use super::tilefits::{TileOptions, write_tile_compressed};
 use super::{EdgeError, Samples};
 use crate::cube::{Cube, WavelengthMedium};
+use crate::output::{file_with_size, parse_out_file};
 
 #[derive(Debug, Subcommand)]
 pub enum EdgeCommand {
@@ -34,8 +35,8 @@ pub struct FilterArgs {
     /// Input cube (MaNGA LOGCUBE, MUSE, MEGARA; .fits or .fits.gz).
     pub input: PathBuf,
     /// Filtered cube (FITS).
-    #[arg(short, long)]
-    pub output: PathBuf,
+    #[arg(long, alias = "output", short_alias = 'o', value_parser = parse_out_file)]
+    pub out: PathBuf,
     /// JSON report of what was dropped or flagged, and why.
     #[arg(long)]
     pub report: PathBuf,
@@ -60,8 +61,8 @@ pub struct CompressArgs {
     /// Input cube (FITS).
     pub input: PathBuf,
     /// Output: a TARSIS container, or tile-compressed FITS with --fits.
-    #[arg(short, long)]
-    pub output: PathBuf,
+    #[arg(long, alias = "output", short_alias = 'o', value_parser = parse_out_file)]
+    pub out: PathBuf,
     /// Lossless: every bit of every plane is kept.
     #[arg(long, conflicts_with_all = ["max_error_sigma", "noise_rel_error"])]
     pub lossless: bool,
@@ -102,8 +103,9 @@ pub struct DecompressArgs {
     /// TARSIS container (`-` reads standard input, streaming).
     pub input: PathBuf,
     /// Output FITS cube.
-    #[arg(short, long, required_unless_present = "spaxel")]
-    pub output: Option<PathBuf>,
+    #[arg(long, alias = "output", short_alias = 'o', value_parser = parse_out_file,
+          required_unless_present = "spaxel")]
+    pub out: Option<PathBuf>,
     /// Print only spaxel X,Y as JSON (reads one block).
     #[arg(long, value_name = "X,Y", value_parser = parse_xy)]
     pub spaxel: Option<(usize, usize)>,
@@ -158,7 +160,7 @@ fn run_filter(a: FilterArgs) -> anyhow::Result<()> {
         None => {}
     }
     let report = filter_cube(&mut cube, &opts)?;
-    write_fits_cube(&cube, &a.output)?;
+    write_fits_cube(&cube, &a.out)?;
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(&a.report, text).with_context(|| format!("writing {}", a.report.display()))?;
     eprintln!(
@@ -169,6 +171,8 @@ fn run_filter(a: FilterArgs) -> anyhow::Result<()> {
         report.cosmic_ray_pixels,
         report.sky_residual_pixels
     );
+    eprintln!("wrote {}", file_with_size(&a.out));
+    eprintln!("wrote {}", file_with_size(&a.report));
     Ok(())
 }
 
@@ -179,12 +183,12 @@ fn run_compress(a: CompressArgs) -> anyhow::Result<()> {
             flux_q: a.fits_q,
             noise_q: a.fits_noise_q,
         };
-        write_tile_compressed(&cube, &a.output, &opts)?;
-        let size = std::fs::metadata(&a.output)?.len();
+        write_tile_compressed(&cube, &a.out, &opts)?;
+        let size = std::fs::metadata(&a.out)?.len();
         eprintln!(
             "{} -> {}: {} bytes (ratio {:.2} on the pixel data)",
             a.input.display(),
-            a.output.display(),
+            a.out.display(),
             size,
             cube.raw_bytes() as f64 / size as f64
         );
@@ -217,15 +221,14 @@ fn run_compress(a: CompressArgs) -> anyhow::Result<()> {
         },
         seed: a.seed,
     };
-    let file =
-        File::create(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+    let file = File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut out = BufWriter::new(file);
     let summary = container::compress(&cube, &opts, &mut out)?;
     out.flush()?;
     eprintln!(
         "{} -> {}: {} -> {} bytes (ratio {:.2}), {} blocks, {} flux pixels kept verbatim",
         a.input.display(),
-        a.output.display(),
+        a.out.display(),
         summary.raw_bytes,
         summary.compressed_bytes,
         summary.raw_bytes as f64 / summary.compressed_bytes as f64,
@@ -265,13 +268,26 @@ fn run_decompress(a: DecompressArgs) -> anyhow::Result<()> {
             .collect();
         return print_stdout(&json!({"x": x, "y": y, "planes": map}).to_string());
     }
-    let output = a.output.expect("clap requires --output without --spaxel");
+    let output = a.out.expect("clap requires --out without --spaxel");
     let cube = if a.input.as_os_str() == "-" {
         StreamDecoder::new(std::io::stdin().lock())?.into_cube()?
     } else {
         StreamDecoder::new(open(&a.input)?)?.into_cube()?
     };
     write_fits_cube(&cube, &output)?;
+    eprintln!(
+        "{} -> {}: {} x {} x {} cube, {} planes",
+        if a.input.as_os_str() == "-" {
+            "standard input".to_string()
+        } else {
+            a.input.display().to_string()
+        },
+        file_with_size(&output),
+        cube.nx,
+        cube.ny,
+        cube.nwave,
+        cube.planes.len()
+    );
     Ok(())
 }
 

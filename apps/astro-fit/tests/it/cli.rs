@@ -18,7 +18,8 @@ fn fit_spectrum_prints_json_and_draws_a_plot() {
         .arg(data.join("spectra/NGC4636_SDSS_DR12.fits"))
         .arg("--templates")
         .arg(data.join("templates/emiles"))
-        .args(["--lam-range", "3600", "8900", "-o", "json", "--plot"])
+        .args(["--lam-range", "3600", "8900", "--emission-mask-kms", "800"])
+        .args(["-o", "json", "--plot"])
         .arg(&png)
         .output()
         .unwrap();
@@ -41,6 +42,73 @@ fn fit_spectrum_prints_json_and_draws_a_plot() {
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     assert!(bytes.len() > 10_000);
+    // Standard output is the JSON alone; what was written is said on standard error.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("wrote {} (", png.display())),
+        "{stderr}"
+    );
+}
+
+/// One vocabulary across subcommands: `--redshift`, `--emission-mask-kms`, `-o text|json`;
+/// the old spellings (`--z`, `--line-mask`, `-o table`) still work, hidden.
+#[test]
+fn fit_spectrum_speaks_fit_cubes_flags_and_says_what_it_wrote() {
+    let data = shared_data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |flags: &[&str], png: &std::path::Path| {
+        let out = astro_fit()
+            .arg("fit-spectrum")
+            .arg(data.join("spectra/NGC4550_SAURON.fits"))
+            .arg("--templates")
+            .arg(data.join("templates/emiles"))
+            .args(["--fwhm", "4.2"])
+            .args(flags)
+            .arg("--plot")
+            .arg(png)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let new_png = dir.path().join("new.png");
+    let new = run(
+        &["--redshift", "0.0015", "--emission-mask-kms", "800"],
+        &new_png,
+    );
+    assert!(new.contains("chi2/DOF"), "{new}");
+    assert!(
+        new.contains(&format!("wrote {} (", new_png.display())),
+        "{new}"
+    );
+    let old_png = dir.path().join("old.png");
+    let old = run(
+        &["--z", "0.0015", "--line-mask", "800", "-o", "table"],
+        &old_png,
+    );
+    let fit_lines = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with("wrote"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(fit_lines(&new), fit_lines(&old));
+    // The default emission mask is fit-cube's (600 km/s), not 800.
+    let help = astro_fit()
+        .args(["fit-spectrum", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("--emission-mask-kms"), "{help}");
+    assert!(help.contains("[default: 600]"), "{help}");
+    assert!(
+        !help.contains("--line-mask") && !help.contains("--z "),
+        "{help}"
+    );
 }
 
 #[test]

@@ -109,6 +109,8 @@ fn seed7_cube_maps_meet_the_fitting_core_bounds() {
         &shared("cubes/synthetic-manga-seed7-truth.csv"),
         "--png",
         png.to_str().unwrap(),
+        "-o",
+        "json",
     ]);
     assert!(
         out.status.success(),
@@ -140,4 +142,185 @@ fn seed7_cube_maps_meet_the_fitting_core_bounds() {
         }
     }
     assert!(spread_ok(&report["above_sn_20"]), "{report}");
+}
+
+fn sample_cube() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/data/sample-LOGCUBE.fits.gz")
+        .display()
+        .to_string()
+}
+
+/// A user's first `fit-cube`: a short summary and the files written, not 90 lines of JSON;
+/// `-o json` prints the JSON summary alone on standard output. The old flag spellings
+/// (`--z`, `--line-mask`) still work.
+#[test]
+fn fit_cube_says_what_it_fitted_and_which_files_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("text");
+    let out = astro_fit(&[
+        "fit-cube",
+        &sample_cube(),
+        "--templates",
+        &shared("templates/emiles"),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--threads",
+        "2",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.lines().count() < 20, "{stdout}");
+    for text in [
+        "fitted sample-LOGCUBE.fits.gz",
+        "136 fitted, 0 failed",
+        "spectra/s",
+        "median",
+        "wall time",
+        "wrote:",
+        "maps.fits (",
+        "model.fits (",
+        "maps.png (",
+        "summary.json (",
+        "plan.json (",
+        "chunks/ (",
+    ] {
+        assert!(stdout.contains(text), "{text:?} missing from:\n{stdout}");
+    }
+    assert!(
+        stdout.contains(&out_dir.join("maps.fits").display().to_string()),
+        "{stdout}"
+    );
+
+    let json_dir = dir.path().join("json");
+    let out = astro_fit(&[
+        "fit-cube",
+        &sample_cube(),
+        "--templates",
+        &shared("templates/emiles"),
+        "--out",
+        json_dir.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--z",
+        "0.018",
+        "--line-mask",
+        "600",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["bins"], 136, "{summary}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("maps.fits ("), "{stderr}");
+    // The same maps as with the new spellings; the header says the redshift was given.
+    let mut f = fitsio::FitsFile::open(json_dir.join("maps.fits")).unwrap();
+    let primary = f.primary_hdu().unwrap();
+    let source: String = primary.read_key(&mut f, "ZSOURCE").unwrap();
+    let mask: f64 = primary.read_key(&mut f, "ELMASK").unwrap();
+    assert_eq!((source.as_str(), mask), ("--redshift", 600.0));
+    let a: Vec<f32> = f.hdu("STELLAR_VEL").unwrap().read_image(&mut f).unwrap();
+    let mut g = fitsio::FitsFile::open(out_dir.join("maps.fits")).unwrap();
+    let b: Vec<f32> = g.hdu("STELLAR_VEL").unwrap().read_image(&mut g).unwrap();
+    // To rounding: a worker's scratch history may change the last bits.
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-3),
+        "{a:?} {b:?}"
+    );
+    assert!(f.hdu("STELLAR_H3").is_err(), "h3 mapped in a 2-moment fit");
+}
+
+/// A MaNGA user opens the MAPS with astropy: DAP extension names, sky coordinates on the
+/// maps, provenance in the primary header. Skipped (saying so) without astropy.
+#[test]
+fn a_manga_user_reads_the_maps_with_astropy() {
+    if !crate::have("python3", &["-c", "import astropy"]) {
+        println!("skipped: python3 with astropy is absent, MAPS not checked with astropy");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cube = dir.path().join("wcs-LOGCUBE.fits");
+    let out = astro_fit(&[
+        "synth",
+        "--out",
+        cube.to_str().unwrap(),
+        "--templates",
+        &shared("templates/emiles"),
+        "--reference",
+        &shared("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
+        "--nx",
+        "5",
+        "--ny",
+        "4",
+        "--footprint",
+        "square",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out_dir = dir.path().join("fit");
+    let out = astro_fit(&[
+        "fit-cube",
+        cube.to_str().unwrap(),
+        "--templates",
+        &shared("templates/emiles"),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--moments",
+        "4",
+        "--threads",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = r#"
+import sys, warnings
+from astropy.io import fits
+from astropy.wcs import WCS
+maps, cube = sys.argv[1], sys.argv[2]
+with fits.open(maps) as h:
+    h.verify("exception")
+    names = [x.name for x in h[1:]]
+    assert names[:5] == ["BINID", "BIN_SNR", "STELLAR_VEL", "STELLAR_VEL_IVAR", "STELLAR_VEL_MASK"], names
+    assert "STELLAR_H3" in names and "STELLAR_H4_IVAR" in names, names
+    assert "BIN_SNR_IVAR" not in names and "STELLAR_CHI2_IVAR" not in names, names
+    assert not any("AGE" in n for n in names), names
+    p = h[0].header
+    assert p["INFILE"] == "wcs-LOGCUBE.fits" and p["TPLLIB"] == "emiles", p
+    assert p["MOMENTS"] == 4 and p["PLATEIFU"] == "99999-0", p
+    assert p["CREATOR"].startswith("astro-fit "), p
+    ref = WCS(fits.getheader(cube, "FLUX")).celestial
+    for x in h[1:]:
+        w = WCS(x.header)
+        assert w.has_celestial, x.name
+        a, b = w.pixel_to_world(2, 3), ref.pixel_to_world(2, 3)
+        assert a.separation(b).arcsec < 1e-6, (x.name, a, b)
+    print(names)
+"#;
+    let run = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(out_dir.join("maps.fits"))
+        .arg(&cube)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
 }

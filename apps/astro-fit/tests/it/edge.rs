@@ -35,11 +35,11 @@ fn lossless_cli_round_trip_is_bit_exact_and_readable_by_the_cube_module() {
         "compress",
         "--lossless",
         s(&input),
-        "-o",
+        "--out",
         s(&packed),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = astro_fit(&["edge", "decompress", s(&packed), "-o", s(&back)]);
+    let o = astro_fit(&["edge", "decompress", s(&packed), "--out", s(&back)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let original = read_fits_cube(&input).unwrap();
     let restored = read_fits_cube(&back).unwrap();
@@ -67,12 +67,12 @@ fn lossy_cli_keeps_the_bound_inspects_and_serves_one_spaxel() {
         "--max-error-sigma",
         "0.25",
         s(&input),
-        "-o",
+        "--out",
         s(&packed),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        astro_fit(&["edge", "decompress", s(&packed), "-o", s(&back)])
+        astro_fit(&["edge", "decompress", s(&packed), "--out", s(&back)])
             .status
             .success()
     );
@@ -124,7 +124,7 @@ fn corrupted_and_truncated_containers_fail_naming_the_block() {
     let input = cube_file("subcub_mosaic.fits");
     let packed = dir.path().join("c.tarsis");
     assert!(
-        astro_fit(&["edge", "compress", s(&input), "-o", s(&packed)])
+        astro_fit(&["edge", "compress", s(&input), "--out", s(&packed)])
             .status
             .success()
     );
@@ -149,7 +149,7 @@ fn corrupted_and_truncated_containers_fail_naming_the_block() {
         "edge",
         "decompress",
         "-",
-        "-o",
+        "--out",
         s(&dir.path().join("x.fits")),
     ]);
     assert!(!o.status.success(), "empty stdin is not a container");
@@ -157,7 +157,7 @@ fn corrupted_and_truncated_containers_fail_naming_the_block() {
         "edge",
         "decompress",
         s(&cut),
-        "-o",
+        "--out",
         s(&dir.path().join("y.fits")),
     ]);
     assert!(!o.status.success());
@@ -172,7 +172,7 @@ fn lossy_mode_refuses_a_cube_without_noise() {
     let no_noise = dir.path().join("no_noise.fits");
     write_fits_cube(&cube, &no_noise).unwrap();
     let out = dir.path().join("x.tarsis");
-    let o = astro_fit(&["edge", "compress", s(&no_noise), "-o", s(&out)]);
+    let o = astro_fit(&["edge", "compress", s(&no_noise), "--out", s(&out)]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("needs per-pixel noise"),
@@ -184,7 +184,7 @@ fn lossy_mode_refuses_a_cube_without_noise() {
         "compress",
         "--lossless",
         s(&no_noise),
-        "-o",
+        "--out",
         s(&out),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -290,7 +290,7 @@ fn filter_cli_writes_a_cube_and_a_report() {
         "edge",
         "filter",
         s(&input),
-        "-o",
+        "--out",
         s(&out),
         "--report",
         s(&report),
@@ -324,7 +324,7 @@ fn filter_cli_writes_a_cube_and_a_report() {
         "edge",
         "filter",
         s(&input),
-        "-o",
+        "--out",
         s(&out),
         "--report",
         s(&report),
@@ -344,17 +344,17 @@ fn decompress_streams_from_stdin() {
     let from_file = dir.path().join("file.fits");
     let from_pipe = dir.path().join("pipe.fits");
     assert!(
-        astro_fit(&["edge", "compress", s(&input), "-o", s(&packed)])
+        astro_fit(&["edge", "compress", s(&input), "--out", s(&packed)])
             .status
             .success()
     );
     assert!(
-        astro_fit(&["edge", "decompress", s(&packed), "-o", s(&from_file)])
+        astro_fit(&["edge", "decompress", s(&packed), "--out", s(&from_file)])
             .status
             .success()
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_astro-fit"))
-        .args(["edge", "decompress", "-", "-o", s(&from_pipe)])
+        .args(["edge", "decompress", "-", "--out", s(&from_pipe)])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -374,4 +374,39 @@ fn decompress_streams_from_stdin() {
             .collect()
     };
     assert_eq!(bits(&a), bits(&b));
+}
+
+/// Files are named with `--out` (as everywhere in astro-fit; `-o` is a format elsewhere); the
+/// old `-o FILE` / `--output FILE` still work, hidden, and `-o json` is refused as the mistake
+/// it is. Decompress says what it wrote.
+#[test]
+fn edge_files_are_named_with_out_and_decompress_says_what_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = cube_file("subcub_mosaic.fits");
+    let packed = dir.path().join("c.tarsis");
+    let back = dir.path().join("back.fits");
+    let o = astro_fit(&["edge", "compress", s(&input), "-o", s(&packed)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = astro_fit(&["edge", "decompress", s(&packed), "--output", s(&back)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    let size = std::fs::metadata(&back).unwrap().len();
+    assert!(said.contains(&format!("{} (", back.display())), "{said}");
+    assert!(said.contains("30 x 30 x"), "{said}");
+    assert!(size > 0);
+
+    let o = astro_fit(&["edge", "compress", s(&input), "-o", "json"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--out FILE"), "{}", stderr(&o));
+    assert!(!Path::new("json").exists());
+
+    for sub in ["filter", "compress", "decompress"] {
+        let help = astro_fit(&["edge", sub, "--help"]);
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("--out <OUT>"), "{sub}: {help}");
+        assert!(
+            !help.contains("--output") && !help.contains("-o,"),
+            "{sub}: {help}"
+        );
+    }
 }
