@@ -156,7 +156,7 @@ def same_inputs(astro_fit, data, cli):
 
 
 COMMON_CLI = ["--templates", "{data}/templates/emiles", "--lam-range", "3600", "8900",
-              "--line-mask", "800", "--moments", "2", "--degree", "4", "--mdegree", "0"]
+              "--emission-mask-kms", "800", "--moments", "2", "--degree", "4", "--mdegree", "0"]
 
 
 def main():
@@ -209,7 +209,7 @@ def main():
         name = "NGC4550_SAURON.fits"
         # The file carries neither redshift nor resolution: pPXF's example values.
         record(name, fit(name, lam, flux, None, np.isfinite(flux), 4.2, 0.0015, False, False, tpl),
-               ["{data}/spectra/NGC4550_SAURON.fits", "--z", "0.0015", "--fwhm", "4.2",
+               ["{data}/spectra/NGC4550_SAURON.fits", "--redshift", "0.0015", "--fwhm", "4.2",
                 *COMMON_CLI])
     doc = {"command": "python3 scripts/ppxf_reference.py --data ../shared/data "
                       "--astro-fit target/release/astro-fit "

@@ -205,6 +205,32 @@ fn a_cube_fitted_through_the_control_plane_gives_fit_cubes_maps() {
     chunk_files.dedup();
     assert_eq!((before, chunk_files.len()), (18, 18));
 
+    // The data plane fetched the cube once per region that ran a task: later tasks there
+    // found it in the region's cache.
+    let cube_size = std::fs::metadata(sample_cube()).unwrap().len();
+    let items = tasks["items"].as_array().unwrap();
+    let regions: std::collections::BTreeSet<&str> = items
+        .iter()
+        .map(|t| t["status"]["region"].as_str().unwrap())
+        .collect();
+    let cube_downloads = items
+        .iter()
+        .filter(|t| {
+            t["status"]["result"]["transfers"]["downloadedBytes"]
+                .as_u64()
+                .is_some_and(|b| b >= cube_size)
+        })
+        .count();
+    assert_eq!(cube_downloads, regions.len(), "{regions:?}");
+    let hits: u64 = items
+        .iter()
+        .filter_map(|t| t["status"]["result"]["transfers"]["cacheHits"].as_u64())
+        .sum();
+    assert!(
+        hits >= 9,
+        "later tasks found their inputs cached ({hits} hits)"
+    );
+
     let maps = download(&http, &server, "fit", "maps.fits", dir.path());
     let reference = dir.path().join("fit-cube");
     let output = Command::new(bin("astro-fit"))
@@ -228,6 +254,22 @@ fn a_cube_fitted_through_the_control_plane_gives_fit_cubes_maps() {
     // not chunk work).
     let predictor = http.get(&server.api("predictor"));
     assert_eq!(predictor["samples"], 9, "{predictor}");
+}
+
+/// `source` with every FLUX value NaN (the other HDUs as they are).
+fn write_nan_cube(source: &Path, out: &Path) {
+    let mut src = fitsio::FitsFile::open(source).unwrap();
+    let mut dst = fitsio::FitsFile::create(out).open().unwrap();
+    for index in 0.. {
+        let Ok(hdu) = src.hdu(index) else { break };
+        hdu.copy_to(&mut src, &mut dst).unwrap();
+    }
+    drop(dst);
+    let mut dst = fitsio::FitsFile::edit(out).unwrap();
+    let flux = dst.hdu("FLUX").unwrap();
+    let values: Vec<f32> = flux.read_image(&mut dst).unwrap();
+    let nan = vec![f32::NAN; values.len()];
+    flux.write_image(&mut dst, &nan).unwrap();
 }
 
 fn wait_for_failure(http: &Http, server: &Server, app: &str) -> String {
@@ -333,6 +375,19 @@ fn bad_astro_fit_input_is_refused_or_fails_with_its_cause() {
     );
     let message = wait_for_failure(&http, &server, "range");
     assert!(message.contains("range"), "{message}");
+
+    // A cube without a single usable spectrum (every flux NaN).
+    let nan_cube = dir.path().join("nan-LOGCUBE.fits");
+    write_nan_cube(&sample_cube(), &nan_cube);
+    dataset(&http, &server, "nan", "cube", None);
+    upload(&http, &server, "nan", &nan_cube);
+    http.apply(
+        &server,
+        "applications",
+        &astro_fit_app("nan", "nan", json!({})),
+    );
+    let message = wait_for_failure(&http, &server, "nan");
+    assert!(message.contains("prepare"), "{message}");
 
     // A dataset declared as something else is not taken as a cube.
     dataset(&http, &server, "table", "csv", None);

@@ -279,6 +279,18 @@ async fn through_control_plane(
                     .push((busy_ms - before - 1000.0 * (read + fit)).max(0.0));
             }
         }
+        for t in &items {
+            if t["metadata"]["labels"]["ceccm/stage"] == "assemble" {
+                let r = &t["status"]["result"];
+                println!(
+                    "assemble task: fetch {:.2} s ({} downloads, {} cache hits), upload {:.2} s",
+                    r["fetchSeconds"].as_f64().unwrap_or(f64::NAN),
+                    r["transfers"]["downloads"],
+                    r["transfers"]["cacheHits"],
+                    r["uploadSeconds"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
         for spans in by_worker.values_mut() {
             spans.sort_unstable();
             for pair in spans.windows(2) {

@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -59,16 +61,23 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataError {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Transfers {
-    pub downloads: u32,
+    pub downloads: u64,
     pub downloaded_bytes: u64,
-    pub cache_hits: u32,
+    pub cache_hits: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    downloads: AtomicU64,
+    downloaded_bytes: AtomicU64,
+    cache_hits: AtomicU64,
 }
 
 pub struct DataPlane {
     client: reqwest::Client,
     server: String,
     cache: PathBuf,
-    pub transfers: Transfers,
+    counters: Counters,
 }
 
 /// Holds a lock file while alive (the lock is released when the file closes).
@@ -99,8 +108,21 @@ impl DataPlane {
             client,
             server: server.to_string(),
             cache,
-            transfers: Transfers::default(),
+            counters: Counters::default(),
         }
+    }
+
+    /// What this worker moved so far.
+    pub fn transfers(&self) -> Transfers {
+        Transfers {
+            downloads: self.counters.downloads.load(Ordering::Relaxed),
+            downloaded_bytes: self.counters.downloaded_bytes.load(Ordering::Relaxed),
+            cache_hits: self.counters.cache_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    fn hit(&self) {
+        self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn cache_dir(&self) -> &Path {
@@ -108,17 +130,13 @@ impl DataPlane {
     }
 
     /// A dataset's content, as pinned by `r`.
-    pub async fn dataset(&mut self, r: &ContentRef) -> Result<PathBuf, DataError> {
+    pub async fn dataset(&self, r: &ContentRef) -> Result<PathBuf, DataError> {
         let url = format!("{}/api/v1/datasets/{}/content", self.server, r.name);
         self.fetch(&url, r, &format!("dataset {:?}", r.name)).await
     }
 
     /// An artifact of `application`, as pinned by `r`.
-    pub async fn artifact(
-        &mut self,
-        application: &str,
-        r: &ContentRef,
-    ) -> Result<PathBuf, DataError> {
+    pub async fn artifact(&self, application: &str, r: &ContentRef) -> Result<PathBuf, DataError> {
         let url = format!(
             "{}/api/v1/applications/{application}/artifacts/{}",
             self.server, r.sha256
@@ -126,19 +144,19 @@ impl DataPlane {
         self.fetch(&url, r, &format!("artifact {:?}", r.name)).await
     }
 
-    async fn fetch(&mut self, url: &str, r: &ContentRef, what: &str) -> Result<PathBuf, DataError> {
+    async fn fetch(&self, url: &str, r: &ContentRef, what: &str) -> Result<PathBuf, DataError> {
         tokio::fs::create_dir_all(&self.cache)
             .await
             .map_err(io(format!("creating {}", self.cache.display())))?;
         let path = self.cache.join(&r.sha256);
         if tokio::fs::metadata(&path).await.is_ok() {
-            self.transfers.cache_hits += 1;
+            self.hit();
             return Ok(path);
         }
         let _lock = lock(self.cache.join(format!("{}.lock", r.sha256))).await?;
         // Another worker of the region may have fetched it while this one waited.
         if tokio::fs::metadata(&path).await.is_ok() {
-            self.transfers.cache_hits += 1;
+            self.hit();
             return Ok(path);
         }
         let response = self.client.get(url).send().await?;
@@ -165,9 +183,12 @@ impl DataPlane {
                 .await
                 .map_err(io(format!("writing {}", tmp.display())))?;
         }
-        file.sync_all()
+        // No fsync: an entry is verified when it is downloaded, and the cache can always be
+        // fetched again; the server keeps the durable copy.
+        file.flush()
             .await
-            .map_err(io(format!("syncing {}", tmp.display())))?;
+            .map_err(io(format!("writing {}", tmp.display())))?;
+        drop(file);
         let actual = hex::encode(hasher.finalize());
         if actual != r.sha256 || size != r.size {
             let _ = tokio::fs::remove_file(&tmp).await;
@@ -182,8 +203,10 @@ impl DataPlane {
         tokio::fs::rename(&tmp, &path)
             .await
             .map_err(io(format!("storing {}", path.display())))?;
-        self.transfers.downloads += 1;
-        self.transfers.downloaded_bytes += size;
+        self.counters.downloads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .downloaded_bytes
+            .fetch_add(size, Ordering::Relaxed);
         Ok(path)
     }
 
@@ -229,9 +252,11 @@ impl DataPlane {
         path: &Path,
         name: &str,
     ) -> Result<ContentRef, DataError> {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(io(format!("reading {}", path.display())))?;
+        let bytes = bytes::Bytes::from(
+            tokio::fs::read(path)
+                .await
+                .map_err(io(format!("reading {}", path.display())))?,
+        );
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let size = bytes.len() as u64;
         let response = self
@@ -241,7 +266,7 @@ impl DataPlane {
                 self.server
             ))
             .header("content-type", "application/octet-stream")
-            .body(bytes)
+            .body(bytes.clone())
             .send()
             .await?;
         let status = response.status();
@@ -251,6 +276,19 @@ impl DataPlane {
                 status: status.as_u16(),
                 body: response.text().await.unwrap_or_default(),
             });
+        }
+        // What this region made is in its cache too: a later task here (the assemble task
+        // after the region's chunks) finds it without a download.
+        let cached = self.cache.join(&sha256);
+        if tokio::fs::metadata(&cached).await.is_err()
+            && tokio::fs::hard_link(path, &cached).await.is_err()
+        {
+            let tmp = self
+                .cache
+                .join(format!("{sha256}.{}.part", std::process::id()));
+            if tokio::fs::write(&tmp, &bytes).await.is_ok() {
+                let _ = tokio::fs::rename(&tmp, &cached).await;
+            }
         }
         Ok(ContentRef {
             name: name.to_string(),

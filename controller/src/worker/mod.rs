@@ -10,6 +10,7 @@ pub mod stage;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -49,7 +50,7 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()?;
-    let mut data = DataPlane::new(client.clone(), &options.server, options.cache_dir.clone());
+    let data = DataPlane::new(client.clone(), &options.server, options.cache_dir.clone());
     let mut warm = stage::StageRunner::default();
     let parent = std::os::unix::process::parent_id();
     let mut idle_since = Instant::now();
@@ -61,7 +62,7 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
         }
         match lease(&client, &options).await {
             Ok(Some(task)) => {
-                run_task(&client, &options, &mut data, &mut warm, task).await;
+                run_task(&client, &options, &data, &mut warm, task).await;
                 idle_since = Instant::now();
                 backoff = Duration::from_millis(50);
             }
@@ -151,7 +152,7 @@ enum Ending {
 async fn run_task(
     client: &reqwest::Client,
     o: &WorkerOptions,
-    data: &mut DataPlane,
+    data: &DataPlane,
     warm: &mut stage::StageRunner,
     task: TaskObject,
 ) {
@@ -261,13 +262,14 @@ fn failed(error: impl std::fmt::Display, permanent: bool) -> Ending {
 /// Fetches the stage's inputs, runs it off the async workers, uploads what it made.
 async fn run_astro_fit(
     o: &WorkerOptions,
-    data: &mut DataPlane,
+    data: &DataPlane,
     warm: &mut stage::StageRunner,
     spec: &TaskSpec,
     work: &AstroFitWork,
     name: &str,
 ) -> Ending {
     let fetching = Instant::now();
+    let transfers_before = data.transfers();
     let inputs = match fetch_inputs(data, &spec.application, work).await {
         Ok(inputs) => inputs,
         Err(e) => return e,
@@ -295,11 +297,21 @@ async fn run_astro_fit(
             Err(e) => return failed(e, false),
         }
     }
-    tracing::debug!(task = name, region = o.region, transfers = ?data.transfers, "stage done");
+    tracing::debug!(task = name, region = o.region, transfers = ?data.transfers(), "stage done");
     let mut result = output.result;
     if let Some(fields) = result.as_object_mut() {
         // Where the task's time went besides the science, for the dispatch overhead.
         fields.insert("fetchSeconds".into(), fetch_seconds.into());
+        // What this task downloaded and found in the region's cache.
+        let t = data.transfers();
+        fields.insert(
+            "transfers".into(),
+            serde_json::json!({
+                "downloads": t.downloads - transfers_before.downloads,
+                "downloadedBytes": t.downloaded_bytes - transfers_before.downloaded_bytes,
+                "cacheHits": t.cache_hits - transfers_before.cache_hits,
+            }),
+        );
         fields.insert(
             "uploadSeconds".into(),
             uploading.elapsed().as_secs_f64().into(),
@@ -309,7 +321,7 @@ async fn run_astro_fit(
 }
 
 async fn fetch_inputs(
-    data: &mut DataPlane,
+    data: &DataPlane,
     application: &str,
     work: &AstroFitWork,
 ) -> Result<stage::StageInputs, Ending> {
@@ -350,13 +362,15 @@ async fn fetch_inputs(
         Some(p) => Some(data.artifact(application, p).await.map_err(fetch_failed)?),
         None => None,
     };
-    let mut chunks = Vec::with_capacity(work.chunks.len());
-    for c in &work.chunks {
-        chunks.push((
-            c.name.clone(),
-            data.artifact(application, c).await.map_err(fetch_failed)?,
-        ));
-    }
+    // Many small files: several downloads at once, so that their round trips overlap.
+    let chunks: Vec<(String, PathBuf)> = futures::stream::iter(&work.chunks)
+        .map(|c| async move { Ok((c.name.clone(), data.artifact(application, c).await?)) })
+        .buffered(8)
+        .collect::<Vec<Result<_, data::DataError>>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(fetch_failed)?;
     Ok(stage::StageInputs {
         cube,
         templates,
