@@ -6,6 +6,7 @@ pub mod astro_fit;
 pub mod content;
 pub mod demo;
 pub mod error;
+pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
 pub mod objects;

@@ -1,61 +1,17 @@
 //! What a user does to a running application besides editing it: cancel it (workers stop,
 //! finished chunks are kept, phase `Cancelled`) or retry it (dead-lettered tasks are queued
 //! again with fresh attempts; a Failed or Cancelled application runs again). The decisions are
-//! pure functions over typed statuses; `cancel` and `retry` apply them through the store.
+//! pure functions over typed statuses in `crate::lifecycle`; `cancel` and `retry` apply them
+//! through the store.
 
 use serde_json::{Value, json};
 
 use crate::error::{ApiError, ErrorCode};
+use crate::lifecycle::{can_cancel, can_retry, cancelled, cancelled_task, retried, retried_task};
 use crate::objects::{self, EventType};
-use crate::reconcile::set_condition;
-use crate::resources::{AppPhase, ApplicationStatus, Kind, TaskState, TaskStatus};
+use crate::resources::{AppPhase, ApplicationStatus, Kind, TaskStatus};
 use crate::store::{Change, Query, Store};
 use crate::time::now_rfc3339;
-
-/// Whether an application in `phase` can be cancelled.
-pub fn can_cancel(phase: AppPhase) -> Result<(), String> {
-    match phase {
-        AppPhase::Pending | AppPhase::Scheduling | AppPhase::Running | AppPhase::Suspended => {
-            Ok(())
-        }
-        AppPhase::Succeeded | AppPhase::Failed | AppPhase::Cancelled | AppPhase::Deleting => Err(
-            format!("the application is {phase:?}: there is nothing to cancel"),
-        ),
-    }
-}
-
-/// Whether an application in `phase` can be retried.
-pub fn can_retry(phase: AppPhase) -> Result<(), String> {
-    match phase {
-        AppPhase::Failed | AppPhase::Cancelled => Ok(()),
-        other => Err(format!(
-            "the application is {other:?}: only Failed or Cancelled applications are retried"
-        )),
-    }
-}
-
-/// A task of a cancelled application: a lease is withdrawn (its worker's next heartbeat is
-/// refused, so it stops); queued and finished tasks stay as they are.
-pub fn cancelled_task(status: &TaskStatus) -> Option<TaskStatus> {
-    (status.state == TaskState::Leased).then(|| TaskStatus {
-        state: TaskState::Queued,
-        worker: None,
-        lease_deadline: None,
-        error: Some("cancelled".into()),
-        ..status.clone()
-    })
-}
-
-/// A task of a retried application: a dead-lettered one is queued with fresh attempts.
-pub fn retried_task(status: &TaskStatus) -> Option<TaskStatus> {
-    (status.state == TaskState::DeadLettered).then(|| TaskStatus {
-        state: TaskState::Queued,
-        attempts: 0,
-        worker: None,
-        lease_deadline: None,
-        ..status.clone()
-    })
-}
 
 fn phase_of(object: &Value) -> AppPhase {
     serde_json::from_value(object["status"]["phase"].clone()).unwrap_or(AppPhase::Pending)
@@ -143,15 +99,7 @@ async fn update_application(
 /// `POST /api/v1/applications/{name}/cancel`.
 pub async fn cancel(store: &Store, name: &str) -> Result<Value, ApiError> {
     let object = update_application(store, name, can_cancel, |status| {
-        status.phase = Some(AppPhase::Cancelled);
-        status.completion_time = Some(now_rfc3339());
-        set_condition(
-            &mut status.conditions,
-            "Complete",
-            false,
-            "Cancelled",
-            "cancelled by a user; finished tasks are kept",
-        );
+        cancelled(status, &now_rfc3339())
     })
     .await?;
     let withdrawn = update_tasks(store, name, cancelled_task).await?;
@@ -180,18 +128,8 @@ pub async fn retry(store: &Store, name: &str) -> Result<Value, ApiError> {
         .await?
         .is_empty();
     let requeued = update_tasks(store, name, retried_task).await?;
-    let object = update_application(store, name, can_retry, |status| {
-        // Work that was placed carries on; an application that failed before placing any
-        // plans again.
-        status.phase = Some(if has_tasks {
-            AppPhase::Running
-        } else {
-            AppPhase::Pending
-        });
-        status.completion_time = None;
-        status.conditions.retain(|c| c.condition_type != "Complete");
-    })
-    .await?;
+    let object =
+        update_application(store, name, can_retry, |status| retried(status, has_tasks)).await?;
     objects::record_event(
         store,
         &object,
@@ -201,36 +139,4 @@ pub async fn retry(store: &Store, name: &str) -> Result<Value, ApiError> {
     )
     .await?;
     Ok(object)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn status(state: TaskState, attempts: u32) -> TaskStatus {
-        serde_json::from_value(json!({"state": state, "attempts": attempts, "worker": "w",
-                                      "leaseDeadline": "1970-01-01T00:00:01.000Z"}))
-        .unwrap()
-    }
-
-    #[test]
-    fn cancel_withdraws_leases_and_keeps_finished_work() {
-        let leased = cancelled_task(&status(TaskState::Leased, 1)).unwrap();
-        assert_eq!((leased.state, leased.worker), (TaskState::Queued, None));
-        assert!(cancelled_task(&status(TaskState::Done, 1)).is_none());
-        assert!(cancelled_task(&status(TaskState::Queued, 0)).is_none());
-        assert!(can_cancel(AppPhase::Running).is_ok());
-        assert!(can_cancel(AppPhase::Succeeded).is_err());
-        assert!(can_cancel(AppPhase::Cancelled).is_err());
-    }
-
-    #[test]
-    fn retry_gives_dead_tasks_fresh_attempts() {
-        let again = retried_task(&status(TaskState::DeadLettered, 3)).unwrap();
-        assert_eq!((again.state, again.attempts), (TaskState::Queued, 0));
-        assert!(retried_task(&status(TaskState::Done, 1)).is_none());
-        assert!(can_retry(AppPhase::Failed).is_ok());
-        assert!(can_retry(AppPhase::Cancelled).is_ok());
-        assert!(can_retry(AppPhase::Running).is_err());
-    }
 }

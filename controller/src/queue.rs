@@ -1,8 +1,8 @@
 //! The embedded task queue: tasks are store objects; workers lease them over HTTP.
 //!
 //! Life cycle: `Queued -> Leased(worker, deadline) -> Done | Failed (attempts < max -> Queued) |
-//! DeadLettered`. The transitions are pure functions over `TaskStatus`; the async functions
-//! below apply them atomically through the store. A task's result is written once: the first
+//! DeadLettered`. The transitions are pure functions over `TaskStatus` in `crate::lifecycle`;
+//! the async functions below apply them atomically through the store. A task's result is written once: the first
 //! completion wins, later ones (a redelivered task finishing twice) change nothing.
 
 use serde::{Deserialize, Serialize};
@@ -12,13 +12,15 @@ use utoipa::ToSchema;
 use ceccm_scheduler::TelemetrySample;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::lifecycle::{
+    Outcome, Refusal, on_complete, on_fail, on_heartbeat, on_lease, on_lease_expired, queued_status,
+};
 use crate::resources::{
-    ApplicationObject, ApplicationSpec, Kind, RegionObject, TaskObject, TaskSpec, TaskState,
-    TaskStatus, typed,
+    ApplicationObject, ApplicationSpec, Kind, RegionObject, TaskObject, TaskSpec, TaskStatus, typed,
 };
 use crate::scheduling::{RegionView, telemetry_sample};
 use crate::store::{Change, Query, Store, TaskResultRow, TelemetryRow};
-use crate::time::{format_millis, now_millis, parse_millis};
+use crate::time::{now_millis, parse_millis};
 
 /// Bounds on what workers may ask for.
 pub const MAX_LEASE_SECONDS: u32 = 3600;
@@ -78,121 +80,6 @@ pub struct FailRequest {
     /// Another attempt would fail the same way (bad input): dead-letter the task now.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub permanent: bool,
-}
-
-/// Why a transition was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    NotQueued,
-    LeaseLost { holder: Option<String> },
-    Finished(TaskState),
-}
-
-pub fn on_lease(
-    status: &TaskStatus,
-    worker: &str,
-    now_ms: i64,
-    lease_ms: i64,
-) -> Result<TaskStatus, Refusal> {
-    if status.state != TaskState::Queued {
-        return Err(Refusal::NotQueued);
-    }
-    Ok(TaskStatus {
-        state: TaskState::Leased,
-        attempts: status.attempts + 1,
-        worker: Some(worker.to_string()),
-        lease_deadline: Some(format_millis(now_ms + lease_ms)),
-        start_time: Some(format_millis(now_ms)),
-        error: None,
-        ..status.clone()
-    })
-}
-
-fn held_by(status: &TaskStatus, worker: &str) -> Result<(), Refusal> {
-    match status.state {
-        TaskState::Leased if status.worker.as_deref() == Some(worker) => Ok(()),
-        TaskState::Done | TaskState::DeadLettered => Err(Refusal::Finished(status.state)),
-        _ => Err(Refusal::LeaseLost {
-            holder: status.worker.clone(),
-        }),
-    }
-}
-
-pub fn on_heartbeat(
-    status: &TaskStatus,
-    worker: &str,
-    now_ms: i64,
-    lease_ms: i64,
-) -> Result<TaskStatus, Refusal> {
-    held_by(status, worker)?;
-    Ok(TaskStatus {
-        lease_deadline: Some(format_millis(now_ms + lease_ms)),
-        ..status.clone()
-    })
-}
-
-/// The first completion wins, whoever holds the lease now: the work is done and its result is
-/// as good as any later one. A finished task refuses.
-/// What a worker reports with a completion.
-pub struct Outcome {
-    pub result: Value,
-    pub artifacts: Vec<crate::astro_fit::ContentRef>,
-    pub cpu_seconds: f64,
-    pub joules: f64,
-}
-
-pub fn on_complete(
-    status: &TaskStatus,
-    worker: &str,
-    outcome: Outcome,
-    now_ms: i64,
-) -> Result<TaskStatus, Refusal> {
-    let Outcome {
-        result,
-        artifacts,
-        cpu_seconds,
-        joules,
-    } = outcome;
-    if matches!(status.state, TaskState::Done | TaskState::DeadLettered) {
-        return Err(Refusal::Finished(status.state));
-    }
-    Ok(TaskStatus {
-        state: TaskState::Done,
-        worker: Some(worker.to_string()),
-        lease_deadline: None,
-        completion_time: Some(format_millis(now_ms)),
-        cpu_seconds: status.cpu_seconds + cpu_seconds,
-        energy_joules: status.energy_joules + joules,
-        result: Some(result),
-        artifacts,
-        error: None,
-        ..status.clone()
-    })
-}
-
-/// A failed attempt (reported, or a lease that expired): back to the queue while attempts
-/// remain, else dead-lettered.
-pub fn on_attempt_failed(
-    status: &TaskStatus,
-    max_attempts: u32,
-    error: String,
-    cpu_seconds: f64,
-    joules: f64,
-) -> TaskStatus {
-    let state = if status.attempts >= max_attempts {
-        TaskState::DeadLettered
-    } else {
-        TaskState::Queued
-    };
-    TaskStatus {
-        state,
-        worker: None,
-        lease_deadline: None,
-        cpu_seconds: status.cpu_seconds + cpu_seconds,
-        energy_joules: status.energy_joules + joules,
-        error: Some(error),
-        ..status.clone()
-    }
 }
 
 fn refused(name: &str, refusal: Refusal) -> ApiError {
@@ -275,7 +162,7 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
                     };
                     let task = task_of(&object)?;
                     match on_lease(
-                        &task.status.unwrap_or(queued()),
+                        &task.status.unwrap_or(queued_status()),
                         &worker,
                         now_millis(),
                         lease_ms,
@@ -296,24 +183,6 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
                 return Ok(written.object);
             }
         }
-    }
-}
-
-fn queued() -> TaskStatus {
-    TaskStatus {
-        state: TaskState::Queued,
-        attempts: 0,
-        region: None,
-        worker: None,
-        lease_deadline: None,
-        start_time: None,
-        start_load: None,
-        completion_time: None,
-        cpu_seconds: 0.0,
-        energy_joules: 0.0,
-        result: None,
-        artifacts: Vec::new(),
-        error: None,
     }
 }
 
@@ -360,7 +229,7 @@ pub async fn heartbeat(
 ) -> Result<Value, ApiError> {
     let lease_ms = check_lease_seconds(request.lease_seconds)?;
     transition(store, name, |task| {
-        let status = task.status.clone().unwrap_or(queued());
+        let status = task.status.clone().unwrap_or(queued_status());
         Ok((
             on_heartbeat(&status, &request.worker, now_millis(), lease_ms)?,
             None,
@@ -485,7 +354,7 @@ pub async fn complete(
     let joules = ran_on.joules(request.cpu_seconds);
     let mut recorded = None;
     let task = transition(store, name, |task| {
-        let status = task.status.clone().unwrap_or(queued());
+        let status = task.status.clone().unwrap_or(queued_status());
         let now = now_millis();
         let sample = match (&ran_on.region, &ran_on.application) {
             (Some(region), Some(app)) => completion_sample(
@@ -535,13 +404,17 @@ pub async fn complete(
             &status,
             &request.worker,
             Outcome {
-                result: request.result,
                 artifacts: request.artifacts,
                 cpu_seconds: request.cpu_seconds,
                 joules,
             },
             now,
         )?;
+        // The result is opaque to the life cycle: it is kept as the worker sent it.
+        let done = TaskStatus {
+            result: Some(request.result),
+            ..done
+        };
         Ok((done, Some(row)))
     })
     .await?;
@@ -557,18 +430,17 @@ pub async fn fail(store: &Store, name: &str, request: FailRequest) -> Result<Val
         .await?
         .joules(request.cpu_seconds);
     transition(store, name, |task| {
-        let status = task.status.clone().unwrap_or(queued());
-        held_by(&status, &request.worker)?;
-        let error: String = request.error.chars().take(4096).collect();
-        let max_attempts = if request.permanent {
-            status.attempts
-        } else {
-            task.spec.max_attempts
-        };
-        Ok((
-            on_attempt_failed(&status, max_attempts, error, request.cpu_seconds, joules),
-            None,
-        ))
+        let status = task.status.clone().unwrap_or(queued_status());
+        let next = on_fail(
+            &status,
+            &request.worker,
+            task.spec.max_attempts,
+            request.permanent,
+            &request.error,
+            request.cpu_seconds,
+            joules,
+        )?;
+        Ok((next, None))
     })
     .await
 }
@@ -598,20 +470,11 @@ pub async fn expire_leases(store: &Store) -> Result<Vec<Value>, ApiError> {
                     return Ok(Change::Keep);
                 };
                 let task = task_of(&object)?;
-                let status = task.status.clone().unwrap_or(queued());
-                let deadline = status
-                    .lease_deadline
-                    .as_deref()
-                    .and_then(crate::time::parse_millis);
-                // Re-check under the write lock: a heartbeat may have extended it.
-                if status.state != TaskState::Leased || deadline.is_none_or(|d| d >= now) {
+                let status = task.status.clone().unwrap_or(queued_status());
+                // Decided under the write lock: a heartbeat may have extended it.
+                let Some(next) = on_lease_expired(&status, task.spec.max_attempts, now) else {
                     return Ok(Change::Keep);
-                }
-                let error = format!(
-                    "lease of worker {} expired",
-                    status.worker.as_deref().unwrap_or("?")
-                );
-                let next = on_attempt_failed(&status, task.spec.max_attempts, error, 0.0, 0.0);
+                };
                 Ok(Change::Put(with_status(object, &next)))
             })
             .await?;
@@ -625,63 +488,6 @@ pub async fn expire_leases(store: &Store) -> Result<Vec<Value>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn outcome(result: Value, cpu_seconds: f64, joules: f64) -> Outcome {
-        Outcome {
-            result,
-            artifacts: vec![],
-            cpu_seconds,
-            joules,
-        }
-    }
-
-    #[test]
-    fn lease_then_heartbeat_then_complete() {
-        let leased = on_lease(&queued(), "w1", 1000, 5000).unwrap();
-        assert_eq!(leased.state, TaskState::Leased);
-        assert_eq!(leased.attempts, 1);
-        assert_eq!(
-            leased.lease_deadline.as_deref(),
-            Some("1970-01-01T00:00:06.000Z")
-        );
-        assert_eq!(on_lease(&leased, "w2", 1000, 5000), Err(Refusal::NotQueued));
-        let extended = on_heartbeat(&leased, "w1", 4000, 5000).unwrap();
-        assert_eq!(
-            extended.lease_deadline.as_deref(),
-            Some("1970-01-01T00:00:09.000Z")
-        );
-        assert!(matches!(
-            on_heartbeat(&leased, "w2", 4000, 5000),
-            Err(Refusal::LeaseLost { .. })
-        ));
-        let done = on_complete(
-            &extended,
-            "w1",
-            outcome(json!({"exitCode": 0}), 1.5, 3.0),
-            9000,
-        )
-        .unwrap();
-        assert_eq!(done.state, TaskState::Done);
-        assert_eq!(done.cpu_seconds, 1.5);
-        assert_eq!(
-            on_complete(&done, "w1", outcome(json!({}), 0.0, 0.0), 9001),
-            Err(Refusal::Finished(TaskState::Done))
-        );
-    }
-
-    #[test]
-    fn failed_attempts_requeue_until_max_then_dead_letter() {
-        let first = on_lease(&queued(), "w1", 0, 1000).unwrap();
-        let requeued = on_attempt_failed(&first, 2, "boom".into(), 0.5, 1.0);
-        assert_eq!(requeued.state, TaskState::Queued);
-        assert_eq!(requeued.worker, None);
-        let second = on_lease(&requeued, "w2", 0, 1000).unwrap();
-        assert_eq!(second.attempts, 2);
-        let dead = on_attempt_failed(&second, 2, "boom".into(), 0.5, 1.0);
-        assert_eq!(dead.state, TaskState::DeadLettered);
-        assert_eq!(dead.cpu_seconds, 1.0);
-        assert_eq!(dead.error.as_deref(), Some("boom"));
-    }
 
     fn ran_on() -> (RegionView, ApplicationSpec) {
         let region: RegionObject = typed(&json!({
@@ -703,7 +509,7 @@ mod tests {
     #[test]
     fn a_completion_samples_the_region_the_task_and_its_time() {
         let (region, app) = ran_on();
-        let leased = on_lease(&queued(), "w1", 10_000, 5000).unwrap();
+        let leased = on_lease(&queued_status(), "w1", 10_000, 5000).unwrap();
         // No measured time: from the lease to the completion.
         let sample = completion_sample((&region, &app), None, &leased, None, None, 12_500).unwrap();
         assert_eq!(sample.seconds, 2.5);
@@ -737,20 +543,11 @@ mod tests {
         // Nothing to learn from a task with no time, or a clock that went backwards.
         assert!(completion_sample((&region, &app), None, &leased, None, None, 10_000).is_err());
         assert!(completion_sample((&region, &app), None, &leased, None, None, 9_000).is_err());
-        assert!(completion_sample((&region, &app), None, &queued(), None, None, 9_000).is_err());
+        assert!(
+            completion_sample((&region, &app), None, &queued_status(), None, None, 9_000).is_err()
+        );
         assert!(
             completion_sample((&region, &app), None, &leased, Some(f64::NAN), None, 0).is_err()
         );
-    }
-
-    #[test]
-    fn a_late_completion_by_a_previous_holder_still_counts_once() {
-        let first = on_lease(&queued(), "w1", 0, 1000).unwrap();
-        let expired = on_attempt_failed(&first, 3, "lease expired".into(), 0.0, 0.0);
-        let second = on_lease(&expired, "w2", 2000, 1000).unwrap();
-        let done =
-            on_complete(&second, "w1", outcome(json!({"by": "w1"}), 0.0, 0.0), 2500).unwrap();
-        assert_eq!(done.worker.as_deref(), Some("w1"));
-        assert!(on_complete(&done, "w2", outcome(json!({"by": "w2"}), 0.0, 0.0), 2600).is_err());
     }
 }

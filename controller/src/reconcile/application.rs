@@ -1,21 +1,25 @@
-//! Application reconciler. Phases: `Pending -> Scheduling -> Running -> Succeeded | Failed`,
-//! `Suspended` while `spec.suspend`, `Deleting` once deleted (the `ceccm/release` finalizer is
-//! removed after its tasks and results are gone). Every phase change records an event.
+//! The application reconciler's I/O shell: reads the application (and, when the phase asks,
+//! its tasks or a placement), lets `lifecycle::decide_application` decide, and applies the
+//! decision. The phases and their events are described there.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Action, Context, ReconcileError, set_condition};
-use crate::objects::{self, EventType};
+use super::{Action, Context, ReconcileError};
+use crate::lifecycle::{
+    self, ApplicationDecision, ApplicationFacts, ApplicationStep, NewTask, Publish, TaskTally,
+};
+use crate::objects;
 use crate::resources::{
-    APPLICATION_LABEL, AppKind, AppPhase, ApplicationObject, ApplicationSpec, ApplicationStatus,
-    Kind, Progress, RELEASE_FINALIZER, TaskSpec, TaskState, TaskTemplate, typed,
+    APPLICATION_LABEL, ApplicationObject, ApplicationSpec, Kind, RELEASE_FINALIZER, TaskState,
+    typed,
 };
 use crate::scheduling::{self, InputView, RegionView};
 use crate::store::{Change, Query, StoreError};
-use crate::time::now_rfc3339;
+use crate::time::{now_millis, now_rfc3339};
+
+pub use crate::lifecycle::task_name;
 
 pub fn reconcile_boxed(
     object: Value,
@@ -24,282 +28,111 @@ pub fn reconcile_boxed(
     Box::pin(reconcile(object, ctx))
 }
 
-/// Task counts of one application, by state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TaskCounts {
-    pub total: u32,
-    pub done: u32,
-    pub dead_lettered: u32,
-}
-
-/// Where a running application goes next, from its task counts.
-pub fn running_outcome(counts: TaskCounts, expected: u32) -> Option<AppPhase> {
-    if counts.dead_lettered > 0 {
-        Some(AppPhase::Failed)
-    } else if counts.total >= expected && counts.done == expected {
-        Some(AppPhase::Succeeded)
-    } else {
-        None
-    }
-}
-
-/// The work of a container application: its task templates. (astro-fit applications are
-/// planned in stages by `super::astro_fit`.)
-pub fn plan_tasks(spec: &ApplicationSpec) -> Result<Vec<TaskTemplate>, String> {
-    match spec.app {
-        AppKind::Container => Ok(spec.tasks.clone()),
-        AppKind::AstroFit => Err("astro-fit applications are planned in stages".into()),
-    }
-}
-
+/// Gathers what `lifecycle::decide_application` needs, and what the step it returns asks for,
+/// then applies the decision.
 pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, ReconcileError> {
     let app: ApplicationObject = typed(&object)?;
-    let name = app.metadata.name.clone();
     let status = app.status.clone().unwrap_or_default();
-    let phase = status.phase.unwrap_or(AppPhase::Pending);
-
-    if app.metadata.deletion_timestamp.is_some() {
-        return finalize(ctx, &object, &name).await;
-    }
-    if matches!(
-        phase,
-        AppPhase::Succeeded | AppPhase::Failed | AppPhase::Cancelled
-    ) {
-        return Ok(Action::AwaitChange);
-    }
-    if app.spec.suspend {
-        if phase != AppPhase::Suspended {
-            let mut next = status.clone();
-            set_condition(
-                &mut next.conditions,
-                "Suspended",
-                true,
-                "SpecSuspend",
-                "spec.suspend is true",
-            );
-            transition(
-                ctx,
-                &object,
-                next,
-                AppPhase::Suspended,
-                "Suspended",
-                "queued tasks are held",
-            )
-            .await?;
-        }
-        return Ok(Action::AwaitChange);
-    }
-    match phase {
-        AppPhase::Suspended => {
-            let mut next = status.clone();
-            set_condition(
-                &mut next.conditions,
-                "Suspended",
-                false,
-                "Resumed",
-                "spec.suspend is false",
-            );
-            // Scheduled work carries on; unscheduled work goes back to scheduling.
-            let resume_to = if status.placements.is_empty() {
-                AppPhase::Pending
-            } else {
-                AppPhase::Running
-            };
-            transition(
-                ctx,
-                &object,
-                next,
-                resume_to,
-                "Resumed",
-                "spec.suspend is false",
-            )
-            .await?;
-            Ok(Action::Requeue(Duration::ZERO))
-        }
-        AppPhase::Pending => {
-            let mut next = status.clone();
-            next.observed_generation = app.metadata.generation;
-            transition(
-                ctx,
-                &object,
-                next,
-                AppPhase::Scheduling,
-                "Scheduling",
-                "placing tasks on regions",
-            )
-            .await?;
-            Ok(Action::Requeue(Duration::ZERO))
-        }
-        AppPhase::Scheduling => match app.spec.app {
-            AppKind::Container => schedule(ctx, &object, &app, status).await,
-            AppKind::AstroFit => super::astro_fit::start(ctx, &object, &app, status).await,
-        },
-        AppPhase::Running => match app.spec.app {
-            AppKind::Container => follow(ctx, &object, &app, status).await,
-            AppKind::AstroFit => super::astro_fit::follow(ctx, &object, &app, status).await,
-        },
-        AppPhase::Succeeded | AppPhase::Failed | AppPhase::Cancelled | AppPhase::Deleting => {
-            Ok(Action::AwaitChange)
-        }
-    }
-}
-
-/// Writes the new status with `phase` and records the event.
-pub(super) async fn transition(
-    ctx: &Context,
-    object: &Value,
-    mut next: ApplicationStatus,
-    phase: AppPhase,
-    reason: &str,
-    message: &str,
-) -> Result<(), ReconcileError> {
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    next.phase = Some(phase);
-    let value = serde_json::to_value(&next).unwrap_or_default();
-    objects::update_status(&ctx.store, Kind::Application, name, |s| *s = value).await?;
-    let event_type = match phase {
-        AppPhase::Failed => EventType::Warning,
-        _ => EventType::Normal,
+    let now = now_rfc3339();
+    let facts = ApplicationFacts {
+        name: &app.metadata.name,
+        spec: &app.spec,
+        generation: app.metadata.generation,
+        status: &status,
+        deleting: app.metadata.deletion_timestamp.is_some(),
+        now: &now,
     };
-    objects::record_event(&ctx.store, object, event_type, reason, message).await?;
-    Ok(())
+    let decision = match lifecycle::decide_application(&facts) {
+        ApplicationStep::Apply(decision) => *decision,
+        ApplicationStep::Place { tasks } => {
+            let placed = place(ctx, &app.spec, &app.metadata.name, None, tasks).await?;
+            lifecycle::container_placed(&facts, placed)
+        }
+        ApplicationStep::TallyTasks => {
+            lifecycle::container_running(&facts, &tally(ctx, &app.metadata.name).await?)
+        }
+        ApplicationStep::AstroFit(phase) => {
+            return super::astro_fit::reconcile(ctx, &object, &facts, phase).await;
+        }
+    };
+    apply(ctx, &object, &app.metadata.name, decision).await
 }
 
-async fn schedule(
+/// Applies a decision in its order: publish, create tasks, write the status, release, record
+/// events, remove the finalizer.
+pub(super) async fn apply(
     ctx: &Context,
     object: &Value,
-    app: &ApplicationObject,
-    mut status: ApplicationStatus,
+    name: &str,
+    decision: ApplicationDecision,
 ) -> Result<Action, ReconcileError> {
-    let name = app.metadata.name.as_str();
-    let templates = match plan_tasks(&app.spec) {
-        Ok(t) => t,
-        Err(message) => {
-            set_condition(
-                &mut status.conditions,
-                "Planned",
-                false,
-                "PlanningFailed",
-                &message,
-            );
-            transition(
-                ctx,
-                object,
-                status,
-                AppPhase::Failed,
-                "PlanningFailed",
-                &message,
-            )
-            .await?;
-            return Ok(Action::AwaitChange);
+    match &decision.publish {
+        Some(Publish::TaskResults) => write_results(ctx, name).await?,
+        Some(Publish::Artifacts(results)) => {
+            crate::content::publish_results(&ctx.data_dir, name, results).await?
         }
-    };
-    let regions = region_views(ctx).await?;
-    let input = input_view(ctx, &app.spec).await?;
-    // The predictor answers with the analytic prior until it has learned from telemetry.
-    let decided = {
-        let predictor = ctx.predictor.read();
-        scheduling::place(
-            name,
-            &app.spec,
-            None,
-            templates.len(),
-            &regions,
-            &input,
-            crate::time::now_millis(),
-            &*predictor,
-        )
-    };
-    let placement = match decided {
-        Ok(p) => p,
-        Err(unschedulable) => {
-            let message = unschedulable.reasons.join("; ");
-            let before = status.clone();
-            set_condition(
-                &mut status.conditions,
-                "Scheduled",
-                false,
-                "Unschedulable",
-                &message,
-            );
-            if status != before {
-                let value = serde_json::to_value(&status).unwrap_or_default();
-                objects::update_status(&ctx.store, Kind::Application, name, |s| *s = value).await?;
-                objects::record_event(
-                    &ctx.store,
-                    object,
-                    EventType::Warning,
-                    "Unschedulable",
-                    &message,
-                )
-                .await?;
-            }
-            return Ok(Action::Requeue(Duration::from_secs(2)));
-        }
-    };
-    // Creating a task that exists changes nothing, so a pass cut short by a restart resumes.
-    for (index, (template, region)) in templates.iter().zip(&placement.assignment).enumerate() {
-        create_task(
-            ctx,
-            app,
-            command_task(app, index as u32, template),
-            region,
-            &[],
+        None => {}
+    }
+    for task in decision.tasks {
+        create_task(ctx, name, task).await?;
+    }
+    if let Some(status) = &decision.status {
+        let value = serde_json::to_value(status).unwrap_or_default();
+        objects::update_status(&ctx.store, Kind::Application, name, |s| *s = value).await?;
+    }
+    if decision.release {
+        release(ctx, name).await?;
+    }
+    for event in &decision.events {
+        objects::record_event(
+            &ctx.store,
+            object,
+            event.kind,
+            &event.reason,
+            &event.message,
         )
         .await?;
     }
-    status.placements = placement.placements;
-    status.explanation = Some(placement.explanation.clone());
-    status.progress = Progress {
-        done: 0,
-        failed: 0,
-        total: templates.len() as u32,
-    };
-    status.start_time = Some(now_rfc3339());
-    set_condition(
-        &mut status.conditions,
-        "Scheduled",
-        true,
-        "Scheduled",
-        &placement.explanation,
-    );
-    let summary: Vec<String> = status
-        .placements
-        .iter()
-        .map(|p| format!("{} tasks on {}", p.tasks, p.region))
-        .collect();
-    transition(
-        ctx,
-        object,
-        status,
-        AppPhase::Running,
-        "Scheduled",
-        &summary.join(", "),
-    )
-    .await?;
-    Ok(Action::Requeue(Duration::ZERO))
-}
-
-pub fn task_name(application: &str, index: u32) -> String {
-    format!("{application}-{index:05}")
-}
-
-/// Creates task `index` of `app` with `spec`, queued on `region`. Creating a task that exists
-/// changes nothing, so a pass cut short by a restart resumes.
-pub(super) async fn create_task(
-    ctx: &Context,
-    app: &ApplicationObject,
-    spec: TaskSpec,
-    region: &str,
-    extra_labels: &[(&str, &str)],
-) -> Result<(), StoreError> {
-    let name = task_name(&app.metadata.name, spec.index);
-    let mut labels = serde_json::Map::new();
-    labels.insert(APPLICATION_LABEL.into(), json!(app.metadata.name));
-    for (k, v) in extra_labels {
-        labels.insert((*k).into(), json!(v));
+    if decision.release {
+        objects::remove_finalizer(&ctx.store, Kind::Application, name, RELEASE_FINALIZER).await?;
     }
-    let task = json!({
+    Ok(decision.action)
+}
+
+/// Prices a placement of `tasks` tasks with the controller's predictor (the analytic prior
+/// until it has learned from telemetry).
+pub(super) async fn place(
+    ctx: &Context,
+    spec: &ApplicationSpec,
+    name: &str,
+    features: Option<ceccm_scheduler::TaskFeatures>,
+    tasks: usize,
+) -> Result<Result<scheduling::Placement, scheduling::Unschedulable>, ReconcileError> {
+    let regions = region_views(ctx).await?;
+    let input = input_view(ctx, spec).await?;
+    let predictor = ctx.predictor.read();
+    Ok(scheduling::place(
+        name,
+        spec,
+        features,
+        tasks,
+        &regions,
+        &input,
+        now_millis(),
+        &*predictor,
+    ))
+}
+
+/// Creates `task` of application `name`. Creating a task that exists changes nothing, so a
+/// pass cut short by a restart resumes.
+async fn create_task(ctx: &Context, application: &str, task: NewTask) -> Result<(), StoreError> {
+    let name = task_name(application, task.spec.index);
+    let mut labels = serde_json::Map::new();
+    labels.insert(APPLICATION_LABEL.into(), json!(application));
+    if let Some(stage) = task.stage {
+        labels.insert(super::astro_fit::STAGE_LABEL.into(), json!(stage.as_str()));
+    }
+    let object = json!({
         "apiVersion": crate::resources::API_VERSION,
         "kind": "Task",
         "metadata": {
@@ -309,32 +142,18 @@ pub(super) async fn create_task(
             "creationTimestamp": now_rfc3339(),
             "generation": 1,
         },
-        "spec": spec,
-        "status": {"state": "Queued", "attempts": 0, "region": region},
+        "spec": task.spec,
+        "status": {"state": "Queued", "attempts": 0, "region": task.region},
     });
     ctx.store
         .write(Kind::Task, &name, |current| -> Result<Change, StoreError> {
             Ok(match current {
                 Some(_) => Change::Keep,
-                None => Change::Put(task),
+                None => Change::Put(object),
             })
         })
         .await?;
     Ok(())
-}
-
-/// The spec of a container application's task `index`.
-fn command_task(app: &ApplicationObject, index: u32, template: &TaskTemplate) -> TaskSpec {
-    TaskSpec {
-        application: app.metadata.name.clone(),
-        index,
-        command: template.command.clone(),
-        args: template.args.clone(),
-        env: template.env.clone(),
-        astro_fit: None,
-        features: None,
-        max_attempts: app.spec.max_attempts,
-    }
 }
 
 pub(super) async fn region_views(ctx: &Context) -> Result<Vec<RegionView>, ReconcileError> {
@@ -362,13 +181,8 @@ pub(super) async fn input_view(
     Ok(view)
 }
 
-async fn follow(
-    ctx: &Context,
-    object: &Value,
-    app: &ApplicationObject,
-    mut status: ApplicationStatus,
-) -> Result<Action, ReconcileError> {
-    let name = app.metadata.name.as_str();
+/// The application's tasks, by state.
+async fn tally(ctx: &Context, name: &str) -> Result<TaskTally, ReconcileError> {
     let tasks = ctx
         .store
         .list(
@@ -379,87 +193,15 @@ async fn follow(
             },
         )
         .await?;
-    let mut counts = TaskCounts::default();
-    let mut energy = 0.0;
-    let mut dead = Vec::new();
+    let mut tally = TaskTally::default();
     for task in &tasks {
-        counts.total += 1;
-        energy += task["status"]["energyJoules"].as_f64().unwrap_or(0.0);
-        match serde_json::from_value::<TaskState>(task["status"]["state"].clone()) {
-            Ok(TaskState::Done) => counts.done += 1,
-            Ok(TaskState::DeadLettered) => {
-                counts.dead_lettered += 1;
-                dead.push(
-                    task["metadata"]["name"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
-            }
-            _ => {}
-        }
+        tally.add(
+            task["metadata"]["name"].as_str().unwrap_or_default(),
+            serde_json::from_value::<TaskState>(task["status"]["state"].clone()).ok(),
+            task["status"]["energyJoules"].as_f64().unwrap_or(0.0),
+        );
     }
-    let expected = status.progress.total;
-    status.progress = Progress {
-        done: counts.done,
-        failed: counts.dead_lettered,
-        total: expected,
-    };
-    status.energy_joules = energy;
-    match running_outcome(counts, expected) {
-        Some(AppPhase::Succeeded) => {
-            write_results(ctx, name).await?;
-            status.results = Some(format!("/api/v1/applications/{name}/results"));
-            status.completion_time = Some(now_rfc3339());
-            set_condition(
-                &mut status.conditions,
-                "Complete",
-                true,
-                "AllTasksDone",
-                &format!("{} tasks done", counts.done),
-            );
-            let message = format!("{} tasks done, {:.1} J", counts.done, energy);
-            transition(
-                ctx,
-                object,
-                status,
-                AppPhase::Succeeded,
-                "Succeeded",
-                &message,
-            )
-            .await?;
-            Ok(Action::AwaitChange)
-        }
-        Some(_) => {
-            status.completion_time = Some(now_rfc3339());
-            let message = format!(
-                "tasks dead-lettered after their last attempt: {}",
-                dead.join(", ")
-            );
-            set_condition(
-                &mut status.conditions,
-                "Complete",
-                false,
-                "TaskDeadLettered",
-                &message,
-            );
-            transition(
-                ctx,
-                object,
-                status,
-                AppPhase::Failed,
-                "TaskDeadLettered",
-                &message,
-            )
-            .await?;
-            Ok(Action::AwaitChange)
-        }
-        None => {
-            let value = serde_json::to_value(&status).unwrap_or_default();
-            objects::update_status(&ctx.store, Kind::Application, name, |s| *s = value).await?;
-            Ok(Action::Requeue(Duration::from_secs(2)))
-        }
-    }
+    Ok(tally)
 }
 
 /// Directory of an application's result files.
@@ -485,12 +227,8 @@ async fn write_results(ctx: &Context, name: &str) -> Result<(), ReconcileError> 
     Ok(())
 }
 
-async fn finalize(ctx: &Context, object: &Value, name: &str) -> Result<Action, ReconcileError> {
-    // Idempotent: DELETE has normally set the phase already.
-    objects::update_status(&ctx.store, Kind::Application, name, |s| {
-        s["phase"] = json!("Deleting")
-    })
-    .await?;
+/// Deletes the application's tasks, results and artifacts (the finalizer goes after).
+async fn release(ctx: &Context, name: &str) -> Result<(), ReconcileError> {
     let tasks = ctx
         .store
         .list(
@@ -522,16 +260,7 @@ async fn finalize(ctx: &Context, object: &Value, name: &str) -> Result<Action, R
             _ => {}
         }
     }
-    objects::record_event(
-        &ctx.store,
-        object,
-        EventType::Normal,
-        "Released",
-        "tasks and results released; the application goes away",
-    )
-    .await?;
-    objects::remove_finalizer(&ctx.store, Kind::Application, name, RELEASE_FINALIZER).await?;
-    Ok(Action::AwaitChange)
+    Ok(())
 }
 
 /// Per-region task counts of an application's finished tasks (for summaries).
@@ -555,29 +284,4 @@ pub async fn done_by_region(
         *by_region.entry(region).or_insert(0) += 1;
     }
     Ok(by_region)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn running_ends_when_every_task_is_done_or_one_is_dead() {
-        let counts = |total, done, dead_lettered| TaskCounts {
-            total,
-            done,
-            dead_lettered,
-        };
-        assert_eq!(running_outcome(counts(50, 49, 0), 50), None);
-        assert_eq!(
-            running_outcome(counts(50, 50, 0), 50),
-            Some(AppPhase::Succeeded)
-        );
-        assert_eq!(
-            running_outcome(counts(50, 10, 1), 50),
-            Some(AppPhase::Failed)
-        );
-        // Tasks still being created after a restart: not done yet.
-        assert_eq!(running_outcome(counts(0, 0, 0), 50), None);
-    }
 }

@@ -1,25 +1,24 @@
 //! The astro-fit planner's I/O shell: gathers the application's datasets and tasks, asks
-//! [`crate::astro_fit::next_stage`] what comes next, and applies it (creates the stage's tasks,
-//! placed by the scheduler, publishes the results, or fails the application with the cause).
+//! [`crate::astro_fit::next_stage`] what comes next, and turns the answer into an
+//! [`ApplicationDecision`] with the `crate::lifecycle` builders (the stage's tasks, placed by
+//! the scheduler; the results to publish; the failure with its cause), which
+//! `application::apply` applies like any other.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::application::{create_task, input_view, region_views, transition};
-use super::{Action, Context, ReconcileError, set_condition};
+use super::application::{apply, place};
+use super::{Action, Context, ReconcileError};
 use crate::astro_fit::{
     AstroFitParameters, AstroFitWork, CUBE_FORMAT, ContentRef, NextStage, PrepareReport, Stage,
     StageTask, TEMPLATES_FORMAT, next_stage, stage_counts,
 };
-use crate::objects::{self, EventType};
-use crate::resources::{
-    AppPhase, ApplicationObject, ApplicationStatus, Kind, Progress, TaskObject, TaskSpec,
-    TaskState, typed,
+use crate::lifecycle::{
+    self, ApplicationDecision, ApplicationFacts, Event, NewTask, POLL, Publish, set_condition_at,
 };
-use crate::scheduling;
+use crate::resources::{AppPhase, Kind, Progress, TaskObject, TaskSpec, TaskState, typed};
 use crate::store::Query;
-use crate::time::now_rfc3339;
 
 /// Label naming a task's stage.
 pub const STAGE_LABEL: &str = "ceccm/stage";
@@ -61,19 +60,30 @@ async fn dataset_content(
     }
 }
 
-fn threads(app: &ApplicationObject) -> usize {
-    (app.spec.resources.cpu.round() as usize).max(1)
+fn threads(f: &ApplicationFacts) -> usize {
+    (f.spec.resources.cpu.round() as usize).max(1)
+}
+
+/// The astro-fit planner takes the application's `Scheduling` or `Running` phase.
+pub async fn reconcile(
+    ctx: &Context,
+    object: &Value,
+    f: &ApplicationFacts<'_>,
+    phase: AppPhase,
+) -> Result<Action, ReconcileError> {
+    let decision = match phase {
+        AppPhase::Scheduling => start(ctx, f).await?,
+        _ => follow(ctx, f).await?,
+    };
+    apply(ctx, object, f.name, decision).await
 }
 
 /// Scheduling: the inputs are pinned (by sha256) and the prepare task is placed near the cube.
-pub async fn start(
+async fn start(
     ctx: &Context,
-    object: &Value,
-    app: &ApplicationObject,
-    mut status: ApplicationStatus,
-) -> Result<Action, ReconcileError> {
-    let name = app.metadata.name.as_str();
-    let parameters = match AstroFitParameters::parse(app.spec.parameters.as_ref()) {
+    f: &ApplicationFacts<'_>,
+) -> Result<ApplicationDecision, ReconcileError> {
+    let parameters = match AstroFitParameters::parse(f.spec.parameters.as_ref()) {
         Ok(p) => p,
         Err(violations) => {
             let message = violations
@@ -81,10 +91,15 @@ pub async fn start(
                 .map(|v| format!("{}: {}", v.field, v.message))
                 .collect::<Vec<_>>()
                 .join("; ");
-            return fail(ctx, object, status, "InvalidParameters", &message).await;
+            return Ok(lifecycle::fail(
+                f.status,
+                "InvalidParameters",
+                &message,
+                f.now,
+            ));
         }
     };
-    let cube_name = app
+    let cube_name = f
         .spec
         .inputs
         .first()
@@ -94,195 +109,106 @@ pub async fn start(
     if let Some(t) = &parameters.templates {
         inputs.push(dataset_content(ctx, t, TEMPLATES_FORMAT, "spec.parameters.templates").await?);
     }
+    let mut status = f.status.clone();
     let mut refs = Vec::new();
     for input in inputs {
         match input {
             Input::Ready(r) => refs.push(r),
             Input::Fail(message) => {
-                return fail(ctx, object, status, "InputUnusable", &message).await;
+                return Ok(lifecycle::fail(f.status, "InputUnusable", &message, f.now));
             }
             Input::Wait(message) => {
-                let before = status.clone();
-                set_condition(
+                set_condition_at(
                     &mut status.conditions,
                     "InputsReady",
                     false,
                     "WaitingForContent",
                     &message,
+                    f.now,
                 );
-                if status != before {
-                    write_status(ctx, name, &status).await?;
-                }
-                return Ok(Action::Requeue(Duration::from_secs(2)));
+                return Ok(ApplicationDecision::update(
+                    f.status,
+                    status,
+                    Action::Requeue(POLL),
+                ));
             }
         }
     }
     let mut refs = refs.into_iter();
     let cube = refs.next().expect("the cube is the first input");
     let templates = refs.next();
-    set_condition(
+    set_condition_at(
         &mut status.conditions,
         "InputsReady",
         true,
         "ContentPinned",
         &format!("cube {} (sha256 {:.12})", cube.name, cube.sha256),
+        f.now,
     );
     let work = AstroFitWork {
         stage: Stage::Prepare,
         cube,
         templates,
         parameters,
-        threads: threads(app),
+        threads: threads(f),
         plan: None,
         chunk: None,
         chunks: vec![],
     };
-    let Some(placement) = place(ctx, object, app, &mut status, None, 1).await? else {
-        return Ok(Action::Requeue(Duration::from_secs(2)));
+    let placement = match place(ctx, f.spec, f.name, None, 1).await? {
+        Ok(p) => p,
+        Err(why) => return Ok(lifecycle::unschedulable(&status, &why, f.now)),
     };
-    create_task(
-        ctx,
-        app,
-        stage_task(app, 0, work, None),
-        &placement.assignment[0],
-        &[(STAGE_LABEL, Stage::Prepare.as_str())],
-    )
-    .await?;
-    status.explanation = Some(placement.explanation.clone());
+    let region = placement.assignment[0].clone();
     status.stages = stage_counts(&[], None);
     status.progress = Progress {
         done: 0,
         failed: 0,
         total: 2,
     };
-    status.start_time = Some(now_rfc3339());
-    set_condition(
-        &mut status.conditions,
-        "Scheduled",
-        true,
-        "Scheduled",
-        &placement.explanation,
-    );
-    let message = format!("prepare task on {}", placement.assignment[0]);
-    transition(
-        ctx,
-        object,
+    let prepare = NewTask {
+        spec: stage_task(f, 0, work, None),
+        region: region.clone(),
+        stage: Some(Stage::Prepare),
+    };
+    Ok(lifecycle::scheduled(
+        f,
         status,
-        AppPhase::Running,
-        "Scheduled",
-        &message,
-    )
-    .await?;
-    Ok(Action::Requeue(Duration::ZERO))
+        &placement,
+        vec![prepare],
+        &format!("prepare task on {region}"),
+    ))
 }
 
 fn stage_task(
-    app: &ApplicationObject,
+    f: &ApplicationFacts,
     index: u32,
     work: AstroFitWork,
     features: Option<ceccm_scheduler::TaskFeatures>,
 ) -> TaskSpec {
     TaskSpec {
-        application: app.metadata.name.clone(),
+        application: f.name.into(),
         index,
         command: String::new(),
         args: vec![],
         env: Default::default(),
         astro_fit: Some(work),
         features,
-        max_attempts: app.spec.max_attempts,
+        max_attempts: f.spec.max_attempts,
     }
-}
-
-/// Places `tasks` tasks; `None` (with the Unschedulable condition written) when nothing fits.
-async fn place(
-    ctx: &Context,
-    object: &Value,
-    app: &ApplicationObject,
-    status: &mut ApplicationStatus,
-    features: Option<ceccm_scheduler::TaskFeatures>,
-    tasks: usize,
-) -> Result<Option<scheduling::Placement>, ReconcileError> {
-    let regions = region_views(ctx).await?;
-    let input = input_view(ctx, &app.spec).await?;
-    let decided = {
-        let predictor = ctx.predictor.read();
-        scheduling::place(
-            &app.metadata.name,
-            &app.spec,
-            features,
-            tasks,
-            &regions,
-            &input,
-            crate::time::now_millis(),
-            &*predictor,
-        )
-    };
-    match decided {
-        Ok(p) => Ok(Some(p)),
-        Err(unschedulable) => {
-            let message = unschedulable.reasons.join("; ");
-            let before = status.clone();
-            set_condition(
-                &mut status.conditions,
-                "Scheduled",
-                false,
-                "Unschedulable",
-                &message,
-            );
-            if *status != before {
-                write_status(ctx, &app.metadata.name, status).await?;
-                objects::record_event(
-                    &ctx.store,
-                    object,
-                    EventType::Warning,
-                    "Unschedulable",
-                    &message,
-                )
-                .await?;
-            }
-            Ok(None)
-        }
-    }
-}
-
-async fn write_status(
-    ctx: &Context,
-    name: &str,
-    status: &ApplicationStatus,
-) -> Result<(), ReconcileError> {
-    let value = serde_json::to_value(status).unwrap_or_default();
-    objects::update_status(&ctx.store, Kind::Application, name, |s| *s = value).await?;
-    Ok(())
-}
-
-async fn fail(
-    ctx: &Context,
-    object: &Value,
-    mut status: ApplicationStatus,
-    reason: &str,
-    message: &str,
-) -> Result<Action, ReconcileError> {
-    status.completion_time = Some(now_rfc3339());
-    set_condition(&mut status.conditions, "Complete", false, reason, message);
-    transition(ctx, object, status, AppPhase::Failed, reason, message).await?;
-    Ok(Action::AwaitChange)
 }
 
 /// Running: the next stage, from the tasks.
-pub async fn follow(
+async fn follow(
     ctx: &Context,
-    object: &Value,
-    app: &ApplicationObject,
-    mut status: ApplicationStatus,
-) -> Result<Action, ReconcileError> {
-    let name = app.metadata.name.as_str();
+    f: &ApplicationFacts<'_>,
+) -> Result<ApplicationDecision, ReconcileError> {
     let objects = ctx
         .store
         .list(
             Kind::Task,
             &Query {
-                owner: Some(name),
+                owner: Some(f.name),
                 ..Default::default()
             },
         )
@@ -292,6 +218,7 @@ pub async fn follow(
         tasks.push(typed(o)?);
     }
     let views: Vec<StageTask> = tasks.iter().filter_map(stage_view).collect();
+    let mut status = f.status.clone();
     // The chunk count is known once the Planned condition is written, after the chunk tasks.
     let planned = status
         .conditions
@@ -304,7 +231,6 @@ pub async fn follow(
                 .find(|s| s.name == Stage::Fit.as_str())
                 .map_or(0, |s| s.total as usize)
         });
-    let before = status.clone();
     status.energy_joules = tasks
         .iter()
         .filter_map(|t| t.status.as_ref())
@@ -321,20 +247,18 @@ pub async fn follow(
         failed: dead,
         total: 2 + planned.unwrap_or(0) as u32,
     };
-    match next_stage(&views, planned) {
-        NextStage::Wait => {
-            if status != before {
-                write_status(ctx, name, &status).await?;
-            }
-            Ok(Action::Requeue(Duration::from_secs(2)))
-        }
-        NextStage::Fail { reason, message } => fail(ctx, object, status, &reason, &message).await,
-        NextStage::ExpandChunks { plan } => {
-            expand_chunks(ctx, object, app, status, &tasks, plan).await
-        }
+    Ok(match next_stage(&views, planned) {
+        NextStage::Wait => ApplicationDecision::update(f.status, status, Action::Requeue(POLL)),
+        NextStage::Fail { reason, message } => lifecycle::fail(&status, &reason, &message, f.now),
+        NextStage::ExpandChunks { plan } => expand_chunks(ctx, f, status, &tasks, plan).await?,
         NextStage::Assemble { plan, chunks } => {
             let Some(prepare) = prepare_work(&tasks) else {
-                return fail(ctx, object, status, "PlanMissing", "no prepare task").await;
+                return Ok(lifecycle::fail(
+                    &status,
+                    "PlanMissing",
+                    "no prepare task",
+                    f.now,
+                ));
             };
             let index = 1 + planned.unwrap_or(0) as u32;
             let work = AstroFitWork {
@@ -344,60 +268,42 @@ pub async fn follow(
                 chunk: None,
                 ..prepare
             };
-            let Some(placement) = place(ctx, object, app, &mut status, None, 1).await? else {
-                return Ok(Action::Requeue(Duration::from_secs(2)));
+            let placement = match place(ctx, f.spec, f.name, None, 1).await? {
+                Ok(p) => p,
+                Err(why) => return Ok(lifecycle::unschedulable(&status, &why, f.now)),
             };
-            create_task(
-                ctx,
-                app,
-                stage_task(app, index, work, None),
-                &placement.assignment[0],
-                &[(STAGE_LABEL, Stage::Assemble.as_str())],
-            )
-            .await?;
-            write_status(ctx, name, &status).await?;
-            objects::record_event(
-                &ctx.store,
-                object,
-                EventType::Normal,
-                "Assembling",
-                &format!(
-                    "every chunk fitted; assemble task on {}",
-                    placement.assignment[0]
-                ),
-            )
-            .await?;
-            Ok(Action::Requeue(Duration::ZERO))
+            let region = placement.assignment[0].clone();
+            let assemble = NewTask {
+                spec: stage_task(f, index, work, None),
+                region: region.clone(),
+                stage: Some(Stage::Assemble),
+            };
+            ApplicationDecision {
+                status: Some(status),
+                events: vec![Event::normal(
+                    "Assembling",
+                    format!("every chunk fitted; assemble task on {region}"),
+                )],
+                ..ApplicationDecision::nothing(Action::Requeue(Duration::ZERO))
+            }
+            .with_tasks(vec![assemble])
         }
         NextStage::Succeed { results } => {
-            crate::content::publish_results(&ctx.data_dir, name, &results).await?;
-            status.results = Some(format!("/api/v1/applications/{name}/results"));
-            status.completion_time = Some(now_rfc3339());
             let message = format!(
                 "{} outputs written by {} tasks, {:.1} J",
                 results.len(),
                 done,
                 status.energy_joules
             );
-            set_condition(
-                &mut status.conditions,
-                "Complete",
-                true,
-                "Assembled",
-                &message,
-            );
-            transition(
-                ctx,
-                object,
+            lifecycle::succeed(
+                f,
                 status,
-                AppPhase::Succeeded,
-                "Succeeded",
+                ("Assembled", &message),
                 &message,
+                Publish::Artifacts(results),
             )
-            .await?;
-            Ok(Action::AwaitChange)
         }
-    }
+    })
 }
 
 fn stage_view(task: &TaskObject) -> Option<StageTask> {
@@ -431,14 +337,12 @@ fn prepare_report(tasks: &[TaskObject]) -> Option<PrepareReport> {
 /// The plan is made: one fit task per chunk, placed together, each with its own features.
 async fn expand_chunks(
     ctx: &Context,
-    object: &Value,
-    app: &ApplicationObject,
-    mut status: ApplicationStatus,
+    f: &ApplicationFacts<'_>,
+    mut status: crate::resources::ApplicationStatus,
     tasks: &[TaskObject],
     plan_ref: ContentRef,
-) -> Result<Action, ReconcileError> {
-    let name = app.metadata.name.as_str();
-    let path = crate::content::artifact_path(&ctx.data_dir, name, &plan_ref.sha256);
+) -> Result<ApplicationDecision, ReconcileError> {
+    let path = crate::content::artifact_path(&ctx.data_dir, f.name, &plan_ref.sha256);
     let plan: astro_fit::cubefit::CubePlan = match tokio::fs::read(&path)
         .await
         .map_err(|e| e.to_string())
@@ -447,18 +351,16 @@ async fn expand_chunks(
         Ok(plan) => plan,
         Err(e) => {
             let message = format!("the prepare task's plan.json is unreadable: {e}");
-            return fail(ctx, object, status, "PlanUnreadable", &message).await;
+            return Ok(lifecycle::fail(&status, "PlanUnreadable", &message, f.now));
         }
     };
     let (Some(prepare), Some(report)) = (prepare_work(tasks), prepare_report(tasks)) else {
-        return fail(
-            ctx,
-            object,
-            status,
+        return Ok(lifecycle::fail(
+            &status,
             "PlanMissing",
             "the prepare task reported no plan facts",
-        )
-        .await;
+            f.now,
+        ));
     };
     let moments = plan.options.moments as u64;
     let features = |spectra: usize| ceccm_scheduler::TaskFeatures {
@@ -469,15 +371,12 @@ async fn expand_chunks(
     };
     let n = plan.chunks.len();
     let mean = plan.chunks.iter().map(|c| c.nspectra).sum::<usize>() / n.max(1);
-    let placement = if n == 0 {
-        None
-    } else {
-        match place(ctx, object, app, &mut status, Some(features(mean)), n).await? {
-            Some(p) => Some(p),
-            None => return Ok(Action::Requeue(Duration::from_secs(2))),
-        }
-    };
-    if let Some(placement) = &placement {
+    let mut fits = Vec::with_capacity(n);
+    if n > 0 {
+        let placement = match place(ctx, f.spec, f.name, Some(features(mean)), n).await? {
+            Ok(p) => p,
+            Err(why) => return Ok(lifecycle::unschedulable(&status, &why, f.now)),
+        };
         for (chunk, region) in plan.chunks.iter().zip(&placement.assignment) {
             let work = AstroFitWork {
                 stage: Stage::Fit,
@@ -486,23 +385,14 @@ async fn expand_chunks(
                 chunks: vec![],
                 ..prepare.clone()
             };
-            let spec = stage_task(
-                app,
-                1 + chunk.id as u32,
-                work,
-                Some(features(chunk.nspectra)),
-            );
-            create_task(
-                ctx,
-                app,
-                spec,
-                region,
-                &[(STAGE_LABEL, Stage::Fit.as_str())],
-            )
-            .await?;
+            fits.push(NewTask {
+                spec: stage_task(f, 1 + chunk.id as u32, work, Some(features(chunk.nspectra))),
+                region: region.clone(),
+                stage: Some(Stage::Fit),
+            });
         }
-        status.placements = placement.placements.clone();
-        status.explanation = Some(placement.explanation.clone());
+        status.placements = placement.placements;
+        status.explanation = Some(placement.explanation);
     }
     if let Some(fit) = status
         .stages
@@ -512,7 +402,7 @@ async fn expand_chunks(
         fit.total = n as u32;
     }
     status.progress.total = 2 + n as u32;
-    set_condition(
+    set_condition_at(
         &mut status.conditions,
         "Planned",
         true,
@@ -522,24 +412,24 @@ async fn expand_chunks(
             plan.bins.len(),
             plan.options.chunk.max_spectra
         ),
+        f.now,
     );
-    write_status(ctx, name, &status).await?;
     let summary: Vec<String> = status
         .placements
         .iter()
         .map(|p| format!("{} chunks on {}", p.tasks, p.region))
         .collect();
-    objects::record_event(
-        &ctx.store,
-        object,
-        EventType::Normal,
-        "Planned",
-        &format!(
-            "{} bins in {n} chunks: {}",
-            plan.bins.len(),
-            summary.join(", ")
-        ),
-    )
-    .await?;
-    Ok(Action::Requeue(Duration::ZERO))
+    Ok(ApplicationDecision {
+        status: Some(status),
+        events: vec![Event::normal(
+            "Planned",
+            format!(
+                "{} bins in {n} chunks: {}",
+                plan.bins.len(),
+                summary.join(", ")
+            ),
+        )],
+        ..ApplicationDecision::nothing(Action::Requeue(Duration::ZERO))
+    }
+    .with_tasks(fits))
 }

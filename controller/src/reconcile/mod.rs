@@ -1,5 +1,7 @@
-//! Reconcilers: one per kind, idempotent, `reconcile(object, ctx) -> Result<Action>`. They read
-//! only what the store holds, so after a restart they carry on where the last process stopped.
+//! Reconcilers: one per kind, idempotent, `reconcile(object, ctx) -> Result<Action>`. Each is a
+//! thin shell: it gathers from the store, lets `crate::lifecycle` decide, and applies the
+//! decision. They read only what the store holds, so after a restart they carry on where the
+//! last process stopped.
 
 pub mod application;
 pub mod astro_fit;
@@ -14,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::predictor::SharedPredictor;
-use crate::resources::{Condition, Kind};
+use crate::resources::{Condition, Kind, TaskStatus};
 use crate::store::{Store, StoreError};
 use crate::time::now_rfc3339;
 
@@ -26,14 +28,7 @@ pub struct Context {
     pub predictor: SharedPredictor,
 }
 
-/// What the runner should do with an object after reconciling it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Look again after this long even if nothing changes.
-    Requeue(Duration),
-    /// Nothing to do until the object or its tasks change.
-    AwaitChange,
-}
+pub use crate::lifecycle::Action;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -45,7 +40,7 @@ pub enum ReconcileError {
     Api(#[from] crate::error::ApiError),
 }
 
-/// Sets a condition; its transition time moves only when its status does.
+/// Sets a condition now; its transition time moves only when its status does.
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
     kind: &str,
@@ -53,24 +48,7 @@ pub fn set_condition(
     reason: &str,
     message: &str,
 ) {
-    let status = if status { "True" } else { "False" };
-    match conditions.iter_mut().find(|c| c.condition_type == kind) {
-        Some(c) => {
-            if c.status != status {
-                c.last_transition_time = now_rfc3339();
-            }
-            c.status = status.into();
-            c.reason = reason.into();
-            c.message = message.into();
-        }
-        None => conditions.push(Condition {
-            condition_type: kind.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.into(),
-            last_transition_time: now_rfc3339(),
-        }),
-    }
+    crate::lifecycle::set_condition_at(conditions, kind, status, reason, message, &now_rfc3339());
 }
 
 type ReconcileFn = for<'a> fn(
@@ -142,19 +120,17 @@ pub async fn expire_leases(ctx: Arc<Context>, every: Duration, mut stop: watch::
         match crate::queue::expire_leases(&ctx.store).await {
             Ok(requeued) => {
                 for task in requeued {
-                    let state = task["status"]["state"].as_str().unwrap_or_default();
-                    let message = task["status"]["error"].as_str().unwrap_or_default();
-                    let reason = if state == "DeadLettered" {
-                        "DeadLettered"
-                    } else {
-                        "LeaseExpired"
+                    let Ok(status) = serde_json::from_value::<TaskStatus>(task["status"].clone())
+                    else {
+                        continue;
                     };
+                    let event = crate::lifecycle::lease_expired_event(&status);
                     let _ = crate::objects::record_event(
                         &ctx.store,
                         &task,
-                        crate::objects::EventType::Warning,
-                        reason,
-                        message,
+                        event.kind,
+                        &event.reason,
+                        &event.message,
                     )
                     .await;
                 }
