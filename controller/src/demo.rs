@@ -81,20 +81,10 @@ pub async fn apply_all(
         let name = object["metadata"]["name"]
             .as_str()
             .context("manifest without metadata.name")?;
-        let response = client
+        let request = client
             .put(format!("{base}/api/v1/{plural}/{name}"))
-            .json(object)
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        if !status.is_success() {
-            bail!(
-                "applying {plural}/{name} failed ({status}): {}",
-                body["error"]["message"]
-            );
-        }
-        applied.push(body);
+            .json(object);
+        applied.push(checked(request, &format!("applying {plural}/{name}")).await?);
     }
     Ok(applied)
 }
@@ -119,37 +109,32 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     outcome
 }
 
+/// Sends `request`; its JSON body, or an error naming `what` with the server's message.
+async fn checked(request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
+    let response = request.send().await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    if !status.is_success() {
+        bail!("{what} failed ({status}): {}", body["error"]["message"]);
+    }
+    Ok(body)
+}
+
 async fn upload(
     client: &reqwest::Client,
     base: &str,
     dataset: &str,
     bytes: &'static [u8],
 ) -> anyhow::Result<Value> {
-    let response = client
+    let request = client
         .put(format!("{base}/api/v1/datasets/{dataset}/content"))
         .header("content-type", "application/octet-stream")
-        .body(bytes)
-        .send()
-        .await?;
-    let status = response.status();
-    let body: Value = response.json().await?;
-    if !status.is_success() {
-        bail!(
-            "uploading {dataset} failed ({status}): {}",
-            body["error"]["message"]
-        );
-    }
-    Ok(body)
+        .body(bytes);
+    checked(request, &format!("uploading {dataset}")).await
 }
 
 async fn get(client: &reqwest::Client, url: String) -> anyhow::Result<Value> {
-    let response = client.get(&url).send().await?;
-    let status = response.status();
-    let body: Value = response.json().await?;
-    if !status.is_success() {
-        bail!("GET {url} failed ({status}): {}", body["error"]["message"]);
-    }
-    Ok(body)
+    checked(client.get(&url), &format!("GET {url}")).await
 }
 
 /// A line above the progress bars, or on stdout when they are hidden (not a terminal).

@@ -285,7 +285,7 @@ async fn through_control_plane(
                 println!(
                     "assemble task: fetch {:.2} s ({} downloads, {} cache hits), upload {:.2} s",
                     r["fetchSeconds"].as_f64().unwrap_or(f64::NAN),
-                    r["transfers"]["downloads"],
+                    r["transfers"]["downloaded"].as_array().map_or(0, Vec::len),
                     r["transfers"]["cacheHits"],
                     r["uploadSeconds"].as_f64().unwrap_or(f64::NAN)
                 );

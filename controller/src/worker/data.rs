@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -57,27 +57,24 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataError {
     move |source| DataError::Io { what, source }
 }
 
-/// Counts what this worker moved, for its logs and the task's result.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// What a task moved: the content it downloaded (by name) and how much it found cached.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Transfers {
-    pub downloads: u64,
+    pub downloaded: Vec<String>,
     pub downloaded_bytes: u64,
     pub cache_hits: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    downloads: AtomicU64,
-    downloaded_bytes: AtomicU64,
-    cache_hits: AtomicU64,
-}
+/// One fetch: `Some(bytes)` downloaded, `None` found in the cache.
+type Fetch = (String, Option<u64>);
 
 pub struct DataPlane {
     client: reqwest::Client,
     server: String,
     cache: PathBuf,
-    counters: Counters,
+    /// Every fetch of this worker, in order; a task reports those since its start.
+    fetches: Mutex<Vec<Fetch>>,
 }
 
 /// Holds a lock file while alive (the lock is released when the file closes).
@@ -108,21 +105,36 @@ impl DataPlane {
             client,
             server: server.to_string(),
             cache,
-            counters: Counters::default(),
+            fetches: Mutex::new(Vec::new()),
         }
     }
 
-    /// What this worker moved so far.
-    pub fn transfers(&self) -> Transfers {
-        Transfers {
-            downloads: self.counters.downloads.load(Ordering::Relaxed),
-            downloaded_bytes: self.counters.downloaded_bytes.load(Ordering::Relaxed),
-            cache_hits: self.counters.cache_hits.load(Ordering::Relaxed),
-        }
+    /// A mark in this worker's fetches, for [`DataPlane::transfers_since`].
+    pub fn mark(&self) -> usize {
+        self.fetches.lock().map_or(0, |f| f.len())
     }
 
-    fn hit(&self) {
-        self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+    /// What was fetched since `mark`.
+    pub fn transfers_since(&self, mark: usize) -> Transfers {
+        let mut t = Transfers::default();
+        if let Ok(fetches) = self.fetches.lock() {
+            for (name, bytes) in fetches.iter().skip(mark) {
+                match bytes {
+                    Some(b) => {
+                        t.downloaded.push(name.clone());
+                        t.downloaded_bytes += b;
+                    }
+                    None => t.cache_hits += 1,
+                }
+            }
+        }
+        t
+    }
+
+    fn record(&self, name: &str, downloaded: Option<u64>) {
+        if let Ok(mut fetches) = self.fetches.lock() {
+            fetches.push((name.to_string(), downloaded));
+        }
     }
 
     pub fn cache_dir(&self) -> &Path {
@@ -150,13 +162,13 @@ impl DataPlane {
             .map_err(io(format!("creating {}", self.cache.display())))?;
         let path = self.cache.join(&r.sha256);
         if tokio::fs::metadata(&path).await.is_ok() {
-            self.hit();
+            self.record(&r.name, None);
             return Ok(path);
         }
         let _lock = lock(self.cache.join(format!("{}.lock", r.sha256))).await?;
         // Another worker of the region may have fetched it while this one waited.
         if tokio::fs::metadata(&path).await.is_ok() {
-            self.hit();
+            self.record(&r.name, None);
             return Ok(path);
         }
         let response = self.client.get(url).send().await?;
@@ -203,10 +215,7 @@ impl DataPlane {
         tokio::fs::rename(&tmp, &path)
             .await
             .map_err(io(format!("storing {}", path.display())))?;
-        self.counters.downloads.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .downloaded_bytes
-            .fetch_add(size, Ordering::Relaxed);
+        self.record(&r.name, Some(size));
         Ok(path)
     }
 

@@ -269,7 +269,7 @@ async fn run_astro_fit(
     name: &str,
 ) -> Ending {
     let fetching = Instant::now();
-    let transfers_before = data.transfers();
+    let mark = data.mark();
     let inputs = match fetch_inputs(data, &spec.application, work).await {
         Ok(inputs) => inputs,
         Err(e) => return e,
@@ -297,20 +297,15 @@ async fn run_astro_fit(
             Err(e) => return failed(e, false),
         }
     }
-    tracing::debug!(task = name, region = o.region, transfers = ?data.transfers(), "stage done");
+    tracing::debug!(task = name, region = o.region, "stage done");
     let mut result = output.result;
     if let Some(fields) = result.as_object_mut() {
         // Where the task's time went besides the science, for the dispatch overhead.
         fields.insert("fetchSeconds".into(), fetch_seconds.into());
         // What this task downloaded and found in the region's cache.
-        let t = data.transfers();
         fields.insert(
             "transfers".into(),
-            serde_json::json!({
-                "downloads": t.downloads - transfers_before.downloads,
-                "downloadedBytes": t.downloaded_bytes - transfers_before.downloaded_bytes,
-                "cacheHits": t.cache_hits - transfers_before.cache_hits,
-            }),
+            serde_json::to_value(data.transfers_since(mark)).unwrap_or_default(),
         );
         fields.insert(
             "uploadSeconds".into(),
