@@ -280,10 +280,12 @@ async fn through_control_plane(
             }
         }
         for t in &items {
-            if t["metadata"]["labels"]["ceccm/stage"] == "assemble" {
+            let stage = &t["metadata"]["labels"]["ceccm/stage"];
+            if stage == "assemble" || stage == "prepare" {
                 let r = &t["status"]["result"];
                 println!(
-                    "assemble task: fetch {:.2} s ({} downloads, {} cache hits), upload {:.2} s",
+                    "{} task: fetch {:.2} s ({} downloads, {} cache hits), upload {:.2} s",
+                    stage.as_str().unwrap_or("?"),
                     r["fetchSeconds"].as_f64().unwrap_or(f64::NAN),
                     r["transfers"]["downloaded"].as_array().map_or(0, Vec::len),
                     r["transfers"]["cacheHits"],
