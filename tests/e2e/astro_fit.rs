@@ -523,3 +523,60 @@ fn a_server_killed_mid_job_resumes_to_the_same_maps() {
     let maps = download(&http, &server, "seed7", "maps.fits", dir.path());
     assert_same_maps(&seed7_reference(dir.path()), &maps);
 }
+
+/// README line 1: `ceccm demo` fits the sample cube through the control plane with nothing
+/// outside the repository, says where the maps are and how accurate they are, and never
+/// touches a directory that already holds something.
+#[test]
+fn the_main_job_fits_the_sample_cube_and_spares_existing_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("demo");
+    let output = Command::new(bin("ceccm"))
+        .args(["demo", "--data-dir"])
+        .arg(&data_dir)
+        .current_dir(dir.path())
+        .env("CECCM_SHARED_DATA", dir.path().join("nowhere"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "Succeeded",
+        "136 fitted, 0 failed",
+        "median chi2",
+        "predicted",
+        "accuracy",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} missing:\n{stdout}");
+    }
+    let maps = data_dir.join("maps");
+    for file in [
+        "maps.fits",
+        "model.fits",
+        "maps.png",
+        "summary.json",
+        "residuals.png",
+    ] {
+        assert!(maps.join(file).is_file(), "{file} missing");
+    }
+
+    // A second run on the same directory is refused and leaves it as it was.
+    let before = std::fs::read_dir(&data_dir).unwrap().count();
+    let again = Command::new(bin("ceccm"))
+        .args(["demo", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not empty"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&data_dir).unwrap().count(), before);
+    assert!(maps.join("maps.fits").is_file());
+}
