@@ -49,6 +49,20 @@ fn template_tar(dir: &Path, out: &Path) -> PathBuf {
     tar
 }
 
+/// The names of the artifacts the tasks' completions recorded, one per file and completion.
+fn artifact_names(tasks: &[Value]) -> Vec<String> {
+    tasks
+        .iter()
+        .flat_map(|t| {
+            t["status"]["artifacts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|a| a["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn dataset(http: &Http, server: &Server, name: &str, format: &str, region: Option<&str>) {
     let mut spec = json!({"format": format});
     if let Some(r) = region {
@@ -187,17 +201,8 @@ fn a_cube_fitted_through_the_control_plane_gives_fit_cubes_maps() {
     );
     // Every chunk's artifact was written once: one completion per task, each naming its files.
     let tasks = http.get(&server.api("tasks?labelSelector=ceccm/application%3Dfit"));
-    let mut chunk_files: Vec<String> = tasks["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|t| {
-            t["status"]["artifacts"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|a| a["name"].as_str().unwrap().to_string())
+    let mut chunk_files: Vec<String> = artifact_names(tasks["items"].as_array().unwrap())
+        .into_iter()
         .filter(|n| n.starts_with("chunks/"))
         .collect();
     chunk_files.sort();
@@ -437,16 +442,7 @@ fn fit_tasks(http: &Http, server: &Server) -> Vec<Value> {
 fn assert_chunks_written_once(http: &Http, server: &Server, chunks: usize) {
     let tasks = fit_tasks(http, server);
     assert_eq!(tasks.len(), chunks);
-    let mut names: Vec<String> = tasks
-        .iter()
-        .flat_map(|t| {
-            t["status"]["artifacts"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|a| a["name"].as_str().unwrap().to_string())
-        .collect();
+    let mut names = artifact_names(&tasks);
     names.sort();
     let all = names.len();
     names.dedup();
