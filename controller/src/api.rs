@@ -540,7 +540,7 @@ pub struct ResultsIndex {
     pub files: Vec<ResultFile>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct ResultFile {
     pub name: String,
     pub size: u64,

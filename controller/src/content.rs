@@ -153,6 +153,12 @@ pub async fn stream_file(path: &Path, what: &str) -> Result<Response, ApiError> 
 
 /// The files in a results directory with their size and sha256 (none if it does not exist).
 pub async fn list_results(dir: &Path) -> Result<Vec<ResultFile>, ApiError> {
+    // Published artifacts come with their index: no need to hash a large model cube again.
+    if let Ok(text) = tokio::fs::read(dir.join(RESULTS_INDEX)).await
+        && let Ok(files) = serde_json::from_slice::<Vec<ResultFile>>(&text)
+    {
+        return Ok(files);
+    }
     let mut entries = match tokio::fs::read_dir(dir).await {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
@@ -165,7 +171,7 @@ pub async fn list_results(dir: &Path) -> Result<Vec<ResultFile>, ApiError> {
         .map_err(|e| io_error("listing results", e))?
     {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".tmp") {
+        if name.ends_with(".tmp") || name.starts_with('.') {
             continue;
         }
         let bytes = tokio::fs::read(entry.path())
@@ -326,6 +332,7 @@ pub async fn publish_results(
 ) -> Result<(), std::io::Error> {
     let dir = crate::reconcile::application::results_dir(data_dir, application);
     tokio::fs::create_dir_all(&dir).await?;
+    let mut index = Vec::with_capacity(artifacts.len());
     for a in artifacts {
         let name = Path::new(&a.name)
             .file_name()
@@ -336,6 +343,22 @@ pub async fn publish_results(
         if tokio::fs::hard_link(&source, &target).await.is_err() {
             tokio::fs::copy(&source, &target).await?;
         }
+        index.push(ResultFile {
+            name: name.to_string_lossy().into_owned(),
+            size: a.size,
+            sha256: a.sha256.clone(),
+        });
     }
-    Ok(())
+    index.sort_by(|a, b| a.name.cmp(&b.name));
+    let tmp = dir.join(format!("{RESULTS_INDEX}.tmp"));
+    tokio::fs::write(
+        &tmp,
+        serde_json::to_vec(&index).map_err(std::io::Error::other)?,
+    )
+    .await?;
+    tokio::fs::rename(&tmp, dir.join(RESULTS_INDEX)).await
 }
+
+/// The index of published artifacts in a results directory (their sizes and sha256 as the
+/// workers uploaded and the server checked them).
+const RESULTS_INDEX: &str = ".index.json";

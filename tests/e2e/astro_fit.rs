@@ -236,6 +236,10 @@ fn a_cube_fitted_through_the_control_plane_gives_fit_cubes_maps() {
     );
 
     let maps = download(&http, &server, "fit", "maps.fits", dir.path());
+    // The index gives what was uploaded and checked; the file served is that file.
+    use sha2::Digest;
+    let served = hex::encode(sha2::Sha256::digest(std::fs::read(&maps).unwrap()));
+    assert_eq!(index["files"][0]["sha256"], served.as_str());
     let reference = dir.path().join("fit-cube");
     let output = Command::new(bin("astro-fit"))
         .arg("fit-cube")
