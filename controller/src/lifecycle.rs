@@ -432,6 +432,7 @@ fn command_task(f: &ApplicationFacts, index: u32, template: &TaskTemplate) -> Ta
         env: template.env.clone(),
         astro_fit: None,
         features: None,
+        cores: Some(f.spec.resources.cpu).filter(|c| *c > 0.0),
         max_attempts: f.spec.max_attempts,
     }
 }
@@ -534,10 +535,22 @@ pub fn container_running(f: &ApplicationFacts, tally: &TaskTally) -> Application
 // ---------------------------------------------------------------------------------------------
 
 /// A region's tasks the driver must serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RegionTasks {
     pub queued: u32,
     pub leased: u32,
+    /// The most cores one of them uses (1 when none says).
+    pub cores_per_task: f64,
+}
+
+impl Default for RegionTasks {
+    fn default() -> Self {
+        RegionTasks {
+            queued: 0,
+            leased: 0,
+            cores_per_task: 1.0,
+        }
+    }
 }
 
 /// What the region reconciler does with the driver before deciding the region's health.
@@ -549,14 +562,15 @@ pub enum RegionStep {
     Ensure { workers: u32 },
 }
 
-/// One worker per queued or leased task (the driver caps it at the region's capacity).
-pub fn region_step(deleting: bool, tasks: RegionTasks) -> RegionStep {
+/// One worker per queued or leased task, as many as the region's cores hold at the cores each
+/// task uses (at least one worker; the driver caps it at the region's capacity too).
+pub fn region_step(deleting: bool, capacity_cpu: u32, tasks: RegionTasks) -> RegionStep {
     if deleting {
-        RegionStep::Release
-    } else {
-        RegionStep::Ensure {
-            workers: tasks.queued + tasks.leased,
-        }
+        return RegionStep::Release;
+    }
+    let fit = (f64::from(capacity_cpu) / tasks.cores_per_task.max(1.0)).floor() as u32;
+    RegionStep::Ensure {
+        workers: (tasks.queued + tasks.leased).min(fit.max(1)),
     }
 }
 
@@ -1240,13 +1254,40 @@ mod tests {
     }
 
     #[test]
-    fn a_region_wants_a_worker_per_task_until_deleted() {
+    fn a_region_wants_a_worker_per_task_its_cores_hold_until_deleted() {
         let tasks = RegionTasks {
             queued: 3,
             leased: 2,
+            cores_per_task: 1.0,
         };
-        assert_eq!(region_step(false, tasks), RegionStep::Ensure { workers: 5 });
-        assert_eq!(region_step(true, tasks), RegionStep::Release);
+        assert_eq!(
+            region_step(false, 8, tasks),
+            RegionStep::Ensure { workers: 5 }
+        );
+        assert_eq!(
+            region_step(false, 4, tasks),
+            RegionStep::Ensure { workers: 4 }
+        );
+        assert_eq!(region_step(true, 8, tasks), RegionStep::Release);
+        // Tasks of two threads each: a 4-core region runs two of them at once, a 1-core one
+        // still runs one.
+        let wide = RegionTasks {
+            cores_per_task: 2.0,
+            ..tasks
+        };
+        assert_eq!(
+            region_step(false, 4, wide),
+            RegionStep::Ensure { workers: 2 }
+        );
+        assert_eq!(
+            region_step(false, 1, wide),
+            RegionStep::Ensure { workers: 1 }
+        );
+        let idle = RegionTasks::default();
+        assert_eq!(
+            region_step(false, 4, idle),
+            RegionStep::Ensure { workers: 0 }
+        );
     }
 
     #[test]
@@ -1256,7 +1297,11 @@ mod tests {
         let facts = |status, leased, observed| RegionFacts {
             spec: &spec,
             status,
-            tasks: RegionTasks { queued: 0, leased },
+            tasks: RegionTasks {
+                queued: 0,
+                leased,
+                ..RegionTasks::default()
+            },
             observed,
             now_ms: NOW_MS,
         };

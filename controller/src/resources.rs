@@ -571,7 +571,20 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub features: Option<ceccm_scheduler::TaskFeatures>,
+    /// Cores the task uses (the application's `resources.cpu`; astro-fit: its threads): a
+    /// region runs as many workers as its cores hold such tasks. Absent: one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<f64>,
     pub max_attempts: u32,
+}
+
+impl TaskSpec {
+    /// The cores this task occupies while it runs (at least one).
+    pub fn cores(&self) -> f64 {
+        self.cores
+            .filter(|c| c.is_finite() && *c >= 1.0)
+            .unwrap_or(1.0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

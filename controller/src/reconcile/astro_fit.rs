@@ -192,6 +192,7 @@ fn stage_task(
         command: String::new(),
         args: vec![],
         env: Default::default(),
+        cores: Some(work.threads as f64),
         astro_fit: Some(work),
         features,
         max_attempts: f.spec.max_attempts,

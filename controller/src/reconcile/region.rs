@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::{Action, Context, ReconcileError};
 use crate::lifecycle::{self, RegionFacts, RegionStep, RegionTasks};
 use crate::objects;
-use crate::resources::{Kind, RELEASE_FINALIZER, RegionObject, typed};
+use crate::resources::{Kind, RELEASE_FINALIZER, RegionObject, TaskSpec, TaskStatus, typed};
 use crate::store::Query;
 use crate::time::now_millis;
 
@@ -31,12 +31,28 @@ pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, Reconcile
             region: Some(name),
             ..Default::default()
         };
+        // What the next task to lease asks for sets how many workers the cores hold.
+        let next = ctx
+            .store
+            .list(
+                Kind::Task,
+                &Query {
+                    limit: Some(1),
+                    ..count("Queued")
+                },
+            )
+            .await?;
+        let cores_per_task = next
+            .first()
+            .and_then(|t| typed::<TaskSpec, TaskStatus>(t).ok())
+            .map_or(1.0, |t| t.spec.cores());
         RegionTasks {
             queued: ctx.store.count(Kind::Task, &count("Queued")).await? as u32,
             leased: ctx.store.count(Kind::Task, &count("Leased")).await? as u32,
+            cores_per_task,
         }
     };
-    let workers = match lifecycle::region_step(deleting, tasks) {
+    let workers = match lifecycle::region_step(deleting, region.spec.capacity.cpu, tasks) {
         RegionStep::Release => {
             ctx.driver.release(name);
             objects::remove_finalizer(&ctx.store, Kind::Region, name, RELEASE_FINALIZER).await?;
