@@ -580,3 +580,33 @@ fn the_main_job_fits_the_sample_cube_and_spares_existing_directories() {
     assert_eq!(std::fs::read_dir(&data_dir).unwrap().count(), before);
     assert!(maps.join("maps.fits").is_file());
 }
+
+/// After a job of enough chunks the placement predictor has learned from their telemetry and
+/// reports its error on the newest ones (60 samples train it).
+#[test]
+fn the_predictor_learns_from_astro_fit_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let server = start_with_regions(&dir.path().join("server"), &http);
+    dataset(&http, &server, "cube", "cube", None);
+    upload(&http, &server, "cube", &sample_cube());
+    // 136 spectra in chunks of 2: 68 chunk tasks, with the bundled library.
+    http.apply(
+        &server,
+        "applications",
+        &astro_fit_app("many", "cube", json!({"chunkSpectra": 2})),
+    );
+    wait_for_phase(
+        &http,
+        &server,
+        "many",
+        "Succeeded",
+        Duration::from_secs(600),
+    );
+    let predictor = http.get(&server.api("predictor"));
+    assert_eq!(predictor["samples"], 68, "{predictor}");
+    assert_eq!(predictor["state"], "learned", "{predictor}");
+    let mape = predictor["runtimeMape"].as_f64().unwrap();
+    assert!(mape.is_finite() && mape >= 0.0, "{predictor}");
+    assert_ne!(predictor["model"], "analytic-prior", "{predictor}");
+}
