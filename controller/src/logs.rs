@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::resources::Kind;
-use crate::store::{Query, Store};
+use crate::store::Store;
 
 /// The log section of one task.
 pub fn section(task: &Value) -> String {
@@ -53,15 +53,7 @@ async fn tasks_of(
     application: &str,
     only: Option<&str>,
 ) -> Result<Vec<Value>, ApiError> {
-    let tasks = store
-        .list(
-            Kind::Task,
-            &Query {
-                owner: Some(application),
-                ..Default::default()
-            },
-        )
-        .await?;
+    let tasks = store.tasks_of(application).await?;
     Ok(tasks
         .into_iter()
         .filter(|t| only.is_none_or(|o| t["metadata"]["name"] == o))

@@ -28,15 +28,7 @@ async fn update_tasks(
     application: &str,
     step: fn(&TaskStatus) -> Option<TaskStatus>,
 ) -> Result<u32, ApiError> {
-    let tasks = store
-        .list(
-            Kind::Task,
-            &Query {
-                owner: Some(application),
-                ..Default::default()
-            },
-        )
-        .await?;
+    let tasks = store.tasks_of(application).await?;
     let mut changed = 0;
     for task in tasks {
         let name = task["metadata"]["name"]

@@ -343,6 +343,15 @@ impl Store {
         rows.iter().map(|(_, body)| parse(body)).collect()
     }
 
+    /// Every task of `application` (reconcilers, logs and the cancel/retry operations).
+    pub async fn tasks_of(&self, application: &str) -> Result<Vec<Value>, StoreError> {
+        let query = Query {
+            owner: Some(application),
+            ..Default::default()
+        };
+        self.list(Kind::Task, &query).await
+    }
+
     pub async fn count(&self, kind: Kind, query: &Query<'_>) -> Result<i64, StoreError> {
         // Counting through list keeps one query builder; counts here are over small sets.
         Ok(self.list_raw(kind, query).await?.1.len() as i64)

@@ -2,8 +2,6 @@
 //! its tasks or a placement), lets `lifecycle::decide_application` decide, and applies the
 //! decision. The phases and their events are described there.
 
-use std::collections::BTreeMap;
-
 use serde_json::{Value, json};
 
 use super::{Action, Context, ReconcileError};
@@ -16,7 +14,7 @@ use crate::resources::{
     typed,
 };
 use crate::scheduling::{self, InputView, RegionView};
-use crate::store::{Change, Query, StoreError};
+use crate::store::{Change, StoreError};
 use crate::time::{now_millis, now_rfc3339};
 
 pub use crate::lifecycle::task_name;
@@ -183,16 +181,7 @@ pub(super) async fn input_view(
 
 /// The application's tasks, by state.
 async fn tally(ctx: &Context, name: &str) -> Result<TaskTally, ReconcileError> {
-    let tasks = ctx
-        .store
-        .list(
-            Kind::Task,
-            &Query {
-                owner: Some(name),
-                ..Default::default()
-            },
-        )
-        .await?;
+    let tasks = ctx.store.tasks_of(name).await?;
     let mut tally = TaskTally::default();
     for task in &tasks {
         tally.add(
@@ -229,16 +218,7 @@ async fn write_results(ctx: &Context, name: &str) -> Result<(), ReconcileError> 
 
 /// Deletes the application's tasks, results and artifacts (the finalizer goes after).
 async fn release(ctx: &Context, name: &str) -> Result<(), ReconcileError> {
-    let tasks = ctx
-        .store
-        .list(
-            Kind::Task,
-            &Query {
-                owner: Some(name),
-                ..Default::default()
-            },
-        )
-        .await?;
+    let tasks = ctx.store.tasks_of(name).await?;
     for task in tasks {
         let task_name = task["metadata"]["name"]
             .as_str()
@@ -261,27 +241,4 @@ async fn release(ctx: &Context, name: &str) -> Result<(), ReconcileError> {
         }
     }
     Ok(())
-}
-
-/// Per-region task counts of an application's finished tasks (for summaries).
-pub async fn done_by_region(
-    ctx_store: &crate::store::Store,
-    application: &str,
-) -> Result<BTreeMap<String, u32>, StoreError> {
-    let tasks = ctx_store
-        .list(
-            Kind::Task,
-            &Query {
-                owner: Some(application),
-                phase: Some("Done"),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let mut by_region = BTreeMap::new();
-    for task in tasks {
-        let region = task["status"]["region"].as_str().unwrap_or("?").to_string();
-        *by_region.entry(region).or_insert(0) += 1;
-    }
-    Ok(by_region)
 }

@@ -18,7 +18,6 @@ use crate::lifecycle::{
     self, ApplicationDecision, ApplicationFacts, Event, NewTask, POLL, Publish, set_condition_at,
 };
 use crate::resources::{AppPhase, Kind, Progress, TaskObject, TaskSpec, TaskState, typed};
-use crate::store::Query;
 
 /// Label naming a task's stage.
 pub const STAGE_LABEL: &str = "ceccm/stage";
@@ -204,16 +203,7 @@ async fn follow(
     ctx: &Context,
     f: &ApplicationFacts<'_>,
 ) -> Result<ApplicationDecision, ReconcileError> {
-    let objects = ctx
-        .store
-        .list(
-            Kind::Task,
-            &Query {
-                owner: Some(f.name),
-                ..Default::default()
-            },
-        )
-        .await?;
+    let objects = ctx.store.tasks_of(f.name).await?;
     let mut tasks: Vec<TaskObject> = Vec::with_capacity(objects.len());
     for o in &objects {
         tasks.push(typed(o)?);
