@@ -594,18 +594,34 @@ pub struct StoredArtifact {
     pub size: u64,
 }
 
+/// Request header of an artifact upload whose content is not in the body: `region-cache`
+/// (a worker on the server's host names a file of its region's cache by its sha256).
+pub const CONTENT_FROM_HEADER: &str = "x-ceccm-content-from";
+
 #[utoipa::path(put, path = "/api/v1/tasks/{name}/artifacts/{sha256}", tag = "tasks",
-    params(("name" = String, Path), ("sha256" = String, Path, description = "sha256 of the body")),
+    params(("name" = String, Path), ("sha256" = String, Path, description = "sha256 of the body"),
+           ("x-ceccm-content-from" = Option<String>, Header, description = "`region-cache`: no body; the content is the file SHA256 in the cache of the task's region on the server's host (local driver)")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "Stored (or already stored): content-addressed, written once", body = StoredArtifact),
-              (status = "default", description = "Error (422: the body does not hash to sha256)", body = ErrorBody)))]
+              (status = "default", description = "Error (422: the content does not hash to sha256; 404: not in the region's cache)", body = ErrorBody)))]
 async fn upload_artifact(
     State(state): State<AppState>,
     Path((name, sha256)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let size =
-        crate::content::upload_artifact(&state.store, &state.config, &name, &sha256, body).await?;
+    let source = match headers.get(CONTENT_FROM_HEADER).map(|v| v.as_bytes()) {
+        None => crate::content::ArtifactSource::Body(body),
+        Some(b"region-cache") => crate::content::ArtifactSource::RegionCache,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "{CONTENT_FROM_HEADER}: {:?} is not a content source (region-cache)",
+                String::from_utf8_lossy(other)
+            )));
+        }
+    };
+    let size = crate::content::upload_artifact(&state.store, &state.config, &name, &sha256, source)
+        .await?;
     Ok(Json(StoredArtifact { sha256, size }).into_response())
 }
 

@@ -1233,6 +1233,74 @@ async fn the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster(t
     assert_eq!(restored.report().samples, 80);
 }
 
+/// A worker on the server's host hands an artifact over by naming a file of its region's
+/// cache; the server takes it only if it is there and hashes to its name.
+async fn artifacts_are_handed_over_from_the_regions_cache(ts: &TestStore) {
+    use sha2::Digest;
+    let app = app(state(ts));
+    let ctx = context(ts);
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 2, "edge"),
+    )
+    .await;
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        &batch("job", 1, &["edge-a"]),
+    )
+    .await;
+    mark_ready(&app, "edge-a").await;
+    settle(&ctx, "job").await;
+    let lease = json!({"worker": "w1", "region": "edge-a", "leaseSeconds": 30});
+    let leased = json_call(&app, "POST", "/api/v1/tasks:lease", &lease).await;
+    assert_eq!(leased.status, StatusCode::OK, "{}", leased.text);
+
+    let cache = crate::content::cache_root(ts.dir.path()).join("edge-a");
+    std::fs::create_dir_all(&cache).unwrap();
+    let content = b"chunk result".repeat(50);
+    let sha = hex::encode(sha2::Sha256::digest(&content));
+    let hand_over = |sha: String, from: &'static str| {
+        let app = app.clone();
+        async move {
+            let request = Request::builder()
+                .method("PUT")
+                .uri(format!("/api/v1/tasks/job-00000/artifacts/{sha}"))
+                .header(super::CONTENT_FROM_HEADER, from)
+                .body(Body::empty())
+                .unwrap();
+            app.oneshot(request).await.unwrap().status()
+        }
+    };
+    // Not in the cache: 404, and the worker sends the body instead.
+    assert_eq!(
+        hand_over(sha.clone(), "region-cache").await,
+        StatusCode::NOT_FOUND
+    );
+    // In the cache under a name that is not its hash: refused, nothing stored.
+    let wrong = hex::encode(sha2::Sha256::digest(b"something else"));
+    std::fs::write(cache.join(&wrong), &content).unwrap();
+    assert_eq!(
+        hand_over(wrong.clone(), "region-cache").await,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let stored = get(&app, &format!("/api/v1/applications/job/artifacts/{wrong}")).await;
+    assert_eq!(stored.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        hand_over(sha.clone(), "elsewhere").await,
+        StatusCode::BAD_REQUEST
+    );
+
+    std::fs::write(cache.join(&sha), &content).unwrap();
+    assert_eq!(hand_over(sha.clone(), "region-cache").await, StatusCode::OK);
+    let stored = get(&app, &format!("/api/v1/applications/job/artifacts/{sha}")).await;
+    assert_eq!(stored.status, StatusCode::OK);
+    assert_eq!(stored.text.as_bytes(), content.as_slice());
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -1247,6 +1315,7 @@ store_suite!(
     followed_logs_stream_each_finished_task_until_the_end,
     telemetry_is_recorded_on_completion_and_survives_a_restart,
     the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster,
+    artifacts_are_handed_over_from_the_regions_cache,
 );
 
 #[test]

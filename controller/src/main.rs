@@ -52,6 +52,11 @@ enum Command {
         /// driver passes DATA_DIR/cache).
         #[arg(long)]
         cache_root: Option<PathBuf>,
+        /// The server's data directory, when this worker runs on the server's host (the local
+        /// driver passes it): inputs are hard-linked from the server's store, then verified,
+        /// instead of downloaded.
+        #[arg(long)]
+        server_data_dir: Option<PathBuf>,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -114,6 +119,7 @@ fn main() -> ExitCode {
                 lease_seconds,
                 idle_exit_seconds,
                 cache_root,
+                server_data_dir,
             } => {
                 let worker_id =
                     worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
@@ -127,6 +133,7 @@ fn main() -> ExitCode {
                         |root| root.join(&region),
                     ),
                     region,
+                    server_data_dir,
                 })
                 .await
             }

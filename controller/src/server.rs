@@ -69,7 +69,11 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             "--lease-seconds".into(),
             options.lease_seconds.to_string(),
             "--cache-root".into(),
-            options.data_dir.join("cache").display().to_string(),
+            crate::content::cache_root(&options.data_dir)
+                .display()
+                .to_string(),
+            "--server-data-dir".into(),
+            options.data_dir.display().to_string(),
         ],
     }));
     // Learned from the telemetry of every task finished before this start.

@@ -284,10 +284,11 @@ async fn through_control_plane(
             if stage == "assemble" || stage == "prepare" {
                 let r = &t["status"]["result"];
                 println!(
-                    "{} task: fetch {:.2} s ({} downloads, {} cache hits), upload {:.2} s",
+                    "{} task: fetch {:.2} s ({} downloads, {} linked from the server's store, {} cache hits), upload {:.2} s",
                     stage.as_str().unwrap_or("?"),
                     r["fetchSeconds"].as_f64().unwrap_or(f64::NAN),
                     r["transfers"]["downloaded"].as_array().map_or(0, Vec::len),
+                    r["transfers"]["linked"].as_array().map_or(0, Vec::len),
                     r["transfers"]["cacheHits"],
                     r["uploadSeconds"].as_f64().unwrap_or(f64::NAN)
                 );

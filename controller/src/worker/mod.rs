@@ -31,6 +31,9 @@ pub struct WorkerOptions {
     pub idle_exit: Duration,
     /// The region's cache of inputs (shared by the region's workers), and scratch space.
     pub cache_dir: PathBuf,
+    /// The server's data directory, for a worker on the server's own host (the local
+    /// driver's): inputs are hard-linked from it rather than downloaded.
+    pub server_data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +53,12 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()?;
-    let data = DataPlane::new(client.clone(), &options.server, options.cache_dir.clone());
+    let data = DataPlane::new(
+        client.clone(),
+        &options.server,
+        options.cache_dir.clone(),
+        options.server_data_dir.clone(),
+    );
     let mut warm = stage::StageRunner::default();
     let parent = std::os::unix::process::parent_id();
     let mut idle_since = Instant::now();

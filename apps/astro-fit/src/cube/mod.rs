@@ -13,6 +13,7 @@
 //! - spectral resolution, where the file has it, is R = lambda / FWHM per wavelength pixel.
 
 pub mod manga;
+mod mapped;
 pub mod megara;
 pub mod muse;
 
@@ -565,6 +566,9 @@ pub struct Cube {
     path: PathBuf,
     file: FitsFile,
     layout: Layout,
+    /// The memory `file` reads from, for a plain file; declared after `file` so that it is
+    /// dropped after it.
+    _mapped: Option<mapped::Mapped>,
 }
 
 impl fmt::Debug for Cube {
@@ -587,10 +591,21 @@ impl Cube {
                 path,
             });
         }
-        let mut file = FitsFile::open(&path).map_err(|e| match fits_error(&path, "open", e) {
-            CubeError::Fits { path, message, .. } => CubeError::Open { path, message },
-            other => other,
-        })?;
+        // A gzipped file is decompressed into memory by cfitsio; a plain one is mapped.
+        let gzipped = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+        let (mut file, mapped) = match (!gzipped).then(|| mapped::open(&path)).flatten() {
+            Some((file, mapped)) => (file, Some(mapped)),
+            None => {
+                let file =
+                    FitsFile::open(&path).map_err(|e| match fits_error(&path, "open", e) {
+                        CubeError::Fits { path, message, .. } => CubeError::Open { path, message },
+                        other => other,
+                    })?;
+                (file, None)
+            }
+        };
         let probe = probe(&mut file, &path)?;
         let layout = if manga::matches(&probe) {
             manga::layout(&mut file, &path, &probe)?
@@ -618,7 +633,12 @@ impl Cube {
             .map_err(|e| fits_error(&path, "reading the flux HDU", e))?;
         layout.meta.celestial_wcs = read_celestial_wcs(&mut file, &flux, &primary);
         layout.meta.target = read_target(&mut file, &flux, &primary);
-        let mut cube = Cube { path, file, layout };
+        let mut cube = Cube {
+            path,
+            file,
+            layout,
+            _mapped: mapped,
+        };
         cube.check_complete()?;
         Ok(cube)
     }
