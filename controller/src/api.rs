@@ -4,17 +4,18 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::auth::{Action, Principal};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::metrics::Metrics;
 use crate::objects;
@@ -33,6 +34,10 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Largest dataset upload.
     pub max_upload_bytes: u64,
+    /// Tokens held in memory (the administrator's, the local driver's workers').
+    pub static_tokens: Vec<crate::tokens::StaticToken>,
+    /// Whether `/metrics` answers without a token.
+    pub anonymous_metrics: bool,
 }
 
 impl ApiConfig {
@@ -41,6 +46,8 @@ impl ApiConfig {
             data_dir,
             max_body_bytes: 1024 * 1024,
             max_upload_bytes: 4 * 1024 * 1024 * 1024,
+            static_tokens: Vec::new(),
+            anonymous_metrics: false,
         }
     }
 }
@@ -67,8 +74,29 @@ pub struct AppState {
     crate::resources::DatasetStatus,
     crate::resources::TaskSpec,
     crate::resources::TaskStatus
-)))]
+)), modifiers(&BearerAuth), security(("bearer" = [])))]
 struct ApiDoc;
+
+/// Every route but the health checks takes `Authorization: Bearer TOKEN`.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "ceccm_<id>_<secret>; the administrator's is in DATA_DIR/admin.token",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -88,6 +116,8 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(complete_task))
         .routes(routes!(fail_task))
         .routes(routes!(predictor))
+        .routes(routes!(create_token, list_tokens))
+        .routes(routes!(revoke_token))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
@@ -98,6 +128,10 @@ pub fn app(state: AppState) -> axum::Router {
     let (router, _) = router().split_for_parts();
     router
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::tokens::authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
@@ -304,10 +338,12 @@ impl Filter {
         (status = "default", description = "Error", body = ErrorBody)))]
 async fn list_objects(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(plural): Path<String>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Read(kind))?;
     let params = query(params)?;
     let filter = Filter::parse(kind, &params)?;
     if params.watch == Some(true) {
@@ -367,6 +403,25 @@ fn filter_fn(filter: Filter) -> impl Fn(&Value) -> bool + Send + Sync + 'static 
     move |object| filter.matches(object)
 }
 
+/// A name taken from a URL must be one an object can have (a DNS-1123 label) before it
+/// addresses anything, files above all: anything else names no object (404).
+fn object_name(kind: Kind, name: &str) -> Result<(), ApiError> {
+    validate_name(name).map_err(|_| ApiError::not_found(kind.as_str(), name))
+}
+
+/// Host commands (`app: container`, run by the process runtime with the server's rights) are
+/// an administrator's choice; users run registered apps.
+fn may_submit(
+    who: &Principal,
+    kind: Kind,
+    submitted: &crate::resources::Submitted,
+) -> Result<(), ApiError> {
+    if kind == Kind::Application && submitted.spec["app"] == "container" {
+        who.may(Action::RunHostCommands)?;
+    }
+    Ok(())
+}
+
 /// Fails with 422 when the spec names regions that do not exist.
 async fn check_references(
     store: &Store,
@@ -404,18 +459,21 @@ async fn check_references(
     responses((status = 201, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
 async fn create_object(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(plural): Path<String>,
     params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Write(kind))?;
     let dry_run = query(params)?.dry_run()?;
     if !kind.user_writable() {
         return Err(read_only(kind));
     }
     let document = read_document(&headers, body, state.config.max_body_bytes).await?;
     let submitted = parse_submitted(kind, document)?;
+    may_submit(&who, kind, &submitted)?;
     check_references(&state.store, kind, &submitted.metadata.name, &submitted).await?;
     let object = objects::create(&state.store, kind, submitted, dry_run).await?;
     Ok((StatusCode::CREATED, Json(object)).into_response())
@@ -426,9 +484,12 @@ async fn create_object(
     responses((status = 200, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_object(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Read(kind))?;
+    object_name(kind, &name)?;
     match state.store.get_raw(kind, &name).await? {
         Some(body) => Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
         None => Err(ApiError::not_found(kind.as_str(), &name)),
@@ -442,12 +503,15 @@ async fn get_object(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn apply_object(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Write(kind))?;
+    object_name(kind, &name)?;
     let dry_run = query(params)?.dry_run()?;
     if !kind.user_writable() {
         return Err(read_only(kind));
@@ -460,6 +524,7 @@ async fn apply_object(
             submitted.metadata.name
         )));
     }
+    may_submit(&who, kind, &submitted)?;
     check_references(&state.store, kind, &name, &submitted).await?;
     let (object, created) = objects::apply(&state.store, kind, submitted, dry_run).await?;
     let status = if created {
@@ -476,10 +541,13 @@ async fn apply_object(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete_object(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Write(kind))?;
+    object_name(kind, &name)?;
     let dry_run = query(params)?.dry_run()?;
     let object = objects::delete(&state.store, kind, &name, dry_run).await?;
     if kind == Kind::Dataset && !dry_run {
@@ -495,11 +563,14 @@ async fn delete_object(
     responses((status = 200, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
 async fn patch_status(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::WriteStatus(kind))?;
+    object_name(kind, &name)?;
     if !kind.user_writable() {
         return Err(read_only(kind));
     }
@@ -517,9 +588,12 @@ async fn patch_status(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn upload_content(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Write(Kind::Dataset))?;
+    object_name(Kind::Dataset, &name)?;
     let object = crate::content::upload_dataset(&state.store, &state.config, &name, body).await?;
     Ok(Json(object).into_response())
 }
@@ -530,8 +604,11 @@ async fn upload_content(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn download_content(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Dataset))?;
+    object_name(Kind::Dataset, &name)?;
     crate::content::download_dataset(&state.store, &state.config, &name).await
 }
 
@@ -552,8 +629,11 @@ pub struct ResultFile {
     responses((status = 200, body = ResultsIndex), (status = "default", description = "Error", body = ErrorBody)))]
 async fn results_index(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
     if state
         .store
         .get_raw(Kind::Application, &name)
@@ -572,8 +652,11 @@ async fn results_index(
               (status = "default", description = "Error (409: already finished)", body = ErrorBody)))]
 async fn cancel_application(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Write(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
     Ok(Json(crate::operations::cancel(&state.store, &name).await?).into_response())
 }
 
@@ -583,8 +666,11 @@ async fn cancel_application(
               (status = "default", description = "Error (409: not Failed or Cancelled)", body = ErrorBody)))]
 async fn retry_application(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Write(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
     Ok(Json(crate::operations::retry(&state.store, &name).await?).into_response())
 }
 
@@ -606,10 +692,13 @@ pub const CONTENT_FROM_HEADER: &str = "x-ceccm-content-from";
               (status = "default", description = "Error (422: the content does not hash to sha256; 404: not in the region's cache)", body = ErrorBody)))]
 async fn upload_artifact(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, sha256)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
+    object_name(Kind::Task, &name)?;
     let source = match headers.get(CONTENT_FROM_HEADER).map(|v| v.as_bytes()) {
         None => crate::content::ArtifactSource::Body(body),
         Some(b"region-cache") => crate::content::ArtifactSource::RegionCache,
@@ -631,8 +720,11 @@ async fn upload_artifact(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn download_artifact(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, sha256)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
     crate::content::download_artifact(&state.config, &name, &sha256).await
 }
 
@@ -642,12 +734,23 @@ async fn download_artifact(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn result_file(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
     if file.contains('/') || file.starts_with('.') {
         return Err(ApiError::bad_request(format!(
             "bad result file name {file:?}"
         )));
+    }
+    if state
+        .store
+        .get_raw(Kind::Application, &name)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::not_found("Application", &name));
     }
     let path = results_dir(&state.config.data_dir, &name).join(&file);
     crate::content::stream_file(&path, &format!("result {file:?} of application {name:?}")).await
@@ -668,9 +771,12 @@ pub struct LogParams {
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn application_logs(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
     let params = query(params)?;
     crate::logs::logs(
         state.store.clone(),
@@ -690,9 +796,11 @@ async fn application_logs(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn lease_task(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
     let request: LeaseRequest = read_typed(&headers, body).await?;
     if let Err(e) = validate_name(&request.region) {
         return Err(ApiError::new(ErrorCode::Invalid, format!("region: {e}")));
@@ -709,10 +817,12 @@ async fn lease_task(
               (status = "default", description = "Error (409: the lease was lost)", body = ErrorBody)))]
 async fn heartbeat_task(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
     let request: HeartbeatRequest = read_typed(&headers, body).await?;
     Ok(Json(queue::heartbeat(&state.store, &name, &request).await?).into_response())
 }
@@ -723,10 +833,12 @@ async fn heartbeat_task(
               (status = "default", description = "Error (409: already finished)", body = ErrorBody)))]
 async fn complete_task(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
     let value = read_document(&headers, body, state.config.max_body_bytes).await?;
     let request: CompleteRequest = serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))?;
@@ -753,10 +865,12 @@ async fn complete_task(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn fail_task(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
     let request: FailRequest = read_typed(&headers, body).await?;
     Ok(Json(queue::fail(&state.store, &name, request).await?).into_response())
 }
@@ -840,9 +954,55 @@ impl PredictorStatus {
 #[utoipa::path(get, path = "/api/v1/predictor", tag = "scheduler",
     responses((status = 200, description = "The placement predictor's state and held-out error", body = PredictorStatus),
               (status = "default", description = "Error", body = ErrorBody)))]
-async fn predictor(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn predictor(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    who.may(Action::ReadMetrics)?;
     let status = PredictorStatus::of(&state.predictor.read());
     Ok(Json(status).into_response())
+}
+
+// ---- tokens ---------------------------------------------------------------------------------
+
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens",
+    request_body(content = crate::tokens::TokenRequest, content_type = "application/json"),
+    responses((status = 201, description = "The new token; `token` is its secret, shown only here", body = crate::tokens::TokenInfo),
+              (status = "default", description = "Error (403: administrators only)", body = ErrorBody)))]
+async fn create_token(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    who.may(Action::ManageTokens)?;
+    let request = read_typed(&headers, body).await?;
+    let made = crate::tokens::create(&state.store, request).await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "Stored tokens, without their secrets", body = crate::tokens::TokenList),
+              (status = "default", description = "Error (403: administrators only)", body = ErrorBody)))]
+async fn list_tokens(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    who.may(Action::ManageTokens)?;
+    Ok(Json(crate::tokens::list(&state.store).await?).into_response())
+}
+
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "Revoked: what the token was", body = crate::tokens::TokenInfo),
+              (status = "default", description = "Error (403: administrators only)", body = ErrorBody)))]
+async fn revoke_token(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    who.may(Action::ManageTokens)?;
+    Ok(Json(crate::tokens::revoke(&state.store, &id).await?).into_response())
 }
 
 // ---- health and metrics ----------------------------------------------------------------------
@@ -863,7 +1023,14 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
 
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(
+    State(state): State<AppState>,
+    who: Option<Extension<Principal>>,
+) -> Result<Response, ApiError> {
+    // Anonymous only when the server allows it (the middleware let the request through).
+    if let Some(Extension(who)) = who {
+        who.may(Action::ReadMetrics)?;
+    }
     let counts = state.store.phase_counts().await?;
     let text = state.metrics.render(&counts);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

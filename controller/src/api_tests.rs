@@ -10,19 +10,42 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use super::{ApiConfig, AppState, app};
+use super::{ApiConfig, AppState};
 use crate::reconcile::{Action, Context};
 use crate::resources::Kind;
 use crate::testing::{TestStore, store_suite};
+
+/// The administrator token of the test servers; every request presents it unless it sets an
+/// `Authorization` of its own.
+const ADMIN: &str =
+    "ceccm_00000000000000ad_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// The API as served, with the administrator's token added to requests that carry none.
+fn app(state: AppState) -> Router {
+    super::app(state).layer(axum::middleware::map_request(
+        |mut request: Request<Body>| async move {
+            if !request.headers().contains_key("authorization") {
+                request
+                    .headers_mut()
+                    .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+            }
+            request
+        },
+    ))
+}
 
 fn state(ts: &TestStore) -> AppState {
     state_with(ts, ApiConfig::new(ts.dir.path().to_path_buf()))
 }
 
 fn state_with(ts: &TestStore, config: ApiConfig) -> AppState {
+    let admin = crate::tokens::StaticToken::new(ADMIN, "admin", crate::auth::Role::Admin);
     AppState {
         store: ts.store.clone(),
-        config: Arc::new(config),
+        config: Arc::new(ApiConfig {
+            static_tokens: admin.into_iter().collect(),
+            ..config
+        }),
         metrics: Default::default(),
         predictor: Default::default(),
     }
@@ -630,6 +653,7 @@ fn context(ts: &TestStore) -> Context {
             ceccm_federation::local::WorkerCommand {
                 program: "true".into(),
                 args: vec![],
+                env: vec![],
             },
         )),
         data_dir: ts.dir.path().to_path_buf(),
@@ -1301,6 +1325,302 @@ async fn artifacts_are_handed_over_from_the_regions_cache(ts: &TestStore) {
     assert_eq!(stored.text.as_bytes(), content.as_slice());
 }
 
+/// `call` with the caller's own `Authorization` (`None`: none at all).
+async fn call_as(
+    app: &Router,
+    token: Option<&str>,
+    method: &str,
+    uri: &str,
+    body: Option<&Value>,
+) -> Answer {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
+    request = match token {
+        Some(t) => request.header("authorization", format!("Bearer {t}")),
+        // Present but empty of a token, so the test layer adds none.
+        None => request.header("authorization", "none"),
+    };
+    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+    let response = app
+        .clone()
+        .oneshot(request.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Answer {
+        status,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+const ROLES: [&str; 5] = ["viewer", "user", "operator", "admin", "worker"];
+
+/// Every role against every kind and verb: what `auth::authorize`'s table allows is never
+/// refused with 401/403, and everything else is a 403 with the error JSON.
+async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) {
+    use crate::auth::{Action, Role, authorize};
+    let app = app(state(ts));
+    let mut tokens = std::collections::BTreeMap::new();
+    for role in ROLES {
+        let made = json_call(
+            &app,
+            "POST",
+            "/api/v1/tokens",
+            &json!({"user": format!("{role}-1"), "role": role}),
+        )
+        .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+        tokens.insert(role, made.body["token"].as_str().unwrap().to_string());
+    }
+    json_call(&app, "POST", "/api/v1/regions", &region("r1", 2, "edge")).await;
+    let dataset = |name: &str| {
+        json!({"apiVersion": "ceccm/v1", "kind": "Dataset", "metadata": {"name": name},
+               "spec": {"format": "cube"}})
+    };
+    json_call(&app, "POST", "/api/v1/datasets", &dataset("d1")).await;
+    let manifest = |kind: Kind, name: &str| match kind {
+        Kind::Region => region(name, 1, "cloud"),
+        Kind::Dataset => dataset(name),
+        _ => json!({"apiVersion": "ceccm/v1", "kind": kind.as_str(), "metadata": {"name": name},
+                    "spec": {"app": "astro-fit", "inputs": [{"dataset": "d1"}]}}),
+    };
+    let refused = |answer: &Answer, what: &str| {
+        assert_eq!(
+            answer.status,
+            StatusCode::FORBIDDEN,
+            "{what}: {}",
+            answer.text
+        );
+        assert_eq!(answer.body["error"]["code"], "Forbidden", "{what}");
+    };
+    let allowed = |answer: &Answer, what: &str| {
+        assert!(
+            ![StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&answer.status),
+            "{what}: {} {}",
+            answer.status,
+            answer.text
+        );
+    };
+    for role_name in ROLES {
+        let role = Role::parse(role_name).unwrap();
+        let token = Some(tokens[role_name].as_str());
+        for kind in Kind::ALL {
+            let plural = kind.plural();
+            let what = |verb: &str| format!("{role_name} {verb} {plural}");
+            let list = call_as(&app, token, "GET", &format!("/api/v1/{plural}"), None).await;
+            assert_eq!(list.status, StatusCode::OK, "{}", what("lists"));
+            let name = format!("x-{role_name}");
+            let created = call_as(
+                &app,
+                token,
+                "POST",
+                &format!("/api/v1/{plural}"),
+                Some(&manifest(kind, &name)),
+            )
+            .await;
+            if authorize(role, Action::Write(kind)) && kind.user_writable() {
+                assert_eq!(
+                    created.status,
+                    StatusCode::CREATED,
+                    "{}: {}",
+                    what("creates"),
+                    created.text
+                );
+            } else {
+                refused(&created, &what("creates"));
+            }
+            let deleted = call_as(
+                &app,
+                token,
+                "DELETE",
+                &format!("/api/v1/{plural}/nothing"),
+                None,
+            )
+            .await;
+            // Tasks and events belong to the control plane: read-only for everyone.
+            if authorize(role, Action::Write(kind)) && kind.user_writable() {
+                allowed(&deleted, &what("deletes"));
+            } else {
+                refused(&deleted, &what("deletes"));
+            }
+            let patched = call_as(
+                &app,
+                token,
+                "PATCH",
+                &format!("/api/v1/{plural}/nothing/status"),
+                Some(&json!({"status": {"phase": "Succeeded"}})),
+            )
+            .await;
+            if authorize(role, Action::WriteStatus(kind)) && kind.user_writable() {
+                allowed(&patched, &what("writes the status of"));
+            } else {
+                refused(&patched, &what("writes the status of"));
+            }
+        }
+        let listed = call_as(&app, token, "GET", "/api/v1/tokens", None).await;
+        let leased = call_as(
+            &app,
+            token,
+            "POST",
+            "/api/v1/tasks:lease",
+            Some(&json!({"worker": "w", "region": "r1"})),
+        )
+        .await;
+        let host = call_as(
+            &app,
+            token,
+            "POST",
+            "/api/v1/applications",
+            Some(&batch(&format!("sh-{role_name}"), 1, &["r1"])),
+        )
+        .await;
+        let metrics = call_as(&app, token, "GET", "/metrics", None).await;
+        for (answer, action, what) in [
+            (&listed, Action::ManageTokens, "lists tokens"),
+            (&leased, Action::RunTasks, "leases a task"),
+            (&host, Action::RunHostCommands, "runs host commands"),
+            (&metrics, Action::ReadMetrics, "reads metrics"),
+        ] {
+            let what = format!("{role_name} {what}");
+            if authorize(role, action) {
+                allowed(answer, &what);
+            } else {
+                refused(answer, &what);
+            }
+        }
+        // No secret is ever listed.
+        if role == Role::Admin {
+            assert!(
+                listed.body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|t| t.get("token").is_none())
+            );
+            assert!(!listed.text.contains(&tokens["viewer"][23..]));
+        }
+    }
+}
+
+/// Without a valid token only the health checks answer; a revoked or expired token is refused.
+async fn requests_without_a_valid_token_are_refused(ts: &TestStore) {
+    let app = app(state(ts));
+    for uri in ["/healthz", "/readyz"] {
+        assert_eq!(
+            call_as(&app, None, "GET", uri, None).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+    for uri in [
+        "/api/v1/regions",
+        "/api/v1/applications/a/results",
+        "/metrics",
+        "/api/v1/predictor",
+    ] {
+        let answer = call_as(&app, None, "GET", uri, None).await;
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    for bad in [
+        "not-a-token",
+        &ADMIN[..ADMIN.len() - 1],
+        "ceccm_00000000000000ad_ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    ] {
+        let answer = call_as(&app, Some(bad), "GET", "/api/v1/regions", None).await;
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let made = json_call(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &json!({"user": "ana", "role": "viewer"}),
+    )
+    .await;
+    let token = made.body["token"].as_str().unwrap().to_string();
+    let id = made.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        call_as(&app, Some(&token), "GET", "/api/v1/regions", None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let revoked = call(
+        &app,
+        "DELETE",
+        &format!("/api/v1/tokens/{id}"),
+        "application/json",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.text);
+    assert_eq!(revoked.body["user"], "ana");
+    let answer = call_as(&app, Some(&token), "GET", "/api/v1/regions", None).await;
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "Unauthorized");
+
+    let made = json_call(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &json!({"user": "bo", "role": "viewer", "ttlSeconds": 1}),
+    )
+    .await;
+    assert!(made.body["expiresAt"].is_string(), "{}", made.text);
+    let token = made.body["token"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = call_as(&app, Some(&token), "GET", "/api/v1/regions", None).await;
+        if answer.status == StatusCode::UNAUTHORIZED {
+            assert!(answer.text.contains("expired"), "{}", answer.text);
+            break;
+        }
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for bad in [
+        json!({"user": "x", "role": "root"}),
+        json!({"user": "../x", "role": "viewer"}),
+        json!({"user": "x", "role": "viewer", "ttlSeconds": 0}),
+    ] {
+        let answer = json_call(&app, "POST", "/api/v1/tokens", &bad).await;
+        assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    }
+}
+
+/// Names from URLs never address files outside their place (issue 16's first attack).
+async fn names_in_urls_never_reach_other_files(ts: &TestStore) {
+    let app = app(state(ts));
+    std::fs::create_dir_all(ts.dir.path().join("results")).unwrap();
+    std::fs::write(ts.dir.path().join("secret"), "do not serve").unwrap();
+    for uri in [
+        "/api/v1/applications/..%2F..%2F..%2F..%2F..%2F..%2Fetc/results/hostname",
+        "/api/v1/applications/%2E%2E/results/secret",
+        "/api/v1/applications/%2E%2E/results",
+        "/api/v1/applications/%2E%2E/artifacts/0000000000000000000000000000000000000000000000000000000000000000",
+        "/api/v1/datasets/%2E%2E%2Fsecret/content",
+        "/api/v1/applications/%2E%2E/logs",
+    ] {
+        let answer = get(&app, uri).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::NOT_FOUND,
+            "{uri}: {}",
+            answer.text
+        );
+        assert!(!answer.text.contains("do not serve"), "{uri}");
+    }
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -1316,6 +1636,9 @@ store_suite!(
     telemetry_is_recorded_on_completion_and_survives_a_restart,
     the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster,
     artifacts_are_handed_over_from_the_regions_cache,
+    every_role_may_do_what_its_table_says_and_nothing_else,
+    requests_without_a_valid_token_are_refused,
+    names_in_urls_never_reach_other_files,
 );
 
 #[test]

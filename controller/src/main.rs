@@ -32,6 +32,10 @@ enum Command {
         /// Lease length the local workers ask for.
         #[arg(long, default_value_t = 30)]
         lease_seconds: u32,
+        /// Serve `/metrics` without a token (every other route but /healthz and /readyz
+        /// needs one; the administrator's is written to DATA_DIR/admin.token).
+        #[arg(long)]
+        metrics_anonymous: bool,
     },
     /// Lease and run tasks of one region (started by the local region driver).
     Worker {
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
                 data_dir,
                 database_url,
                 lease_seconds,
+                metrics_anonymous,
             } => {
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
                     listen,
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
                     database_url,
                     lease_seconds,
                     worker_program: std::env::current_exe()?,
+                    anonymous_metrics: metrics_anonymous,
                 })
                 .await
             }

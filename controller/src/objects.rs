@@ -28,7 +28,7 @@ fn new_object(kind: Kind, submitted: &Submitted) -> Value {
     let status = match kind {
         Kind::Application | Kind::Dataset => json!({"phase": "Pending"}),
         Kind::Region => json!({"phase": "NotReady", "message": "waiting for the region driver"}),
-        Kind::Task | Kind::Event => json!({}),
+        Kind::Task | Kind::Event | Kind::Token => json!({}),
     };
     json!({
         "apiVersion": crate::resources::API_VERSION,

@@ -164,11 +164,12 @@ async fn through_control_plane(
         database_url: None,
         lease_seconds: 30,
         worker_program: sibling("ceccm")?,
+        anonymous_metrics: false,
     })
     .await?;
     let base = format!("{}/api/v1", server.url());
     let outcome = async {
-        let client = reqwest::Client::new();
+        let client = ceccm_controller::tokens::admin_client(dir)?;
         for i in 0..args.threads {
             let name = format!("local-{i}");
             send(client.put(format!("{base}/regions/{name}")).json(&json!({

@@ -449,10 +449,11 @@ mod tests {
             database_url: None,
             lease_seconds: 30,
             worker_program: "/nonexistent".into(),
+            anonymous_metrics: false,
         })
         .await
         .unwrap();
-        let http = reqwest::Client::new();
+        let http = crate::tokens::admin_client(&dir.path().join("server")).unwrap();
         let created = http
             .post(format!("{}/api/v1/datasets", server.url()))
             .json(&serde_json::json!({
@@ -493,7 +494,7 @@ mod tests {
     async fn a_remote_region_downloads_once_and_a_local_one_links_the_servers_copy() {
         let content = b"SIMPLE  =                    T".repeat(1000);
         let (server, dir) = server_with_dataset(&content).await;
-        let http = reqwest::Client::new();
+        let http = crate::tokens::admin_client(&dir.path().join("server")).unwrap();
 
         let remote = DataPlane::new(http.clone(), &server.url(), dir.path().join("remote"), None);
         let path = remote.dataset(&pinned(&content)).await.unwrap();
@@ -534,7 +535,7 @@ mod tests {
     async fn content_changed_since_planning_is_refused_by_link_and_download_alike() {
         let planned = b"planned content".repeat(100);
         let (server, dir) = server_with_dataset(b"uploaded again since").await;
-        let http = reqwest::Client::new();
+        let http = crate::tokens::admin_client(&dir.path().join("server")).unwrap();
         for store in [None, Some(dir.path().join("server"))] {
             let cache = dir
                 .path()

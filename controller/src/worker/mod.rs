@@ -44,15 +44,24 @@ pub enum WorkerError {
     Status { status: u16, body: String },
 }
 
+/// The environment variable a worker finds its token in.
+pub const TOKEN_ENV: &str = "CECCM_TOKEN";
+
 /// The default cache of a region's workers: `DATA_DIR/cache/REGION` for the local driver.
 pub fn default_cache_dir(region: &str) -> PathBuf {
     std::env::temp_dir().join("ceccm-cache").join(region)
 }
 
 pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()?;
+    let token = std::env::var(TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!(
+            "a worker needs its region's token in ${TOKEN_ENV} (the local driver sets it)"
+        )
+    })?;
+    let client = crate::tokens::client_with_token(
+        reqwest::Client::builder().timeout(Duration::from_secs(300)),
+        &token,
+    )?;
     let data = DataPlane::new(
         client.clone(),
         &options.server,

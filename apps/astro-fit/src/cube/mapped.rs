@@ -24,15 +24,20 @@ pub(crate) struct Mapped {
     _size: Box<usize>,
 }
 
+/// Size of a FITS record: every FITS file is a whole number of them.
+const RECORD: usize = 2880;
+
 /// Opens `path` read-only through a memory map. `None` when it cannot be mapped (an empty
-/// file, a special file): the caller opens it the usual way and cfitsio reports what is wrong.
+/// file, a special file, a size that is not whole FITS records): the caller keeps reading it
+/// through cfitsio's file driver. Call it only for a file cfitsio opened and checked complete:
+/// cfitsio reads whole records, and every one must lie inside the map.
 pub(crate) fn open(path: &Path) -> Option<(FitsFile, Mapped)> {
     let file = std::fs::File::open(path).ok()?;
     // SAFETY: the map is read-only and the files mapped are not modified while open (region
     // caches are content-addressed and immutable). A file truncated by another process while
     // mapped would fault on access, as with any mapped reader.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-    if map.is_empty() {
+    if map.is_empty() || map.len() % RECORD != 0 {
         return None;
     }
     let name = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;

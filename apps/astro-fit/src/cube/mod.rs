@@ -591,21 +591,10 @@ impl Cube {
                 path,
             });
         }
-        // A gzipped file is decompressed into memory by cfitsio; a plain one is mapped.
-        let gzipped = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
-        let (mut file, mapped) = match (!gzipped).then(|| mapped::open(&path)).flatten() {
-            Some((file, mapped)) => (file, Some(mapped)),
-            None => {
-                let file =
-                    FitsFile::open(&path).map_err(|e| match fits_error(&path, "open", e) {
-                        CubeError::Fits { path, message, .. } => CubeError::Open { path, message },
-                        other => other,
-                    })?;
-                (file, None)
-            }
-        };
+        let mut file = FitsFile::open(&path).map_err(|e| match fits_error(&path, "open", e) {
+            CubeError::Fits { path, message, .. } => CubeError::Open { path, message },
+            other => other,
+        })?;
         let probe = probe(&mut file, &path)?;
         let layout = if manga::matches(&probe) {
             manga::layout(&mut file, &path, &probe)?
@@ -637,9 +626,16 @@ impl Cube {
             path,
             file,
             layout,
-            _mapped: mapped,
+            _mapped: None,
         };
         cube.check_complete()?;
+        // Checked complete through cfitsio's file driver, a plain file is read from here on
+        // through a memory map (a gzipped one is already in memory).
+        let gzipped = (cube.path.extension()).is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+        if !gzipped && let Some((file, mapped)) = mapped::open(&cube.path) {
+            cube.file = file;
+            cube._mapped = Some(mapped);
+        }
         Ok(cube)
     }
 
