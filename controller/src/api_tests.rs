@@ -1257,28 +1257,26 @@ async fn the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster(t
     assert_eq!(restored.report().samples, 80);
 }
 
+/// Region `edge-a` ready and an application `job` of `tasks` echo tasks placed on it.
+async fn job_on_a_ready_region(app: &Router, ctx: &Context, tasks: usize) {
+    json_call(app, "POST", "/api/v1/regions", &region("edge-a", 2, "edge")).await;
+    json_call(
+        app,
+        "POST",
+        "/api/v1/applications",
+        &batch("job", tasks, &["edge-a"]),
+    )
+    .await;
+    mark_ready(app, "edge-a").await;
+    settle(ctx, "job").await;
+}
+
 /// A worker on the server's host hands an artifact over by naming a file of its region's
 /// cache; the server takes it only if it is there and hashes to its name.
 async fn artifacts_are_handed_over_from_the_regions_cache(ts: &TestStore) {
     use sha2::Digest;
     let app = app(state(ts));
-    let ctx = context(ts);
-    json_call(
-        &app,
-        "POST",
-        "/api/v1/regions",
-        &region("edge-a", 2, "edge"),
-    )
-    .await;
-    json_call(
-        &app,
-        "POST",
-        "/api/v1/applications",
-        &batch("job", 1, &["edge-a"]),
-    )
-    .await;
-    mark_ready(&app, "edge-a").await;
-    settle(&ctx, "job").await;
+    job_on_a_ready_region(&app, &context(ts), 1).await;
     let lease = json!({"worker": "w1", "region": "edge-a", "leaseSeconds": 30});
     let leased = json_call(&app, "POST", "/api/v1/tasks:lease", &lease).await;
     assert_eq!(leased.status, StatusCode::OK, "{}", leased.text);
@@ -1360,15 +1358,13 @@ async fn call_as(
     }
 }
 
-const ROLES: [&str; 5] = ["viewer", "user", "operator", "admin", "worker"];
-
 /// Every role against every kind and verb: what `auth::authorize`'s table allows is never
 /// refused with 401/403, and everything else is a 403 with the error JSON.
 async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) {
     use crate::auth::{Action, Role, authorize};
     let app = app(state(ts));
     let mut tokens = std::collections::BTreeMap::new();
-    for role in ROLES {
+    for role in crate::auth::Role::ALL.map(crate::auth::Role::as_str) {
         let made = json_call(
             &app,
             "POST",
@@ -1408,7 +1404,7 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
             answer.text
         );
     };
-    for role_name in ROLES {
+    for role_name in Role::ALL.map(Role::as_str) {
         let role = Role::parse(role_name).unwrap();
         let token = Some(tokens[role_name].as_str());
         for kind in Kind::ALL {

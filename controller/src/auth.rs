@@ -33,6 +33,14 @@ pub enum Role {
 }
 
 impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Viewer,
+        Role::User,
+        Role::Operator,
+        Role::Admin,
+        Role::Worker,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",
@@ -44,15 +52,7 @@ impl Role {
     }
 
     pub fn parse(s: &str) -> Option<Role> {
-        [
-            Role::Viewer,
-            Role::User,
-            Role::Operator,
-            Role::Admin,
-            Role::Worker,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 
@@ -266,25 +266,13 @@ mod tests {
             Kind::Event,
         ];
         for kind in kinds {
-            for role in [
-                Role::Viewer,
-                Role::User,
-                Role::Operator,
-                Role::Admin,
-                Role::Worker,
-            ] {
+            for role in Role::ALL {
                 assert!(authorize(role, Read(kind)), "{role:?} reads {kind:?}");
             }
-            let writers: Vec<Role> = [
-                Role::Viewer,
-                Role::User,
-                Role::Operator,
-                Role::Admin,
-                Role::Worker,
-            ]
-            .into_iter()
-            .filter(|r| authorize(*r, Write(kind)))
-            .collect();
+            let writers: Vec<Role> = Role::ALL
+                .into_iter()
+                .filter(|r| authorize(*r, Write(kind)))
+                .collect();
             let expected = match kind {
                 Kind::Application | Kind::Dataset => vec![Role::User, Role::Operator, Role::Admin],
                 Kind::Region => vec![Role::Operator, Role::Admin],
