@@ -70,6 +70,11 @@ async fn call(
         .header("content-type", content_type)
         .body(body.into())
         .unwrap();
+    send(app, request).await
+}
+
+/// Sends `request` through `app` and reads the whole answer.
+async fn send(app: &Router, request: Request<Body>) -> Answer {
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -1341,21 +1346,7 @@ async fn call_as(
         None => request.header("authorization", "none"),
     };
     let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
-    let response = app
-        .clone()
-        .oneshot(request.body(body).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    Answer {
-        status,
-        body: serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    }
+    send(app, request.body(body).unwrap()).await
 }
 
 /// Every role against every kind and verb: what `auth::authorize`'s table allows is never
