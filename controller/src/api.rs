@@ -155,21 +155,30 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 // ---- request reading ------------------------------------------------------------------------
 
 /// Reads a JSON or YAML body (by Content-Type) of at most `limit` bytes.
-async fn read_document(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("request body exceeds the limit of {limit} bytes"),
-        )
-        .with_details(json!({"limitBytes": limit}))
-    };
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("request body exceeds the limit of {limit} bytes"),
+    )
+    .with_details(json!({"limitBytes": limit}))
+}
+
+/// Refuses a request whose declared `Content-Length` is over `limit` before a byte of its body
+/// is read or written.
+fn refuse_declared_over(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit => Err(too_large(limit)),
+        _ => Ok(()),
     }
+}
+
+async fn read_document(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, ApiError> {
+    let too_large = || too_large(limit as u64);
+    refuse_declared_over(headers, limit as u64)?;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
@@ -182,12 +191,134 @@ async fn read_document(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
-    if content_type.contains("yaml") {
-        yaml_serde::from_slice::<Value>(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))
-    } else {
-        serde_json::from_slice::<Value>(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
+    let yaml = match media_type(content_type) {
+        Some(MediaType::Yaml) => true,
+        Some(MediaType::Json) => false,
+        None => {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!(
+                    "Content-Type {content_type:?} is not accepted: send application/json \
+                     (or application/merge-patch+json) or application/yaml"
+                ),
+            ));
+        }
+    };
+    // Parsing is CPU work that grows with the input's nesting: off the async workers, and
+    // bounded before it starts.
+    tokio::task::spawn_blocking(move || parse_document(&bytes, yaml))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+}
+
+enum MediaType {
+    Json,
+    Yaml,
+}
+
+/// The document type of a `Content-Type` (parameters such as `charset` ignored); none given
+/// means JSON, as curl and most clients send.
+fn media_type(content_type: &str) -> Option<MediaType> {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "" | "application/json" | "application/merge-patch+json" => Some(MediaType::Json),
+        "application/yaml" | "application/x-yaml" | "text/yaml" => Some(MediaType::Yaml),
+        // curl's `-d` default; what the README's tour sends.
+        "application/x-www-form-urlencoded" => Some(MediaType::Json),
+        _ => None,
+    }
+}
+
+/// Deepest nesting a manifest may use (flow brackets, or block indentation in columns).
+const MAX_NESTING: usize = 64;
+const MAX_INDENT: usize = 256;
+
+fn parse_document(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
+    let too_deep = || {
+        ApiError::bad_request(format!(
+            "the document nests deeper than {MAX_NESTING} levels (or indents past column \
+             {MAX_INDENT}); no manifest needs that"
+        ))
+    };
+    if nesting_depth(bytes) > MAX_NESTING {
+        return Err(too_deep());
+    }
+    if !yaml {
+        return serde_json::from_slice::<Value>(bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")));
+    }
+    let indent = bytes
+        .split(|b| *b == b'\n')
+        .map(|line| line.iter().take_while(|b| **b == b' ').count())
+        .max()
+        .unwrap_or(0);
+    if indent > MAX_INDENT {
+        return Err(too_deep());
+    }
+    let value: yaml_serde::Value = yaml_serde::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))?;
+    // JSON has no NaN or infinity: YAML's `.nan` would silently become null.
+    if let Some(path) = non_finite(&value, "") {
+        return Err(ApiError::bad_request(format!(
+            "{path}: .nan and .inf are not numbers the API accepts"
+        ))
+        .with_details(json!({"field": path})));
+    }
+    serde_json::to_value(value).map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))
+}
+
+/// Deepest `[`/`{` nesting outside quoted strings.
+fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    for &b in bytes {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' && q == b'"' {
+                    escaped = true;
+                } else if b == q {
+                    quote = None;
+                }
+            }
+            None => match b {
+                b'"' | b'\'' => quote = Some(b),
+                b'[' | b'{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    deepest
+}
+
+/// The path of the first NaN or infinity in a YAML value.
+fn non_finite(value: &yaml_serde::Value, path: &str) -> Option<String> {
+    match value {
+        yaml_serde::Value::Number(n) => n
+            .as_f64()
+            .is_some_and(|f| !f.is_finite())
+            .then(|| path.trim_start_matches('.').to_string()),
+        yaml_serde::Value::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| non_finite(v, &format!("{path}[{i}]"))),
+        yaml_serde::Value::Mapping(map) => map.iter().find_map(|(k, v)| {
+            let key = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
+            non_finite(v, &format!("{path}.{key}"))
+        }),
+        yaml_serde::Value::Tagged(tagged) => non_finite(&tagged.value, path),
+        _ => None,
     }
 }
 
@@ -236,8 +367,9 @@ pub struct ListParams {
     pub label_selector: Option<String>,
     /// Events only: `involvedObject.kind=K,involvedObject.name=N`
     pub field_selector: Option<String>,
-    /// Page size.
-    pub limit: Option<u32>,
+    /// Page size, 1 to 10000 (larger pages are cut to 10000).
+    #[param(minimum = 1, maximum = 2147483647)]
+    pub limit: Option<i32>,
     /// Token from the previous page's `metadata.continue`.
     #[serde(rename = "continue")]
     #[param(rename = "continue")]
@@ -354,6 +486,9 @@ async fn list_objects(
             params.resource_version.as_deref(),
         )
         .await;
+    }
+    if params.limit.is_some_and(|l| l < 1) {
+        return Err(ApiError::bad_request("limit must be a positive integer"));
     }
     let limit = params.limit.map(|l| l.clamp(1, 10_000) as usize);
     let owner = filter.owner();
@@ -590,10 +725,12 @@ async fn upload_content(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     who.may(Action::Write(Kind::Dataset))?;
     object_name(Kind::Dataset, &name)?;
+    refuse_declared_over(&headers, state.config.max_upload_bytes)?;
     let object = crate::content::upload_dataset(&state.store, &state.config, &name, body).await?;
     Ok(Json(object).into_response())
 }
@@ -699,6 +836,7 @@ async fn upload_artifact(
 ) -> Result<Response, ApiError> {
     who.may(Action::RunTasks)?;
     object_name(Kind::Task, &name)?;
+    refuse_declared_over(&headers, state.config.max_upload_bytes)?;
     let source = match headers.get(CONTENT_FROM_HEADER).map(|v| v.as_bytes()) {
         None => crate::content::ArtifactSource::Body(body),
         Some(b"region-cache") => crate::content::ArtifactSource::RegionCache,

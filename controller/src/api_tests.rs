@@ -1608,6 +1608,116 @@ async fn names_in_urls_never_reach_other_files(ts: &TestStore) {
     }
 }
 
+/// Inputs refused the way the Kubernetes API server refuses them (issue 16's smaller items):
+/// nothing is stored, and the answer says why.
+async fn hardened_inputs_are_refused_and_change_nothing(ts: &TestStore) {
+    let config = ApiConfig {
+        max_upload_bytes: 1000,
+        ..ApiConfig::new(ts.dir.path().to_path_buf())
+    };
+    let app = app(state_with(ts, config));
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "text/plain",
+        region("a", 1, "edge").to_string(),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "UnsupportedMediaType",
+    );
+
+    let nan = "apiVersion: ceccm/v1\nkind: Dataset\nmetadata: {name: d}\nspec:\n  format: cube\n  description: \".nan\"\n";
+    let answer = call(&app, "POST", "/api/v1/datasets", "application/yaml", nan).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::CREATED,
+        "a quoted .nan is a string: {}",
+        answer.text
+    );
+    let nan = "apiVersion: ceccm/v1\nkind: Application\nmetadata: {name: f}\nspec:\n  app: astro-fit\n  inputs: [{dataset: d}]\n  parameters: {redshift: .nan}\n";
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        "application/yaml",
+        nan,
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    assert!(
+        answer.text.contains("spec.parameters.redshift"),
+        "{}",
+        answer.text
+    );
+
+    let deep_json = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "application/json",
+        deep_json,
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    let deep_yaml = format!("a: {}{}", "[".repeat(200), "]".repeat(200));
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "application/yaml",
+        deep_yaml,
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    let indented: String = (0..300)
+        .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+        .collect();
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "application/yaml",
+        indented,
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+
+    let mut stale = region("ghost", 1, "edge");
+    stale["metadata"]["resourceVersion"] = json!("5");
+    let answer = json_call(&app, "PUT", "/api/v1/regions/ghost", &stale).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "NotFound");
+    assert_eq!(
+        get(&app, "/api/v1/regions/ghost").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let future = get(&app, "/api/v1/regions?watch=true&resourceVersion=999999").await;
+    assert_error(&future, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    for limit in ["0", "-1", "3000000000"] {
+        let answer = get(&app, &format!("/api/v1/regions?limit={limit}")).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    }
+
+    let request = Request::builder()
+        .method("PUT")
+        .uri("/api/v1/datasets/d/content")
+        .header("content-length", "4294967296")
+        .body(Body::from(vec![0u8; 10]))
+        .unwrap();
+    let answer = send(&app, request).await;
+    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge");
+    let stored = get(&app, "/api/v1/datasets/d").await;
+    assert_eq!(
+        stored.body["status"]["phase"], "Pending",
+        "nothing was stored"
+    );
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -1626,6 +1736,7 @@ store_suite!(
     every_role_may_do_what_its_table_says_and_nothing_else,
     requests_without_a_valid_token_are_refused,
     names_in_urls_never_reach_other_files,
+    hardened_inputs_are_refused_and_change_nothing,
 );
 
 #[test]
