@@ -395,6 +395,8 @@ struct Filter {
     labels: Option<Selector>,
     involved_kind: Option<String>,
     involved_name: Option<String>,
+    /// Only what this caller sees (`auth::sees`).
+    seen_by: Option<(Principal, Kind)>,
 }
 
 impl Filter {
@@ -431,6 +433,7 @@ impl Filter {
             labels,
             involved_kind,
             involved_name,
+            seen_by: None,
         })
     }
 
@@ -442,10 +445,17 @@ impl Filter {
     }
 
     fn needs_parsing(&self) -> bool {
-        self.labels.is_some() || self.involved_kind.is_some() != self.involved_name.is_some()
+        self.labels.is_some()
+            || self.involved_kind.is_some() != self.involved_name.is_some()
+            || self.seen_by.is_some()
     }
 
     fn matches(&self, object: &Value) -> bool {
+        if let Some((who, kind)) = &self.seen_by
+            && !crate::auth::sees(who, *kind, object)
+        {
+            return false;
+        }
         if let Some(selector) = &self.labels {
             let labels =
                 serde_json::from_value(object["metadata"]["labels"].clone()).unwrap_or_default();
@@ -477,7 +487,8 @@ async fn list_objects(
     let kind = Kind::from_plural(&plural)?;
     who.may(Action::Read(kind))?;
     let params = query(params)?;
-    let filter = Filter::parse(kind, &params)?;
+    let mut filter = Filter::parse(kind, &params)?;
+    filter.seen_by = Some((who.clone(), kind));
     if params.watch == Some(true) {
         return crate::watch::watch(
             state.store.clone(),
@@ -544,6 +555,21 @@ fn object_name(kind: Kind, name: &str) -> Result<(), ApiError> {
     validate_name(name).map_err(|_| ApiError::not_found(kind.as_str(), name))
 }
 
+/// The stored object `kind`/`name` as `who` may see it: 404 when it does not exist or belongs
+/// to another user.
+async fn seen_object(
+    store: &Store,
+    who: &Principal,
+    kind: Kind,
+    name: &str,
+) -> Result<Value, ApiError> {
+    store
+        .get(kind, name)
+        .await?
+        .filter(|o| crate::auth::sees(who, kind, o))
+        .ok_or_else(|| ApiError::not_found(kind.as_str(), name))
+}
+
 /// Host commands (`app: container`, run by the process runtime with the server's rights) are
 /// an administrator's choice; users run registered apps.
 fn may_submit(
@@ -560,6 +586,7 @@ fn may_submit(
 /// Fails with 422 when the spec names regions that do not exist.
 async fn check_references(
     store: &Store,
+    who: &Principal,
     kind: Kind,
     name: &str,
     submitted: &crate::resources::Submitted,
@@ -574,7 +601,11 @@ async fn check_references(
         }
     }
     for (field, dataset) in &submitted.referenced_datasets {
-        if store.get_raw(Kind::Dataset, dataset).await?.is_none() {
+        let seen = store
+            .get(Kind::Dataset, dataset)
+            .await?
+            .is_some_and(|d| crate::auth::sees(who, Kind::Dataset, &d));
+        if !seen {
             missing.push(ceccm_federation::Violation::new(
                 field.as_str(),
                 format!("dataset {dataset:?} does not exist"),
@@ -609,7 +640,16 @@ async fn create_object(
     let document = read_document(&headers, body, state.config.max_body_bytes).await?;
     let submitted = parse_submitted(kind, document)?;
     may_submit(&who, kind, &submitted)?;
-    check_references(&state.store, kind, &submitted.metadata.name, &submitted).await?;
+    let mut submitted = submitted;
+    submitted.metadata.owner = Some(who.user.clone());
+    check_references(
+        &state.store,
+        &who,
+        kind,
+        &submitted.metadata.name,
+        &submitted,
+    )
+    .await?;
     let object = objects::create(&state.store, kind, submitted, dry_run).await?;
     Ok((StatusCode::CREATED, Json(object)).into_response())
 }
@@ -625,10 +665,7 @@ async fn get_object(
     let kind = Kind::from_plural(&plural)?;
     who.may(Action::Read(kind))?;
     object_name(kind, &name)?;
-    match state.store.get_raw(kind, &name).await? {
-        Some(body) => Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
-        None => Err(ApiError::not_found(kind.as_str(), &name)),
-    }
+    Ok(Json(seen_object(&state.store, &who, kind, &name).await?).into_response())
 }
 
 #[utoipa::path(put, path = "/api/v1/{plural}/{name}", tag = "objects",
@@ -660,7 +697,16 @@ async fn apply_object(
         )));
     }
     may_submit(&who, kind, &submitted)?;
-    check_references(&state.store, kind, &name, &submitted).await?;
+    // An existing object keeps its owner; another user's is not there for this caller.
+    let mut submitted = submitted;
+    submitted.metadata.owner = match state.store.get(kind, &name).await? {
+        Some(stored) if !crate::auth::sees(&who, kind, &stored) => {
+            return Err(ApiError::not_found(kind.as_str(), &name));
+        }
+        Some(stored) => stored["metadata"]["owner"].as_str().map(str::to_string),
+        None => Some(who.user.clone()),
+    };
+    check_references(&state.store, &who, kind, &name, &submitted).await?;
     let (object, created) = objects::apply(&state.store, kind, submitted, dry_run).await?;
     let status = if created {
         StatusCode::CREATED
@@ -683,6 +729,10 @@ async fn delete_object(
     let kind = Kind::from_plural(&plural)?;
     who.may(Action::Write(kind))?;
     object_name(kind, &name)?;
+    if !kind.user_writable() {
+        return Err(read_only(kind));
+    }
+    seen_object(&state.store, &who, kind, &name).await?;
     let dry_run = query(params)?.dry_run()?;
     let object = objects::delete(&state.store, kind, &name, dry_run).await?;
     if kind == Kind::Dataset && !dry_run {
@@ -730,6 +780,7 @@ async fn upload_content(
 ) -> Result<Response, ApiError> {
     who.may(Action::Write(Kind::Dataset))?;
     object_name(Kind::Dataset, &name)?;
+    seen_object(&state.store, &who, Kind::Dataset, &name).await?;
     refuse_declared_over(&headers, state.config.max_upload_bytes)?;
     let object = crate::content::upload_dataset(&state.store, &state.config, &name, body).await?;
     Ok(Json(object).into_response())
@@ -746,6 +797,7 @@ async fn download_content(
 ) -> Result<Response, ApiError> {
     who.may(Action::Read(Kind::Dataset))?;
     object_name(Kind::Dataset, &name)?;
+    seen_object(&state.store, &who, Kind::Dataset, &name).await?;
     crate::content::download_dataset(&state.store, &state.config, &name).await
 }
 
@@ -771,6 +823,7 @@ async fn results_index(
 ) -> Result<Response, ApiError> {
     who.may(Action::Read(Kind::Application))?;
     object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     if state
         .store
         .get_raw(Kind::Application, &name)
@@ -794,6 +847,7 @@ async fn cancel_application(
 ) -> Result<Response, ApiError> {
     who.may(Action::Write(Kind::Application))?;
     object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     Ok(Json(crate::operations::cancel(&state.store, &name).await?).into_response())
 }
 
@@ -808,6 +862,7 @@ async fn retry_application(
 ) -> Result<Response, ApiError> {
     who.may(Action::Write(Kind::Application))?;
     object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     Ok(Json(crate::operations::retry(&state.store, &name).await?).into_response())
 }
 
@@ -863,6 +918,7 @@ async fn download_artifact(
 ) -> Result<Response, ApiError> {
     who.may(Action::Read(Kind::Application))?;
     object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     crate::content::download_artifact(&state.config, &name, &sha256).await
 }
 
@@ -877,6 +933,7 @@ async fn result_file(
 ) -> Result<Response, ApiError> {
     who.may(Action::Read(Kind::Application))?;
     object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     if file.contains('/') || file.starts_with('.') {
         return Err(ApiError::bad_request(format!(
             "bad result file name {file:?}"
@@ -915,6 +972,7 @@ async fn application_logs(
 ) -> Result<Response, ApiError> {
     who.may(Action::Read(Kind::Application))?;
     object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     let params = query(params)?;
     crate::logs::logs(
         state.store.clone(),

@@ -1372,11 +1372,21 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
                "spec": {"format": "cube"}})
     };
     json_call(&app, "POST", "/api/v1/datasets", &dataset("d1")).await;
-    let manifest = |kind: Kind, name: &str| match kind {
+    // A user sees only datasets of their own: theirs to reference.
+    let made = call_as(
+        &app,
+        Some(&tokens["user"]),
+        "POST",
+        "/api/v1/datasets",
+        Some(&dataset("d-user")),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    let manifest = |kind: Kind, name: &str, input: &str| match kind {
         Kind::Region => region(name, 1, "cloud"),
         Kind::Dataset => dataset(name),
         _ => json!({"apiVersion": "ceccm/v1", "kind": kind.as_str(), "metadata": {"name": name},
-                    "spec": {"app": "astro-fit", "inputs": [{"dataset": "d1"}]}}),
+                    "spec": {"app": "astro-fit", "inputs": [{"dataset": input}]}}),
     };
     let refused = |answer: &Answer, what: &str| {
         assert_eq!(
@@ -1409,7 +1419,11 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
                 token,
                 "POST",
                 &format!("/api/v1/{plural}"),
-                Some(&manifest(kind, &name)),
+                Some(&manifest(
+                    kind,
+                    &name,
+                    if role == Role::User { "d-user" } else { "d1" },
+                )),
             )
             .await;
             if authorize(role, Action::Write(kind)) && kind.user_writable() {
@@ -1718,6 +1732,99 @@ async fn hardened_inputs_are_refused_and_change_nothing(ts: &TestStore) {
     );
 }
 
+/// Users see only their own Applications and Datasets: another user's answer 404 on every
+/// route, lists and watches leave them out, and a reference to them reads as missing.
+async fn users_see_only_their_own_applications_and_datasets(ts: &TestStore) {
+    let app = app(state(ts));
+    let mut tokens = Vec::new();
+    for user in ["ana", "bo"] {
+        let made = json_call(
+            &app,
+            "POST",
+            "/api/v1/tokens",
+            &json!({"user": user, "role": "user"}),
+        )
+        .await;
+        tokens.push(made.body["token"].as_str().unwrap().to_string());
+    }
+    let (ana, bo) = (Some(tokens[0].as_str()), Some(tokens[1].as_str()));
+    let dataset = json!({"apiVersion": "ceccm/v1", "kind": "Dataset", "metadata": {"name": "cube-a", "owner": "bo"},
+                         "spec": {"format": "cube"}});
+    let made = call_as(&app, ana, "POST", "/api/v1/datasets", Some(&dataset)).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    assert_eq!(
+        made.body["metadata"]["owner"], "ana",
+        "the server sets the owner"
+    );
+    let fit = |name: &str| {
+        json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": name},
+                                   "spec": {"app": "astro-fit", "inputs": [{"dataset": "cube-a"}]}})
+    };
+    let made = call_as(
+        &app,
+        ana,
+        "POST",
+        "/api/v1/applications",
+        Some(&fit("fit-a")),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+
+    for uri in [
+        "/api/v1/datasets/cube-a",
+        "/api/v1/datasets/cube-a/content",
+        "/api/v1/applications/fit-a",
+        "/api/v1/applications/fit-a/results",
+        "/api/v1/applications/fit-a/logs",
+    ] {
+        let answer = call_as(&app, bo, "GET", uri, None).await;
+        assert_error(&answer, StatusCode::NOT_FOUND, "NotFound");
+        // The owner reaches them (a dataset without content has none to stream).
+        if !uri.ends_with("content") {
+            let mine = call_as(&app, ana, "GET", uri, None).await;
+            assert_eq!(mine.status, StatusCode::OK, "{uri}: {}", mine.text);
+        }
+    }
+    for (method, uri) in [
+        ("DELETE", "/api/v1/applications/fit-a"),
+        ("POST", "/api/v1/applications/fit-a/cancel"),
+        ("DELETE", "/api/v1/datasets/cube-a"),
+    ] {
+        let answer = call_as(&app, bo, method, uri, Some(&json!({}))).await;
+        assert_error(&answer, StatusCode::NOT_FOUND, "NotFound");
+    }
+    let taken = call_as(
+        &app,
+        bo,
+        "PUT",
+        "/api/v1/applications/fit-a",
+        Some(&fit("fit-a")),
+    )
+    .await;
+    assert_error(&taken, StatusCode::NOT_FOUND, "NotFound");
+    let borrowed = call_as(
+        &app,
+        bo,
+        "POST",
+        "/api/v1/applications",
+        Some(&fit("fit-b")),
+    )
+    .await;
+    assert_error(&borrowed, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    for plural in ["applications", "datasets"] {
+        let theirs = call_as(&app, bo, "GET", &format!("/api/v1/{plural}"), None).await;
+        assert_eq!(theirs.body["items"], json!([]), "{plural}");
+        let mine = call_as(&app, ana, "GET", &format!("/api/v1/{plural}"), None).await;
+        assert_eq!(mine.body["items"].as_array().unwrap().len(), 1, "{plural}");
+        // An administrator sees everything.
+        let all = get(&app, &format!("/api/v1/{plural}")).await;
+        assert_eq!(all.body["items"].as_array().unwrap().len(), 1, "{plural}");
+    }
+    let still = get(&app, "/api/v1/applications/fit-a").await;
+    assert_eq!(still.body["metadata"]["owner"], "ana");
+    assert!(still.body["metadata"]["deletionTimestamp"].is_null());
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -1737,6 +1844,7 @@ store_suite!(
     requests_without_a_valid_token_are_refused,
     names_in_urls_never_reach_other_files,
     hardened_inputs_are_refused_and_change_nothing,
+    users_see_only_their_own_applications_and_datasets,
 );
 
 #[test]

@@ -135,6 +135,14 @@ fn describe(action: Action) -> String {
     }
 }
 
+/// Whether `who` sees `object` (of `kind`) at all. Users see only the Applications and
+/// Datasets they own; to them another user's answers 404, so names do not leak. Everyone else
+/// sees everything their role reads.
+pub fn sees(who: &Principal, kind: Kind, object: &serde_json::Value) -> bool {
+    let owned_kind = matches!(kind, Kind::Application | Kind::Dataset);
+    who.role != Role::User || !owned_kind || object["metadata"]["owner"] == who.user.as_str()
+}
+
 /// A token as presented: `ceccm_<id>_<secret>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresentedToken<'a> {

@@ -24,6 +24,7 @@ fn new_object(kind: Kind, submitted: &Submitted) -> Value {
         } else {
             vec![]
         },
+        owner: submitted.metadata.owner.clone(),
     };
     let status = match kind {
         Kind::Application | Kind::Dataset => json!({"phase": "Pending"}),

@@ -187,6 +187,10 @@ pub struct ObjectMeta {
     pub deletion_timestamp: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub finalizers: Vec<String>,
+    /// The user who created the object (set by the server from the caller's token; what a
+    /// client sends here is replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// An object as sent in a POST or PUT body.
