@@ -872,6 +872,42 @@ pub struct StoredArtifact {
     pub size: u64,
 }
 
+/// Response header of a lease, and request header of every report on the leased task: the
+/// secret that proves the caller holds this attempt's lease (as Kubernetes' NodeRestriction
+/// limits a kubelet to its own pods).
+pub const LEASE_SECRET_HEADER: &str = "x-ceccm-lease-secret";
+
+/// A worker may report only on the task whose lease it holds: the request must carry that
+/// lease's secret (403 otherwise). Administrators act on any task.
+async fn holds_lease(
+    store: &Store,
+    who: &Principal,
+    task: &str,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    if who.role == crate::auth::Role::Admin {
+        return Ok(());
+    }
+    let presented = headers
+        .get(LEASE_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(crate::auth::secret_hash);
+    let Some(object) = store.get(Kind::Task, task).await? else {
+        return Err(ApiError::not_found("Task", task));
+    };
+    let held = object["status"]["leaseSecretSha256"].as_str();
+    match (presented, held) {
+        (Some(p), Some(h)) if crate::auth::same_hash(&p, h) => Ok(()),
+        _ => Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "the caller does not hold the lease of task {task:?}: send the \
+                 {LEASE_SECRET_HEADER} its lease answered"
+            ),
+        )),
+    }
+}
+
 /// Request header of an artifact upload whose content is not in the body: `region-cache`
 /// (a worker on the server's host names a file of its region's cache by its sha256).
 pub const CONTENT_FROM_HEADER: &str = "x-ceccm-content-from";
@@ -891,6 +927,7 @@ async fn upload_artifact(
 ) -> Result<Response, ApiError> {
     who.may(Action::RunTasks)?;
     object_name(Kind::Task, &name)?;
+    holds_lease(&state.store, &who, &name, &headers).await?;
     refuse_declared_over(&headers, state.config.max_upload_bytes)?;
     let source = match headers.get(CONTENT_FROM_HEADER).map(|v| v.as_bytes()) {
         None => crate::content::ArtifactSource::Body(body),
@@ -1002,7 +1039,7 @@ async fn lease_task(
         return Err(ApiError::new(ErrorCode::Invalid, format!("region: {e}")));
     }
     match queue::lease(&state.store, &request).await? {
-        Some(task) => Ok(Json(task).into_response()),
+        Some((task, secret)) => Ok(([(LEASE_SECRET_HEADER, secret)], Json(task)).into_response()),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }
@@ -1019,6 +1056,7 @@ async fn heartbeat_task(
     body: Body,
 ) -> Result<Response, ApiError> {
     who.may(Action::RunTasks)?;
+    holds_lease(&state.store, &who, &name, &headers).await?;
     let request: HeartbeatRequest = read_typed(&headers, body).await?;
     Ok(Json(queue::heartbeat(&state.store, &name, &request).await?).into_response())
 }
@@ -1035,6 +1073,7 @@ async fn complete_task(
     body: Body,
 ) -> Result<Response, ApiError> {
     who.may(Action::RunTasks)?;
+    holds_lease(&state.store, &who, &name, &headers).await?;
     let value = read_document(&headers, body, state.config.max_body_bytes).await?;
     let request: CompleteRequest = serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))?;
@@ -1067,6 +1106,7 @@ async fn fail_task(
     body: Body,
 ) -> Result<Response, ApiError> {
     who.may(Action::RunTasks)?;
+    holds_lease(&state.store, &who, &name, &headers).await?;
     let request: FailRequest = read_typed(&headers, body).await?;
     Ok(Json(queue::fail(&state.store, &name, request).await?).into_response())
 }

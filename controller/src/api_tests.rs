@@ -1825,6 +1825,97 @@ async fn users_see_only_their_own_applications_and_datasets(ts: &TestStore) {
     assert!(still.body["metadata"]["deletionTimestamp"].is_null());
 }
 
+/// A worker reports only on the task whose lease it holds (the lease's secret), as Kubernetes'
+/// NodeRestriction limits a kubelet to its own pods: another worker of the same role cannot
+/// complete, fail or heartbeat it, nor upload its artifacts.
+async fn a_worker_reports_only_on_the_task_whose_lease_it_holds(ts: &TestStore) {
+    let app = app(state(ts));
+    job_on_a_ready_region(&app, &context(ts), 2).await;
+    let made = json_call(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &json!({"user": "w", "role": "worker"}),
+    )
+    .await;
+    let worker = made.body["token"].as_str().unwrap().to_string();
+    let lease = |who: &str| {
+        let app = app.clone();
+        let body = json!({"worker": who, "region": "edge-a", "leaseSeconds": 30}).to_string();
+        let token = worker.clone();
+        async move {
+            let request = Request::builder()
+                .method("POST")
+                .uri("/api/v1/tasks:lease")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap();
+            let response = app.oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let secret = response.headers()[super::LEASE_SECRET_HEADER]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let task: Value = serde_json::from_slice(&bytes).unwrap();
+            (
+                task["metadata"]["name"].as_str().unwrap().to_string(),
+                secret,
+            )
+        }
+    };
+    let (first, first_secret) = lease("w1").await;
+    let (second, second_secret) = lease("w2").await;
+    assert_ne!(first, second);
+    let report = |task: &str, what: &str, secret: Option<&str>, body: Value| {
+        let mut request = Request::builder()
+            .method("POST")
+            .uri(format!("/api/v1/tasks/{task}/{what}"))
+            .header("authorization", format!("Bearer {worker}"))
+            .header("content-type", "application/json");
+        if let Some(secret) = secret {
+            request = request.header(super::LEASE_SECRET_HEADER, secret);
+        }
+        send(&app, request.body(Body::from(body.to_string())).unwrap())
+    };
+    let done = json!({"worker": "w1", "result": {"exitCode": 0, "stdout": "forged", "stderr": ""}});
+    // Without the secret, or with the other lease's: refused, nothing recorded.
+    for secret in [None, Some(second_secret.as_str())] {
+        for (what, body) in [
+            ("complete", done.clone()),
+            ("fail", json!({"worker": "w1", "error": "forged"})),
+            ("heartbeat", json!({"worker": "w1", "leaseSeconds": 30})),
+        ] {
+            let answer = report(&first, what, secret, body).await;
+            assert_error(&answer, StatusCode::FORBIDDEN, "Forbidden");
+        }
+    }
+    let request = Request::builder()
+        .method("PUT")
+        .uri(format!(
+            "/api/v1/tasks/{first}/artifacts/{}",
+            "0".repeat(64)
+        ))
+        .header("authorization", format!("Bearer {worker}"))
+        .header(super::LEASE_SECRET_HEADER, second_secret.as_str())
+        .body(Body::from("x"))
+        .unwrap();
+    assert_error(
+        &send(&app, request).await,
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+    );
+    let still = get(&app, &format!("/api/v1/tasks/{first}")).await;
+    assert_eq!(still.body["status"]["state"], "Leased");
+    // The holder reports.
+    let answer = report(&first, "complete", Some(&first_secret), done).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.body["status"]["state"], "Done");
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -1845,6 +1936,7 @@ store_suite!(
     names_in_urls_never_reach_other_files,
     hardened_inputs_are_refused_and_change_nothing,
     users_see_only_their_own_applications_and_datasets,
+    a_worker_reports_only_on_the_task_whose_lease_it_holds,
 );
 
 #[test]

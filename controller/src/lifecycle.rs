@@ -677,6 +677,7 @@ pub fn queued_status() -> TaskStatus {
         lease_deadline: None,
         start_time: None,
         start_load: None,
+        lease_secret_sha256: None,
         completion_time: None,
         cpu_seconds: 0.0,
         energy_joules: 0.0,

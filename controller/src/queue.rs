@@ -114,8 +114,12 @@ fn check_lease_seconds(seconds: u32) -> Result<i64, ApiError> {
 }
 
 /// Leases the first queued task of `region` whose application is runnable (not suspended,
-/// not being deleted). `None` when there is nothing to do.
-pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value>, ApiError> {
+/// not being deleted), with a new lease secret for its worker (returned, its sha256 kept in
+/// the task's status). `None` when there is nothing to do.
+pub async fn lease(
+    store: &Store,
+    request: &LeaseRequest,
+) -> Result<Option<(Value, String)>, ApiError> {
     let lease_ms = check_lease_seconds(request.lease_seconds)?;
     if request.worker.is_empty() || request.worker.len() > 253 {
         return Err(ApiError::new(
@@ -155,6 +159,8 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
             }
             let name = task.metadata.name.clone();
             let worker = request.worker.clone();
+            let (_, secret) = crate::auth::new_token();
+            let secret_sha256 = crate::auth::secret_hash(&secret);
             let written = store
                 .write(Kind::Task, &name, |current| -> Result<Change, ApiError> {
                     let Some(object) = current else {
@@ -171,6 +177,7 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
                             object,
                             &TaskStatus {
                                 start_load: region_load,
+                                lease_secret_sha256: Some(secret_sha256.clone()),
                                 ..status
                             },
                         ))),
@@ -180,7 +187,7 @@ pub async fn lease(store: &Store, request: &LeaseRequest) -> Result<Option<Value
                 })
                 .await?;
             if written.changed {
-                return Ok(written.object);
+                return Ok(written.object.map(|object| (object, secret)));
             }
         }
     }

@@ -622,6 +622,10 @@ pub struct TaskStatus {
     /// The region's load (0..1) when this attempt was leased: a feature of its telemetry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_load: Option<f64>,
+    /// sha256 of the secret the lease handed to its worker (`x-ceccm-lease-secret`): only the
+    /// holder of this attempt's lease may report on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_secret_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,
     #[serde(default)]

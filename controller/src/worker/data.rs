@@ -193,6 +193,7 @@ impl DataPlane {
     async fn hand_over(
         &self,
         task: &str,
+        lease_secret: &str,
         path: &Path,
         name: &str,
     ) -> Result<Option<ContentRef>, DataError> {
@@ -218,6 +219,7 @@ impl DataPlane {
                 self.server
             ))
             .header(crate::api::CONTENT_FROM_HEADER, "region-cache")
+            .header(crate::api::LEASE_SECRET_HEADER, lease_secret)
             .send()
             .await?;
         let status = response.status();
@@ -379,11 +381,12 @@ impl DataPlane {
     pub async fn upload(
         &self,
         task: &str,
+        lease_secret: &str,
         path: &Path,
         name: &str,
     ) -> Result<ContentRef, DataError> {
         if self.server_store.is_some()
-            && let Some(stored) = self.hand_over(task, path, name).await?
+            && let Some(stored) = self.hand_over(task, lease_secret, path, name).await?
         {
             return Ok(stored);
         }
@@ -401,6 +404,7 @@ impl DataPlane {
                 self.server
             ))
             .header("content-type", "application/octet-stream")
+            .header(crate::api::LEASE_SECRET_HEADER, lease_secret)
             .body(bytes.clone())
             .send()
             .await?;

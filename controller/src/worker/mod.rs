@@ -78,8 +78,8 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
             return Ok(());
         }
         match lease(&client, &options).await {
-            Ok(Some(task)) => {
-                run_task(&client, &options, &data, &mut warm, task).await;
+            Ok(Some(leased)) => {
+                run_task(&client, &options, &data, &mut warm, leased).await;
                 idle_since = Instant::now();
                 backoff = Duration::from_millis(50);
             }
@@ -101,12 +101,24 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
     }
 }
 
+/// A task this worker leased, with the lease's secret (sent with every report on it).
+struct Leased {
+    task: TaskObject,
+    secret: String,
+}
+
 async fn post<B: Serialize, R: DeserializeOwned>(
     client: &reqwest::Client,
     url: String,
+    lease_secret: &str,
     body: &B,
 ) -> Result<Option<R>, WorkerError> {
-    let response = client.post(url).json(body).send().await?;
+    let response = client
+        .post(url)
+        .header(crate::api::LEASE_SECRET_HEADER, lease_secret)
+        .json(body)
+        .send()
+        .await?;
     let status = response.status();
     if status == reqwest::StatusCode::NO_CONTENT {
         return Ok(None);
@@ -120,16 +132,37 @@ async fn post<B: Serialize, R: DeserializeOwned>(
     Ok(Some(response.json().await?))
 }
 
-async fn lease(
-    client: &reqwest::Client,
-    o: &WorkerOptions,
-) -> Result<Option<TaskObject>, WorkerError> {
+async fn lease(client: &reqwest::Client, o: &WorkerOptions) -> Result<Option<Leased>, WorkerError> {
     let request = LeaseRequest {
         worker: o.worker_id.clone(),
         region: o.region.clone(),
         lease_seconds: o.lease_seconds,
     };
-    post(client, format!("{}/api/v1/tasks:lease", o.server), &request).await
+    let response = client
+        .post(format!("{}/api/v1/tasks:lease", o.server))
+        .json(&request)
+        .send()
+        .await?;
+    let status = response.status();
+    if status == reqwest::StatusCode::NO_CONTENT {
+        return Ok(None);
+    }
+    if !status.is_success() {
+        return Err(WorkerError::Status {
+            status: status.as_u16(),
+            body: response.text().await.unwrap_or_default(),
+        });
+    }
+    let secret = response
+        .headers()
+        .get(crate::api::LEASE_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    Ok(Some(Leased {
+        task: response.json().await?,
+        secret,
+    }))
 }
 
 /// CPU seconds used by this process and its waited-for children so far.
@@ -171,8 +204,9 @@ async fn run_task(
     o: &WorkerOptions,
     data: &DataPlane,
     warm: &mut stage::StageRunner,
-    task: TaskObject,
+    leased: Leased,
 ) {
+    let Leased { task, secret } = leased;
     let name = task.metadata.name.clone();
     let base = format!("{}/api/v1/tasks/{name}", o.server);
     let heartbeat_every = Duration::from_millis(u64::from(o.lease_seconds) * 1000 / 3)
@@ -182,7 +216,7 @@ async fn run_task(
     let started = Instant::now();
     let work = async {
         match &task.spec.astro_fit {
-            Some(fit) => run_astro_fit(o, data, warm, &task.spec, fit, &name).await,
+            Some(fit) => run_astro_fit(o, data, warm, &task.spec, fit, &name, &secret).await,
             None => run_command(o, &task.spec, &name).await,
         }
     };
@@ -198,7 +232,7 @@ async fn run_task(
                     lease_seconds: o.lease_seconds,
                 };
                 let beat: Result<Option<serde_json::Value>, _> =
-                    post(client, format!("{base}/heartbeat"), &request).await;
+                    post(client, format!("{base}/heartbeat"), &secret, &request).await;
                 if let Err(WorkerError::Status { status: 404 | 409, .. }) = beat {
                     // The lease is gone (expired and handed on, or the task deleted): stop.
                     tracing::warn!(task = name, "lease lost; abandoning the task");
@@ -220,7 +254,7 @@ async fn run_task(
                 joules: None,
                 artifacts,
             };
-            post(client, format!("{base}/complete"), &request).await
+            post(client, format!("{base}/complete"), &secret, &request).await
         }
         Ending::Failed { error, permanent } => {
             let request = FailRequest {
@@ -229,7 +263,7 @@ async fn run_task(
                 cpu_seconds: cpu,
                 permanent,
             };
-            post(client, format!("{base}/fail"), &request).await
+            post(client, format!("{base}/fail"), &secret, &request).await
         }
     };
     if let Err(e) = report {
@@ -284,6 +318,7 @@ async fn run_astro_fit(
     spec: &TaskSpec,
     work: &AstroFitWork,
     name: &str,
+    lease_secret: &str,
 ) -> Ending {
     let fetching = Instant::now();
     let mark = data.mark();
@@ -309,7 +344,7 @@ async fn run_astro_fit(
     let uploading = Instant::now();
     let mut artifacts = Vec::with_capacity(output.files.len());
     for (file, path) in &output.files {
-        match data.upload(name, path, file).await {
+        match data.upload(name, lease_secret, path, file).await {
             Ok(r) => artifacts.push(r),
             Err(e) => return failed(e, false),
         }
