@@ -37,13 +37,23 @@ struct Worker {
 pub struct LocalDriver {
     command: WorkerCommand,
     pools: Mutex<HashMap<String, Pool>>,
+    /// What this host can give a region: a region never gets more workers than cores, whatever
+    /// its declared `capacity.cpu` (a region of 4096 "cores" must not start 4096 processes).
+    host_cores: u32,
 }
 
 impl LocalDriver {
     pub fn new(command: WorkerCommand) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        LocalDriver::with_host_cores(command, u32::try_from(cores).unwrap_or(u32::MAX))
+    }
+
+    /// A driver that gives each region at most `host_cores` workers.
+    pub fn with_host_cores(command: WorkerCommand, host_cores: u32) -> Self {
         LocalDriver {
             command,
             pools: Mutex::new(HashMap::new()),
+            host_cores: host_cores.max(1),
         }
     }
 
@@ -101,7 +111,7 @@ impl RegionDriver for LocalDriver {
             }
         }
         pool.workers = alive;
-        let wanted = wanted_workers.min(spec.capacity.cpu) as usize;
+        let wanted = wanted_workers.min(spec.capacity.cpu).min(self.host_cores) as usize;
         let mut message = String::new();
         while pool.workers.len() < wanted {
             match self.spawn(region) {
@@ -213,13 +223,32 @@ mod tests {
     }
 
     #[test]
+    fn a_region_never_gets_more_workers_than_the_host_has_cores() {
+        let driver = LocalDriver::with_host_cores(
+            WorkerCommand {
+                program: "sh".into(),
+                args: vec!["-c".into(), "sleep 30".into(), "worker".into()],
+                env: vec![],
+            },
+            2,
+        );
+        let seen = driver.ensure("huge", &spec(4096), 4096).unwrap();
+        assert_eq!(seen.workers, 2);
+        assert_eq!(driver.worker_pids("huge").len(), 2);
+        driver.release("huge");
+    }
+
+    #[test]
     fn starts_at_most_capacity_workers_and_replaces_exited_ones() {
         // `sleep` stands in for `ceccm worker`: the driver only needs a long-lived process.
-        let driver = LocalDriver::new(WorkerCommand {
-            program: "sh".into(),
-            args: vec!["-c".into(), "sleep 30".into(), "worker".into()],
-            env: vec![],
-        });
+        let driver = LocalDriver::with_host_cores(
+            WorkerCommand {
+                program: "sh".into(),
+                args: vec!["-c".into(), "sleep 30".into(), "worker".into()],
+                env: vec![],
+            },
+            64,
+        );
         let seen = driver.ensure("edge-a", &spec(2), 5).unwrap();
         assert!(seen.healthy);
         assert_eq!(seen.workers, 2);
