@@ -299,6 +299,7 @@ async fn run(cli: Cli) -> Result<()> {
             apply::run(&target()?, &options).await
         }
         Command::Get(args) if tokens::is_tokens(&args.kind) => tokens::list(&target()?).await,
+        Command::Get(args) if tokens::is_audit(&args.kind) => tokens::audit(&target()?).await,
         Command::Get(args) => {
             let options = commands::GetOptions {
                 kind: args.kind,

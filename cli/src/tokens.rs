@@ -8,6 +8,36 @@ use serde_json::{Value, json};
 use crate::client::{Client, encode};
 use crate::error::Result;
 
+/// Whether a kind argument names the audit log.
+pub fn is_audit(kind: &str) -> bool {
+    kind == "audit"
+}
+
+/// Prints the newest entries of the audit log (administrators only).
+pub async fn audit(client: &Client) -> Result<()> {
+    let log = client.get_path("audit?limit=1000").await?;
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!(
+        "{:<24} {:<16} {:<9} {:<7} {:<6} PATH",
+        "TIME", "USER", "ROLE", "METHOD", "STATUS"
+    );
+    for e in log["items"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<24} {:<16} {:<9} {:<7} {:<6} {}",
+            text(&e["time"]),
+            text(&e["user"]),
+            text(&e["role"]),
+            text(&e["method"]),
+            text(&e["status"]),
+            text(&e["path"])
+        );
+    }
+    Ok(())
+}
+
 /// Whether a kind argument names tokens.
 pub fn is_tokens(kind: &str) -> bool {
     matches!(kind, "token" | "tokens" | "tok")

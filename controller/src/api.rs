@@ -117,6 +117,7 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(fail_task))
         .routes(routes!(predictor))
         .routes(routes!(create_token, list_tokens))
+        .routes(routes!(audit_log))
         .routes(routes!(revoke_token))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
@@ -1239,6 +1240,33 @@ async fn revoke_token(
 ) -> Result<Response, ApiError> {
     who.may(Action::ManageTokens)?;
     Ok(Json(crate::tokens::revoke(&state.store, &id).await?).into_response())
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AuditParams {
+    /// Newest entries to return, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/api/v1/audit", tag = "tokens", params(AuditParams),
+    responses((status = 200, description = "The newest mutating requests, oldest first: who, what, how it ended", body = crate::audit::AuditList),
+              (status = "default", description = "Error (403: administrators only)", body = ErrorBody)))]
+async fn audit_log(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    who.may(Action::ManageTokens)?;
+    let limit = query(params)?.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1 to 1000"));
+    }
+    let items = crate::audit::tail(&state.config.data_dir, limit as usize)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("reading the audit log: {e}")))?;
+    Ok(Json(crate::audit::AuditList { items }).into_response())
 }
 
 // ---- health and metrics ----------------------------------------------------------------------

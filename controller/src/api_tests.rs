@@ -1916,6 +1916,52 @@ async fn a_worker_reports_only_on_the_task_whose_lease_it_holds(ts: &TestStore) 
     assert_eq!(answer.body["status"]["state"], "Done");
 }
 
+/// Every mutating request is in the audit log with its user and outcome, refusals included;
+/// reads are not; only administrators read it.
+async fn mutating_requests_are_audited_with_their_user(ts: &TestStore) {
+    let app = app(state(ts));
+    let made = json_call(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &json!({"user": "ana", "role": "viewer"}),
+    )
+    .await;
+    let viewer = made.body["token"].as_str().unwrap().to_string();
+    json_call(&app, "POST", "/api/v1/regions", &region("r1", 1, "edge")).await;
+    get(&app, "/api/v1/regions").await;
+    let refused = call_as(&app, Some(&viewer), "DELETE", "/api/v1/regions/r1", None).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let log = get(&app, "/api/v1/audit").await;
+    assert_eq!(log.status, StatusCode::OK, "{}", log.text);
+    let entries: Vec<(String, String, String, u64)> = log.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["user"].as_str().unwrap().to_string(),
+                e["method"].as_str().unwrap().to_string(),
+                e["path"].as_str().unwrap().to_string(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("admin", "POST", "/api/v1/tokens", 201),
+        ("admin", "POST", "/api/v1/regions", 201),
+        ("ana", "DELETE", "/api/v1/regions/r1", 403),
+    ]
+    .map(|(u, m, p, s)| (u.to_string(), m.to_string(), p.to_string(), s));
+    assert_eq!(entries, expected);
+    assert!(
+        !log.text.contains(&viewer[23..]),
+        "no secret in the audit log"
+    );
+    let denied = call_as(&app, Some(&viewer), "GET", "/api/v1/audit", None).await;
+    assert_error(&denied, StatusCode::FORBIDDEN, "Forbidden");
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -1937,6 +1983,7 @@ store_suite!(
     hardened_inputs_are_refused_and_change_nothing,
     users_see_only_their_own_applications_and_datasets,
     a_worker_reports_only_on_the_task_whose_lease_it_holds,
+    mutating_requests_are_audited_with_their_user,
 );
 
 #[test]

@@ -77,7 +77,7 @@ pub enum Action {
     RunHostCommands,
     /// Lease tasks, heartbeat, complete or fail them, upload their artifacts.
     RunTasks,
-    /// Make, list and revoke tokens.
+    /// Make, list and revoke tokens; read the audit log.
     ManageTokens,
     /// Read the server's metrics and the predictor's state.
     ReadMetrics,

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod astro_fit;
+pub mod audit;
 pub mod auth;
 pub mod content;
 pub mod demo;

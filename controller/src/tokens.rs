@@ -135,8 +135,28 @@ pub async fn authenticate(
         .map(str::to_string);
     match principal_of(&state, authorization.as_deref()).await {
         Ok(principal) => {
-            request.extensions_mut().insert(principal);
-            next.run(request).await
+            let audited = crate::audit::mutating(request.method()).then(|| {
+                (
+                    request.method().to_string(),
+                    request.uri().path().to_string(),
+                )
+            });
+            request.extensions_mut().insert(principal.clone());
+            let response = next.run(request).await;
+            if let Some((method, path)) = audited {
+                let entry = crate::audit::AuditEntry {
+                    time: crate::time::now_rfc3339(),
+                    user: principal.user,
+                    role: principal.role.as_str().to_string(),
+                    method,
+                    path,
+                    status: response.status().as_u16(),
+                };
+                if let Err(e) = crate::audit::record(&state.config.data_dir, &entry).await {
+                    tracing::error!(error = %e, "writing the audit log failed");
+                }
+            }
+            response
         }
         Err(e) => {
             let mut response = e.into_response();

@@ -1249,6 +1249,14 @@ fn tokens_are_made_used_and_revoked_through_ceccmctl() {
     );
     assert_ne!(refused.code, 0);
 
+    // The refusals are in the audit log, with the user who was refused.
+    let audit = run_as(Some(&admin), &["get", "audit"]).expect(0);
+    assert!(
+        audit.stdout.lines().any(|l| l.contains("ana") && l.contains("403")),
+        "{}",
+        audit.stdout
+    );
+    run_as(Some(&viewer), &["get", "audit"]).expect(1);
     let listed = run_as(Some(&admin), &["get", "tokens"]).expect(0);
     assert!(
         listed.stdout.contains("ana") && listed.stdout.contains("viewer"),
