@@ -515,34 +515,32 @@ pub fn prepare(lib: &TemplateLibrary, cfg: &PrepareConfig) -> Result<PreparedTem
     let first = wave.partition_point(|&l| l < need.0).saturating_sub(20);
     let last = (wave.partition_point(|&l| l <= need.1) + 20).min(wave.len());
     let wave = &wave[first..last];
-    let sigma_pix: Option<Vec<f64>> = cfg.galaxy_fwhm.as_ref().map(|gal| {
+    // Gaussian sigma (Angstrom) that brings each template pixel to the galaxy's resolution;
+    // zero where the template is already as broad (it cannot be sharpened).
+    let sigma_lam: Option<Vec<f64>> = cfg.galaxy_fwhm.as_ref().map(|gal| {
         wave.iter()
-            .enumerate()
-            .map(|(i, &l)| {
+            .map(|&l| {
                 let tpl = lib.fwhm.at(convert_medium(l, cfg.medium, lib.medium));
-                let diff2 = (gal.at(l).powi(2) - tpl.powi(2)).max(0.0);
-                let dlam = if i + 1 < wave.len() {
-                    wave[i + 1] - l
-                } else {
-                    l - wave[i - 1]
-                };
-                diff2.sqrt() / (8.0 * 2f64.ln()).sqrt() / dlam
+                (gal.at(l).powi(2) - tpl.powi(2)).max(0.0).sqrt() / (8.0 * 2f64.ln()).sqrt()
             })
             .collect()
     });
     let step = cfg.velscale / cfg.velscale_ratio as f64;
-    let kernels = sigma_pix.as_ref().map(|s| GaussianKernels::new(s));
+    let smoother = sigma_lam
+        .as_ref()
+        .and_then(|s| VariableGaussianSmoother::new(wave, s));
+    let mut scratch = smoother.as_ref().map(VariableGaussianSmoother::scratch);
     let mut spectra = Vec::with_capacity(lib.spectra.len());
     let mut ln_lam0 = 0.0;
     for flux in &lib.spectra {
         let flux = &flux[first..last];
         let broadened;
-        let flux = match &kernels {
-            Some(k) => {
-                broadened = k.apply(flux);
+        let flux = match (&smoother, &mut scratch) {
+            (Some(smoother), Some(scratch)) => {
+                broadened = smoother.apply(flux, scratch);
                 &broadened[..]
             }
-            None => flux,
+            _ => flux,
         };
         let (ln0, rebinned) = log_rebin(wave, flux, step);
         ln_lam0 = ln0;
@@ -660,90 +658,153 @@ pub fn log_rebin(wave: &[f64], flux: &[f64], velscale: f64) -> (f64, Vec<f64>) {
     (ln0 + 0.5 * d, out)
 }
 
-/// Per-pixel Gaussian kernels of varying width whose discrete variance is exactly sigma^2,
-/// so widths below a pixel (common when matching similar resolutions) are not lost to sampling.
-struct GaussianKernels {
-    taps: Vec<Vec<f64>>,
+/// Convolution with a Gaussian whose width varies along the wavelength, by the method of
+/// Cappellari (2023, MNRAS 526, 3273, Algorithm 1), the one pPXF's `varsmooth` uses: the
+/// coordinate is stretched to s(x) = integral dx / sigma(x), in which the kernel has unit
+/// width everywhere; the spectrum is resampled (linearly) onto a uniform s grid, convolved there
+/// with the analytic Fourier transform of a Gaussian (exact even for sub-pixel widths, with
+/// reflecting ends) and interpolated back (linearly) to the input pixels.
+///
+/// The two linear interpolations are part of the method and broaden a little beyond sigma where
+/// the width is below about a pixel (as when matching SDSS or MaNGA to E-MILES): using the same
+/// method as pPXF makes astro-fit's templates, and so its sigma, match pPXF's (issue 17).
+/// Widths below 0.1 input pixel are raised to 0.1 pixel to keep the stretch finite, as in pPXF.
+/// The stretch, the interpolation weights and the Fourier multiplier depend only on the grid and
+/// the widths, so they are computed once and shared by every template of a library.
+struct VariableGaussianSmoother {
+    /// For each sample of the uniform s grid: input pixel k and weight t of pixel k + 1.
+    to_grid: Vec<(usize, f64)>,
+    /// For each input pixel: grid sample j and weight t of sample j + 1.
+    from_grid: Vec<(usize, f64)>,
+    /// Gaussian transfer function per frequency of the even extension, 1/length included.
+    gain: Vec<f64>,
+    forward: std::sync::Arc<dyn realfft::RealToComplex<f64>>,
+    inverse: std::sync::Arc<dyn realfft::ComplexToReal<f64>>,
 }
 
-impl GaussianKernels {
-    fn new(sigma_pix: &[f64]) -> Self {
-        let mut cache: Vec<(f64, Vec<f64>)> = Vec::new();
-        let taps = sigma_pix
+/// Buffers of one [`VariableGaussianSmoother`] application, reused across templates.
+struct SmootherScratch {
+    extended: Vec<f64>,
+    spectrum: Vec<realfft::num_complex::Complex64>,
+}
+
+impl VariableGaussianSmoother {
+    /// `None` when every width is zero: there is nothing to broaden.
+    fn new(x: &[f64], sigma: &[f64]) -> Option<Self> {
+        let n_in = x.len();
+        if n_in < 2 || sigma.iter().all(|s| *s <= 0.0) {
+            return None;
+        }
+        // Floor of 0.1 local pixel (central differences inside, one-sided at the ends).
+        let pixel = |i: usize| match i {
+            0 => x[1] - x[0],
+            i if i == n_in - 1 => x[i] - x[i - 1],
+            i => 0.5 * (x[i + 1] - x[i - 1]),
+        };
+        let sigma: Vec<f64> = (0..n_in).map(|i| sigma[i].max(0.1 * pixel(i))).collect();
+        // Stretched coordinate by the trapezoidal rule.
+        let mut s = Vec::with_capacity(n_in);
+        s.push(0.0);
+        for i in 1..n_in {
+            s.push(s[i - 1] + 0.5 * (1.0 / sigma[i - 1] + 1.0 / sigma[i]) * (x[i] - x[i - 1]));
+        }
+        let s_end = s[n_in - 1];
+        let min_step = s
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .fold(f64::INFINITY, f64::min);
+        // Samples so that the narrowest stretched pixel still holds one; the even extension
+        // has 2 (n - 1) points, made a 2-3-5 smooth length for the FFT.
+        let n = next_smooth((s_end / min_step).ceil() as usize) + 1;
+        let ds = s_end / (n - 1) as f64;
+        let mut to_grid = Vec::with_capacity(n);
+        let mut k = 0;
+        for j in 0..n {
+            let at = j as f64 * ds;
+            while k + 2 < n_in && s[k + 1] <= at {
+                k += 1;
+            }
+            let t = ((at - s[k]) / (s[k + 1] - s[k])).clamp(0.0, 1.0);
+            to_grid.push((k, t));
+        }
+        let from_grid = s
             .iter()
-            .map(|&s| {
-                // Widths are quantised to 0.2% for reuse; the resolution curve is smooth.
-                let key = (s * 500.0).round() / 500.0;
-                if let Some((_, k)) = cache.iter().find(|(c, _)| *c == key) {
-                    return k.clone();
-                }
-                let k = exact_variance_gaussian(key);
-                cache.push((key, k.clone()));
-                k
+            .map(|&si| {
+                let pos = si / ds;
+                let j = (pos.floor() as usize).min(n - 2);
+                (j, (pos - j as f64).clamp(0.0, 1.0))
             })
             .collect();
-        GaussianKernels { taps }
+        // The kernel has unit width in s, i.e. 1/ds samples.
+        let width = 1.0 / ds;
+        let len = 2 * (n - 1);
+        let gain = (0..n)
+            .map(|f| {
+                let w = std::f64::consts::PI * f as f64 / (n - 1) as f64 * width;
+                (-0.5 * w * w).exp() / len as f64
+            })
+            .collect();
+        let mut planner = realfft::RealFftPlanner::<f64>::new();
+        Some(VariableGaussianSmoother {
+            to_grid,
+            from_grid,
+            gain,
+            forward: planner.plan_fft_forward(len),
+            inverse: planner.plan_fft_inverse(len),
+        })
     }
 
-    fn apply(&self, flux: &[f64]) -> Vec<f64> {
-        let n = flux.len();
-        (0..n)
-            .map(|i| {
-                let k = &self.taps[i];
-                let half = (k.len() / 2) as isize;
-                k.iter()
-                    .enumerate()
-                    .map(|(j, w)| {
-                        let p = (i as isize + j as isize - half).clamp(0, n as isize - 1) as usize;
-                        w * flux[p]
-                    })
-                    .sum()
-            })
+    fn scratch(&self) -> SmootherScratch {
+        SmootherScratch {
+            extended: self.forward.make_input_vec(),
+            spectrum: self.forward.make_output_vec(),
+        }
+    }
+
+    fn apply(&self, y: &[f64], scratch: &mut SmootherScratch) -> Vec<f64> {
+        let n = self.to_grid.len();
+        let ext = &mut scratch.extended;
+        for (j, &(k, t)) in self.to_grid.iter().enumerate() {
+            let next = y[(k + 1).min(y.len() - 1)];
+            ext[j] = y[k] + t * (next - y[k]);
+        }
+        // Even extension: reflecting ends, as the type-I cosine transform implies.
+        let len = ext.len();
+        for j in 1..n - 1 {
+            ext[len - j] = ext[j];
+        }
+        self.forward
+            .process(ext, &mut scratch.spectrum)
+            .expect("buffers sized by the plan");
+        for (c, g) in scratch.spectrum.iter_mut().zip(&self.gain) {
+            *c *= *g;
+        }
+        // The inverse needs real end bins; the Gaussian keeps them real up to rounding.
+        scratch.spectrum[0].im = 0.0;
+        scratch.spectrum[n - 1].im = 0.0;
+        self.inverse
+            .process(&mut scratch.spectrum, ext)
+            .expect("buffers sized by the plan");
+        self.from_grid
+            .iter()
+            .map(|&(j, t)| ext[j] + t * (ext[j + 1] - ext[j]))
             .collect()
     }
 }
 
-fn sampled_gaussian(width: f64, half: usize) -> Vec<f64> {
-    let mut taps: Vec<f64> = (0..=2 * half)
-        .map(|j| {
-            let x = j as f64 - half as f64;
-            (-0.5 * (x / width).powi(2)).exp()
+/// Smallest number >= `n` with no prime factor above 5.
+fn next_smooth(n: usize) -> usize {
+    (n.max(1)..)
+        .find(|&m| {
+            let mut r = m;
+            for p in [2, 3, 5] {
+                while r % p == 0 {
+                    r /= p;
+                }
+            }
+            r == 1
         })
-        .collect();
-    let sum: f64 = taps.iter().sum();
-    for t in &mut taps {
-        *t /= sum;
-    }
-    taps
-}
-
-fn discrete_variance(taps: &[f64]) -> f64 {
-    let half = (taps.len() / 2) as f64;
-    taps.iter()
-        .enumerate()
-        .map(|(j, w)| w * (j as f64 - half).powi(2))
-        .sum()
-}
-
-/// A sampled Gaussian whose width is adjusted (bisection) so that its discrete variance is s^2.
-fn exact_variance_gaussian(s: f64) -> Vec<f64> {
-    if s <= 0.0 {
-        return vec![1.0];
-    }
-    let half = (5.0 * s).ceil() as usize + 1;
-    if s >= 1.5 {
-        return sampled_gaussian(s, half);
-    }
-    let (mut lo, mut hi) = (1e-3, 2.0 * s + 1.0);
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        if discrete_variance(&sampled_gaussian(mid, half)) < s * s {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    sampled_gaussian(0.5 * (lo + hi), half)
+        .expect("a 5-smooth number exists above any n")
 }
 
 #[cfg(test)]
@@ -783,12 +844,32 @@ mod tests {
     }
 
     #[test]
-    fn resolution_kernels_have_the_requested_variance() {
-        for s in [0.1, 0.3, 0.7, 1.4, 1.5, 3.0] {
-            let k = exact_variance_gaussian(s);
-            assert!((k.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-            let var = discrete_variance(&k);
-            assert!((var - s * s).abs() < 1e-3 * s * s, "s={s} var={var}");
-        }
+    fn variable_smoothing_keeps_flux_and_broadens_a_line_to_sigma() {
+        // A line 3 A wide on a 0.9 A grid broadened by 4 A: sigma^2 adds (the stretch's linear
+        // interpolations add a little more, under a tenth of a pixel in sigma here).
+        let wave: Vec<f64> = (0..4000).map(|i| 5000.0 + 0.9 * i as f64).collect();
+        let line = |l: f64| (-0.5 * ((l - 6800.0) / 3.0).powi(2)).exp();
+        let flux: Vec<f64> = wave.iter().map(|&l| 1.0 - 0.5 * line(l)).collect();
+        let sigma = vec![4.0; wave.len()];
+        let smoother = VariableGaussianSmoother::new(&wave, &sigma).unwrap();
+        let out = smoother.apply(&flux, &mut smoother.scratch());
+        let depth: Vec<f64> = out.iter().map(|v| 1.0 - v).collect();
+        let area: f64 = depth.iter().sum::<f64>() * 0.9;
+        let mean = depth.iter().zip(&wave).map(|(d, l)| d * l).sum::<f64>() * 0.9 / area;
+        let var = depth
+            .iter()
+            .zip(&wave)
+            .map(|(d, l)| d * (l - mean).powi(2))
+            .sum::<f64>()
+            * 0.9
+            / area;
+        let expected_area = 0.5 * 3.0 * (2.0 * std::f64::consts::PI).sqrt();
+        assert!((area / expected_area - 1.0).abs() < 1e-3, "area {area}");
+        assert!((mean - 6800.0).abs() < 1e-3, "centre {mean}");
+        assert!((var.sqrt() - 5.0).abs() < 0.09, "sigma {}", var.sqrt());
+        // Zero widths everywhere: nothing to do.
+        assert!(VariableGaussianSmoother::new(&wave, &vec![0.0; wave.len()]).is_none());
+        assert_eq!(next_smooth(7), 8);
+        assert_eq!(next_smooth(121), 125);
     }
 }
