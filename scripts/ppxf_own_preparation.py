@@ -18,8 +18,9 @@ The set-up, step by step as in pPXF's example (with the file's IVAR as noise):
 3. Templates: `sps_util.sps_lib(npz, velscale, {"lam", "fwhm"}, lam_range=[3500, 1e4])`, i.e.
    broadened over the whole E-MILES range with `ppxf_util.varsmooth` (variable width), then
    `log_rebin` at the galaxy velscale, divided by one common median, cut to 3500-10000 A.
-   pPXF's E-MILES npz is not shipped with pip's ppxf, so it is built here from the shared E-MILES
-   FITS files with the E-MILES resolution of Vazdekis et al. (2016) (see `emiles_fwhm`).
+   pPXF's E-MILES npz is not shipped with pip's ppxf (it is downloaded on first use), so it is
+   built here from the shared E-MILES FITS files, 3000-11000 A, with the E-MILES resolution of
+   Vazdekis et al. (2016) (see `emiles_fwhm`).
 4. Good pixels: `determine_goodpixels(ln(lam_rest), [3500, 1e4])` (+-800 km/s around the gas
    lines, 900 km/s from the template range edges) AND the file's own mask (IVAR > 0, MaNGA
    DRP bad bits). The galaxy is cut to rest frame LAM_FIT, where the 3500-10000 A templates
@@ -52,6 +53,8 @@ LAM_RANGE_TEMP = (3500.0, 1e4)
 # Rest-frame range fitted: the template range shrunk by pPXF's 2000 + 900 km/s margin (and a
 # pixel), so that pPXF's check that the templates cover galaxy[goodpixels] always holds.
 LAM_FIT = (3540.0, 9880.0)
+# Wavelengths kept in the npz given to sps_lib: beyond LAM_RANGE_TEMP by more than any kernel.
+NPZ_RANGE = (3000.0, 11000.0)
 MOMENTS, DEGREE, START = 4, 20, (0.0, 200.0)
 # NOCOV, DEADFIBER, FORESTAR, DONOTUSE: the MaNGA DRP bits astro-fit treats as bad.
 MANGA_BAD = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 10)
@@ -78,9 +81,13 @@ def build_npz(folder, path):
     metals = np.unique([p[1] for p in parsed])
     hdr = fits.getheader(files[0])
     lam = hdr["CRVAL1"] + hdr["CDELT1"] * np.arange(hdr["NAXIS1"])
-    templates = np.empty((lam.size, ages.size, metals.size))
+    # Only NPZ_RANGE is kept (1680-50000 A in the files): 6x less to broaden per spectrum.
+    keep = (lam >= NPZ_RANGE[0]) & (lam <= NPZ_RANGE[1])
+    templates = np.empty((keep.sum(), ages.size, metals.size))
     for age, metal, f in parsed:
-        templates[:, np.searchsorted(ages, age), np.searchsorted(metals, metal)] = fits.getdata(f)
+        templates[:, np.searchsorted(ages, age), np.searchsorted(metals, metal)] = \
+            fits.getdata(f)[keep]
+    lam = lam[keep]
     np.savez(path, templates=templates, masses=np.ones((ages.size, metals.size)), lam=lam,
              ages=ages, metals=metals, fwhm=emiles_fwhm(lam))
 
