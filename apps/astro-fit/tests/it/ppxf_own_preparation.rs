@@ -115,6 +115,9 @@ fn astro_fit(data: &Path, settings: &Value, result: &Value) -> anyhow::Result<Fi
         start[1].to_string(),
         "--emission-mask-kms".into(),
         settings["emission_mask_kms"].to_string(),
+        // pPXF's own preparation broadens with varsmooth: compare like with like.
+        "--template-broadening".into(),
+        "ppxf".into(),
     ]);
     fit_file(&Cli::try_parse_from(argv)?.args)
 }
