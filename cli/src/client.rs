@@ -168,6 +168,11 @@ impl Client {
         Ok(self.json(request).await?.1)
     }
 
+    /// A DELETE of any path under `/api/v1` (tokens), answering JSON.
+    pub async fn delete_path(&self, path: &str) -> Result<Value> {
+        Ok(self.json(self.request(Method::DELETE, path)).await?.1)
+    }
+
     /// Opens a watch on a collection, from `resource_version` when given.
     pub async fn watch(
         &self,

@@ -12,6 +12,7 @@ mod output;
 mod results;
 mod table;
 mod time;
+mod tokens;
 mod transfer;
 
 use std::path::PathBuf;
@@ -64,10 +65,29 @@ struct GlobalArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum CreateCommand {
+    /// A token for user NAME, printed once on stdout; delete it with `delete token ID`
+    Token {
+        /// The user the token acts for
+        name: String,
+        /// viewer (reads), user (own applications and datasets), operator (also regions),
+        /// admin (everything), worker (a region's workers)
+        #[arg(long, value_parser = ["viewer", "user", "operator", "admin", "worker"])]
+        role: String,
+        /// Lifetime, e.g. 90m, 24h; default: never expires
+        #[arg(long, value_parser = commands::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Create or update objects from manifests (server-side apply)
     #[command(after_long_help = apply::HELP)]
     Apply(ApplyArgs),
+    /// Create a bearer token for a user (administrators only)
+    #[command(subcommand)]
+    Create(CreateCommand),
     /// List objects of a kind, or show some by name
     Get(GetArgs),
     /// Show an object in detail: spec, status, conditions and recent events
@@ -278,6 +298,7 @@ async fn run(cli: Cli) -> Result<()> {
             };
             apply::run(&target()?, &options).await
         }
+        Command::Get(args) if tokens::is_tokens(&args.kind) => tokens::list(&target()?).await,
         Command::Get(args) => {
             let options = commands::GetOptions {
                 kind: args.kind,
@@ -290,6 +311,12 @@ async fn run(cli: Cli) -> Result<()> {
             commands::get(&target()?, &options).await
         }
         Command::Describe { kind, names } => describe::run(&target()?, &kind, &names).await,
+        Command::Create(CreateCommand::Token { name, role, ttl }) => {
+            tokens::create(&target()?, &name, &role, ttl).await
+        }
+        Command::Delete(args) if args.kind.as_deref().is_some_and(tokens::is_tokens) => {
+            tokens::delete(&target()?, &args.names).await
+        }
         Command::Delete(args) => {
             let options = commands::DeleteOptions {
                 kind: args.kind,

@@ -4,17 +4,18 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::auth::{Action, Principal};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::metrics::Metrics;
 use crate::objects;
@@ -33,6 +34,10 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Largest dataset upload.
     pub max_upload_bytes: u64,
+    /// Tokens held in memory (the administrator's, the local driver's workers').
+    pub static_tokens: Vec<crate::tokens::StaticToken>,
+    /// Whether `/metrics` answers without a token.
+    pub anonymous_metrics: bool,
 }
 
 impl ApiConfig {
@@ -41,6 +46,8 @@ impl ApiConfig {
             data_dir,
             max_body_bytes: 1024 * 1024,
             max_upload_bytes: 4 * 1024 * 1024 * 1024,
+            static_tokens: Vec::new(),
+            anonymous_metrics: false,
         }
     }
 }
@@ -67,8 +74,29 @@ pub struct AppState {
     crate::resources::DatasetStatus,
     crate::resources::TaskSpec,
     crate::resources::TaskStatus
-)))]
+)), modifiers(&BearerAuth), security(("bearer" = [])))]
 struct ApiDoc;
+
+/// Every route but the health checks takes `Authorization: Bearer TOKEN`.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "ceccm_<id>_<secret>; the administrator's is in DATA_DIR/admin.token",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -88,6 +116,8 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(complete_task))
         .routes(routes!(fail_task))
         .routes(routes!(predictor))
+        .routes(routes!(create_token, list_tokens))
+        .routes(routes!(revoke_token))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
@@ -98,6 +128,10 @@ pub fn app(state: AppState) -> axum::Router {
     let (router, _) = router().split_for_parts();
     router
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::tokens::authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
@@ -121,21 +155,30 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 // ---- request reading ------------------------------------------------------------------------
 
 /// Reads a JSON or YAML body (by Content-Type) of at most `limit` bytes.
-async fn read_document(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("request body exceeds the limit of {limit} bytes"),
-        )
-        .with_details(json!({"limitBytes": limit}))
-    };
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("request body exceeds the limit of {limit} bytes"),
+    )
+    .with_details(json!({"limitBytes": limit}))
+}
+
+/// Refuses a request whose declared `Content-Length` is over `limit` before a byte of its body
+/// is read or written.
+fn refuse_declared_over(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit => Err(too_large(limit)),
+        _ => Ok(()),
     }
+}
+
+async fn read_document(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, ApiError> {
+    let too_large = || too_large(limit as u64);
+    refuse_declared_over(headers, limit as u64)?;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
@@ -148,12 +191,134 @@ async fn read_document(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
-    if content_type.contains("yaml") {
-        yaml_serde::from_slice::<Value>(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))
-    } else {
-        serde_json::from_slice::<Value>(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
+    let yaml = match media_type(content_type) {
+        Some(MediaType::Yaml) => true,
+        Some(MediaType::Json) => false,
+        None => {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!(
+                    "Content-Type {content_type:?} is not accepted: send application/json \
+                     (or application/merge-patch+json) or application/yaml"
+                ),
+            ));
+        }
+    };
+    // Parsing is CPU work that grows with the input's nesting: off the async workers, and
+    // bounded before it starts.
+    tokio::task::spawn_blocking(move || parse_document(&bytes, yaml))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+}
+
+enum MediaType {
+    Json,
+    Yaml,
+}
+
+/// The document type of a `Content-Type` (parameters such as `charset` ignored); none given
+/// means JSON, as curl and most clients send.
+fn media_type(content_type: &str) -> Option<MediaType> {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "" | "application/json" | "application/merge-patch+json" => Some(MediaType::Json),
+        "application/yaml" | "application/x-yaml" | "text/yaml" => Some(MediaType::Yaml),
+        // curl's `-d` default; what the README's tour sends.
+        "application/x-www-form-urlencoded" => Some(MediaType::Json),
+        _ => None,
+    }
+}
+
+/// Deepest nesting a manifest may use (flow brackets, or block indentation in columns).
+const MAX_NESTING: usize = 64;
+const MAX_INDENT: usize = 256;
+
+fn parse_document(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
+    let too_deep = || {
+        ApiError::bad_request(format!(
+            "the document nests deeper than {MAX_NESTING} levels (or indents past column \
+             {MAX_INDENT}); no manifest needs that"
+        ))
+    };
+    if nesting_depth(bytes) > MAX_NESTING {
+        return Err(too_deep());
+    }
+    if !yaml {
+        return serde_json::from_slice::<Value>(bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")));
+    }
+    let indent = bytes
+        .split(|b| *b == b'\n')
+        .map(|line| line.iter().take_while(|b| **b == b' ').count())
+        .max()
+        .unwrap_or(0);
+    if indent > MAX_INDENT {
+        return Err(too_deep());
+    }
+    let value: yaml_serde::Value = yaml_serde::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))?;
+    // JSON has no NaN or infinity: YAML's `.nan` would silently become null.
+    if let Some(path) = non_finite(&value, "") {
+        return Err(ApiError::bad_request(format!(
+            "{path}: .nan and .inf are not numbers the API accepts"
+        ))
+        .with_details(json!({"field": path})));
+    }
+    serde_json::to_value(value).map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))
+}
+
+/// Deepest `[`/`{` nesting outside quoted strings.
+fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    for &b in bytes {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' && q == b'"' {
+                    escaped = true;
+                } else if b == q {
+                    quote = None;
+                }
+            }
+            None => match b {
+                b'"' | b'\'' => quote = Some(b),
+                b'[' | b'{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    deepest
+}
+
+/// The path of the first NaN or infinity in a YAML value.
+fn non_finite(value: &yaml_serde::Value, path: &str) -> Option<String> {
+    match value {
+        yaml_serde::Value::Number(n) => n
+            .as_f64()
+            .is_some_and(|f| !f.is_finite())
+            .then(|| path.trim_start_matches('.').to_string()),
+        yaml_serde::Value::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| non_finite(v, &format!("{path}[{i}]"))),
+        yaml_serde::Value::Mapping(map) => map.iter().find_map(|(k, v)| {
+            let key = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
+            non_finite(v, &format!("{path}.{key}"))
+        }),
+        yaml_serde::Value::Tagged(tagged) => non_finite(&tagged.value, path),
+        _ => None,
     }
 }
 
@@ -202,8 +367,9 @@ pub struct ListParams {
     pub label_selector: Option<String>,
     /// Events only: `involvedObject.kind=K,involvedObject.name=N`
     pub field_selector: Option<String>,
-    /// Page size.
-    pub limit: Option<u32>,
+    /// Page size, 1 to 10000 (larger pages are cut to 10000).
+    #[param(minimum = 1, maximum = 2147483647)]
+    pub limit: Option<i32>,
     /// Token from the previous page's `metadata.continue`.
     #[serde(rename = "continue")]
     #[param(rename = "continue")]
@@ -229,6 +395,8 @@ struct Filter {
     labels: Option<Selector>,
     involved_kind: Option<String>,
     involved_name: Option<String>,
+    /// Only what this caller sees (`auth::sees`).
+    seen_by: Option<(Principal, Kind)>,
 }
 
 impl Filter {
@@ -265,6 +433,7 @@ impl Filter {
             labels,
             involved_kind,
             involved_name,
+            seen_by: None,
         })
     }
 
@@ -276,10 +445,17 @@ impl Filter {
     }
 
     fn needs_parsing(&self) -> bool {
-        self.labels.is_some() || self.involved_kind.is_some() != self.involved_name.is_some()
+        self.labels.is_some()
+            || self.involved_kind.is_some() != self.involved_name.is_some()
+            || self.seen_by.is_some()
     }
 
     fn matches(&self, object: &Value) -> bool {
+        if let Some((who, kind)) = &self.seen_by
+            && !crate::auth::sees(who, *kind, object)
+        {
+            return false;
+        }
         if let Some(selector) = &self.labels {
             let labels =
                 serde_json::from_value(object["metadata"]["labels"].clone()).unwrap_or_default();
@@ -304,12 +480,15 @@ impl Filter {
         (status = "default", description = "Error", body = ErrorBody)))]
 async fn list_objects(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(plural): Path<String>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Read(kind))?;
     let params = query(params)?;
-    let filter = Filter::parse(kind, &params)?;
+    let mut filter = Filter::parse(kind, &params)?;
+    filter.seen_by = Some((who.clone(), kind));
     if params.watch == Some(true) {
         return crate::watch::watch(
             state.store.clone(),
@@ -318,6 +497,9 @@ async fn list_objects(
             params.resource_version.as_deref(),
         )
         .await;
+    }
+    if params.limit.is_some_and(|l| l < 1) {
+        return Err(ApiError::bad_request("limit must be a positive integer"));
     }
     let limit = params.limit.map(|l| l.clamp(1, 10_000) as usize);
     let owner = filter.owner();
@@ -367,9 +549,44 @@ fn filter_fn(filter: Filter) -> impl Fn(&Value) -> bool + Send + Sync + 'static 
     move |object| filter.matches(object)
 }
 
+/// A name taken from a URL must be one an object can have (a DNS-1123 label) before it
+/// addresses anything, files above all: anything else names no object (404).
+fn object_name(kind: Kind, name: &str) -> Result<(), ApiError> {
+    validate_name(name).map_err(|_| ApiError::not_found(kind.as_str(), name))
+}
+
+/// The stored object `kind`/`name` as `who` may see it: 404 when it does not exist or belongs
+/// to another user.
+async fn seen_object(
+    store: &Store,
+    who: &Principal,
+    kind: Kind,
+    name: &str,
+) -> Result<Value, ApiError> {
+    store
+        .get(kind, name)
+        .await?
+        .filter(|o| crate::auth::sees(who, kind, o))
+        .ok_or_else(|| ApiError::not_found(kind.as_str(), name))
+}
+
+/// Host commands (`app: container`, run by the process runtime with the server's rights) are
+/// an administrator's choice; users run registered apps.
+fn may_submit(
+    who: &Principal,
+    kind: Kind,
+    submitted: &crate::resources::Submitted,
+) -> Result<(), ApiError> {
+    if kind == Kind::Application && submitted.spec["app"] == "container" {
+        who.may(Action::RunHostCommands)?;
+    }
+    Ok(())
+}
+
 /// Fails with 422 when the spec names regions that do not exist.
 async fn check_references(
     store: &Store,
+    who: &Principal,
     kind: Kind,
     name: &str,
     submitted: &crate::resources::Submitted,
@@ -384,7 +601,11 @@ async fn check_references(
         }
     }
     for (field, dataset) in &submitted.referenced_datasets {
-        if store.get_raw(Kind::Dataset, dataset).await?.is_none() {
+        let seen = store
+            .get(Kind::Dataset, dataset)
+            .await?
+            .is_some_and(|d| crate::auth::sees(who, Kind::Dataset, &d));
+        if !seen {
             missing.push(ceccm_federation::Violation::new(
                 field.as_str(),
                 format!("dataset {dataset:?} does not exist"),
@@ -404,19 +625,31 @@ async fn check_references(
     responses((status = 201, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
 async fn create_object(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(plural): Path<String>,
     params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Write(kind))?;
     let dry_run = query(params)?.dry_run()?;
     if !kind.user_writable() {
         return Err(read_only(kind));
     }
     let document = read_document(&headers, body, state.config.max_body_bytes).await?;
     let submitted = parse_submitted(kind, document)?;
-    check_references(&state.store, kind, &submitted.metadata.name, &submitted).await?;
+    may_submit(&who, kind, &submitted)?;
+    let mut submitted = submitted;
+    submitted.metadata.owner = Some(who.user.clone());
+    check_references(
+        &state.store,
+        &who,
+        kind,
+        &submitted.metadata.name,
+        &submitted,
+    )
+    .await?;
     let object = objects::create(&state.store, kind, submitted, dry_run).await?;
     Ok((StatusCode::CREATED, Json(object)).into_response())
 }
@@ -426,13 +659,13 @@ async fn create_object(
     responses((status = 200, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_object(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
-    match state.store.get_raw(kind, &name).await? {
-        Some(body) => Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
-        None => Err(ApiError::not_found(kind.as_str(), &name)),
-    }
+    who.may(Action::Read(kind))?;
+    object_name(kind, &name)?;
+    Ok(Json(seen_object(&state.store, &who, kind, &name).await?).into_response())
 }
 
 #[utoipa::path(put, path = "/api/v1/{plural}/{name}", tag = "objects",
@@ -442,12 +675,15 @@ async fn get_object(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn apply_object(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Write(kind))?;
+    object_name(kind, &name)?;
     let dry_run = query(params)?.dry_run()?;
     if !kind.user_writable() {
         return Err(read_only(kind));
@@ -460,7 +696,17 @@ async fn apply_object(
             submitted.metadata.name
         )));
     }
-    check_references(&state.store, kind, &name, &submitted).await?;
+    may_submit(&who, kind, &submitted)?;
+    // An existing object keeps its owner; another user's is not there for this caller.
+    let mut submitted = submitted;
+    submitted.metadata.owner = match state.store.get(kind, &name).await? {
+        Some(stored) if !crate::auth::sees(&who, kind, &stored) => {
+            return Err(ApiError::not_found(kind.as_str(), &name));
+        }
+        Some(stored) => stored["metadata"]["owner"].as_str().map(str::to_string),
+        None => Some(who.user.clone()),
+    };
+    check_references(&state.store, &who, kind, &name, &submitted).await?;
     let (object, created) = objects::apply(&state.store, kind, submitted, dry_run).await?;
     let status = if created {
         StatusCode::CREATED
@@ -476,10 +722,17 @@ async fn apply_object(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete_object(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::Write(kind))?;
+    object_name(kind, &name)?;
+    if !kind.user_writable() {
+        return Err(read_only(kind));
+    }
+    seen_object(&state.store, &who, kind, &name).await?;
     let dry_run = query(params)?.dry_run()?;
     let object = objects::delete(&state.store, kind, &name, dry_run).await?;
     if kind == Kind::Dataset && !dry_run {
@@ -495,11 +748,14 @@ async fn delete_object(
     responses((status = 200, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
 async fn patch_status(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let kind = Kind::from_plural(&plural)?;
+    who.may(Action::WriteStatus(kind))?;
+    object_name(kind, &name)?;
     if !kind.user_writable() {
         return Err(read_only(kind));
     }
@@ -517,9 +773,15 @@ async fn patch_status(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn upload_content(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Write(Kind::Dataset))?;
+    object_name(Kind::Dataset, &name)?;
+    seen_object(&state.store, &who, Kind::Dataset, &name).await?;
+    refuse_declared_over(&headers, state.config.max_upload_bytes)?;
     let object = crate::content::upload_dataset(&state.store, &state.config, &name, body).await?;
     Ok(Json(object).into_response())
 }
@@ -530,8 +792,12 @@ async fn upload_content(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn download_content(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Dataset))?;
+    object_name(Kind::Dataset, &name)?;
+    seen_object(&state.store, &who, Kind::Dataset, &name).await?;
     crate::content::download_dataset(&state.store, &state.config, &name).await
 }
 
@@ -552,8 +818,12 @@ pub struct ResultFile {
     responses((status = 200, body = ResultsIndex), (status = "default", description = "Error", body = ErrorBody)))]
 async fn results_index(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     if state
         .store
         .get_raw(Kind::Application, &name)
@@ -572,8 +842,12 @@ async fn results_index(
               (status = "default", description = "Error (409: already finished)", body = ErrorBody)))]
 async fn cancel_application(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Write(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     Ok(Json(crate::operations::cancel(&state.store, &name).await?).into_response())
 }
 
@@ -583,8 +857,12 @@ async fn cancel_application(
               (status = "default", description = "Error (409: not Failed or Cancelled)", body = ErrorBody)))]
 async fn retry_application(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Write(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     Ok(Json(crate::operations::retry(&state.store, &name).await?).into_response())
 }
 
@@ -594,18 +872,38 @@ pub struct StoredArtifact {
     pub size: u64,
 }
 
+/// Request header of an artifact upload whose content is not in the body: `region-cache`
+/// (a worker on the server's host names a file of its region's cache by its sha256).
+pub const CONTENT_FROM_HEADER: &str = "x-ceccm-content-from";
+
 #[utoipa::path(put, path = "/api/v1/tasks/{name}/artifacts/{sha256}", tag = "tasks",
-    params(("name" = String, Path), ("sha256" = String, Path, description = "sha256 of the body")),
+    params(("name" = String, Path), ("sha256" = String, Path, description = "sha256 of the body"),
+           ("x-ceccm-content-from" = Option<String>, Header, description = "`region-cache`: no body; the content is the file SHA256 in the cache of the task's region on the server's host (local driver)")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "Stored (or already stored): content-addressed, written once", body = StoredArtifact),
-              (status = "default", description = "Error (422: the body does not hash to sha256)", body = ErrorBody)))]
+              (status = "default", description = "Error (422: the content does not hash to sha256; 404: not in the region's cache)", body = ErrorBody)))]
 async fn upload_artifact(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, sha256)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let size =
-        crate::content::upload_artifact(&state.store, &state.config, &name, &sha256, body).await?;
+    who.may(Action::RunTasks)?;
+    object_name(Kind::Task, &name)?;
+    refuse_declared_over(&headers, state.config.max_upload_bytes)?;
+    let source = match headers.get(CONTENT_FROM_HEADER).map(|v| v.as_bytes()) {
+        None => crate::content::ArtifactSource::Body(body),
+        Some(b"region-cache") => crate::content::ArtifactSource::RegionCache,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "{CONTENT_FROM_HEADER}: {:?} is not a content source (region-cache)",
+                String::from_utf8_lossy(other)
+            )));
+        }
+    };
+    let size = crate::content::upload_artifact(&state.store, &state.config, &name, &sha256, source)
+        .await?;
     Ok(Json(StoredArtifact { sha256, size }).into_response())
 }
 
@@ -615,8 +913,12 @@ async fn upload_artifact(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn download_artifact(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, sha256)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     crate::content::download_artifact(&state.config, &name, &sha256).await
 }
 
@@ -626,12 +928,24 @@ async fn download_artifact(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn result_file(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((name, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     if file.contains('/') || file.starts_with('.') {
         return Err(ApiError::bad_request(format!(
             "bad result file name {file:?}"
         )));
+    }
+    if state
+        .store
+        .get_raw(Kind::Application, &name)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::not_found("Application", &name));
     }
     let path = results_dir(&state.config.data_dir, &name).join(&file);
     crate::content::stream_file(&path, &format!("result {file:?} of application {name:?}")).await
@@ -652,9 +966,13 @@ pub struct LogParams {
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn application_logs(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    who.may(Action::Read(Kind::Application))?;
+    object_name(Kind::Application, &name)?;
+    seen_object(&state.store, &who, Kind::Application, &name).await?;
     let params = query(params)?;
     crate::logs::logs(
         state.store.clone(),
@@ -674,9 +992,11 @@ async fn application_logs(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn lease_task(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
     let request: LeaseRequest = read_typed(&headers, body).await?;
     if let Err(e) = validate_name(&request.region) {
         return Err(ApiError::new(ErrorCode::Invalid, format!("region: {e}")));
@@ -693,10 +1013,12 @@ async fn lease_task(
               (status = "default", description = "Error (409: the lease was lost)", body = ErrorBody)))]
 async fn heartbeat_task(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
     let request: HeartbeatRequest = read_typed(&headers, body).await?;
     Ok(Json(queue::heartbeat(&state.store, &name, &request).await?).into_response())
 }
@@ -707,10 +1029,12 @@ async fn heartbeat_task(
               (status = "default", description = "Error (409: already finished)", body = ErrorBody)))]
 async fn complete_task(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
     let value = read_document(&headers, body, state.config.max_body_bytes).await?;
     let request: CompleteRequest = serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))?;
@@ -737,10 +1061,12 @@ async fn complete_task(
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn fail_task(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
     let request: FailRequest = read_typed(&headers, body).await?;
     Ok(Json(queue::fail(&state.store, &name, request).await?).into_response())
 }
@@ -824,9 +1150,55 @@ impl PredictorStatus {
 #[utoipa::path(get, path = "/api/v1/predictor", tag = "scheduler",
     responses((status = 200, description = "The placement predictor's state and held-out error", body = PredictorStatus),
               (status = "default", description = "Error", body = ErrorBody)))]
-async fn predictor(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn predictor(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    who.may(Action::ReadMetrics)?;
     let status = PredictorStatus::of(&state.predictor.read());
     Ok(Json(status).into_response())
+}
+
+// ---- tokens ---------------------------------------------------------------------------------
+
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens",
+    request_body(content = crate::tokens::TokenRequest, content_type = "application/json"),
+    responses((status = 201, description = "The new token; `token` is its secret, shown only here", body = crate::tokens::TokenInfo),
+              (status = "default", description = "Error (403: administrators only)", body = ErrorBody)))]
+async fn create_token(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    who.may(Action::ManageTokens)?;
+    let request = read_typed(&headers, body).await?;
+    let made = crate::tokens::create(&state.store, request).await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "Stored tokens, without their secrets", body = crate::tokens::TokenList),
+              (status = "default", description = "Error (403: administrators only)", body = ErrorBody)))]
+async fn list_tokens(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    who.may(Action::ManageTokens)?;
+    Ok(Json(crate::tokens::list(&state.store).await?).into_response())
+}
+
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "Revoked: what the token was", body = crate::tokens::TokenInfo),
+              (status = "default", description = "Error (403: administrators only)", body = ErrorBody)))]
+async fn revoke_token(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    who.may(Action::ManageTokens)?;
+    Ok(Json(crate::tokens::revoke(&state.store, &id).await?).into_response())
 }
 
 // ---- health and metrics ----------------------------------------------------------------------
@@ -847,7 +1219,14 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
 
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(
+    State(state): State<AppState>,
+    who: Option<Extension<Principal>>,
+) -> Result<Response, ApiError> {
+    // Anonymous only when the server allows it (the middleware let the request through).
+    if let Some(Extension(who)) = who {
+        who.may(Action::ReadMetrics)?;
+    }
     let counts = state.store.phase_counts().await?;
     let text = state.metrics.render(&counts);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

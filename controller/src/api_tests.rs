@@ -10,19 +10,42 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use super::{ApiConfig, AppState, app};
+use super::{ApiConfig, AppState};
 use crate::reconcile::{Action, Context};
 use crate::resources::Kind;
 use crate::testing::{TestStore, store_suite};
+
+/// The administrator token of the test servers; every request presents it unless it sets an
+/// `Authorization` of its own.
+const ADMIN: &str =
+    "ceccm_00000000000000ad_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// The API as served, with the administrator's token added to requests that carry none.
+fn app(state: AppState) -> Router {
+    super::app(state).layer(axum::middleware::map_request(
+        |mut request: Request<Body>| async move {
+            if !request.headers().contains_key("authorization") {
+                request
+                    .headers_mut()
+                    .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+            }
+            request
+        },
+    ))
+}
 
 fn state(ts: &TestStore) -> AppState {
     state_with(ts, ApiConfig::new(ts.dir.path().to_path_buf()))
 }
 
 fn state_with(ts: &TestStore, config: ApiConfig) -> AppState {
+    let admin = crate::tokens::StaticToken::new(ADMIN, "admin", crate::auth::Role::Admin);
     AppState {
         store: ts.store.clone(),
-        config: Arc::new(config),
+        config: Arc::new(ApiConfig {
+            static_tokens: admin.into_iter().collect(),
+            ..config
+        }),
         metrics: Default::default(),
         predictor: Default::default(),
     }
@@ -47,6 +70,11 @@ async fn call(
         .header("content-type", content_type)
         .body(body.into())
         .unwrap();
+    send(app, request).await
+}
+
+/// Sends `request` through `app` and reads the whole answer.
+async fn send(app: &Router, request: Request<Body>) -> Answer {
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -630,6 +658,7 @@ fn context(ts: &TestStore) -> Context {
             ceccm_federation::local::WorkerCommand {
                 program: "true".into(),
                 args: vec![],
+                env: vec![],
             },
         )),
         data_dir: ts.dir.path().to_path_buf(),
@@ -1233,6 +1262,569 @@ async fn the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster(t
     assert_eq!(restored.report().samples, 80);
 }
 
+/// Region `edge-a` ready and an application `job` of `tasks` echo tasks placed on it.
+async fn job_on_a_ready_region(app: &Router, ctx: &Context, tasks: usize) {
+    json_call(app, "POST", "/api/v1/regions", &region("edge-a", 2, "edge")).await;
+    json_call(
+        app,
+        "POST",
+        "/api/v1/applications",
+        &batch("job", tasks, &["edge-a"]),
+    )
+    .await;
+    mark_ready(app, "edge-a").await;
+    settle(ctx, "job").await;
+}
+
+/// A worker on the server's host hands an artifact over by naming a file of its region's
+/// cache; the server takes it only if it is there and hashes to its name.
+async fn artifacts_are_handed_over_from_the_regions_cache(ts: &TestStore) {
+    use sha2::Digest;
+    let app = app(state(ts));
+    job_on_a_ready_region(&app, &context(ts), 1).await;
+    let lease = json!({"worker": "w1", "region": "edge-a", "leaseSeconds": 30});
+    let leased = json_call(&app, "POST", "/api/v1/tasks:lease", &lease).await;
+    assert_eq!(leased.status, StatusCode::OK, "{}", leased.text);
+
+    let cache = crate::content::cache_root(ts.dir.path()).join("edge-a");
+    std::fs::create_dir_all(&cache).unwrap();
+    let content = b"chunk result".repeat(50);
+    let sha = hex::encode(sha2::Sha256::digest(&content));
+    let hand_over = |sha: String, from: &'static str| {
+        let app = app.clone();
+        async move {
+            let request = Request::builder()
+                .method("PUT")
+                .uri(format!("/api/v1/tasks/job-00000/artifacts/{sha}"))
+                .header(super::CONTENT_FROM_HEADER, from)
+                .body(Body::empty())
+                .unwrap();
+            app.oneshot(request).await.unwrap().status()
+        }
+    };
+    // Not in the cache: 404, and the worker sends the body instead.
+    assert_eq!(
+        hand_over(sha.clone(), "region-cache").await,
+        StatusCode::NOT_FOUND
+    );
+    // In the cache under a name that is not its hash: refused, nothing stored.
+    let wrong = hex::encode(sha2::Sha256::digest(b"something else"));
+    std::fs::write(cache.join(&wrong), &content).unwrap();
+    assert_eq!(
+        hand_over(wrong.clone(), "region-cache").await,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let stored = get(&app, &format!("/api/v1/applications/job/artifacts/{wrong}")).await;
+    assert_eq!(stored.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        hand_over(sha.clone(), "elsewhere").await,
+        StatusCode::BAD_REQUEST
+    );
+
+    std::fs::write(cache.join(&sha), &content).unwrap();
+    assert_eq!(hand_over(sha.clone(), "region-cache").await, StatusCode::OK);
+    let stored = get(&app, &format!("/api/v1/applications/job/artifacts/{sha}")).await;
+    assert_eq!(stored.status, StatusCode::OK);
+    assert_eq!(stored.text.as_bytes(), content.as_slice());
+}
+
+/// `call` with the caller's own `Authorization` (`None`: none at all).
+async fn call_as(
+    app: &Router,
+    token: Option<&str>,
+    method: &str,
+    uri: &str,
+    body: Option<&Value>,
+) -> Answer {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
+    request = match token {
+        Some(t) => request.header("authorization", format!("Bearer {t}")),
+        // Present but empty of a token, so the test layer adds none.
+        None => request.header("authorization", "none"),
+    };
+    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+    send(app, request.body(body).unwrap()).await
+}
+
+/// Every role against every kind and verb: what `auth::authorize`'s table allows is never
+/// refused with 401/403, and everything else is a 403 with the error JSON.
+async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) {
+    use crate::auth::{Action, Role, authorize};
+    let app = app(state(ts));
+    let mut tokens = std::collections::BTreeMap::new();
+    for role in crate::auth::Role::ALL.map(crate::auth::Role::as_str) {
+        let made = json_call(
+            &app,
+            "POST",
+            "/api/v1/tokens",
+            &json!({"user": format!("{role}-1"), "role": role}),
+        )
+        .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+        tokens.insert(role, made.body["token"].as_str().unwrap().to_string());
+    }
+    json_call(&app, "POST", "/api/v1/regions", &region("r1", 2, "edge")).await;
+    let dataset = |name: &str| {
+        json!({"apiVersion": "ceccm/v1", "kind": "Dataset", "metadata": {"name": name},
+               "spec": {"format": "cube"}})
+    };
+    json_call(&app, "POST", "/api/v1/datasets", &dataset("d1")).await;
+    // A user sees only datasets of their own: theirs to reference.
+    let made = call_as(
+        &app,
+        Some(&tokens["user"]),
+        "POST",
+        "/api/v1/datasets",
+        Some(&dataset("d-user")),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    let manifest = |kind: Kind, name: &str, input: &str| match kind {
+        Kind::Region => region(name, 1, "cloud"),
+        Kind::Dataset => dataset(name),
+        _ => json!({"apiVersion": "ceccm/v1", "kind": kind.as_str(), "metadata": {"name": name},
+                    "spec": {"app": "astro-fit", "inputs": [{"dataset": input}]}}),
+    };
+    let refused = |answer: &Answer, what: &str| {
+        assert_eq!(
+            answer.status,
+            StatusCode::FORBIDDEN,
+            "{what}: {}",
+            answer.text
+        );
+        assert_eq!(answer.body["error"]["code"], "Forbidden", "{what}");
+    };
+    let allowed = |answer: &Answer, what: &str| {
+        assert!(
+            ![StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&answer.status),
+            "{what}: {} {}",
+            answer.status,
+            answer.text
+        );
+    };
+    for role_name in Role::ALL.map(Role::as_str) {
+        let role = Role::parse(role_name).unwrap();
+        let token = Some(tokens[role_name].as_str());
+        for kind in Kind::ALL {
+            let plural = kind.plural();
+            let what = |verb: &str| format!("{role_name} {verb} {plural}");
+            let list = call_as(&app, token, "GET", &format!("/api/v1/{plural}"), None).await;
+            assert_eq!(list.status, StatusCode::OK, "{}", what("lists"));
+            let name = format!("x-{role_name}");
+            let created = call_as(
+                &app,
+                token,
+                "POST",
+                &format!("/api/v1/{plural}"),
+                Some(&manifest(
+                    kind,
+                    &name,
+                    if role == Role::User { "d-user" } else { "d1" },
+                )),
+            )
+            .await;
+            if authorize(role, Action::Write(kind)) && kind.user_writable() {
+                assert_eq!(
+                    created.status,
+                    StatusCode::CREATED,
+                    "{}: {}",
+                    what("creates"),
+                    created.text
+                );
+            } else {
+                refused(&created, &what("creates"));
+            }
+            let deleted = call_as(
+                &app,
+                token,
+                "DELETE",
+                &format!("/api/v1/{plural}/nothing"),
+                None,
+            )
+            .await;
+            // Tasks and events belong to the control plane: read-only for everyone.
+            if authorize(role, Action::Write(kind)) && kind.user_writable() {
+                allowed(&deleted, &what("deletes"));
+            } else {
+                refused(&deleted, &what("deletes"));
+            }
+            let patched = call_as(
+                &app,
+                token,
+                "PATCH",
+                &format!("/api/v1/{plural}/nothing/status"),
+                Some(&json!({"status": {"phase": "Succeeded"}})),
+            )
+            .await;
+            if authorize(role, Action::WriteStatus(kind)) && kind.user_writable() {
+                allowed(&patched, &what("writes the status of"));
+            } else {
+                refused(&patched, &what("writes the status of"));
+            }
+        }
+        let listed = call_as(&app, token, "GET", "/api/v1/tokens", None).await;
+        let leased = call_as(
+            &app,
+            token,
+            "POST",
+            "/api/v1/tasks:lease",
+            Some(&json!({"worker": "w", "region": "r1"})),
+        )
+        .await;
+        let host = call_as(
+            &app,
+            token,
+            "POST",
+            "/api/v1/applications",
+            Some(&batch(&format!("sh-{role_name}"), 1, &["r1"])),
+        )
+        .await;
+        let metrics = call_as(&app, token, "GET", "/metrics", None).await;
+        for (answer, action, what) in [
+            (&listed, Action::ManageTokens, "lists tokens"),
+            (&leased, Action::RunTasks, "leases a task"),
+            (&host, Action::RunHostCommands, "runs host commands"),
+            (&metrics, Action::ReadMetrics, "reads metrics"),
+        ] {
+            let what = format!("{role_name} {what}");
+            if authorize(role, action) {
+                allowed(answer, &what);
+            } else {
+                refused(answer, &what);
+            }
+        }
+        // No secret is ever listed.
+        if role == Role::Admin {
+            assert!(
+                listed.body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|t| t.get("token").is_none())
+            );
+            assert!(!listed.text.contains(&tokens["viewer"][23..]));
+        }
+    }
+}
+
+/// Without a valid token only the health checks answer; a revoked or expired token is refused.
+async fn requests_without_a_valid_token_are_refused(ts: &TestStore) {
+    let app = app(state(ts));
+    for uri in ["/healthz", "/readyz"] {
+        assert_eq!(
+            call_as(&app, None, "GET", uri, None).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+    for uri in [
+        "/api/v1/regions",
+        "/api/v1/applications/a/results",
+        "/metrics",
+        "/api/v1/predictor",
+    ] {
+        let answer = call_as(&app, None, "GET", uri, None).await;
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    for bad in [
+        "not-a-token",
+        &ADMIN[..ADMIN.len() - 1],
+        "ceccm_00000000000000ad_ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    ] {
+        let answer = call_as(&app, Some(bad), "GET", "/api/v1/regions", None).await;
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let made = json_call(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &json!({"user": "ana", "role": "viewer"}),
+    )
+    .await;
+    let token = made.body["token"].as_str().unwrap().to_string();
+    let id = made.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        call_as(&app, Some(&token), "GET", "/api/v1/regions", None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let revoked = call(
+        &app,
+        "DELETE",
+        &format!("/api/v1/tokens/{id}"),
+        "application/json",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.text);
+    assert_eq!(revoked.body["user"], "ana");
+    let answer = call_as(&app, Some(&token), "GET", "/api/v1/regions", None).await;
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "Unauthorized");
+
+    let made = json_call(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &json!({"user": "bo", "role": "viewer", "ttlSeconds": 1}),
+    )
+    .await;
+    assert!(made.body["expiresAt"].is_string(), "{}", made.text);
+    let token = made.body["token"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = call_as(&app, Some(&token), "GET", "/api/v1/regions", None).await;
+        if answer.status == StatusCode::UNAUTHORIZED {
+            assert!(answer.text.contains("expired"), "{}", answer.text);
+            break;
+        }
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for bad in [
+        json!({"user": "x", "role": "root"}),
+        json!({"user": "../x", "role": "viewer"}),
+        json!({"user": "x", "role": "viewer", "ttlSeconds": 0}),
+    ] {
+        let answer = json_call(&app, "POST", "/api/v1/tokens", &bad).await;
+        assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    }
+}
+
+/// Names from URLs never address files outside their place (issue 16's first attack).
+async fn names_in_urls_never_reach_other_files(ts: &TestStore) {
+    let app = app(state(ts));
+    std::fs::create_dir_all(ts.dir.path().join("results")).unwrap();
+    std::fs::write(ts.dir.path().join("secret"), "do not serve").unwrap();
+    for uri in [
+        "/api/v1/applications/..%2F..%2F..%2F..%2F..%2F..%2Fetc/results/hostname",
+        "/api/v1/applications/%2E%2E/results/secret",
+        "/api/v1/applications/%2E%2E/results",
+        "/api/v1/applications/%2E%2E/artifacts/0000000000000000000000000000000000000000000000000000000000000000",
+        "/api/v1/datasets/%2E%2E%2Fsecret/content",
+        "/api/v1/applications/%2E%2E/logs",
+    ] {
+        let answer = get(&app, uri).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::NOT_FOUND,
+            "{uri}: {}",
+            answer.text
+        );
+        assert!(!answer.text.contains("do not serve"), "{uri}");
+    }
+}
+
+/// Inputs refused the way the Kubernetes API server refuses them (issue 16's smaller items):
+/// nothing is stored, and the answer says why.
+async fn hardened_inputs_are_refused_and_change_nothing(ts: &TestStore) {
+    let config = ApiConfig {
+        max_upload_bytes: 1000,
+        ..ApiConfig::new(ts.dir.path().to_path_buf())
+    };
+    let app = app(state_with(ts, config));
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "text/plain",
+        region("a", 1, "edge").to_string(),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "UnsupportedMediaType",
+    );
+
+    let nan = "apiVersion: ceccm/v1\nkind: Dataset\nmetadata: {name: d}\nspec:\n  format: cube\n  description: \".nan\"\n";
+    let answer = call(&app, "POST", "/api/v1/datasets", "application/yaml", nan).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::CREATED,
+        "a quoted .nan is a string: {}",
+        answer.text
+    );
+    let nan = "apiVersion: ceccm/v1\nkind: Application\nmetadata: {name: f}\nspec:\n  app: astro-fit\n  inputs: [{dataset: d}]\n  parameters: {redshift: .nan}\n";
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        "application/yaml",
+        nan,
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    assert!(
+        answer.text.contains("spec.parameters.redshift"),
+        "{}",
+        answer.text
+    );
+
+    let deep_json = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "application/json",
+        deep_json,
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    let deep_yaml = format!("a: {}{}", "[".repeat(200), "]".repeat(200));
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "application/yaml",
+        deep_yaml,
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    let indented: String = (0..300)
+        .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+        .collect();
+    let answer = call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        "application/yaml",
+        indented,
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+
+    let mut stale = region("ghost", 1, "edge");
+    stale["metadata"]["resourceVersion"] = json!("5");
+    let answer = json_call(&app, "PUT", "/api/v1/regions/ghost", &stale).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "NotFound");
+    assert_eq!(
+        get(&app, "/api/v1/regions/ghost").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let future = get(&app, "/api/v1/regions?watch=true&resourceVersion=999999").await;
+    assert_error(&future, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    for limit in ["0", "-1", "3000000000"] {
+        let answer = get(&app, &format!("/api/v1/regions?limit={limit}")).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    }
+
+    let request = Request::builder()
+        .method("PUT")
+        .uri("/api/v1/datasets/d/content")
+        .header("content-length", "4294967296")
+        .body(Body::from(vec![0u8; 10]))
+        .unwrap();
+    let answer = send(&app, request).await;
+    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge");
+    let stored = get(&app, "/api/v1/datasets/d").await;
+    assert_eq!(
+        stored.body["status"]["phase"], "Pending",
+        "nothing was stored"
+    );
+}
+
+/// Users see only their own Applications and Datasets: another user's answer 404 on every
+/// route, lists and watches leave them out, and a reference to them reads as missing.
+async fn users_see_only_their_own_applications_and_datasets(ts: &TestStore) {
+    let app = app(state(ts));
+    let mut tokens = Vec::new();
+    for user in ["ana", "bo"] {
+        let made = json_call(
+            &app,
+            "POST",
+            "/api/v1/tokens",
+            &json!({"user": user, "role": "user"}),
+        )
+        .await;
+        tokens.push(made.body["token"].as_str().unwrap().to_string());
+    }
+    let (ana, bo) = (Some(tokens[0].as_str()), Some(tokens[1].as_str()));
+    let dataset = json!({"apiVersion": "ceccm/v1", "kind": "Dataset", "metadata": {"name": "cube-a", "owner": "bo"},
+                         "spec": {"format": "cube"}});
+    let made = call_as(&app, ana, "POST", "/api/v1/datasets", Some(&dataset)).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    assert_eq!(
+        made.body["metadata"]["owner"], "ana",
+        "the server sets the owner"
+    );
+    let fit = |name: &str| {
+        json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": name},
+                                   "spec": {"app": "astro-fit", "inputs": [{"dataset": "cube-a"}]}})
+    };
+    let made = call_as(
+        &app,
+        ana,
+        "POST",
+        "/api/v1/applications",
+        Some(&fit("fit-a")),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+
+    for uri in [
+        "/api/v1/datasets/cube-a",
+        "/api/v1/datasets/cube-a/content",
+        "/api/v1/applications/fit-a",
+        "/api/v1/applications/fit-a/results",
+        "/api/v1/applications/fit-a/logs",
+    ] {
+        let answer = call_as(&app, bo, "GET", uri, None).await;
+        assert_error(&answer, StatusCode::NOT_FOUND, "NotFound");
+        // The owner reaches them (a dataset without content has none to stream).
+        if !uri.ends_with("content") {
+            let mine = call_as(&app, ana, "GET", uri, None).await;
+            assert_eq!(mine.status, StatusCode::OK, "{uri}: {}", mine.text);
+        }
+    }
+    for (method, uri) in [
+        ("DELETE", "/api/v1/applications/fit-a"),
+        ("POST", "/api/v1/applications/fit-a/cancel"),
+        ("DELETE", "/api/v1/datasets/cube-a"),
+    ] {
+        let answer = call_as(&app, bo, method, uri, Some(&json!({}))).await;
+        assert_error(&answer, StatusCode::NOT_FOUND, "NotFound");
+    }
+    let taken = call_as(
+        &app,
+        bo,
+        "PUT",
+        "/api/v1/applications/fit-a",
+        Some(&fit("fit-a")),
+    )
+    .await;
+    assert_error(&taken, StatusCode::NOT_FOUND, "NotFound");
+    let borrowed = call_as(
+        &app,
+        bo,
+        "POST",
+        "/api/v1/applications",
+        Some(&fit("fit-b")),
+    )
+    .await;
+    assert_error(&borrowed, StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    for plural in ["applications", "datasets"] {
+        let theirs = call_as(&app, bo, "GET", &format!("/api/v1/{plural}"), None).await;
+        assert_eq!(theirs.body["items"], json!([]), "{plural}");
+        let mine = call_as(&app, ana, "GET", &format!("/api/v1/{plural}"), None).await;
+        assert_eq!(mine.body["items"].as_array().unwrap().len(), 1, "{plural}");
+        // An administrator sees everything.
+        let all = get(&app, &format!("/api/v1/{plural}")).await;
+        assert_eq!(all.body["items"].as_array().unwrap().len(), 1, "{plural}");
+    }
+    let still = get(&app, "/api/v1/applications/fit-a").await;
+    assert_eq!(still.body["metadata"]["owner"], "ana");
+    assert!(still.body["metadata"]["deletionTimestamp"].is_null());
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -1247,6 +1839,12 @@ store_suite!(
     followed_logs_stream_each_finished_task_until_the_end,
     telemetry_is_recorded_on_completion_and_survives_a_restart,
     the_learned_predictor_moves_work_to_the_region_telemetry_shows_faster,
+    artifacts_are_handed_over_from_the_regions_cache,
+    every_role_may_do_what_its_table_says_and_nothing_else,
+    requests_without_a_valid_token_are_refused,
+    names_in_urls_never_reach_other_files,
+    hardened_inputs_are_refused_and_change_nothing,
+    users_see_only_their_own_applications_and_datasets,
 );
 
 #[test]

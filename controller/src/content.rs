@@ -16,7 +16,8 @@ use crate::error::{ApiError, ErrorCode};
 use crate::resources::Kind;
 use crate::store::Store;
 
-fn dataset_path(data_dir: &Path, name: &str) -> PathBuf {
+/// Where the server keeps a dataset's content.
+pub fn dataset_path(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("datasets").join(name)
 }
 
@@ -211,7 +212,22 @@ fn check_sha256(sha256: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Stores one artifact of `task`'s application under its sha256. The body must hash to
+/// Where an artifact's bytes come from.
+pub enum ArtifactSource {
+    /// The request body.
+    Body(Body),
+    /// The cache of the region holding the task, on this host (`cache_root(data_dir)/REGION/
+    /// SHA256`): a worker of the local driver hands over what it made by name instead of
+    /// sending it, and the server links it after checking its hash.
+    RegionCache,
+}
+
+/// Root of the local driver's region caches (one directory per region) on the server's host.
+pub fn cache_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("cache")
+}
+
+/// Stores one artifact of `task`'s application under its sha256. The content must hash to
 /// `sha256` (422 otherwise, and nothing is kept); an artifact already stored is not written
 /// again. Returns its size.
 pub async fn upload_artifact(
@@ -219,7 +235,7 @@ pub async fn upload_artifact(
     config: &ApiConfig,
     task: &str,
     sha256: &str,
-    body: Body,
+    source: ArtifactSource,
 ) -> Result<u64, ApiError> {
     check_sha256(sha256)?;
     let Some(object) = store.get(Kind::Task, task).await? else {
@@ -241,7 +257,13 @@ pub async fn upload_artifact(
         ".{sha256}.{}.upload",
         uuid::Uuid::new_v4().simple()
     ));
-    let outcome = receive(body, &tmp, config.max_upload_bytes).await;
+    let outcome = match source {
+        ArtifactSource::Body(body) => receive(body, &tmp, config.max_upload_bytes).await,
+        ArtifactSource::RegionCache => {
+            let region = object["status"]["region"].as_str().unwrap_or_default();
+            take_from_region_cache(&config.data_dir, region, sha256, &tmp).await
+        }
+    };
     let (size, actual) = match outcome {
         Ok(done) => done,
         Err(e) => {
@@ -261,6 +283,62 @@ pub async fn upload_artifact(
         .await
         .map_err(|e| io_error("storing the artifact", e))?;
     Ok(size)
+}
+
+/// Links `region`'s cached `sha256` to `tmp`, made durable, and returns its size and hash.
+async fn take_from_region_cache(
+    data_dir: &Path,
+    region: &str,
+    sha256: &str,
+    tmp: &Path,
+) -> Result<(u64, String), ApiError> {
+    let plain = !region.is_empty() && !region.starts_with('.') && !region.contains('/');
+    if !plain {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "the task is not held by a region: upload the content in the body",
+        ));
+    }
+    let source = cache_root(data_dir).join(region).join(sha256);
+    let tmp = tmp.to_path_buf();
+    let (region, sha256) = (region.to_string(), sha256.to_string());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::fs::hard_link(&source, &tmp) {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "{sha256} is not in the cache of region {region:?} on the server's host \
+                     ({e}): upload the content in the body"
+                ),
+            ));
+        }
+        // The worker wrote it without syncing; the store will name it as a task's output.
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_error("syncing the artifact", e))?;
+        let (actual, size) = sha256_file(&tmp).map_err(|e| io_error("reading the artifact", e))?;
+        Ok((size, actual))
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+}
+
+/// The sha256 (hex) and size of a file, read in 1 MiB blocks.
+pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut block)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&block[..n]);
+        size += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), size))
 }
 
 /// Streams an artifact of `application`.

@@ -97,6 +97,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         database_url: None,
         lease_seconds: 10,
         worker_program: std::env::current_exe()?,
+        anonymous_metrics: false,
     })
     .await?;
     let base = server.url();
@@ -158,7 +159,8 @@ fn stage_bar(progress: &indicatif::MultiProgress, name: &str) -> indicatif::Prog
 }
 
 async fn follow(base: &str, data_dir: &std::path::Path, timeout: Duration) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
+    // The demo acts as the administrator its server made (DATA_DIR/admin.token).
+    let client = crate::tokens::admin_client(data_dir)?;
     let regions = apply_all(&client, base, &manifests(REGIONS_YAML)?).await?;
     for r in &regions {
         println!(

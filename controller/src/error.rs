@@ -12,12 +12,14 @@ use crate::store::StoreError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub enum ErrorCode {
     BadRequest,
+    Unauthorized,
     Forbidden,
     NotFound,
     AlreadyExists,
     Conflict,
     Gone,
     PayloadTooLarge,
+    UnsupportedMediaType,
     Invalid,
     Unavailable,
     Internal,
@@ -27,11 +29,13 @@ impl ErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::AlreadyExists | ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::Gone => StatusCode::GONE,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,

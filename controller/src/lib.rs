@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod astro_fit;
+pub mod auth;
 pub mod content;
 pub mod demo;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod selector;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod tokens;
 pub mod watch;
 pub mod worker;
 

@@ -32,6 +32,10 @@ enum Command {
         /// Lease length the local workers ask for.
         #[arg(long, default_value_t = 30)]
         lease_seconds: u32,
+        /// Serve `/metrics` without a token (every other route but /healthz and /readyz
+        /// needs one; the administrator's is written to DATA_DIR/admin.token).
+        #[arg(long)]
+        metrics_anonymous: bool,
     },
     /// Lease and run tasks of one region (started by the local region driver).
     Worker {
@@ -52,6 +56,11 @@ enum Command {
         /// driver passes DATA_DIR/cache).
         #[arg(long)]
         cache_root: Option<PathBuf>,
+        /// The server's data directory, when this worker runs on the server's host (the local
+        /// driver passes it): inputs are hard-linked from the server's store, then verified,
+        /// instead of downloaded.
+        #[arg(long)]
+        server_data_dir: Option<PathBuf>,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -97,6 +106,7 @@ fn main() -> ExitCode {
                 data_dir,
                 database_url,
                 lease_seconds,
+                metrics_anonymous,
             } => {
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
                     listen,
@@ -104,6 +114,7 @@ fn main() -> ExitCode {
                     database_url,
                     lease_seconds,
                     worker_program: std::env::current_exe()?,
+                    anonymous_metrics: metrics_anonymous,
                 })
                 .await
             }
@@ -114,6 +125,7 @@ fn main() -> ExitCode {
                 lease_seconds,
                 idle_exit_seconds,
                 cache_root,
+                server_data_dir,
             } => {
                 let worker_id =
                     worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
@@ -127,6 +139,7 @@ fn main() -> ExitCode {
                         |root| root.join(&region),
                     ),
                     region,
+                    server_data_dir,
                 })
                 .await
             }

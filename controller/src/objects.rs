@@ -24,11 +24,12 @@ fn new_object(kind: Kind, submitted: &Submitted) -> Value {
         } else {
             vec![]
         },
+        owner: submitted.metadata.owner.clone(),
     };
     let status = match kind {
         Kind::Application | Kind::Dataset => json!({"phase": "Pending"}),
         Kind::Region => json!({"phase": "NotReady", "message": "waiting for the region driver"}),
-        Kind::Task | Kind::Event => json!({}),
+        Kind::Task | Kind::Event | Kind::Token => json!({}),
     };
     json!({
         "apiVersion": crate::resources::API_VERSION,
@@ -105,6 +106,17 @@ pub async fn apply(
     let name = submitted.metadata.name.clone();
     let decide = |current: Option<Value>| -> Result<Change, ApiError> {
         let Some(mut stored) = current else {
+            // A resourceVersion is a precondition on an object that exists: it never creates.
+            if let Some(sent) = submitted.metadata.resource_version.as_deref() {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "{} {name:?} does not exist, so resourceVersion {sent} cannot match; \
+                         send it without metadata.resourceVersion to create it",
+                        kind.as_str()
+                    ),
+                ));
+            }
             return Ok(Change::Put(new_object(kind, &submitted)));
         };
         check_version(

@@ -24,6 +24,9 @@ pub enum Kind {
     Dataset,
     Task,
     Event,
+    /// A bearer token's record (`crate::tokens`): only through `/api/v1/tokens`, never the
+    /// generic object routes, so it is not in [`Kind::ALL`].
+    Token,
 }
 
 impl Kind {
@@ -42,6 +45,7 @@ impl Kind {
             Kind::Dataset => "Dataset",
             Kind::Task => "Task",
             Kind::Event => "Event",
+            Kind::Token => "Token",
         }
     }
 
@@ -52,6 +56,7 @@ impl Kind {
             Kind::Dataset => "datasets",
             Kind::Task => "tasks",
             Kind::Event => "events",
+            Kind::Token => "tokens",
         }
     }
 
@@ -182,6 +187,10 @@ pub struct ObjectMeta {
     pub deletion_timestamp: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub finalizers: Vec<String>,
+    /// The user who created the object (set by the server from the caller's token; what a
+    /// client sends here is replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// An object as sent in a POST or PUT body.
@@ -226,7 +235,7 @@ pub fn parse_submitted(kind: Kind, body: Value) -> Result<Submitted, ApiError> {
         Kind::Dataset => submit::<DatasetSpec>(kind, body, |s| {
             (s.validate(), s.region.iter().cloned().collect(), vec![])
         }),
-        Kind::Task | Kind::Event => Err(read_only(kind)),
+        Kind::Task | Kind::Event | Kind::Token => Err(read_only(kind)),
     }
 }
 

@@ -11,6 +11,7 @@ use ceccm_federation::local::{LocalDriver, WorkerCommand};
 use tokio::sync::watch;
 
 use crate::api::{ApiConfig, AppState};
+use crate::auth::Role;
 use crate::predictor::SharedPredictor;
 use crate::reconcile::{self, Context};
 use crate::resources::Kind;
@@ -26,6 +27,8 @@ pub struct ServerOptions {
     pub lease_seconds: u32,
     /// The program the local driver starts as a worker (normally this `ceccm` binary).
     pub worker_program: PathBuf,
+    /// Whether `/metrics` answers without a token (for a scraper without credentials).
+    pub anonymous_metrics: bool,
 }
 
 /// A started server: its address, and the handles to stop it.
@@ -60,6 +63,11 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     let store = Arc::new(Store::open(&options.data_dir, options.database_url.as_deref()).await?);
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
+    let admin = crate::tokens::ensure_admin_token(&options.data_dir)?;
+    // The local driver's workers act for their regions with a token made for this run only.
+    let (_, worker_token) = crate::auth::new_token();
+    let workers = crate::tokens::StaticToken::new(&worker_token, "local-driver", Role::Worker)
+        .ok_or_else(|| anyhow::anyhow!("a new worker token does not parse"))?;
     let driver: Arc<dyn RegionDriver> = Arc::new(LocalDriver::new(WorkerCommand {
         program: options.worker_program.clone(),
         args: vec![
@@ -69,14 +77,23 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             "--lease-seconds".into(),
             options.lease_seconds.to_string(),
             "--cache-root".into(),
-            options.data_dir.join("cache").display().to_string(),
+            crate::content::cache_root(&options.data_dir)
+                .display()
+                .to_string(),
+            "--server-data-dir".into(),
+            options.data_dir.display().to_string(),
         ],
+        env: vec![(crate::worker::TOKEN_ENV.into(), worker_token)],
     }));
     // Learned from the telemetry of every task finished before this start.
     let predictor = SharedPredictor::load(&store, PredictorConfig::default()).await?;
     let state = AppState {
         store: store.clone(),
-        config: Arc::new(ApiConfig::new(options.data_dir.clone())),
+        config: Arc::new(ApiConfig {
+            static_tokens: vec![admin, workers],
+            anonymous_metrics: options.anonymous_metrics,
+            ..ApiConfig::new(options.data_dir.clone())
+        }),
         metrics: Default::default(),
         predictor: predictor.clone(),
     };

@@ -48,6 +48,18 @@ pub async fn watch(
                     ),
                 ));
             }
+            // A version the store has not reached was never served: a watch from it would
+            // skip whatever comes until then, silently.
+            let current = store.current_version().await?;
+            if version > current {
+                return Err(ApiError::new(
+                    ErrorCode::Invalid,
+                    format!(
+                        "resourceVersion {version} is newer than the store's ({current}); watch from a version a list or watch returned"
+                    ),
+                )
+                .with_details(serde_json::json!({"field": "resourceVersion", "current": current.to_string()})));
+            }
             version
         }
         None => {

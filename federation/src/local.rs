@@ -18,6 +18,8 @@ use crate::region::{DriverKind, RegionSpec};
 pub struct WorkerCommand {
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// Environment of each worker (credentials go here, not in the arguments `ps` shows).
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -50,6 +52,7 @@ impl LocalDriver {
         Command::new(&self.command.program)
             .args(&self.command.args)
             .args(["--region", region])
+            .envs(self.command.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -215,6 +218,7 @@ mod tests {
         let driver = LocalDriver::new(WorkerCommand {
             program: "sh".into(),
             args: vec!["-c".into(), "sleep 30".into(), "worker".into()],
+            env: vec![],
         });
         let seen = driver.ensure("edge-a", &spec(2), 5).unwrap();
         assert!(seen.healthy);
@@ -242,6 +246,7 @@ mod tests {
         let driver = LocalDriver::new(WorkerCommand {
             program: "true".into(),
             args: vec![],
+            env: vec![],
         });
         let mut agent = spec(1);
         agent.driver = DriverKind::Agent;

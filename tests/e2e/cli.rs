@@ -328,14 +328,13 @@ impl Setup {
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        let mut all = args.to_vec();
-        all.extend(["--server", self.server.url.as_str()]);
-        self.ctl.run(&all)
+        Run::from(self.command(args).output().expect("run ceccmctl"))
     }
 
     fn command(&self, args: &[&str]) -> Command {
         let mut command = self.ctl.command(args);
         command.args(["--server", &self.server.url]);
+        command.env("CECCM_TOKEN", crate::support::ADMIN_TOKEN);
         command
     }
 
@@ -1197,4 +1196,78 @@ fn cancel_and_retry_an_application() {
         run.stderr
     );
     s.run(&["retry"]).expect(2);
+}
+
+/// A server on a fresh data directory makes its administrator token (0600); ceccmctl without a
+/// token is refused; the administrator makes a viewer token that reads but cannot write, and
+/// revokes it.
+#[test]
+fn tokens_are_made_used_and_revoked_through_ceccmctl() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().expect("data dir");
+    let server = Server::start_unprovisioned(data.path(), &[]);
+    let token_file = data.path().join("admin.token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "admin.token is private");
+    let admin = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let ctl = Ctl::new();
+    let run_as = |token: Option<&str>, args: &[&str]| {
+        let mut command = ctl.command(args);
+        command.args(["--server", &server.url]);
+        if let Some(token) = token {
+            command.env("CECCM_TOKEN", token);
+        }
+        Run::from(command.output().expect("run ceccmctl"))
+    };
+    let anonymous = run_as(None, &["get", "regions"]);
+    assert_ne!(anonymous.code, 0);
+    assert!(
+        anonymous.stderr.contains("authentication required"),
+        "{}",
+        anonymous.stderr
+    );
+
+    let made = run_as(
+        Some(&admin),
+        &["create", "token", "ana", "--role", "viewer", "--ttl", "1h"],
+    )
+    .expect(0);
+    let viewer = made.stdout.trim().to_string();
+    assert!(viewer.starts_with("ceccm_"), "{}", made.stdout);
+    assert!(made.stderr.contains("role viewer"), "{}", made.stderr);
+    run_as(Some(&viewer), &["get", "regions"]).expect(0);
+    let manifest = write(ctl.home.path(), "regions.yaml", REGIONS);
+    let refused = run_as(Some(&viewer), &["apply", "-f", &manifest]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("may not"), "{}", refused.stderr);
+    let refused = run_as(
+        Some(&viewer),
+        &["create", "token", "eve", "--role", "admin"],
+    );
+    assert_ne!(refused.code, 0);
+
+    let listed = run_as(Some(&admin), &["get", "tokens"]).expect(0);
+    assert!(
+        listed.stdout.contains("ana") && listed.stdout.contains("viewer"),
+        "{}",
+        listed.stdout
+    );
+    assert!(
+        !listed.stdout.contains(&viewer[23..]),
+        "no secret is listed"
+    );
+    let id = listed
+        .stdout
+        .lines()
+        .find(|l| l.contains("ana"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    run_as(Some(&admin), &["delete", "token", &id]).expect(0);
+    let revoked = run_as(Some(&viewer), &["get", "regions"]);
+    assert_ne!(revoked.code, 0);
+    assert!(revoked.stderr.contains("not valid"), "{}", revoked.stderr);
 }

@@ -21,7 +21,19 @@ impl Http {
                 .enable_all()
                 .build()
                 .unwrap(),
-            client: reqwest::Client::new(),
+            client: reqwest::Client::builder()
+                .default_headers(
+                    [(
+                        reqwest::header::AUTHORIZATION,
+                        format!("Bearer {}", crate::support::ADMIN_TOKEN)
+                            .parse()
+                            .unwrap(),
+                    )]
+                    .into_iter()
+                    .collect(),
+                )
+                .build()
+                .unwrap(),
         }
     }
 

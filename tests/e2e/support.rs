@@ -82,6 +82,28 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> O
 }
 
 /// A running `ceccm server`, killed when dropped.
+/// The administrator token the e2e servers are provisioned with (written to
+/// `DATA_DIR/admin.token` before a first start, as an operator may; the server otherwise makes
+/// its own). `Http` and ceccmctl in these tests present it.
+pub const ADMIN_TOKEN: &str =
+    "ceccm_00000000000e2ead_e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0";
+
+/// Writes [`ADMIN_TOKEN`] as `data_dir`'s administrator token unless it has one.
+pub fn provision_admin_token(data_dir: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(data_dir).expect("data dir");
+    let path = data_dir.join("admin.token");
+    if !path.exists() {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("admin.token");
+        std::io::Write::write_all(&mut file, ADMIN_TOKEN.as_bytes()).expect("admin.token");
+    }
+}
+
 pub struct Server {
     child: Child,
     /// Base URL, e.g. `http://127.0.0.1:41234`.
@@ -93,6 +115,12 @@ impl Server {
     /// Starts a server on a free loopback port over `data_dir` (SQLite there unless `extra_args`
     /// names `--database-url`).
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
+        provision_admin_token(data_dir);
+        Server::start_unprovisioned(data_dir, extra_args)
+    }
+
+    /// Starts a server that makes its own administrator token if `data_dir` has none.
+    pub fn start_unprovisioned(data_dir: &Path, extra_args: &[&str]) -> Server {
         let mut child = Command::new(bin("ceccm"))
             .arg("server")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])

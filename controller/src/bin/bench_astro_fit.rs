@@ -164,11 +164,12 @@ async fn through_control_plane(
         database_url: None,
         lease_seconds: 30,
         worker_program: sibling("ceccm")?,
+        anonymous_metrics: false,
     })
     .await?;
     let base = format!("{}/api/v1", server.url());
     let outcome = async {
-        let client = reqwest::Client::new();
+        let client = ceccm_controller::tokens::admin_client(dir)?;
         for i in 0..args.threads {
             let name = format!("local-{i}");
             send(client.put(format!("{base}/regions/{name}")).json(&json!({
@@ -284,10 +285,11 @@ async fn through_control_plane(
             if stage == "assemble" || stage == "prepare" {
                 let r = &t["status"]["result"];
                 println!(
-                    "{} task: fetch {:.2} s ({} downloads, {} cache hits), upload {:.2} s",
+                    "{} task: fetch {:.2} s ({} downloads, {} linked from the server's store, {} cache hits), upload {:.2} s",
                     stage.as_str().unwrap_or("?"),
                     r["fetchSeconds"].as_f64().unwrap_or(f64::NAN),
                     r["transfers"]["downloaded"].as_array().map_or(0, Vec::len),
+                    r["transfers"]["linked"].as_array().map_or(0, Vec::len),
                     r["transfers"]["cacheHits"],
                     r["uploadSeconds"].as_f64().unwrap_or(f64::NAN)
                 );

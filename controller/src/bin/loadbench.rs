@@ -87,12 +87,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         database_url: None,
         lease_seconds: 30,
         worker_program: std::env::current_exe()?,
+        anonymous_metrics: false,
     })
     .await?;
     let base = server.url();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
+    let token = ceccm_controller::auth::read_admin_token(dir.path())?;
+    let client = ceccm_controller::tokens::client_with_token(
+        reqwest::Client::builder().pool_max_idle_per_host(256),
+        &token,
+    )?;
     let dataset = |i: usize, note: &str| {
         json!({"apiVersion": "ceccm/v1", "kind": "Dataset",
                "metadata": {"name": format!("cube-{i:05}"), "labels": {"survey": "manga"}},

@@ -4,6 +4,10 @@
 //!
 //! The cache is shared by every worker of a region: a file lock per sha256 makes one worker
 //! download while the others wait, so a second task in the region never downloads again.
+//!
+//! A worker of the local driver runs on the server's own host and disk: it hard-links an input
+//! from the server's store into its region's cache instead of downloading a copy (still
+//! verified by sha256), as a kubelet mounts a local volume rather than copying it.
 
 use std::path::{Path, PathBuf};
 
@@ -57,22 +61,34 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataError {
     move |source| DataError::Io { what, source }
 }
 
-/// What a task moved: the content it downloaded (by name) and how much it found cached.
+/// What a task moved: the content it downloaded (by name), what it linked from the server's
+/// store on the same host, and how much it found cached.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Transfers {
     pub downloaded: Vec<String>,
     pub downloaded_bytes: u64,
+    pub linked: Vec<String>,
+    pub linked_bytes: u64,
     pub cache_hits: u64,
 }
 
-/// One fetch: `Some(bytes)` downloaded, `None` found in the cache.
-type Fetch = (String, Option<u64>);
+/// How one input reached the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetched {
+    Downloaded(u64),
+    Linked(u64),
+    Cached,
+}
+
+type Fetch = (String, Fetched);
 
 pub struct DataPlane {
     client: reqwest::Client,
     server: String,
     cache: PathBuf,
+    /// The server's data directory, when this worker shares its host and file system.
+    server_store: Option<PathBuf>,
     /// Every fetch of this worker, in order; a task reports those since its start.
     fetches: Mutex<Vec<Fetch>>,
 }
@@ -100,11 +116,17 @@ async fn lock(path: PathBuf) -> Result<CacheLock, DataError> {
 }
 
 impl DataPlane {
-    pub fn new(client: reqwest::Client, server: &str, cache: PathBuf) -> Self {
+    pub fn new(
+        client: reqwest::Client,
+        server: &str,
+        cache: PathBuf,
+        server_store: Option<PathBuf>,
+    ) -> Self {
         DataPlane {
             client,
             server: server.to_string(),
             cache,
+            server_store,
             fetches: Mutex::new(Vec::new()),
         }
     }
@@ -118,22 +140,26 @@ impl DataPlane {
     pub fn transfers_since(&self, mark: usize) -> Transfers {
         let mut t = Transfers::default();
         if let Ok(fetches) = self.fetches.lock() {
-            for (name, bytes) in fetches.iter().skip(mark) {
-                match bytes {
-                    Some(b) => {
+            for (name, fetched) in fetches.iter().skip(mark) {
+                match *fetched {
+                    Fetched::Downloaded(bytes) => {
                         t.downloaded.push(name.clone());
-                        t.downloaded_bytes += b;
+                        t.downloaded_bytes += bytes;
                     }
-                    None => t.cache_hits += 1,
+                    Fetched::Linked(bytes) => {
+                        t.linked.push(name.clone());
+                        t.linked_bytes += bytes;
+                    }
+                    Fetched::Cached => t.cache_hits += 1,
                 }
             }
         }
         t
     }
 
-    fn record(&self, name: &str, downloaded: Option<u64>) {
+    fn record(&self, name: &str, fetched: Fetched) {
         if let Ok(mut fetches) = self.fetches.lock() {
-            fetches.push((name.to_string(), downloaded));
+            fetches.push((name.to_string(), fetched));
         }
     }
 
@@ -144,7 +170,10 @@ impl DataPlane {
     /// A dataset's content, as pinned by `r`.
     pub async fn dataset(&self, r: &ContentRef) -> Result<PathBuf, DataError> {
         let url = format!("{}/api/v1/datasets/{}/content", self.server, r.name);
-        self.fetch(&url, r, &format!("dataset {:?}", r.name)).await
+        let local = (self.server_store.as_deref())
+            .map(|store| crate::content::dataset_path(store, &r.name));
+        self.fetch(&url, local, r, &format!("dataset {:?}", r.name))
+            .await
     }
 
     /// An artifact of `application`, as pinned by `r`.
@@ -153,22 +182,113 @@ impl DataPlane {
             "{}/api/v1/applications/{application}/artifacts/{}",
             self.server, r.sha256
         );
-        self.fetch(&url, r, &format!("artifact {:?}", r.name)).await
+        let local = (self.server_store.as_deref())
+            .map(|store| crate::content::artifact_path(store, application, &r.sha256));
+        self.fetch(&url, local, r, &format!("artifact {:?}", r.name))
+            .await
     }
 
-    async fn fetch(&self, url: &str, r: &ContentRef, what: &str) -> Result<PathBuf, DataError> {
+    /// Puts `path` into the region's cache under its sha256 and asks the server to take it
+    /// from there. `None`: the server cannot (another file system, another host): send it.
+    async fn hand_over(
+        &self,
+        task: &str,
+        path: &Path,
+        name: &str,
+    ) -> Result<Option<ContentRef>, DataError> {
+        let file = path.to_path_buf();
+        let (sha256, size) =
+            tokio::task::spawn_blocking(move || crate::content::sha256_file(&file))
+                .await
+                .map_err(|e| DataError::Io {
+                    what: format!("hashing {}", path.display()),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(io(format!("hashing {}", path.display())))?;
+        let cached = self.cache.join(&sha256);
+        if tokio::fs::metadata(&cached).await.is_err()
+            && tokio::fs::hard_link(path, &cached).await.is_err()
+        {
+            return Ok(None);
+        }
+        let response = self
+            .client
+            .put(format!(
+                "{}/api/v1/tasks/{task}/artifacts/{sha256}",
+                self.server
+            ))
+            .header(crate::api::CONTENT_FROM_HEADER, "region-cache")
+            .send()
+            .await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(Some(ContentRef {
+                name: name.to_string(),
+                sha256,
+                size,
+            }));
+        }
+        if status.is_client_error() && status.as_u16() != 422 {
+            return Ok(None);
+        }
+        Err(DataError::Status {
+            what: format!("handing over {name}"),
+            status: status.as_u16(),
+            body: response.text().await.unwrap_or_default(),
+        })
+    }
+
+    /// Hard-links `source` (the server's stored copy) into the cache as `r`, if it is on this
+    /// file system and holds exactly `r`'s content. `false`: download it instead.
+    async fn link(&self, source: &Path, r: &ContentRef) -> bool {
+        let tmp = self
+            .cache
+            .join(format!("{}.{}.link", r.sha256, std::process::id()));
+        let _ = tokio::fs::remove_file(&tmp).await;
+        if tokio::fs::hard_link(source, &tmp).await.is_err() {
+            return false;
+        }
+        // The server renames a new upload over a dataset's file, so the inode linked here
+        // never changes; it may already be newer content than the task was planned with.
+        let check = tmp.clone();
+        let same = tokio::task::spawn_blocking(move || crate::content::sha256_file(&check))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .is_some_and(|(sha256, size)| sha256 == r.sha256 && size == r.size);
+        let path = self.cache.join(&r.sha256);
+        if same && tokio::fs::rename(&tmp, &path).await.is_ok() {
+            return true;
+        }
+        let _ = tokio::fs::remove_file(&tmp).await;
+        false
+    }
+
+    async fn fetch(
+        &self,
+        url: &str,
+        local: Option<PathBuf>,
+        r: &ContentRef,
+        what: &str,
+    ) -> Result<PathBuf, DataError> {
         tokio::fs::create_dir_all(&self.cache)
             .await
             .map_err(io(format!("creating {}", self.cache.display())))?;
         let path = self.cache.join(&r.sha256);
         if tokio::fs::metadata(&path).await.is_ok() {
-            self.record(&r.name, None);
+            self.record(&r.name, Fetched::Cached);
             return Ok(path);
         }
         let _lock = lock(self.cache.join(format!("{}.lock", r.sha256))).await?;
         // Another worker of the region may have fetched it while this one waited.
         if tokio::fs::metadata(&path).await.is_ok() {
-            self.record(&r.name, None);
+            self.record(&r.name, Fetched::Cached);
+            return Ok(path);
+        }
+        if let Some(source) = local
+            && self.link(&source, r).await
+        {
+            self.record(&r.name, Fetched::Linked(r.size));
             return Ok(path);
         }
         let response = self.client.get(url).send().await?;
@@ -215,7 +335,7 @@ impl DataPlane {
         tokio::fs::rename(&tmp, &path)
             .await
             .map_err(io(format!("storing {}", path.display())))?;
-        self.record(&r.name, Some(size));
+        self.record(&r.name, Fetched::Downloaded(size));
         Ok(path)
     }
 
@@ -255,12 +375,18 @@ impl DataPlane {
     }
 
     /// Uploads `path` as an artifact of `task` named `name`; the server checks the sha256.
+    /// A worker on the server's host hands it over through its region's cache instead.
     pub async fn upload(
         &self,
         task: &str,
         path: &Path,
         name: &str,
     ) -> Result<ContentRef, DataError> {
+        if self.server_store.is_some()
+            && let Some(stored) = self.hand_over(task, path, name).await?
+        {
+            return Ok(stored);
+        }
         let bytes = bytes::Bytes::from(
             tokio::fs::read(path)
                 .await
@@ -304,5 +430,125 @@ impl DataPlane {
             sha256,
             size,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{ServerOptions, start};
+
+    /// A server on loopback holding one dataset `cube` with `content`.
+    async fn server_with_dataset(
+        content: &[u8],
+    ) -> (crate::server::RunningServer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(ServerOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("server"),
+            database_url: None,
+            lease_seconds: 30,
+            worker_program: "/nonexistent".into(),
+            anonymous_metrics: false,
+        })
+        .await
+        .unwrap();
+        let http = crate::tokens::admin_client(&dir.path().join("server")).unwrap();
+        let created = http
+            .post(format!("{}/api/v1/datasets", server.url()))
+            .json(&serde_json::json!({
+                "apiVersion": "ceccm/v1", "kind": "Dataset",
+                "metadata": {"name": "cube"}, "spec": {"format": "cube"}
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            created.status().is_success(),
+            "{}",
+            created.text().await.unwrap()
+        );
+        let uploaded = http
+            .put(format!("{}/api/v1/datasets/cube/content", server.url()))
+            .body(content.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            uploaded.status().is_success(),
+            "{}",
+            uploaded.text().await.unwrap()
+        );
+        (server, dir)
+    }
+
+    fn pinned(content: &[u8]) -> ContentRef {
+        ContentRef {
+            name: "cube".into(),
+            sha256: hex::encode(Sha256::digest(content)),
+            size: content.len() as u64,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_region_downloads_once_and_a_local_one_links_the_servers_copy() {
+        let content = b"SIMPLE  =                    T".repeat(1000);
+        let (server, dir) = server_with_dataset(&content).await;
+        let http = crate::tokens::admin_client(&dir.path().join("server")).unwrap();
+
+        let remote = DataPlane::new(http.clone(), &server.url(), dir.path().join("remote"), None);
+        let path = remote.dataset(&pinned(&content)).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), content);
+        let again = remote.dataset(&pinned(&content)).await.unwrap();
+        assert_eq!(again, path);
+        let t = remote.transfers_since(0);
+        assert_eq!(
+            (t.downloaded, t.downloaded_bytes),
+            (vec!["cube".to_string()], content.len() as u64)
+        );
+        assert_eq!((t.linked_bytes, t.cache_hits), (0, 1));
+
+        let local = DataPlane::new(
+            http,
+            &server.url(),
+            dir.path().join("local"),
+            Some(dir.path().join("server")),
+        );
+        let path = local.dataset(&pinned(&content)).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), content);
+        let t = local.transfers_since(0);
+        assert_eq!(
+            (t.linked, t.downloaded_bytes),
+            (vec!["cube".to_string()], 0)
+        );
+        use std::os::unix::fs::MetadataExt;
+        let stored = crate::content::dataset_path(&dir.path().join("server"), "cube");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().ino(),
+            std::fs::metadata(stored).unwrap().ino(),
+            "the local region's cache shares the server's copy"
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn content_changed_since_planning_is_refused_by_link_and_download_alike() {
+        let planned = b"planned content".repeat(100);
+        let (server, dir) = server_with_dataset(b"uploaded again since").await;
+        let http = crate::tokens::admin_client(&dir.path().join("server")).unwrap();
+        for store in [None, Some(dir.path().join("server"))] {
+            let cache = dir
+                .path()
+                .join(if store.is_some() { "local" } else { "remote" });
+            let data = DataPlane::new(http.clone(), &server.url(), cache.clone(), store);
+            let err = data.dataset(&pinned(&planned)).await.unwrap_err();
+            assert!(
+                matches!(err, DataError::Changed { .. }) && err.permanent(),
+                "{err}"
+            );
+            // Nothing unverified is left in the cache under the planned sha256.
+            assert!(!cache.join(&pinned(&planned).sha256).exists());
+        }
+        server.shutdown().await;
     }
 }

@@ -31,6 +31,9 @@ pub struct WorkerOptions {
     pub idle_exit: Duration,
     /// The region's cache of inputs (shared by the region's workers), and scratch space.
     pub cache_dir: PathBuf,
+    /// The server's data directory, for a worker on the server's own host (the local
+    /// driver's): inputs are hard-linked from it rather than downloaded.
+    pub server_data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,16 +44,30 @@ pub enum WorkerError {
     Status { status: u16, body: String },
 }
 
+/// The environment variable a worker finds its token in.
+pub const TOKEN_ENV: &str = "CECCM_TOKEN";
+
 /// The default cache of a region's workers: `DATA_DIR/cache/REGION` for the local driver.
 pub fn default_cache_dir(region: &str) -> PathBuf {
     std::env::temp_dir().join("ceccm-cache").join(region)
 }
 
 pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()?;
-    let data = DataPlane::new(client.clone(), &options.server, options.cache_dir.clone());
+    let token = std::env::var(TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!(
+            "a worker needs its region's token in ${TOKEN_ENV} (the local driver sets it)"
+        )
+    })?;
+    let client = crate::tokens::client_with_token(
+        reqwest::Client::builder().timeout(Duration::from_secs(300)),
+        &token,
+    )?;
+    let data = DataPlane::new(
+        client.clone(),
+        &options.server,
+        options.cache_dir.clone(),
+        options.server_data_dir.clone(),
+    );
     let mut warm = stage::StageRunner::default();
     let parent = std::os::unix::process::parent_id();
     let mut idle_since = Instant::now();

@@ -13,6 +13,7 @@
 //! - spectral resolution, where the file has it, is R = lambda / FWHM per wavelength pixel.
 
 pub mod manga;
+mod mapped;
 pub mod megara;
 pub mod muse;
 
@@ -565,6 +566,9 @@ pub struct Cube {
     path: PathBuf,
     file: FitsFile,
     layout: Layout,
+    /// The memory `file` reads from, for a plain file; declared after `file` so that it is
+    /// dropped after it.
+    _mapped: Option<mapped::Mapped>,
 }
 
 impl fmt::Debug for Cube {
@@ -618,8 +622,20 @@ impl Cube {
             .map_err(|e| fits_error(&path, "reading the flux HDU", e))?;
         layout.meta.celestial_wcs = read_celestial_wcs(&mut file, &flux, &primary);
         layout.meta.target = read_target(&mut file, &flux, &primary);
-        let mut cube = Cube { path, file, layout };
+        let mut cube = Cube {
+            path,
+            file,
+            layout,
+            _mapped: None,
+        };
         cube.check_complete()?;
+        // Checked complete through cfitsio's file driver, a plain file is read from here on
+        // through a memory map (a gzipped one is already in memory).
+        let gzipped = (cube.path.extension()).is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+        if !gzipped && let Some((file, mapped)) = mapped::open(&cube.path) {
+            cube.file = file;
+            cube._mapped = Some(mapped);
+        }
         Ok(cube)
     }
 

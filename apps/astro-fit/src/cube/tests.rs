@@ -250,3 +250,39 @@ fn a_manga_file_with_mismatched_ivar_is_a_layout_error() {
     );
     assert!(err.to_string().contains("IVAR"), "{err}");
 }
+
+/// A plain cube is read through a memory map, a gzipped one from cfitsio's in-memory copy:
+/// the same cube gives the same pixels both ways, and a plain file cut short is still refused
+/// before any map is made.
+#[test]
+fn a_mapped_plain_cube_reads_what_its_gzipped_copy_reads() {
+    use std::io::Read;
+    let gz = cube_file("synthetic-manga-seed7-LOGCUBE.fits.gz");
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("seed7-LOGCUBE.fits");
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap())
+        .read_to_end(&mut bytes)
+        .unwrap();
+    std::fs::write(&plain, &bytes).unwrap();
+    let mut mapped = Cube::open(&plain).unwrap();
+    assert!(mapped._mapped.is_some(), "a plain FITS file is mapped");
+    let mut inflated = Cube::open(&gz).unwrap();
+    assert!(inflated._mapped.is_none());
+    let ny = mapped.meta().ny;
+    for rows in [0..1, 7..9, ny - 2..ny] {
+        let a = mapped.read_rows(rows.clone()).unwrap();
+        let b = inflated.read_rows(rows.clone()).unwrap();
+        assert_eq!(a.flux, b.flux, "rows {rows:?}");
+        assert_eq!(a.ivar, b.ivar, "rows {rows:?}");
+        assert_eq!(a.good, b.good, "rows {rows:?}");
+    }
+    let planes = 100..140;
+    let a = mapped.read_planes(planes.clone()).unwrap();
+    let b = inflated.read_planes(planes).unwrap();
+    assert_eq!((a.flux, a.ivar, a.good), (b.flux, b.ivar, b.good));
+
+    let cut = dir.path().join("cut-LOGCUBE.fits");
+    std::fs::write(&cut, &bytes[..bytes.len() - 2880 * 10]).unwrap();
+    assert!(matches!(Cube::open(&cut), Err(CubeError::Truncated { .. })));
+}

@@ -1,0 +1,358 @@
+//! Who may do what: bearer tokens, roles, and one pure decision per request.
+//!
+//! A token reads `ceccm_<id>_<secret>`. The server keeps, per id, a `Token` object with the user,
+//! the role, the expiry and the sha256 of the secret, never the secret itself: it is shown once,
+//! when the token is made. On first start the server makes an administrator token and writes it
+//! to `DATA_DIR/admin.token` (mode 0600), as k3s writes its admin kubeconfig.
+//!
+//! [`authorize`] decides from the principal's role and the action alone (no store, no I/O); the
+//! handlers gather the action, ask, and answer 403 with the error JSON when refused.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::resources::Kind;
+
+/// What a token's holder may do. Ordered: each human role may do what the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything except tokens.
+    Viewer,
+    /// Also creates, changes and deletes Applications and Datasets, cancels and retries.
+    User,
+    /// Also manages Regions.
+    Operator,
+    /// Everything: tokens, status, host commands.
+    Admin,
+    /// A worker of a region: leases tasks, reports on them, moves their data. Nothing else.
+    Worker,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Viewer,
+        Role::User,
+        Role::Operator,
+        Role::Admin,
+        Role::Worker,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::User => "user",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+            Role::Worker => "worker",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user: String,
+    pub role: Role,
+}
+
+/// What a request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Get, list or watch objects of a kind, read their content, results, logs or artifacts.
+    Read(Kind),
+    /// Create, change or delete objects of a kind (and a Dataset's content, an Application's
+    /// cancel and retry).
+    Write(Kind),
+    /// Write an object's status (the controllers' and agents' subresource).
+    WriteStatus(Kind),
+    /// Submit an Application that runs host commands (`app: container` without an image).
+    RunHostCommands,
+    /// Lease tasks, heartbeat, complete or fail them, upload their artifacts.
+    RunTasks,
+    /// Make, list and revoke tokens.
+    ManageTokens,
+    /// Read the server's metrics and the predictor's state.
+    ReadMetrics,
+}
+
+/// Whether `role` may do `action`.
+pub fn authorize(role: Role, action: Action) -> bool {
+    use Action::*;
+    match role {
+        Role::Admin => true,
+        Role::Worker => matches!(action, Read(_) | RunTasks),
+        Role::Viewer => matches!(action, Read(_) | ReadMetrics),
+        Role::User => match action {
+            Read(_) | ReadMetrics => true,
+            Write(kind) => matches!(kind, Kind::Application | Kind::Dataset),
+            _ => false,
+        },
+        Role::Operator => match action {
+            Read(_) | ReadMetrics => true,
+            Write(kind) => matches!(kind, Kind::Application | Kind::Dataset | Kind::Region),
+            _ => false,
+        },
+    }
+}
+
+impl Principal {
+    /// `Ok` when allowed, else the 403 the API answers.
+    pub fn may(&self, action: Action) -> Result<(), ApiError> {
+        if authorize(self.role, action) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "user {:?} (role {}) may not {}",
+                self.user,
+                self.role.as_str(),
+                describe(action)
+            ),
+        ))
+    }
+}
+
+fn describe(action: Action) -> String {
+    match action {
+        Action::Read(kind) => format!("read {}", kind.plural()),
+        Action::Write(kind) => format!("create, change or delete {}", kind.plural()),
+        Action::WriteStatus(kind) => format!("write the status of {}", kind.plural()),
+        Action::RunHostCommands => {
+            "run host commands (`app: container` tasks; administrators only)".into()
+        }
+        Action::RunTasks => "lease or report tasks (workers only)".into(),
+        Action::ManageTokens => "manage tokens (administrators only)".into(),
+        Action::ReadMetrics => "read metrics".into(),
+    }
+}
+
+/// Whether `who` sees `object` (of `kind`) at all. Users see only the Applications and
+/// Datasets they own; to them another user's answers 404, so names do not leak. Everyone else
+/// sees everything their role reads.
+pub fn sees(who: &Principal, kind: Kind, object: &serde_json::Value) -> bool {
+    let owned_kind = matches!(kind, Kind::Application | Kind::Dataset);
+    who.role != Role::User || !owned_kind || object["metadata"]["owner"] == who.user.as_str()
+}
+
+/// A token as presented: `ceccm_<id>_<secret>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresentedToken<'a> {
+    pub id: &'a str,
+    pub secret: &'a str,
+}
+
+impl<'a> PresentedToken<'a> {
+    pub fn parse(token: &'a str) -> Option<Self> {
+        let rest = token.strip_prefix("ceccm_")?;
+        let (id, secret) = rest.split_once('_')?;
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        (hex(id, ID_HEX) && hex(secret, SECRET_HEX)).then_some(PresentedToken { id, secret })
+    }
+}
+
+const ID_HEX: usize = 16;
+const SECRET_HEX: usize = 64;
+
+/// A new token: its id and the whole string (shown once).
+pub fn new_token() -> (String, String) {
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..ID_HEX];
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    (id.to_string(), format!("ceccm_{id}_{secret}"))
+}
+
+/// What is stored of a secret.
+pub fn secret_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Equality that takes the same time wherever the inputs differ.
+pub fn same_hash(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The spec of a stored `Token` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenSpec {
+    pub user: String,
+    pub role: Role,
+    /// RFC 3339; none: never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    pub secret_sha256: String,
+}
+
+/// Why a presented token does not authenticate (all answer 401; the reason goes to the log,
+/// never the token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    Missing,
+    Malformed,
+    Unknown,
+    Expired,
+}
+
+/// Decides whether `spec` (the stored record of `presented`'s id, if any) authenticates it
+/// at `now_millis` (Unix time). An expiry that does not parse counts as expired.
+pub fn check_token(
+    presented: &PresentedToken<'_>,
+    spec: Option<&TokenSpec>,
+    now_millis: i64,
+) -> Result<Principal, Rejected> {
+    let Some(spec) = spec else {
+        return Err(Rejected::Unknown);
+    };
+    if !same_hash(&secret_hash(presented.secret), &spec.secret_sha256) {
+        return Err(Rejected::Unknown);
+    }
+    if spec
+        .expires_at
+        .as_deref()
+        .is_some_and(|at| crate::time::parse_millis(at).is_none_or(|at| at <= now_millis))
+    {
+        return Err(Rejected::Expired);
+    }
+    Ok(Principal {
+        user: spec.user.clone(),
+        role: spec.role,
+    })
+}
+
+/// The 401 the API answers.
+pub fn unauthenticated(why: Rejected) -> ApiError {
+    let message = match why {
+        Rejected::Missing => {
+            "authentication required: send `Authorization: Bearer TOKEN` (ceccmctl: --token, \
+             $CECCM_TOKEN or the context's token; the administrator's is in DATA_DIR/admin.token)"
+        }
+        Rejected::Malformed => "the bearer token is not a ceccm token (ceccm_<id>_<secret>)",
+        Rejected::Unknown => "the bearer token is not valid (unknown or revoked)",
+        Rejected::Expired => "the bearer token has expired",
+    };
+    ApiError::new(ErrorCode::Unauthorized, message)
+}
+
+/// The administrator token file's name in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Reads the administrator token of a data directory.
+pub fn read_admin_token(data_dir: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE))?
+        .trim()
+        .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_allow_what_the_table_says() {
+        use Action::*;
+        let kinds = [
+            Kind::Region,
+            Kind::Application,
+            Kind::Dataset,
+            Kind::Task,
+            Kind::Event,
+        ];
+        for kind in kinds {
+            for role in Role::ALL {
+                assert!(authorize(role, Read(kind)), "{role:?} reads {kind:?}");
+            }
+            let writers: Vec<Role> = Role::ALL
+                .into_iter()
+                .filter(|r| authorize(*r, Write(kind)))
+                .collect();
+            let expected = match kind {
+                Kind::Application | Kind::Dataset => vec![Role::User, Role::Operator, Role::Admin],
+                Kind::Region => vec![Role::Operator, Role::Admin],
+                _ => vec![Role::Admin],
+            };
+            assert_eq!(writers, expected, "writers of {kind:?}");
+            for role in [Role::Viewer, Role::User, Role::Operator, Role::Worker] {
+                assert!(
+                    !authorize(role, WriteStatus(kind)),
+                    "{role:?} writes status"
+                );
+            }
+        }
+        for role in [Role::Viewer, Role::User, Role::Operator, Role::Worker] {
+            assert!(!authorize(role, ManageTokens));
+            assert!(!authorize(role, RunHostCommands));
+        }
+        for role in [Role::Viewer, Role::User, Role::Operator] {
+            assert!(
+                !authorize(role, RunTasks),
+                "{role:?} may not act as a worker"
+            );
+        }
+        assert!(authorize(Role::Worker, RunTasks));
+        assert!(!authorize(Role::Worker, ReadMetrics));
+    }
+
+    #[test]
+    fn tokens_authenticate_only_with_their_secret_and_before_they_expire() {
+        let (id, token) = new_token();
+        let presented = PresentedToken::parse(&token).unwrap();
+        assert_eq!(presented.id, id);
+        let spec = TokenSpec {
+            user: "ana".into(),
+            role: Role::User,
+            expires_at: Some("2030-01-01T00:00:00Z".into()),
+            secret_sha256: secret_hash(presented.secret),
+        };
+        let now = crate::time::parse_millis("2029-12-31T23:59:59Z").unwrap();
+        assert_eq!(
+            check_token(&presented, Some(&spec), now),
+            Ok(Principal {
+                user: "ana".into(),
+                role: Role::User
+            })
+        );
+        assert_eq!(
+            check_token(
+                &presented,
+                Some(&spec),
+                crate::time::parse_millis("2030-01-01T00:00:01Z").unwrap()
+            ),
+            Err(Rejected::Expired)
+        );
+        assert_eq!(check_token(&presented, None, now), Err(Rejected::Unknown));
+        let (_, other) = new_token();
+        let forged = PresentedToken {
+            id: presented.id,
+            secret: PresentedToken::parse(&other).unwrap().secret,
+        };
+        assert_eq!(
+            check_token(&forged, Some(&spec), now),
+            Err(Rejected::Unknown)
+        );
+        for bad in [
+            "",
+            "Bearer x",
+            "ceccm_zz_yy",
+            &token[..token.len() - 1],
+            &format!("{token}0"),
+        ] {
+            assert_eq!(PresentedToken::parse(bad), None, "{bad:?}");
+        }
+    }
+}
