@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::error::FitError;
 use crate::fit::{FitConfig, Fitter, Start, TemplateBasis};
 use crate::populations::{Populations, populations};
 use crate::spectrum::{Selection, mask_emission_lines, read_spectrum};
-use crate::error::FitError;
 use crate::templates::{Broadening, PrepareConfig, ResolutionCurve, TemplateLibrary, prepare};
 
 pub use crate::output::OutputFormat;
