@@ -25,6 +25,8 @@ pub enum FitError {
     Cube(#[from] crate::cube::CubeError),
     #[error("no good pixels: every pixel of the spectrum is masked")]
     NoGoodPixels,
+    #[error("invalid spectral resolution: {0}")]
+    Resolution(String),
     #[error("too few good pixels: {good} good pixels for {params} free parameters")]
     TooFewGoodPixels { good: usize, params: usize },
     #[error(

@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::error::FitError;
 use crate::fit::{FitConfig, Fitter, Start, TemplateBasis};
 use crate::populations::{Populations, populations};
 use crate::spectrum::{Selection, mask_emission_lines, read_spectrum};
-use crate::templates::{PrepareConfig, ResolutionCurve, TemplateLibrary, prepare};
+use crate::templates::{Broadening, PrepareConfig, ResolutionCurve, TemplateLibrary, prepare};
 
 pub use crate::output::OutputFormat;
 use crate::output::{file_with_size, print_out};
@@ -48,6 +49,11 @@ pub struct FitSpectrumArgs {
     /// Template oversampling factor (pPXF's velscale_ratio).
     #[arg(long, default_value_t = 1)]
     pub velscale_ratio: usize,
+    /// How templates are broadened to the spectrum's resolution: `exact` (Gaussian kernels of
+    /// exactly the resolution difference) or `ppxf` (pPXF 9.5's varsmooth, which broadens
+    /// sub-pixel widths more; for comparisons with pPXF's own preparation).
+    #[arg(long, value_enum, default_value_t = Broadening::Exact)]
+    pub template_broadening: Broadening,
     /// Half-width (km/s) of the masks around gas emission lines; 0 fits them.
     #[arg(long, alias = "line-mask", default_value_t = crate::cube_cmd::EMISSION_MASK_KMS)]
     pub emission_mask_kms: f64,
@@ -149,6 +155,10 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
             &mut rest.spectrum.good,
         );
     }
+    // Nothing to fit: say so before loading and broadening templates.
+    if !rest.spectrum.good.iter().any(|g| *g) {
+        return Err(FitError::NoGoodPixels.into());
+    }
     let library = TemplateLibrary::load(&args.templates)
         .with_context(|| format!("templates in {}", args.templates.display()))?;
     let grid = rest.grid;
@@ -159,6 +169,7 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
     );
     prep.velscale_ratio = args.velscale_ratio;
     prep.galaxy_fwhm = rest.fwhm.clone();
+    prep.broadening = args.template_broadening;
     let templates = prepare(&library, &prep)?;
     let cfg = FitConfig {
         moments: args.moments,

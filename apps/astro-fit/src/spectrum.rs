@@ -184,9 +184,12 @@ pub fn read_manga(path: &Path, sel: Selection) -> Result<ObservedSpectrum, FitEr
         .ok()
         .and_then(|h| h.read_image::<Vec<f64>>(&mut f).ok())
         .and_then(|z| z.get(sel.row).copied());
-    let good = (0..nw)
+    let good: Vec<bool> = (0..nw)
         .map(|i| mask[i] & MANGA_BAD_BITS == 0 && ivar[i] > 0.0 && flux[i].is_finite())
         .collect();
+    // A fully masked spaxel's SRES is no measurement (spectrum 5 of the MaNGA test file runs
+    // linearly from -8100 through zero): it is not read, and the fit reports no good pixels.
+    let sres = sres.filter(|_| good.iter().any(|g| *g));
     Ok(ObservedSpectrum {
         fwhm: sres.map(|r| ResolutionCurve::from_resolving_power(&wave, &r)),
         wave,
