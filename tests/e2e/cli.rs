@@ -1252,7 +1252,10 @@ fn tokens_are_made_used_and_revoked_through_ceccmctl() {
     // The refusals are in the audit log, with the user who was refused.
     let audit = run_as(Some(&admin), &["get", "audit"]).expect(0);
     assert!(
-        audit.stdout.lines().any(|l| l.contains("ana") && l.contains("403")),
+        audit
+            .stdout
+            .lines()
+            .any(|l| l.contains("ana") && l.contains("403")),
         "{}",
         audit.stdout
     );
