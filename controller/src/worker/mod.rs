@@ -119,6 +119,14 @@ async fn post<B: Serialize, R: DeserializeOwned>(
         .json(body)
         .send()
         .await?;
+    match answered(response).await? {
+        Some(response) => Ok(Some(response.json().await?)),
+        None => Ok(None),
+    }
+}
+
+/// A successful answer (`None` for 204 No Content), or the server's refusal as an error.
+async fn answered(response: reqwest::Response) -> Result<Option<reqwest::Response>, WorkerError> {
     let status = response.status();
     if status == reqwest::StatusCode::NO_CONTENT {
         return Ok(None);
@@ -129,7 +137,7 @@ async fn post<B: Serialize, R: DeserializeOwned>(
             body: response.text().await.unwrap_or_default(),
         });
     }
-    Ok(Some(response.json().await?))
+    Ok(Some(response))
 }
 
 async fn lease(client: &reqwest::Client, o: &WorkerOptions) -> Result<Option<Leased>, WorkerError> {
@@ -143,16 +151,9 @@ async fn lease(client: &reqwest::Client, o: &WorkerOptions) -> Result<Option<Lea
         .json(&request)
         .send()
         .await?;
-    let status = response.status();
-    if status == reqwest::StatusCode::NO_CONTENT {
+    let Some(response) = answered(response).await? else {
         return Ok(None);
-    }
-    if !status.is_success() {
-        return Err(WorkerError::Status {
-            status: status.as_u16(),
-            body: response.text().await.unwrap_or_default(),
-        });
-    }
+    };
     let secret = response
         .headers()
         .get(crate::api::LEASE_SECRET_HEADER)
