@@ -111,6 +111,9 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(download_artifact))
         .routes(routes!(result_file))
         .routes(routes!(application_logs))
+        .routes(routes!(join_region))
+        .routes(routes!(region_heartbeat))
+        .routes(routes!(drain_region))
         .routes(routes!(lease_task))
         .routes(routes!(heartbeat_task))
         .routes(routes!(complete_task))
@@ -1021,6 +1024,55 @@ async fn application_logs(
     .await
 }
 
+// ---- regions and their agents -------------------------------------------------------------------
+
+#[utoipa::path(post, path = "/api/v1/agents:join", tag = "regions",
+    request_body = crate::regions::JoinRequest,
+    responses((status = 200, description = "Joined: the agent's own token, bound to its region (shown once)", body = crate::regions::JoinResponse),
+              (status = "default", description = "Error (403: not the join token; 409: the region is not an agent's)", body = ErrorBody)))]
+async fn join_region(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    who.may(Action::JoinRegion)?;
+    let request: crate::regions::JoinRequest = read_typed(&headers, body).await?;
+    Ok(Json(crate::regions::join(&state.store, &request).await?).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/regions/{name}/heartbeat", tag = "regions",
+    params(("name" = String, Path)), request_body = crate::regions::AgentReport,
+    responses((status = 200, description = "Recorded; the workers the region's queue wants", body = crate::regions::AgentOrders),
+              (status = "default", description = "Error (403: an agent of another region)", body = ErrorBody)))]
+async fn region_heartbeat(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    who.may(Action::ReportRegion)?;
+    object_name(Kind::Region, &name)?;
+    who.acts_for(&name)?;
+    let report: crate::regions::AgentReport = read_typed(&headers, body).await?;
+    Ok(Json(crate::regions::heartbeat(&state.store, &name, &report).await?).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/regions/{name}/drain", tag = "regions",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "Cordoned, queued tasks placed elsewhere; `running` tasks still finishing there", body = crate::regions::DrainResult),
+              (status = "default", description = "Error", body = ErrorBody)))]
+async fn drain_region(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    who.may(Action::Write(Kind::Region))?;
+    object_name(Kind::Region, &name)?;
+    Ok(Json(crate::regions::drain(&state.store, &name).await?).into_response())
+}
+
 // ---- task queue --------------------------------------------------------------------------------
 
 #[utoipa::path(post, path = "/api/v1/tasks:lease", tag = "tasks",
@@ -1039,6 +1091,7 @@ async fn lease_task(
     if let Err(e) = validate_name(&request.region) {
         return Err(ApiError::new(ErrorCode::Invalid, format!("region: {e}")));
     }
+    who.acts_for(&request.region)?;
     match queue::lease(&state.store, &request).await? {
         Some((task, secret)) => Ok(([(LEASE_SECRET_HEADER, secret)], Json(task)).into_response()),
         None => Ok(StatusCode::NO_CONTENT.into_response()),

@@ -20,6 +20,10 @@ use crate::testing::{TestStore, store_suite};
 const ADMIN: &str =
     "ceccm_00000000000000ad_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
+/// The join token of the test servers (agents exchange it for their region's token).
+const JOIN: &str =
+    "ceccm_00000000000000a1_abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789";
+
 /// The API as served, with the administrator's token added to requests that carry none.
 fn app(state: AppState) -> Router {
     super::app(state).layer(axum::middleware::map_request(
@@ -40,10 +44,11 @@ fn state(ts: &TestStore) -> AppState {
 
 fn state_with(ts: &TestStore, config: ApiConfig) -> AppState {
     let admin = crate::tokens::StaticToken::new(ADMIN, "admin", crate::auth::Role::Admin);
+    let join = crate::tokens::StaticToken::new(JOIN, "join", crate::auth::Role::Join);
     AppState {
         store: ts.store.clone(),
         config: Arc::new(ApiConfig {
-            static_tokens: admin.into_iter().collect(),
+            static_tokens: admin.into_iter().chain(join).collect(),
             ..config
         }),
         metrics: Default::default(),
@@ -663,6 +668,7 @@ fn context(ts: &TestStore) -> Context {
         )),
         data_dir: ts.dir.path().to_path_buf(),
         predictor: Default::default(),
+        region_grace: Duration::from_secs(40),
     }
 }
 
@@ -870,6 +876,19 @@ async fn expired_leases_requeue(ts: &TestStore) {
     .await;
     assert_eq!(requeued[0]["status"]["state"], "Queued");
     assert_eq!(requeued[0]["status"]["attempts"], 1);
+    // Not pinned to the region that lost it: it waits for the scheduler to place it again.
+    assert_eq!(requeued[0]["status"]["region"], Value::Null);
+    let unplaced = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w2", "region": "edge-a"}),
+    )
+    .await;
+    assert_eq!(unplaced.status, StatusCode::NO_CONTENT, "{}", unplaced.text);
+    settle(&ctx, "job").await;
+    let task = get(&app, "/api/v1/tasks/job-00000").await;
+    assert_eq!(task.body["status"]["region"], "edge-a");
     let late = json_call(
         &app,
         "POST",
@@ -1355,7 +1374,7 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
     use crate::auth::{Action, Role, authorize};
     let app = app(state(ts));
     let mut tokens = std::collections::BTreeMap::new();
-    for role in crate::auth::Role::ALL.map(crate::auth::Role::as_str) {
+    for role in crate::auth::Role::GRANTABLE.map(crate::auth::Role::as_str) {
         let made = json_call(
             &app,
             "POST",
@@ -1366,6 +1385,18 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
         assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
         tokens.insert(role, made.body["token"].as_str().unwrap().to_string());
     }
+    // Agents get their token by joining with the join token; it is bound to their region.
+    let joined = call_as(
+        &app,
+        Some(JOIN),
+        "POST",
+        "/api/v1/agents:join",
+        Some(&json!({"region": "r-agent", "agent": "site-1", "cpu": 2})),
+    )
+    .await;
+    assert_eq!(joined.status, StatusCode::OK, "{}", joined.text);
+    tokens.insert("agent", joined.body["token"].as_str().unwrap().to_string());
+    tokens.insert("join", JOIN.to_string());
     json_call(&app, "POST", "/api/v1/regions", &region("r1", 2, "edge")).await;
     let dataset = |name: &str| {
         json!({"apiVersion": "ceccm/v1", "kind": "Dataset", "metadata": {"name": name},
@@ -1412,7 +1443,11 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
             let plural = kind.plural();
             let what = |verb: &str| format!("{role_name} {verb} {plural}");
             let list = call_as(&app, token, "GET", &format!("/api/v1/{plural}"), None).await;
-            assert_eq!(list.status, StatusCode::OK, "{}", what("lists"));
+            if authorize(role, Action::Read(kind)) {
+                assert_eq!(list.status, StatusCode::OK, "{}", what("lists"));
+            } else {
+                refused(&list, &what("lists"));
+            }
             let name = format!("x-{role_name}");
             let created = call_as(
                 &app,
@@ -1466,12 +1501,30 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
             }
         }
         let listed = call_as(&app, token, "GET", "/api/v1/tokens", None).await;
+        // An agent acts for its own region only (checked across regions below).
+        let own = if role == Role::Agent { "r-agent" } else { "r1" };
         let leased = call_as(
             &app,
             token,
             "POST",
             "/api/v1/tasks:lease",
-            Some(&json!({"worker": "w", "region": "r1"})),
+            Some(&json!({"worker": "w", "region": own})),
+        )
+        .await;
+        let join = call_as(
+            &app,
+            token,
+            "POST",
+            "/api/v1/agents:join",
+            Some(&json!({"region": format!("j-{role_name}"), "agent": "a", "cpu": 1})),
+        )
+        .await;
+        let beat = call_as(
+            &app,
+            token,
+            "POST",
+            "/api/v1/regions/r-agent/heartbeat",
+            Some(&json!({"agent": "site-1", "cpu": 2, "workers": 0, "cpuSeconds": 0.0})),
         )
         .await;
         let host = call_as(
@@ -1488,6 +1541,8 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
             (&leased, Action::RunTasks, "leases a task"),
             (&host, Action::RunHostCommands, "runs host commands"),
             (&metrics, Action::ReadMetrics, "reads metrics"),
+            (&join, Action::JoinRegion, "joins a region"),
+            (&beat, Action::ReportRegion, "reports a region's heartbeat"),
         ] {
             let what = format!("{role_name} {what}");
             if authorize(role, action) {
@@ -1507,6 +1562,45 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
             );
             assert!(!listed.text.contains(&tokens["viewer"][23..]));
         }
+    }
+    // NodeRestriction: the agent of r-agent, and the join token, act for no other region.
+    let agent = Some(tokens["agent"].as_str());
+    for (token, method, uri, body) in [
+        (
+            agent,
+            "POST",
+            "/api/v1/tasks:lease",
+            json!({"worker": "w", "region": "r1"}),
+        ),
+        (
+            agent,
+            "POST",
+            "/api/v1/regions/r1/heartbeat",
+            json!({"agent": "site-1", "cpu": 2, "workers": 0, "cpuSeconds": 0.0}),
+        ),
+        (
+            Some(JOIN),
+            "POST",
+            "/api/v1/regions/r-agent/heartbeat",
+            json!({"agent": "site-1", "cpu": 2, "workers": 0, "cpuSeconds": 0.0}),
+        ),
+        (
+            Some(JOIN),
+            "POST",
+            "/api/v1/tasks:lease",
+            json!({"worker": "w", "region": "r-agent"}),
+        ),
+        (
+            agent,
+            "POST",
+            "/api/v1/agents:join",
+            json!({"region": "r1", "agent": "thief", "cpu": 1}),
+        ),
+    ] {
+        refused(
+            &call_as(&app, token, method, uri, Some(&body)).await,
+            &format!("{uri} {body}"),
+        );
     }
 }
 
@@ -1962,6 +2056,308 @@ async fn mutating_requests_are_audited_with_their_user(ts: &TestStore) {
     assert_error(&denied, StatusCode::FORBIDDEN, "Forbidden");
 }
 
+/// Runs the region reconciler once over `name`.
+async fn reconcile_region(ctx: &Context, name: &str) -> Value {
+    let region = ctx.store.get(Kind::Region, name).await.unwrap().unwrap();
+    crate::reconcile::region::reconcile(region, ctx)
+        .await
+        .unwrap();
+    // Null once a deleted region's finalizer has run.
+    ctx.store
+        .get(Kind::Region, name)
+        .await
+        .unwrap()
+        .unwrap_or(Value::Null)
+}
+
+/// An agent joins with the join token, heartbeats for its region only, and when it falls
+/// silent its region turns NotReady and, past the application's toleration, its work is placed
+/// elsewhere; what the lost agent reports late is refused and changes nothing.
+async fn agents_join_heartbeat_and_their_work_moves_when_they_fall_silent(ts: &TestStore) {
+    let app = app(state(ts));
+    let mut ctx = context(ts);
+    ctx.region_grace = Duration::from_millis(300);
+    let join = |body: Value, token: &'static str| {
+        let app = app.clone();
+        async move {
+            call_as(
+                &app,
+                Some(token),
+                "POST",
+                "/api/v1/agents:join",
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let beat = |token: String, region: &'static str, body: Value| {
+        let app = app.clone();
+        async move {
+            call_as(
+                &app,
+                Some(&token),
+                "POST",
+                &format!("/api/v1/regions/{region}/heartbeat"),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let report = json!({"agent": "site-1", "cpu": 2, "workers": 0, "cpuSeconds": 1.5});
+    // Bad joins change nothing.
+    let wrong =
+        "ceccm_00000000000000a1_0000000000000000000000000000000000000000000000000000000000000000";
+    assert_error(
+        &join(json!({"region": "edge", "agent": "a", "cpu": 2}), wrong).await,
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+    );
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("cloud", 2, "cloud"),
+    )
+    .await;
+    assert_error(
+        &join(json!({"region": "cloud", "agent": "a", "cpu": 2}), JOIN).await,
+        StatusCode::CONFLICT,
+        "Conflict",
+    );
+    assert_error(
+        &join(
+            json!({"region": "Not_A_Name", "agent": "a", "cpu": 2}),
+            JOIN,
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+    );
+    assert_error(
+        &join(json!({"region": "edge", "agent": "a", "cpu": 0}), JOIN).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+    );
+    assert_eq!(
+        get(&app, "/api/v1/regions/edge").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // The first join makes the region; a second one replaces the first agent's token.
+    let first = join(json!({"region": "edge", "agent": "site-0", "cpu": 2}), JOIN).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert_eq!(first.body["created"], true);
+    let joined = join(json!({"region": "edge", "agent": "site-1", "cpu": 2}), JOIN).await;
+    assert_eq!(joined.body["created"], false, "{}", joined.text);
+    let old = first.body["token"].as_str().unwrap().to_string();
+    let token = joined.body["token"].as_str().unwrap().to_string();
+    assert_error(
+        &beat(old, "edge", report.clone()).await,
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+    );
+    let edge = get(&app, "/api/v1/regions/edge").await.body;
+    assert_eq!(edge["spec"]["driver"], "agent");
+    assert_eq!(edge["spec"]["tier"], "edge");
+
+    // Silent so far: NotReady, saying why.
+    let seen = reconcile_region(&ctx, "edge").await;
+    assert_eq!(seen["status"]["phase"], "NotReady");
+    assert!(
+        seen["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no agent")
+    );
+    let negative = json!({"agent": "site-1", "cpu": 2, "workers": 0, "cpuSeconds": -1.0});
+    assert_error(
+        &beat(token.clone(), "edge", negative).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+    );
+    let orders = beat(token.clone(), "edge", report.clone()).await;
+    assert_eq!(orders.status, StatusCode::OK, "{}", orders.text);
+    assert_eq!(orders.body["wantedWorkers"], 0);
+    let seen = reconcile_region(&ctx, "edge").await;
+    assert_eq!(seen["status"]["phase"], "Ready", "{}", seen["status"]);
+    assert_eq!(seen["status"]["agent"]["name"], "site-1");
+    assert_eq!(seen["status"]["conditions"][0]["type"], "Ready");
+    assert_eq!(seen["status"]["conditions"][0]["status"], "True");
+    mark_ready(&app, "cloud").await;
+
+    // Work placed on the edge; the heartbeat asks for workers; the agent leases one task.
+    let mut job = batch("job", 3, &[]);
+    job["spec"]["placement"] = json!({"tiers": ["edge"], "tolerations": [
+        {"key": "ceccm/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 0}]});
+    let created = json_call(&app, "POST", "/api/v1/applications", &job).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    settle(&ctx, "job").await;
+    let orders = beat(token.clone(), "edge", report.clone()).await;
+    assert_eq!(orders.body["queued"], 3, "{}", orders.text);
+    assert_eq!(orders.body["wantedWorkers"], 2);
+    let lease = call_as(
+        &app,
+        Some(&token),
+        "POST",
+        "/api/v1/tasks:lease",
+        Some(&json!({"worker": "edge-w1", "region": "edge"})),
+    )
+    .await;
+    assert_eq!(lease.status, StatusCode::OK, "{}", lease.text);
+    let held = lease.body["metadata"]["name"].as_str().unwrap().to_string();
+    let secret = lease.body["status"]["leaseSecretSha256"].clone();
+    assert!(secret.is_string());
+
+    // The agent falls silent past the grace: NotReady, then its tasks are evicted (toleration 0)
+    // and the scheduler places them on the cloud, which must tolerate nothing more than tiers.
+    let gone = crate::testing::poll(|| async {
+        let seen = reconcile_region(&ctx, "edge").await;
+        (seen["status"]["phase"] == "NotReady").then_some(seen)
+    })
+    .await;
+    assert!(
+        gone["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not heard from"),
+        "{}",
+        gone["status"]
+    );
+    reconcile_region(&ctx, "edge").await;
+    let tasks = ts.store.tasks_of("job").await.unwrap();
+    for task in &tasks {
+        assert_eq!(task["status"]["state"], "Queued", "{task}");
+        assert_eq!(task["status"]["region"], Value::Null, "{task}");
+        assert!(
+            task["status"]["evicted"]
+                .as_str()
+                .unwrap()
+                .contains("NotReady")
+        );
+        // An eviction is not the task's fault: the attempt is given back.
+        assert_eq!(task["status"]["attempts"], 0, "{task}");
+    }
+    // The tiers allow only the edge: nowhere to go, and the application says so.
+    settle(&ctx, "job").await;
+    let events = get(
+        &app,
+        "/api/v1/events?fieldSelector=involvedObject.kind=Application,involvedObject.name=job",
+    )
+    .await;
+    assert!(events.text.contains("FailedScheduling"), "{}", events.text);
+    // Widened to any tier (the spec is frozen after Pending, so through a new application).
+    let mut job2 = batch("job2", 2, &[]);
+    job2["spec"]["placement"] = json!({"regions": ["edge"], "tolerations": [
+        {"key": "ceccm/not-ready", "operator": "Exists", "effect": "NoExecute"}]});
+    json_call(&app, "POST", "/api/v1/applications", &job2).await;
+    settle(&ctx, "job2").await;
+    // Tolerating NotReady for ever (an edge-pinned job), job2 stays where it is.
+    reconcile_region(&ctx, "edge").await;
+    for task in ts.store.tasks_of("job2").await.unwrap() {
+        assert_eq!(task["status"]["region"], "edge", "{task}");
+    }
+
+    // The lost agent's late report on the task it held is refused and stores nothing.
+    let late = call_as(
+        &app,
+        Some(&token),
+        "POST",
+        &format!("/api/v1/tasks/{held}/complete"),
+        Some(&json!({"worker": "edge-w1", "result": {"late": true}})),
+    )
+    .await;
+    assert_eq!(late.status, StatusCode::FORBIDDEN, "{}", late.text);
+    assert!(ts.store.task_results("job").await.unwrap().is_empty());
+
+    // Deleting the edge region takes job2's work off it too.
+    let deleted = call(
+        &app,
+        "DELETE",
+        "/api/v1/regions/edge",
+        "application/json",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.text);
+    reconcile_region(&ctx, "edge").await;
+    for task in ts.store.tasks_of("job2").await.unwrap() {
+        assert_eq!(task["status"]["region"], Value::Null, "{task}");
+        assert!(
+            task["status"]["evicted"]
+                .as_str()
+                .unwrap()
+                .contains("deleted")
+        );
+    }
+    assert_eq!(
+        get(&app, "/api/v1/regions/edge").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+/// `drain` cordons a region and moves its queued work; running work finishes there.
+async fn a_drained_region_keeps_its_running_work_and_gives_up_the_rest(ts: &TestStore) {
+    let app = app(state(ts));
+    let ctx = context(ts);
+    for name in ["edge-a", "edge-b"] {
+        json_call(&app, "POST", "/api/v1/regions", &region(name, 1, "edge")).await;
+        mark_ready(&app, name).await;
+    }
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        &batch("job", 3, &["edge-a"]),
+    )
+    .await;
+    settle(&ctx, "job").await;
+    let leased = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &json!({"worker": "w1", "region": "edge-a"}),
+    )
+    .await;
+    assert_eq!(leased.status, StatusCode::OK, "{}", leased.text);
+    let drained = json_call(&app, "POST", "/api/v1/regions/edge-a/drain", &json!({})).await;
+    assert_eq!(drained.status, StatusCode::OK, "{}", drained.text);
+    assert_eq!(
+        drained.body,
+        json!({"region": "edge-a", "evicted": 2, "running": 1})
+    );
+    let region_now = get(&app, "/api/v1/regions/edge-a").await.body;
+    assert_eq!(region_now["spec"]["unschedulable"], true);
+    // Cordoned: the application (pinned to edge-a) cannot place what was drained, and says why.
+    settle(&ctx, "job").await;
+    let events = get(
+        &app,
+        "/api/v1/events?fieldSelector=involvedObject.kind=Application,involvedObject.name=job",
+    )
+    .await;
+    assert!(
+        events.text.contains("ceccm/unschedulable"),
+        "{}",
+        events.text
+    );
+    // A second application without the pin goes to edge-b.
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        &batch("other", 2, &[]),
+    )
+    .await;
+    settle(&ctx, "other").await;
+    for task in ts.store.tasks_of("other").await.unwrap() {
+        assert_eq!(task["status"]["region"], "edge-b", "{task}");
+    }
+    assert_error(
+        &json_call(&app, "POST", "/api/v1/regions/nowhere/drain", &json!({})).await,
+        StatusCode::NOT_FOUND,
+        "NotFound",
+    );
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -1984,6 +2380,8 @@ store_suite!(
     users_see_only_their_own_applications_and_datasets,
     a_worker_reports_only_on_the_task_whose_lease_it_holds,
     mutating_requests_are_audited_with_their_user,
+    agents_join_heartbeat_and_their_work_moves_when_they_fall_silent,
+    a_drained_region_keeps_its_running_work_and_gives_up_the_rest,
 );
 
 #[test]

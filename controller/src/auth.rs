@@ -30,10 +30,27 @@ pub enum Role {
     Admin,
     /// A worker of a region: leases tasks, reports on them, moves their data. Nothing else.
     Worker,
+    /// An edge agent, bound to one region (its token names it): what a worker may, for that
+    /// region only, and the region's heartbeat.
+    Agent,
+    /// The join token (`DATA_DIR/join.token`): exchanges itself for an agent's token.
+    Join,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 7] = [
+        Role::Viewer,
+        Role::User,
+        Role::Operator,
+        Role::Admin,
+        Role::Worker,
+        Role::Agent,
+        Role::Join,
+    ];
+
+    /// The roles an administrator gives with `ceccmctl create token` (agents get theirs by
+    /// joining; the join token is the server's).
+    pub const GRANTABLE: [Role; 5] = [
         Role::Viewer,
         Role::User,
         Role::Operator,
@@ -48,6 +65,8 @@ impl Role {
             Role::Operator => "operator",
             Role::Admin => "admin",
             Role::Worker => "worker",
+            Role::Agent => "agent",
+            Role::Join => "join",
         }
     }
 
@@ -61,6 +80,8 @@ impl Role {
 pub struct Principal {
     pub user: String,
     pub role: Role,
+    /// The one region an agent acts for; `None`: not bound to a region.
+    pub region: Option<String>,
 }
 
 /// What a request does.
@@ -81,6 +102,10 @@ pub enum Action {
     ManageTokens,
     /// Read the server's metrics and the predictor's state.
     ReadMetrics,
+    /// Exchange the join token for an agent's token, registering its region.
+    JoinRegion,
+    /// Report a region's agent heartbeat (capacity, workers, energy).
+    ReportRegion,
 }
 
 /// Whether `role` may do `action`.
@@ -89,6 +114,8 @@ pub fn authorize(role: Role, action: Action) -> bool {
     match role {
         Role::Admin => true,
         Role::Worker => matches!(action, Read(_) | RunTasks),
+        Role::Agent => matches!(action, Read(_) | RunTasks | ReportRegion),
+        Role::Join => matches!(action, JoinRegion),
         Role::Viewer => matches!(action, Read(_) | ReadMetrics),
         Role::User => match action {
             Read(_) | ReadMetrics => true,
@@ -119,6 +146,21 @@ impl Principal {
             ),
         ))
     }
+
+    /// `Ok` when the caller may act for `region`: an agent only for its own (Kubernetes'
+    /// NodeRestriction), everyone else for any.
+    pub fn acts_for(&self, region: &str) -> Result<(), ApiError> {
+        match &self.region {
+            Some(own) if own != region => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "user {:?} is the agent of region {own:?} and may not act for region {region:?}",
+                    self.user
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn describe(action: Action) -> String {
@@ -132,6 +174,8 @@ fn describe(action: Action) -> String {
         Action::RunTasks => "lease or report tasks (workers only)".into(),
         Action::ManageTokens => "manage tokens (administrators only)".into(),
         Action::ReadMetrics => "read metrics".into(),
+        Action::JoinRegion => "join a region as its agent (the join token only)".into(),
+        Action::ReportRegion => "report a region's heartbeat (its agent only)".into(),
     }
 }
 
@@ -197,6 +241,9 @@ pub struct TokenSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
     pub secret_sha256: String,
+    /// The region an agent's token acts for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Why a presented token does not authenticate (all answer 401; the reason goes to the log,
@@ -232,6 +279,7 @@ pub fn check_token(
     Ok(Principal {
         user: spec.user.clone(),
         role: spec.role,
+        region: spec.region.clone(),
     })
 }
 
@@ -251,6 +299,9 @@ pub fn unauthenticated(why: Rejected) -> ApiError {
 
 /// The administrator token file's name in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The join token file's name in the data directory (agents present it to join, as k3s agents
+/// present the server's node-token).
+pub const JOIN_TOKEN_FILE: &str = "join.token";
 
 /// Reads the administrator token of a data directory.
 pub fn read_admin_token(data_dir: &Path) -> std::io::Result<String> {
@@ -275,7 +326,11 @@ mod tests {
         ];
         for kind in kinds {
             for role in Role::ALL {
-                assert!(authorize(role, Read(kind)), "{role:?} reads {kind:?}");
+                assert_eq!(
+                    authorize(role, Read(kind)),
+                    role != Role::Join,
+                    "{role:?} reads {kind:?}"
+                );
             }
             let writers: Vec<Role> = Role::ALL
                 .into_iter()
@@ -287,7 +342,14 @@ mod tests {
                 _ => vec![Role::Admin],
             };
             assert_eq!(writers, expected, "writers of {kind:?}");
-            for role in [Role::Viewer, Role::User, Role::Operator, Role::Worker] {
+            for role in [
+                Role::Viewer,
+                Role::User,
+                Role::Operator,
+                Role::Worker,
+                Role::Agent,
+                Role::Join,
+            ] {
                 assert!(
                     !authorize(role, WriteStatus(kind)),
                     "{role:?} writes status"
@@ -306,6 +368,21 @@ mod tests {
         }
         assert!(authorize(Role::Worker, RunTasks));
         assert!(!authorize(Role::Worker, ReadMetrics));
+        // Only agents report a region's heartbeat, only the join token (and admins) join.
+        let reporters: Vec<Role> = Role::ALL
+            .into_iter()
+            .filter(|r| authorize(*r, ReportRegion))
+            .collect();
+        assert_eq!(reporters, [Role::Admin, Role::Agent]);
+        let joiners: Vec<Role> = Role::ALL
+            .into_iter()
+            .filter(|r| authorize(*r, JoinRegion))
+            .collect();
+        assert_eq!(joiners, [Role::Admin, Role::Join]);
+        assert!(authorize(Role::Agent, RunTasks));
+        for action in [ManageTokens, RunHostCommands, RunTasks, ReadMetrics] {
+            assert!(!authorize(Role::Join, action), "join may not {action:?}");
+        }
     }
 
     #[test]
@@ -318,13 +395,15 @@ mod tests {
             role: Role::User,
             expires_at: Some("2030-01-01T00:00:00Z".into()),
             secret_sha256: secret_hash(presented.secret),
+            region: None,
         };
         let now = crate::time::parse_millis("2029-12-31T23:59:59Z").unwrap();
         assert_eq!(
             check_token(&presented, Some(&spec), now),
             Ok(Principal {
                 user: "ana".into(),
-                role: Role::User
+                role: Role::User,
+                region: None,
             })
         );
         assert_eq!(

@@ -1,6 +1,7 @@
 //! ceccm control plane: the REST API, the state store, the reconcilers, the embedded task queue,
 //! and the `ceccm` binary's subcommands. See docs/architecture.md.
 
+pub mod agent;
 pub mod api;
 pub mod astro_fit;
 pub mod audit;
@@ -16,6 +17,7 @@ pub mod operations;
 pub mod predictor;
 pub mod queue;
 pub mod reconcile;
+pub mod regions;
 pub mod resources;
 pub mod scheduling;
 pub mod selector;

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use ceccm_federation::region::Capacity;
+use ceccm_federation::region::{AgentStatus, Capacity};
 use ceccm_federation::{RegionObservation, RegionSpec, RegionStatus};
 
 use crate::astro_fit::{ContentRef, Stage};
@@ -628,6 +628,20 @@ pub fn decide_region(f: &RegionFacts) -> RegionDecision {
             new.workers = 0;
         }
     }
+    let ready = new.phase.as_deref() == Some("Ready");
+    let (reason, message) = if ready {
+        ("RegionReady", format!("{} workers", new.workers))
+    } else {
+        ("RegionNotReady", new.message.clone().unwrap_or_default())
+    };
+    set_condition_at(
+        &mut new.conditions,
+        "Ready",
+        ready,
+        reason,
+        &message,
+        &format_millis(f.now_ms),
+    );
     let stale = old
         .heartbeat_time
         .as_deref()
@@ -652,6 +666,62 @@ pub fn decide_region(f: &RegionFacts) -> RegionDecision {
         event,
         action: Action::Requeue(Duration::from_secs(1)),
     }
+}
+
+/// What the control plane knows of an agent region from its agent's last heartbeat: healthy
+/// while the agent was heard from within `grace_ms` (Kubernetes' node-monitor grace period).
+pub fn agent_observation(
+    agent: Option<&AgentStatus>,
+    now_ms: i64,
+    grace_ms: i64,
+) -> Result<RegionObservation, String> {
+    let Some(agent) = agent else {
+        return Err("no agent has joined this region (ceccm agent --region NAME)".into());
+    };
+    let heard = parse_millis(&agent.heartbeat_time).unwrap_or(i64::MIN);
+    let silent_ms = now_ms.saturating_sub(heard);
+    if silent_ms > grace_ms {
+        return Err(format!(
+            "agent {} not heard from for {} s (grace {} s)",
+            agent.name,
+            silent_ms / 1000,
+            grace_ms / 1000
+        ));
+    }
+    Ok(RegionObservation {
+        healthy: true,
+        message: String::new(),
+        workers: agent.workers,
+        cpu_seconds: agent.cpu_seconds,
+    })
+}
+
+/// Since when (Unix ms) the region has been not Ready, from its `Ready` condition.
+pub fn not_ready_since(status: &RegionStatus) -> Option<i64> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.condition_type == "Ready" && c.status != "True")
+        .and_then(|c| parse_millis(&c.last_transition_time))
+}
+
+/// Why a task must leave a region that has been NotReady since `not_ready_since_ms`, or `None`
+/// while the application tolerates it (`toleration_seconds`; `None`: for ever), as Kubernetes'
+/// taint manager evicts pods from a `not-ready:NoExecute` node.
+pub fn eviction_reason(
+    region: &str,
+    not_ready_since_ms: i64,
+    toleration_seconds: Option<u64>,
+    now_ms: i64,
+) -> Option<String> {
+    let tolerated = toleration_seconds?;
+    let down_ms = now_ms.saturating_sub(not_ready_since_ms);
+    (down_ms >= (tolerated as i64).saturating_mul(1000)).then(|| {
+        format!(
+            "region {region} NotReady for {} s, beyond the application's toleration of {tolerated} s",
+            down_ms / 1000
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -684,6 +754,7 @@ pub fn queued_status() -> TaskStatus {
         result: None,
         artifacts: Vec::new(),
         error: None,
+        evicted: None,
     }
 }
 
@@ -830,7 +901,40 @@ pub fn on_lease_expired(status: &TaskStatus, max_attempts: u32, now_ms: i64) -> 
         "lease of worker {} expired",
         status.worker.as_deref().unwrap_or("?")
     );
-    Some(on_attempt_failed(status, max_attempts, error, 0.0, 0.0))
+    let failed = on_attempt_failed(status, max_attempts, error, 0.0, 0.0);
+    // The worker, its host or its region may be what failed: place the next attempt anew
+    // instead of pinning it to the region that lost it.
+    Some(match failed.state {
+        TaskState::Queued => TaskStatus {
+            region: None,
+            lease_secret_sha256: None,
+            ..failed
+        },
+        _ => failed,
+    })
+}
+
+/// A task taken off its region (`why`): queued again with no region, for the application
+/// reconciler to place anew. The attempt it was running is given back: an eviction is not the
+/// task's fault. `None` when the task has finished.
+pub fn on_evicted(status: &TaskStatus, why: &str) -> Option<TaskStatus> {
+    let attempts = match status.state {
+        TaskState::Queued => status.attempts,
+        TaskState::Leased => status.attempts.saturating_sub(1),
+        TaskState::Done | TaskState::Failed | TaskState::DeadLettered => return None,
+    };
+    Some(TaskStatus {
+        state: TaskState::Queued,
+        attempts,
+        region: None,
+        worker: None,
+        lease_deadline: None,
+        start_time: None,
+        start_load: None,
+        lease_secret_sha256: None,
+        evicted: Some(why.to_string()),
+        ..status.clone()
+    })
 }
 
 /// The event about a task whose lease expired, by what became of it.
@@ -1346,6 +1450,83 @@ mod tests {
             (Some("NotReady"), 0)
         );
         assert_eq!(d.event.unwrap().kind, EventType::Warning);
+        // The Ready condition says why and moved its transition time when the health changed.
+        let ready_condition = &silent.conditions[0];
+        assert_eq!(
+            (
+                ready_condition.condition_type.as_str(),
+                ready_condition.status.as_str()
+            ),
+            ("Ready", "False")
+        );
+        assert_eq!(ready_condition.message, "driver \"slurm\" is not available");
+        assert_eq!(not_ready_since(&silent), Some(NOW_MS));
+        assert_eq!(not_ready_since(&ready), None);
+    }
+
+    #[test]
+    fn an_agent_region_is_ready_while_its_agent_is_heard_within_the_grace() {
+        assert!(
+            agent_observation(None, NOW_MS, 40_000)
+                .unwrap_err()
+                .contains("no agent has joined")
+        );
+        let agent = AgentStatus {
+            name: "site-1".into(),
+            heartbeat_time: format_millis(NOW_MS - 40_000),
+            cpu: 4,
+            workers: 3,
+            cpu_seconds: 12.5,
+            measured_joules: None,
+        };
+        let seen = agent_observation(Some(&agent), NOW_MS, 40_000).unwrap();
+        assert_eq!(
+            (seen.healthy, seen.workers, seen.cpu_seconds),
+            (true, 3, 12.5)
+        );
+        assert_eq!(
+            agent_observation(Some(&agent), NOW_MS + 1_000, 40_000),
+            Err("agent site-1 not heard from for 41 s (grace 40 s)".into())
+        );
+        let garbled = AgentStatus {
+            heartbeat_time: "yesterday".into(),
+            ..agent
+        };
+        assert!(agent_observation(Some(&garbled), NOW_MS, 40_000).is_err());
+    }
+
+    #[test]
+    fn work_leaves_a_not_ready_region_only_past_its_toleration() {
+        let since = NOW_MS - 5_000;
+        assert_eq!(eviction_reason("edge", since, None, NOW_MS), None);
+        assert_eq!(eviction_reason("edge", since, Some(6), NOW_MS), None);
+        assert_eq!(
+            eviction_reason("edge", since, Some(5), NOW_MS).as_deref(),
+            Some("region edge NotReady for 5 s, beyond the application's toleration of 5 s")
+        );
+        assert!(eviction_reason("edge", since, Some(0), NOW_MS).is_some());
+        // A clock that went backwards never evicts early.
+        assert_eq!(
+            eviction_reason("edge", NOW_MS + 9_000, Some(1), NOW_MS),
+            None
+        );
+    }
+
+    #[test]
+    fn an_evicted_task_waits_unplaced_with_its_attempt_given_back() {
+        let mut leased = on_lease(&queued_status(), "w1", 0, 1000).unwrap();
+        leased.region = Some("edge".into());
+        leased.lease_secret_sha256 = Some("abc".into());
+        let evicted = on_evicted(&leased, "region edge drained").unwrap();
+        assert_eq!(evicted.state, TaskState::Queued);
+        assert_eq!((evicted.attempts, evicted.region.as_deref()), (0, None));
+        assert_eq!((&evicted.worker, &evicted.lease_secret_sha256), (&None, &None));
+        assert_eq!(evicted.evicted.as_deref(), Some("region edge drained"));
+        let queued = on_evicted(&queued_status(), "x").unwrap();
+        assert_eq!(queued.attempts, 0);
+        for state in [TaskState::Done, TaskState::DeadLettered, TaskState::Failed] {
+            assert_eq!(on_evicted(&task(state, 1), "x"), None, "{state:?}");
+        }
     }
 
     #[test]
@@ -1418,8 +1599,12 @@ mod tests {
         // Not yet past the deadline (a heartbeat may just have extended it).
         assert_eq!(on_lease_expired(&leased, 3, 1000), None);
         assert_eq!(on_lease_expired(&queued_status(), 3, 5000), None);
-        let requeued = on_lease_expired(&leased, 3, 1001).unwrap();
+        let mut placed = leased.clone();
+        placed.region = Some("edge".into());
+        let requeued = on_lease_expired(&placed, 3, 1001).unwrap();
         assert_eq!(requeued.state, TaskState::Queued);
+        // Placed again by the scheduler, not pinned to the region that lost it.
+        assert_eq!(requeued.region, None);
         assert_eq!(
             requeued.error.as_deref(),
             Some("lease of worker w1 expired")

@@ -36,6 +36,10 @@ enum Command {
         /// needs one; the administrator's is written to DATA_DIR/admin.token).
         #[arg(long)]
         metrics_anonymous: bool,
+        /// Seconds an agent may go unheard before its region turns NotReady (Kubernetes'
+        /// node-monitor grace period).
+        #[arg(long, default_value_t = 40)]
+        region_grace: u64,
     },
     /// Lease and run tasks of one region (started by the local region driver).
     Worker {
@@ -61,6 +65,33 @@ enum Command {
         /// instead of downloaded.
         #[arg(long)]
         server_data_dir: Option<PathBuf>,
+    },
+    /// Run a remote region's workers on this host (an edge or cloud site), like `k3s agent`.
+    Agent {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        region: String,
+        /// The server's join token (its DATA_DIR/join.token); needed to join the first time.
+        #[arg(long, env = "CECCM_JOIN_TOKEN")]
+        token: Option<String>,
+        #[arg(long, default_value = ".ceccm-agent")]
+        data_dir: PathBuf,
+        /// Cores offered (default: this host's).
+        #[arg(long)]
+        cpu: Option<u32>,
+        /// Tier of the region, if the join makes it: edge, cloud or hpc.
+        #[arg(long, default_value = "edge")]
+        tier: String,
+        #[arg(long, default_value = "")]
+        location: String,
+        /// The agent's name (default: the host's).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 2.0)]
+        heartbeat_seconds: f64,
+        #[arg(long, default_value_t = 30)]
+        lease_seconds: u32,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -107,6 +138,7 @@ fn main() -> ExitCode {
                 database_url,
                 lease_seconds,
                 metrics_anonymous,
+                region_grace,
             } => {
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
                     listen,
@@ -115,6 +147,7 @@ fn main() -> ExitCode {
                     lease_seconds,
                     worker_program: std::env::current_exe()?,
                     anonymous_metrics: metrics_anonymous,
+                    region_grace: Duration::from_secs(region_grace),
                 })
                 .await
             }
@@ -140,6 +173,35 @@ fn main() -> ExitCode {
                     ),
                     region,
                     server_data_dir,
+                })
+                .await
+            }
+            Command::Agent {
+                server,
+                region,
+                token,
+                data_dir,
+                cpu,
+                tier,
+                location,
+                name,
+                heartbeat_seconds,
+                lease_seconds,
+            } => {
+                let tier = serde_json::from_value(serde_json::Value::String(tier.clone()))
+                    .map_err(|_| anyhow::anyhow!("--tier {tier:?}: edge, cloud or hpc"))?;
+                ceccm_controller::agent::run(ceccm_controller::agent::AgentOptions {
+                    server: server.trim_end_matches('/').to_string(),
+                    region,
+                    join_token: token,
+                    data_dir,
+                    cpu,
+                    tier,
+                    location,
+                    name,
+                    heartbeat: Duration::from_secs_f64(heartbeat_seconds.clamp(0.1, 60.0)),
+                    lease_seconds,
+                    worker_program: std::env::current_exe()?,
                 })
                 .await
             }

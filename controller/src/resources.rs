@@ -352,11 +352,58 @@ pub struct Resources {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Toleration {
+    /// Empty with `operator: Exists`: every key.
+    #[serde(default)]
     pub key: String,
+    /// `Exists` or `Equal`; absent: `Equal` when a value is given, else `Exists`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
     #[serde(default)]
     pub value: String,
     #[serde(default)]
     pub effect: String,
+    /// With `NoExecute`: how long work stays bound to a region after the taint appears (e.g.
+    /// `ceccm/not-ready`); absent: for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toleration_seconds: Option<u64>,
+}
+
+/// Taint of a region that is not Ready (its agent silent, its driver failing), as Kubernetes
+/// taints a node `node.kubernetes.io/not-ready:NoExecute`.
+pub const NOT_READY_TAINT: &str = "ceccm/not-ready";
+/// Taint of a cordoned region (`spec.unschedulable`), as Kubernetes' `node.kubernetes.io/unschedulable`.
+pub const UNSCHEDULABLE_TAINT: &str = "ceccm/unschedulable";
+/// How long an application's work stays on a NotReady region when it declares no toleration
+/// for `ceccm/not-ready` (Kubernetes' DefaultTolerationSeconds).
+pub const DEFAULT_NOT_READY_TOLERATION_SECONDS: u64 = 300;
+
+impl Toleration {
+    /// Whether this toleration matches a taint `key=value:effect`.
+    pub fn tolerates(&self, key: &str, value: &str, effect: &str) -> bool {
+        let exists = match self.operator.as_deref() {
+            Some("Exists") => true,
+            Some(_) => false,
+            None => self.value.is_empty(),
+        };
+        let key_matches = self.key == key || (self.key.is_empty() && exists);
+        let value_matches = exists || self.value == value;
+        let effect_matches = self.effect.is_empty() || self.effect == effect;
+        key_matches && value_matches && effect_matches
+    }
+}
+
+impl PlacementConstraints {
+    /// How many seconds this work stays on a region that turned NotReady: `None` for ever.
+    pub fn not_ready_toleration_seconds(&self) -> Option<u64> {
+        match self
+            .tolerations
+            .iter()
+            .find(|t| t.tolerates(NOT_READY_TAINT, "", "NoExecute"))
+        {
+            Some(t) => t.toleration_seconds,
+            None => Some(DEFAULT_NOT_READY_TOLERATION_SECONDS),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
@@ -467,6 +514,30 @@ impl ApplicationSpec {
                 out.push(Violation::new(
                     format!("spec.placement.tolerations[{i}].effect"),
                     "must be NoSchedule, PreferNoSchedule, NoExecute or empty (every effect)",
+                ));
+            }
+            if !matches!(t.operator.as_deref(), None | Some("Exists" | "Equal")) {
+                out.push(Violation::new(
+                    format!("spec.placement.tolerations[{i}].operator"),
+                    "must be Exists or Equal",
+                ));
+            }
+            if t.operator.as_deref() == Some("Exists") && !t.value.is_empty() {
+                out.push(Violation::new(
+                    format!("spec.placement.tolerations[{i}].value"),
+                    "must be empty with operator Exists",
+                ));
+            }
+            if t.key.is_empty() && t.operator.as_deref() == Some("Equal") {
+                out.push(Violation::new(
+                    format!("spec.placement.tolerations[{i}].key"),
+                    "must be given with operator Equal",
+                ));
+            }
+            if t.toleration_seconds.is_some() && !t.effect.is_empty() && t.effect != "NoExecute" {
+                out.push(Violation::new(
+                    format!("spec.placement.tolerations[{i}].tolerationSeconds"),
+                    "applies only to the NoExecute effect",
                 ));
             }
         }
@@ -640,19 +711,13 @@ pub struct TaskStatus {
     pub artifacts: Vec<crate::astro_fit::ContentRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the task was last taken off a region (deleted, drained, NotReady past the
+    /// application's toleration); it then waits, without a region, to be placed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    #[serde(rename = "type")]
-    pub condition_type: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    pub reason: String,
-    pub message: String,
-    pub last_transition_time: String,
-}
+pub use ceccm_federation::region::Condition;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -766,6 +831,62 @@ pub fn typed<S: serde::de::DeserializeOwned, T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tolerations_match_taints_as_kubernetes_matches_them() {
+        let t = |yaml: &str| -> Toleration { yaml_serde::from_str(yaml).unwrap() };
+        let not_ready = t("{key: ceccm/not-ready, operator: Exists, effect: NoExecute}");
+        assert!(not_ready.tolerates(NOT_READY_TAINT, "", "NoExecute"));
+        assert!(!not_ready.tolerates(NOT_READY_TAINT, "", "NoSchedule"));
+        assert!(!not_ready.tolerates("other", "", "NoExecute"));
+        let everything = t("{operator: Exists}");
+        assert!(everything.tolerates("anything", "v", "NoExecute"));
+        let equal = t("{key: site, value: vlt, effect: NoSchedule}");
+        assert!(equal.tolerates("site", "vlt", "NoSchedule"));
+        assert!(!equal.tolerates("site", "gtc", "NoSchedule"));
+        // An empty key without Exists matches only an empty key.
+        assert!(!t("{key: '', operator: Equal, value: x}").tolerates("site", "x", "NoSchedule"));
+
+        let constraints =
+            |yaml: &str| -> PlacementConstraints { yaml_serde::from_str(yaml).unwrap() };
+        assert_eq!(
+            constraints("{}").not_ready_toleration_seconds(),
+            Some(DEFAULT_NOT_READY_TOLERATION_SECONDS)
+        );
+        assert_eq!(
+            constraints("{tolerations: [{key: ceccm/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 7}]}")
+                .not_ready_toleration_seconds(),
+            Some(7)
+        );
+        // Without tolerationSeconds: for ever (an edge-pinned job).
+        assert_eq!(
+            constraints(
+                "{tolerations: [{key: ceccm/not-ready, operator: Exists, effect: NoExecute}]}"
+            )
+            .not_ready_toleration_seconds(),
+            None
+        );
+    }
+
+    #[test]
+    fn malformed_tolerations_are_named() {
+        let spec: ApplicationSpec = yaml_serde::from_str(
+            "app: container\ntasks: [{command: 'true'}]\nplacement: {tolerations: [\
+             {key: a, operator: Sometimes}, {key: b, operator: Exists, value: v}, \
+             {operator: Equal, value: v}, {key: c, effect: NoSchedule, tolerationSeconds: 5}]}\n",
+        )
+        .unwrap();
+        let fields: Vec<String> = spec.validate().into_iter().map(|v| v.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.placement.tolerations[0].operator",
+                "spec.placement.tolerations[1].value",
+                "spec.placement.tolerations[2].key",
+                "spec.placement.tolerations[3].tolerationSeconds",
+            ]
+        );
+    }
 
     #[test]
     fn names_follow_dns_1123_labels() {

@@ -173,6 +173,13 @@ fn snapshot(region: &RegionView) -> sched::RegionSnapshot {
                     effect: taint_effect(&t.effect)?,
                 })
             })
+            // A cordoned region is tainted as Kubernetes taints a cordoned node, so the
+            // explanation names why it was passed over.
+            .chain(spec.unschedulable.then(|| sched::Taint {
+                key: crate::resources::UNSCHEDULABLE_TAINT.into(),
+                value: String::new(),
+                effect: sched::TaintEffect::NoSchedule,
+            }))
             .collect(),
         ready: region.ready,
         capacity: sched::Resources::new(
@@ -247,10 +254,11 @@ fn task_group(
                 .iter()
                 .map(|t| sched::Toleration {
                     key: t.key.clone(),
-                    operator: if t.value.is_empty() {
-                        sched::TolerationOperator::Exists
-                    } else {
-                        sched::TolerationOperator::Equal
+                    operator: match t.operator.as_deref() {
+                        Some("Exists") => sched::TolerationOperator::Exists,
+                        Some(_) => sched::TolerationOperator::Equal,
+                        None if t.value.is_empty() => sched::TolerationOperator::Exists,
+                        None => sched::TolerationOperator::Equal,
                     },
                     value: t.value.clone(),
                     effect: taint_effect(&t.effect),
@@ -356,6 +364,7 @@ mod tests {
                 energy: Default::default(),
                 network: Default::default(),
                 taints: vec![],
+                unschedulable: false,
             },
             ready,
             load: 0.0,

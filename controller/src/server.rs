@@ -18,6 +18,9 @@ use crate::resources::Kind;
 use crate::store::Store;
 use ceccm_scheduler::PredictorConfig;
 
+/// Kubernetes' node-monitor grace period: an agent silent this long makes its region NotReady.
+pub const DEFAULT_REGION_GRACE: Duration = Duration::from_secs(40);
+
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub listen: SocketAddr,
@@ -29,6 +32,8 @@ pub struct ServerOptions {
     pub worker_program: PathBuf,
     /// Whether `/metrics` answers without a token (for a scraper without credentials).
     pub anonymous_metrics: bool,
+    /// How long an agent may be silent before its region turns NotReady.
+    pub region_grace: Duration,
 }
 
 /// A started server: its address, and the handles to stop it.
@@ -64,6 +69,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
     let admin = crate::tokens::ensure_admin_token(&options.data_dir)?;
+    let join = crate::tokens::ensure_join_token(&options.data_dir)?;
     // The local driver's workers act for their regions with a token made for this run only.
     let (_, worker_token) = crate::auth::new_token();
     let workers = crate::tokens::StaticToken::new(&worker_token, "local-driver", Role::Worker)
@@ -90,7 +96,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     let state = AppState {
         store: store.clone(),
         config: Arc::new(ApiConfig {
-            static_tokens: vec![admin, workers],
+            static_tokens: vec![admin, join, workers],
             anonymous_metrics: options.anonymous_metrics,
             ..ApiConfig::new(options.data_dir.clone())
         }),
@@ -102,6 +108,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         driver: driver.clone(),
         data_dir: options.data_dir.clone(),
         predictor,
+        region_grace: options.region_grace,
     });
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();

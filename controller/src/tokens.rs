@@ -18,8 +18,8 @@ use utoipa::ToSchema;
 
 use crate::api::AppState;
 use crate::auth::{
-    ADMIN_TOKEN_FILE, PresentedToken, Principal, Rejected, Role, TokenSpec, check_token, new_token,
-    secret_hash, unauthenticated,
+    ADMIN_TOKEN_FILE, JOIN_TOKEN_FILE, PresentedToken, Principal, Rejected, Role, TokenSpec,
+    check_token, new_token, secret_hash, unauthenticated,
 };
 use crate::error::ApiError;
 use crate::resources::Kind;
@@ -43,6 +43,7 @@ impl StaticToken {
                 role,
                 expires_at: None,
                 secret_sha256: secret_hash(presented.secret),
+                region: None,
             },
         })
     }
@@ -51,7 +52,22 @@ impl StaticToken {
 /// The administrator token of `data_dir`: read from `admin.token`, or made and written there
 /// (mode 0600) on first start.
 pub fn ensure_admin_token(data_dir: &Path) -> std::io::Result<StaticToken> {
-    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    ensure_static_token(data_dir, ADMIN_TOKEN_FILE, "admin", Role::Admin)
+}
+
+/// The join token of `data_dir` (`join.token`, made on first start like k3s's node-token):
+/// agents exchange it for a token bound to their region.
+pub fn ensure_join_token(data_dir: &Path) -> std::io::Result<StaticToken> {
+    ensure_static_token(data_dir, JOIN_TOKEN_FILE, "join", Role::Join)
+}
+
+fn ensure_static_token(
+    data_dir: &Path,
+    file: &str,
+    user: &str,
+    role: Role,
+) -> std::io::Result<StaticToken> {
+    let path = data_dir.join(file);
     let token = match std::fs::read_to_string(&path) {
         Ok(text) => text.trim().to_string(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -61,7 +77,7 @@ pub fn ensure_admin_token(data_dir: &Path) -> std::io::Result<StaticToken> {
         }
         Err(e) => return Err(e),
     };
-    StaticToken::new(&token, "admin", Role::Admin).ok_or_else(|| {
+    StaticToken::new(&token, user, role).ok_or_else(|| {
         std::io::Error::other(format!(
             "{} does not hold a ceccm token (ceccm_<id>_<secret>); remove it to make a new one",
             path.display()
@@ -70,7 +86,7 @@ pub fn ensure_admin_token(data_dir: &Path) -> std::io::Result<StaticToken> {
 }
 
 /// Writes `text` to a new file readable by its owner only.
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -191,6 +207,9 @@ pub struct TokenInfo {
     pub role: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// The region an agent's token acts for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     /// Only in the answer to its creation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -207,6 +226,7 @@ fn info(id: &str, spec: &TokenSpec) -> TokenInfo {
         user: spec.user.clone(),
         role: spec.role.as_str().to_string(),
         expires_at: spec.expires_at.clone(),
+        region: spec.region.clone(),
         token: None,
     }
 }
@@ -226,15 +246,17 @@ pub async fn create(store: &Store, request: TokenRequest) -> Result<TokenInfo, A
             format!("{:?} is not a valid user name (a DNS label)", request.user),
         )
     })?;
-    let role = Role::parse(&request.role).ok_or_else(|| {
-        invalid(
-            "role",
-            format!(
-                "{:?} is not a role: viewer, user, operator, admin or worker",
-                request.role
-            ),
-        )
-    })?;
+    let role = Role::parse(&request.role)
+        .filter(|r| Role::GRANTABLE.contains(r))
+        .ok_or_else(|| {
+            invalid(
+                "role",
+                format!(
+                    "{:?} is not a role: viewer, user, operator, admin or worker",
+                    request.role
+                ),
+            )
+        })?;
     const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
     if request.ttl_seconds.is_some_and(|t| t == 0 || t > TEN_YEARS) {
         return Err(invalid(
@@ -242,15 +264,29 @@ pub async fn create(store: &Store, request: TokenRequest) -> Result<TokenInfo, A
             format!("must be 1 to {TEN_YEARS} seconds"),
         ));
     }
+    let expires_at = request
+        .ttl_seconds
+        .map(|t| crate::time::format_millis(crate::time::now_millis() + 1000 * t as i64));
+    mint(store, &request.user, role, expires_at, None).await
+}
+
+/// Stores a new token for `user` with `role` (bound to `region` for an agent); the answer is
+/// the only place its secret appears.
+pub async fn mint(
+    store: &Store,
+    user: &str,
+    role: Role,
+    expires_at: Option<String>,
+    region: Option<String>,
+) -> Result<TokenInfo, ApiError> {
     let (id, token) = new_token();
     let presented = PresentedToken::parse(&token).expect("a new token parses");
     let spec = TokenSpec {
-        user: request.user.clone(),
+        user: user.to_string(),
         role,
-        expires_at: request
-            .ttl_seconds
-            .map(|t| crate::time::format_millis(crate::time::now_millis() + 1000 * t as i64)),
+        expires_at,
         secret_sha256: secret_hash(presented.secret),
+        region,
     };
     let object = serde_json::json!({
         "apiVersion": "ceccm/v1",
@@ -265,6 +301,25 @@ pub async fn create(store: &Store, request: TokenRequest) -> Result<TokenInfo, A
         token: Some(token),
         ..info(&id, &spec)
     })
+}
+
+/// Revokes every agent token of `region` (a new agent joining replaces the old one); returns
+/// how many.
+pub async fn revoke_agents_of(store: &Store, region: &str) -> Result<u32, ApiError> {
+    let mut revoked = 0;
+    for object in store.list(Kind::Token, &Default::default()).await? {
+        let Ok(spec) = serde_json::from_value::<TokenSpec>(object["spec"].clone()) else {
+            continue;
+        };
+        if spec.role == Role::Agent && spec.region.as_deref() == Some(region) {
+            let id = object["metadata"]["name"].as_str().unwrap_or_default();
+            store
+                .write(Kind::Token, id, |_| Ok::<_, ApiError>(Change::Delete))
+                .await?;
+            revoked += 1;
+        }
+    }
+    Ok(revoked)
 }
 
 /// Every stored token, without secrets.

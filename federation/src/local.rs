@@ -206,6 +206,7 @@ mod tests {
             energy: Default::default(),
             network: Default::default(),
             taints: vec![],
+            unschedulable: false,
         }
     }
 

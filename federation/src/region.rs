@@ -135,6 +135,42 @@ pub struct RegionSpec {
     pub network: Network,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taints: Vec<Taint>,
+    /// Cordoned (`ceccmctl cordon`): nothing new is placed here; what is queued or running
+    /// stays unless the region is drained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
+}
+
+/// A condition of an object's status, as Kubernetes writes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub condition_type: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_time: String,
+}
+
+/// What a region's agent last reported (regions with `driver: agent`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// The agent's name (its host's, unless given).
+    pub name: String,
+    /// When the server last heard from it.
+    pub heartbeat_time: String,
+    /// Cores it offers.
+    pub cpu: u32,
+    /// Worker processes alive on its host.
+    pub workers: u32,
+    /// CPU time of its workers and their tasks since it started.
+    pub cpu_seconds: f64,
+    /// Energy its host measured (RAPL) since it started; absent where the host has no meter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_joules: Option<f64>,
 }
 
 /// What the control plane observed of a region.
@@ -161,6 +197,12 @@ pub struct RegionStatus {
     pub cpu_seconds: f64,
     #[serde(default)]
     pub workers: u32,
+    /// `Ready`: whether the region can run work, why, and since when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The last report of the region's agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
 }
 
 /// One thing wrong with a spec, with the JSON path of the offending field.

@@ -159,6 +159,7 @@ async fn through_control_plane(
     tar: &'static [u8],
 ) -> anyhow::Result<Plane> {
     let server = start(ServerOptions {
+        region_grace: ceccm_controller::server::DEFAULT_REGION_GRACE,
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.to_path_buf(),
         database_url: None,

@@ -82,6 +82,7 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = start(ServerOptions {
+        region_grace: ceccm_controller::server::DEFAULT_REGION_GRACE,
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
         database_url: None,

@@ -10,8 +10,8 @@ use crate::lifecycle::{
 };
 use crate::objects;
 use crate::resources::{
-    APPLICATION_LABEL, ApplicationObject, ApplicationSpec, Kind, RELEASE_FINALIZER, TaskState,
-    typed,
+    APPLICATION_LABEL, AppPhase, ApplicationObject, ApplicationSpec, Kind, RELEASE_FINALIZER,
+    TaskSpec, TaskState, TaskStatus, typed,
 };
 use crate::scheduling::{self, InputView, RegionView};
 use crate::store::{Change, StoreError};
@@ -40,6 +40,9 @@ pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, Reconcile
         deleting: app.metadata.deletion_timestamp.is_some(),
         now: &now,
     };
+    if facts.phase() == AppPhase::Running && !facts.deleting && !app.spec.suspend {
+        place_unplaced(ctx, &object, &app).await?;
+    }
     let decision = match lifecycle::decide_application(&facts) {
         ApplicationStep::Apply(decision) => *decision,
         ApplicationStep::Place { tasks } => {
@@ -119,6 +122,95 @@ pub(super) async fn place(
         now_millis(),
         &*predictor,
     ))
+}
+
+/// Places the application's tasks that wait without a region (evicted from one, or whose
+/// lease expired) through the scheduler, and says where they went and why they moved.
+async fn place_unplaced(
+    ctx: &Context,
+    object: &Value,
+    app: &ApplicationObject,
+) -> Result<(), ReconcileError> {
+    let name = app.metadata.name.as_str();
+    let mut unplaced = Vec::new();
+    for task in ctx.store.tasks_of(name).await? {
+        let task = typed::<TaskSpec, TaskStatus>(&task)?;
+        if task
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == TaskState::Queued && s.region.is_none())
+        {
+            unplaced.push(task);
+        }
+    }
+    let Some(first) = unplaced.first() else {
+        return Ok(());
+    };
+    let why = first
+        .status
+        .as_ref()
+        .and_then(|s| s.evicted.clone().or_else(|| s.error.clone()))
+        .unwrap_or_default();
+    let features = first.spec.features;
+    let placement = match place(ctx, &app.spec, name, features, unplaced.len()).await? {
+        Ok(p) => p,
+        Err(unschedulable) => {
+            let message = format!(
+                "{} tasks wait for a region ({why}): {}",
+                unplaced.len(),
+                unschedulable.reasons.join("; ")
+            );
+            objects::record_event(
+                &ctx.store,
+                object,
+                objects::EventType::Warning,
+                "FailedScheduling",
+                &message,
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    let mut placed = 0;
+    for (task, region) in unplaced.iter().zip(&placement.assignment) {
+        let written = ctx
+            .store
+            .write(
+                Kind::Task,
+                &task.metadata.name,
+                |current| -> Result<Change, ReconcileError> {
+                    let Some(mut object) = current else {
+                        return Ok(Change::Keep);
+                    };
+                    let waiting = object["status"]["state"] == "Queued"
+                        && object["status"]["region"].is_null();
+                    if !waiting {
+                        return Ok(Change::Keep);
+                    }
+                    object["status"]["region"] = json!(region);
+                    Ok(Change::Put(object))
+                },
+            )
+            .await?;
+        placed += u32::from(written.changed);
+    }
+    if placed > 0 {
+        let summary = placement
+            .placements
+            .iter()
+            .map(|p| format!("{} on {}", p.tasks, p.region))
+            .collect::<Vec<_>>()
+            .join(", ");
+        objects::record_event(
+            &ctx.store,
+            object,
+            objects::EventType::Normal,
+            "Rescheduled",
+            &format!("{placed} tasks placed again ({why}): {summary}"),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Creates `task` of application `name`. Creating a task that exists changes nothing, so a

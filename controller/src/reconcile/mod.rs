@@ -26,6 +26,8 @@ pub struct Context {
     pub data_dir: PathBuf,
     /// Prices placements; learns from the telemetry the API records.
     pub predictor: SharedPredictor,
+    /// How long an agent may be silent before its region turns NotReady.
+    pub region_grace: Duration,
 }
 
 pub use crate::lifecycle::Action;
@@ -38,6 +40,18 @@ pub enum ReconcileError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Api(#[from] crate::error::ApiError),
+}
+
+impl From<ReconcileError> for crate::error::ApiError {
+    fn from(e: ReconcileError) -> Self {
+        match e {
+            ReconcileError::Store(e) => e.into(),
+            ReconcileError::Api(e) => e,
+            ReconcileError::Io(e) => {
+                crate::error::ApiError::new(crate::error::ErrorCode::Internal, e.to_string())
+            }
+        }
+    }
 }
 
 /// Sets a condition now; its transition time moves only when its status does.

@@ -448,6 +448,7 @@ mod tests {
     ) -> (crate::server::RunningServer, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let server = start(ServerOptions {
+            region_grace: crate::server::DEFAULT_REGION_GRACE,
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().join("server"),
             database_url: None,
