@@ -9,6 +9,7 @@ mod error;
 mod kinds;
 mod manifest;
 mod output;
+mod regions;
 mod results;
 mod table;
 mod time;
@@ -155,6 +156,27 @@ enum Command {
         /// application/NAME..., application NAME... or NAME
         #[arg(required = true, value_name = "TARGET")]
         targets: Vec<String>,
+    },
+    /// Stop placing work on regions (spec.unschedulable); what is there stays
+    Cordon {
+        /// region/NAME..., or region NAME...
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<String>,
+    },
+    /// Place work on cordoned regions again
+    Uncordon {
+        /// region/NAME..., or region NAME...
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<String>,
+    },
+    /// Cordon regions, move their queued work elsewhere and wait for their running work
+    Drain {
+        /// region/NAME..., or region NAME...
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<String>,
+        /// Give up waiting for running work after this long (e.g. 90s, 5m)
+        #[arg(long, default_value = "5m", value_parser = commands::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// View and edit contexts (server URL, token, TLS CA) in the config file
     #[command(subcommand)]
@@ -352,6 +374,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Retry { targets } => {
             commands::act(&target()?, commands::AppAction::Retry, &targets).await
         }
+        Command::Cordon { targets } => regions::cordon(&target()?, &targets, true).await,
+        Command::Uncordon { targets } => regions::cordon(&target()?, &targets, false).await,
+        Command::Drain { targets, timeout } => regions::drain(&target()?, &targets, timeout).await,
         Command::Config(command) => config_command(command, cli.global),
         Command::Completion { shell } => {
             let mut out = Vec::new();

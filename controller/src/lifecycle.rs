@@ -1520,7 +1520,10 @@ mod tests {
         let evicted = on_evicted(&leased, "region edge drained").unwrap();
         assert_eq!(evicted.state, TaskState::Queued);
         assert_eq!((evicted.attempts, evicted.region.as_deref()), (0, None));
-        assert_eq!((&evicted.worker, &evicted.lease_secret_sha256), (&None, &None));
+        assert_eq!(
+            (&evicted.worker, &evicted.lease_secret_sha256),
+            (&None, &None)
+        );
         assert_eq!(evicted.evicted.as_deref(), Some("region edge drained"));
         let queued = on_evicted(&queued_status(), "x").unwrap();
         assert_eq!(queued.attempts, 0);

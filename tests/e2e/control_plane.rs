@@ -127,7 +127,7 @@ pub(crate) fn wait_for_phase(
 }
 
 /// Every task is Done, and the results file holds each task's own output exactly once.
-fn assert_each_result_once(http: &Http, server: &Server, app: &str, n: usize) {
+pub(crate) fn assert_each_result_once(http: &Http, server: &Server, app: &str, n: usize) {
     let tasks = http.get(&server.api(&format!("tasks?labelSelector=ceccm/application%3D{app}")));
     let items = tasks["items"].as_array().unwrap();
     assert_eq!(items.len(), n);

@@ -4,5 +4,6 @@
 mod astro_fit;
 mod cli;
 mod control_plane;
+mod federation;
 mod sim;
 mod support;

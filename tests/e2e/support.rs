@@ -121,9 +121,32 @@ impl Server {
 
     /// Starts a server that makes its own administrator token if `data_dir` has none.
     pub fn start_unprovisioned(data_dir: &Path, extra_args: &[&str]) -> Server {
-        let mut child = Command::new(bin("ceccm"))
+        Server::spawn(
+            Command::new(bin("ceccm")),
+            data_dir,
+            "127.0.0.1:0",
+            extra_args,
+        )
+    }
+
+    /// Starts a server inside network namespace `netns` (`ip netns exec`), listening on
+    /// `listen`; its URL is the announced one (callers outside the namespace use its address).
+    pub fn start_in_netns(
+        netns: &str,
+        data_dir: &Path,
+        listen: &str,
+        extra_args: &[&str],
+    ) -> Server {
+        provision_admin_token(data_dir);
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]).arg(bin("ceccm"));
+        Server::spawn(command, data_dir, listen, extra_args)
+    }
+
+    fn spawn(mut command: Command, data_dir: &Path, listen: &str, extra_args: &[&str]) -> Server {
+        let mut child = command
             .arg("server")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
             .stdin(Stdio::null())

@@ -1,0 +1,397 @@
+//! Federation end to end: `ceccm agent` processes run their regions' work as other hosts would
+//! (each with its own data directory and cache), join with the server's join token, and when
+//! one of them dies its work is placed elsewhere. The same scenario runs twice: on loopback, and
+//! (as root, with iproute2) with the control plane and each agent in network namespaces of
+//! their own, the edge's uplink shaped by `tc netem`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::control_plane::{Http, assert_each_result_once, wait_for_phase};
+use crate::support::{Server, bin, wait_until};
+
+/// A running `ceccm agent` (in a network namespace when given), killed with its workers when
+/// dropped, as a host that dies takes its processes with it.
+struct Agent {
+    child: Child,
+    data_dir: PathBuf,
+}
+
+impl Agent {
+    fn start(
+        netns: Option<&str>,
+        server: &str,
+        region: &str,
+        tier: &str,
+        join: &str,
+        dir: &Path,
+    ) -> Agent {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("ceccm"));
+                c
+            }
+            None => Command::new(bin("ceccm")),
+        };
+        let child = command
+            .args([
+                "agent", "--server", server, "--region", region, "--tier", tier,
+            ])
+            .args([
+                "--cpu",
+                "1",
+                "--heartbeat-seconds",
+                "0.5",
+                "--lease-seconds",
+                "3",
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("CECCM_JOIN_TOKEN", join)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ceccm agent");
+        Agent {
+            child,
+            data_dir: dir.to_path_buf(),
+        }
+    }
+
+    /// SIGKILL to the agent and every worker it started: the host is gone.
+    fn kill_host(&mut self) {
+        let agent = self.child.id();
+        // Under `ip netns exec` the agent is the exec'd process itself (same pid).
+        let workers = children_of(agent);
+        let _ = self.child.kill();
+        for pid in workers {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill_host();
+    }
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so read after its closing paren.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Where the agents run (a network namespace, or none) and the server's URL as each sees it;
+/// the test reaches the server at `Server::url`.
+struct Topology {
+    edge: (Option<String>, String),
+    cloud: (Option<String>, String),
+}
+
+fn region_phase(http: &Http, server: &str, name: &str) -> Option<Value> {
+    let (status, body) = http.send(http.client.get(format!("{server}/api/v1/regions/{name}")));
+    (status == 200).then_some(body)
+}
+
+/// Two agents join; a job spreads over both; the cloud host dies mid-job; its tasks are
+/// placed on the edge once the grace and the toleration have passed, and the job completes
+/// with each result once. Returns the seconds from the loss to the last task re-placed.
+fn cloud_host_dies_mid_job(server: &Server, topology: &Topology, dir: &Path) -> f64 {
+    let http = Http::new();
+    let join = std::fs::read_to_string(server.data_dir.join("join.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let url = &server.url;
+    let _edge = Agent::start(
+        topology.edge.0.as_deref(),
+        &topology.edge.1,
+        "edge-site",
+        "edge",
+        &join,
+        &dir.join("edge-agent"),
+    );
+    let mut cloud = Agent::start(
+        topology.cloud.0.as_deref(),
+        &topology.cloud.1,
+        "cloud-site",
+        "cloud",
+        &join,
+        &dir.join("cloud-agent"),
+    );
+    for region in ["edge-site", "cloud-site"] {
+        wait_until(&format!("{region} Ready"), Duration::from_secs(60), || {
+            let r = region_phase(&http, url, region)?;
+            (r["status"]["phase"] == "Ready").then_some(())
+        });
+    }
+    // The agent keeps its own token, readable by it alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(cloud.data_dir.join("agent.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let tasks: Vec<Value> = (0..8)
+        .map(|i| json!({"command": "sh", "args": ["-c", format!("sleep 1; echo out-{i}")]}))
+        .collect();
+    let app = json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": "spread"},
+        "spec": {"app": "container", "tasks": tasks, "maxAttempts": 5, "objective": "latency",
+                 "placement": {"regions": ["edge-site", "cloud-site"], "tolerations": [
+                     {"key": "ceccm/not-ready", "operator": "Exists", "effect": "NoExecute",
+                      "tolerationSeconds": 1}]}}});
+    let (status, body) = http.send(
+        http.client
+            .put(format!("{url}/api/v1/applications/spread"))
+            .json(&app),
+    );
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let list = format!("{url}/api/v1/tasks?labelSelector=ceccm/application%3Dspread");
+    // Both sites at work, the cloud holding a task.
+    wait_until(
+        "tasks on both sites, one leased on the cloud",
+        Duration::from_secs(60),
+        || {
+            let tasks = http.get(&list);
+            let items = tasks["items"].as_array()?;
+            let on = |r: &str| items.iter().any(|t| t["status"]["region"] == r);
+            let leased_in_cloud = items
+                .iter()
+                .any(|t| t["status"]["region"] == "cloud-site" && t["status"]["state"] == "Leased");
+            (on("edge-site") && leased_in_cloud).then_some(())
+        },
+    );
+
+    let lost = Instant::now();
+    cloud.kill_host();
+    wait_until(
+        "the cloud's tasks placed elsewhere",
+        Duration::from_secs(60),
+        || {
+            let tasks = http.get(&list);
+            let stranded = tasks["items"]
+                .as_array()?
+                .iter()
+                .any(|t| t["status"]["region"] == "cloud-site" && t["status"]["state"] != "Done");
+            (!stranded).then_some(())
+        },
+    );
+    let replaced = lost.elapsed().as_secs_f64();
+
+    wait_for_phase(
+        &http,
+        server,
+        "spread",
+        "Succeeded",
+        Duration::from_secs(120),
+    );
+    assert_each_result_once(&http, server, "spread", 8);
+    let cloud_region = region_phase(&http, url, "cloud-site").unwrap();
+    assert_eq!(cloud_region["status"]["phase"], "NotReady");
+    let ready = &cloud_region["status"]["conditions"][0];
+    assert_eq!(
+        (ready["type"].as_str(), ready["status"].as_str()),
+        (Some("Ready"), Some("False"))
+    );
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("not heard from"),
+        "{ready}"
+    );
+    let events = http.get(&format!(
+        "{url}/api/v1/events?fieldSelector=involvedObject.kind%3DApplication,involvedObject.name%3Dspread"
+    ));
+    assert!(
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "Rescheduled"),
+        "{events}"
+    );
+    let edge = region_phase(&http, url, "edge-site").unwrap();
+    assert_eq!(edge["status"]["phase"], "Ready");
+    replaced
+}
+
+#[test]
+fn a_dead_agents_work_is_placed_on_another_agent_and_the_job_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path().join("server").as_path(),
+        &["--region-grace", "2", "--lease-seconds", "3"],
+    );
+    let topology = Topology {
+        edge: (None, server.url.clone()),
+        cloud: (None, server.url.clone()),
+    };
+    let seconds = cloud_host_dies_mid_job(&server, &topology, dir.path());
+    eprintln!(
+        "loopback: the lost region's tasks were all re-placed {seconds:.1} s after its host died"
+    );
+}
+
+#[test]
+fn an_agent_with_a_wrong_join_token_is_refused_and_nothing_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path().join("server").as_path(), &[]);
+    let wrong =
+        "ceccm_0000000000000bad_0000000000000000000000000000000000000000000000000000000000000000";
+    let output = Command::new(bin("ceccm"))
+        .args([
+            "agent",
+            "--server",
+            &server.url,
+            "--region",
+            "rogue",
+            "--cpu",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"))
+        .env("CECCM_JOIN_TOKEN", wrong)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(!dir.path().join("agent/agent.token").exists());
+    let http = Http::new();
+    assert!(region_phase(&http, &server.url, "rogue").is_none());
+}
+
+/// Network namespaces made for one test, removed when dropped: `cp` (the control plane)
+/// linked to the test's namespace, and `edge` and `cloud` each linked to `cp`.
+struct Namespaces {
+    names: Vec<String>,
+}
+
+impl Namespaces {
+    /// `None` when this process may not make namespaces (not root, or no iproute2).
+    fn make(tag: &str) -> Option<Namespaces> {
+        let cp = format!("{tag}-cp");
+        let ok = Command::new("ip")
+            .args(["netns", "add", &cp])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return None;
+        }
+        let ns = Namespaces {
+            names: vec![cp.clone(), format!("{tag}-edge"), format!("{tag}-cloud")],
+        };
+        let sh = |script: &str| {
+            let status = Command::new("sh").args(["-ec", script]).status().unwrap();
+            assert!(status.success(), "{script}");
+        };
+        let (edge, cloud) = (&ns.names[1], &ns.names[2]);
+        sh(&format!(
+            "ip netns add {edge}; ip netns add {cloud}
+             for n in {cp} {edge} {cloud}; do ip -n $n link set lo up; done
+             ip link add {tag}h type veth peer name h0 netns {cp}
+             ip addr add 10.77.0.1/24 dev {tag}h; ip link set {tag}h up
+             ip -n {cp} addr add 10.77.0.2/24 dev h0; ip -n {cp} link set h0 up
+             ip -n {cp} link add e0 type veth peer name up0 netns {edge}
+             ip -n {cp} addr add 10.77.1.1/24 dev e0; ip -n {cp} link set e0 up
+             ip -n {edge} addr add 10.77.1.2/24 dev up0; ip -n {edge} link set up0 up
+             ip -n {cp} link add c0 type veth peer name up0 netns {cloud}
+             ip -n {cp} addr add 10.77.2.1/24 dev c0; ip -n {cp} link set c0 up
+             ip -n {cloud} addr add 10.77.2.2/24 dev up0; ip -n {cloud} link set up0 up"
+        ));
+        // The edge's uplink: 20 Mbit/s each way and 40 ms round trip with netem; where the
+        // kernel has no netem, the rate alone with a token bucket.
+        let shaped = |ns: &str, dev: &str, qdisc: &str| {
+            Command::new("sh")
+                .args([
+                    "-c",
+                    &format!("ip netns exec {ns} tc qdisc replace dev {dev} root {qdisc}"),
+                ])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        for (name, dev) in [(edge.as_str(), "up0"), (cp.as_str(), "e0")] {
+            if shaped(name, dev, "netem delay 20ms rate 20mbit") {
+                continue;
+            }
+            eprintln!(
+                "no netem in this kernel: {name}/{dev} shaped to 20 Mbit/s by tbf, without delay"
+            );
+            assert!(
+                shaped(name, dev, "tbf rate 20mbit burst 32kbit latency 400ms"),
+                "tc tbf on {name}"
+            );
+        }
+        Some(ns)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+#[test]
+fn across_network_namespaces_with_a_shaped_edge_uplink_a_dead_cloud_agents_work_moves() {
+    let tag = format!("ce{}", std::process::id() % 100_000);
+    let Some(namespaces) = Namespaces::make(&tag) else {
+        eprintln!("skipped: needs root and iproute2 to make network namespaces (ip netns add)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in_netns(
+        &namespaces.names[0],
+        dir.path().join("server").as_path(),
+        "0.0.0.0:0",
+        &["--region-grace", "2", "--lease-seconds", "3"],
+    );
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    // The test reaches the control plane's namespace through its own link.
+    server.url = format!("http://10.77.0.2:{port}");
+    let topology = Topology {
+        edge: (
+            Some(namespaces.names[1].clone()),
+            format!("http://10.77.1.1:{port}"),
+        ),
+        cloud: (
+            Some(namespaces.names[2].clone()),
+            format!("http://10.77.2.1:{port}"),
+        ),
+    };
+    let seconds = cloud_host_dies_mid_job(&server, &topology, dir.path());
+    eprintln!(
+        "netns: the lost region's tasks were all re-placed {seconds:.1} s after its host died"
+    );
+}
