@@ -92,7 +92,7 @@ fn astro_fit_app(name: &str, cube: &str, parameters: Value) -> Value {
                     "resources": {"cpu": 1}, "maxAttempts": 5}})
 }
 
-fn download(http: &Http, server: &Server, app: &str, file: &str, to: &Path) -> PathBuf {
+pub(crate) fn download(http: &Http, server: &Server, app: &str, file: &str, to: &Path) -> PathBuf {
     let bytes = http.runtime.block_on(async {
         let response = http
             .client
@@ -111,7 +111,7 @@ fn download(http: &Http, server: &Server, app: &str, file: &str, to: &Path) -> P
 /// Every image HDU of two MAPS files, by name: BINID identical, every value equal to float32
 /// precision (a spectrum fitted twice may differ in its last bits with the scratch history of
 /// the thread that fitted it).
-fn assert_same_maps(a: &Path, b: &Path) {
+pub(crate) fn assert_same_maps(a: &Path, b: &Path) {
     use fitsio::hdu::HduInfo;
     let mut fa = fitsio::FitsFile::open(a).unwrap();
     let mut fb = fitsio::FitsFile::open(b).unwrap();
@@ -402,6 +402,11 @@ fn bad_astro_fit_input_is_refused_or_fails_with_its_cause() {
 /// The seed-7 cube (652 spectra) in chunks of 100 spectra with the whole E-MILES library: each
 /// chunk fits long enough for a worker or the server to be killed while it runs.
 fn start_seed7_job(http: &Http, server: &Server, dir: &Path) {
+    start_seed7_job_with(http, server, dir, json!({}));
+}
+
+/// [`start_seed7_job`] with `spec` merged into the application's spec (placement, objective).
+pub(crate) fn start_seed7_job_with(http: &Http, server: &Server, dir: &Path, spec: Value) {
     let tar = template_tar(&shared_data().join("templates/emiles"), dir);
     dataset(http, server, "seed7", "cube", None);
     dataset(http, server, "emiles", "templates", None);
@@ -412,18 +417,18 @@ fn start_seed7_job(http: &Http, server: &Server, dir: &Path) {
         &shared_data().join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
     );
     upload(http, server, "emiles", &tar);
-    http.apply(
-        server,
-        "applications",
-        &astro_fit_app(
-            "seed7",
-            "seed7",
-            json!({"templates": "emiles", "chunkSpectra": 100, "moments": 4}),
-        ),
+    let mut app = astro_fit_app(
+        "seed7",
+        "seed7",
+        json!({"templates": "emiles", "chunkSpectra": 100, "moments": 4}),
     );
+    for (key, value) in spec.as_object().into_iter().flatten() {
+        app["spec"][key] = value.clone();
+    }
+    http.apply(server, "applications", &app);
 }
 
-fn seed7_reference(dir: &Path) -> PathBuf {
+pub(crate) fn seed7_reference(dir: &Path) -> PathBuf {
     let out = dir.join("fit-cube");
     let output = Command::new(bin("astro-fit"))
         .arg("fit-cube")
@@ -443,14 +448,14 @@ fn seed7_reference(dir: &Path) -> PathBuf {
     out.join("maps.fits")
 }
 
-fn fit_tasks(http: &Http, server: &Server) -> Vec<Value> {
+pub(crate) fn fit_tasks(http: &Http, server: &Server) -> Vec<Value> {
     let tasks =
         http.get(&server.api("tasks?labelSelector=ceccm/application%3Dseed7,ceccm/stage%3Dfit"));
     tasks["items"].as_array().cloned().unwrap_or_default()
 }
 
 /// Each chunk's files are recorded once, by the one completion that counted.
-fn assert_chunks_written_once(http: &Http, server: &Server, chunks: usize) {
+pub(crate) fn assert_chunks_written_once(http: &Http, server: &Server, chunks: usize) {
     let tasks = fit_tasks(http, server);
     assert_eq!(tasks.len(), chunks);
     let mut names = artifact_names(&tasks);

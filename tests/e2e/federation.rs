@@ -245,15 +245,13 @@ fn cloud_host_dies_mid_job(server: &Server, topology: &Topology, dir: &Path) -> 
 #[test]
 fn a_dead_agents_work_is_placed_on_another_agent_and_the_job_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        dir.path().join("server").as_path(),
+    let sites = sites(
+        dir.path(),
+        false,
         &["--region-grace", "2", "--lease-seconds", "3"],
-    );
-    let topology = Topology {
-        edge: (None, server.url.clone()),
-        cloud: (None, server.url.clone()),
-    };
-    let seconds = cloud_host_dies_mid_job(&server, &topology, dir.path());
+    )
+    .unwrap();
+    let seconds = cloud_host_dies_mid_job(&sites.server, &sites.topology, dir.path());
     eprintln!(
         "loopback: the lost region's tasks were all re-placed {seconds:.1} s after its host died"
     );
@@ -289,14 +287,22 @@ fn an_agent_with_a_wrong_join_token_is_refused_and_nothing_is_made() {
 }
 
 /// Network namespaces made for one test, removed when dropped: `cp` (the control plane)
-/// linked to the test's namespace, and `edge` and `cloud` each linked to `cp`.
+/// linked to the test's namespace, and `edge` and `cloud` each linked to `cp`. Each set has
+/// its own names and its own `10.N.0.0/16` addresses, so tests running at once never meet.
 struct Namespaces {
     names: Vec<String>,
+    /// `10.{net}.0.2`: the control plane as the test reaches it; `10.{net}.1.1`, `10.{net}.2.1`:
+    /// as the edge and the cloud reach it.
+    net: u32,
 }
 
 impl Namespaces {
     /// `None` when this process may not make namespaces (not root, or no iproute2).
-    fn make(tag: &str) -> Option<Namespaces> {
+    fn make() -> Option<Namespaces> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("ce{}x{n}", std::process::id() % 10_000);
+        let net = 100 + (std::process::id() % 50) * 2 + n;
         let cp = format!("{tag}-cp");
         let ok = Command::new("ip")
             .args(["netns", "add", &cp])
@@ -308,6 +314,7 @@ impl Namespaces {
         }
         let ns = Namespaces {
             names: vec![cp.clone(), format!("{tag}-edge"), format!("{tag}-cloud")],
+            net,
         };
         let sh = |script: &str| {
             let status = Command::new("sh").args(["-ec", script]).status().unwrap();
@@ -318,14 +325,14 @@ impl Namespaces {
             "ip netns add {edge}; ip netns add {cloud}
              for n in {cp} {edge} {cloud}; do ip -n $n link set lo up; done
              ip link add {tag}h type veth peer name h0 netns {cp}
-             ip addr add 10.77.0.1/24 dev {tag}h; ip link set {tag}h up
-             ip -n {cp} addr add 10.77.0.2/24 dev h0; ip -n {cp} link set h0 up
+             ip addr add 10.{net}.0.1/24 dev {tag}h; ip link set {tag}h up
+             ip -n {cp} addr add 10.{net}.0.2/24 dev h0; ip -n {cp} link set h0 up
              ip -n {cp} link add e0 type veth peer name up0 netns {edge}
-             ip -n {cp} addr add 10.77.1.1/24 dev e0; ip -n {cp} link set e0 up
-             ip -n {edge} addr add 10.77.1.2/24 dev up0; ip -n {edge} link set up0 up
+             ip -n {cp} addr add 10.{net}.1.1/24 dev e0; ip -n {cp} link set e0 up
+             ip -n {edge} addr add 10.{net}.1.2/24 dev up0; ip -n {edge} link set up0 up
              ip -n {cp} link add c0 type veth peer name up0 netns {cloud}
-             ip -n {cp} addr add 10.77.2.1/24 dev c0; ip -n {cp} link set c0 up
-             ip -n {cloud} addr add 10.77.2.2/24 dev up0; ip -n {cloud} link set up0 up"
+             ip -n {cp} addr add 10.{net}.2.1/24 dev c0; ip -n {cp} link set c0 up
+             ip -n {cloud} addr add 10.{net}.2.2/24 dev up0; ip -n {cloud} link set up0 up"
         ));
         // The edge's uplink: 20 Mbit/s each way and 40 ms round trip with netem; where the
         // kernel has no netem, the rate alone with a token bucket.
@@ -363,35 +370,162 @@ impl Drop for Namespaces {
     }
 }
 
-#[test]
-fn across_network_namespaces_with_a_shaped_edge_uplink_a_dead_cloud_agents_work_moves() {
-    let tag = format!("ce{}", std::process::id() % 100_000);
-    let Some(namespaces) = Namespaces::make(&tag) else {
-        eprintln!("skipped: needs root and iproute2 to make network namespaces (ip netns add)");
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
+/// A control plane and the two sites' view of it: in network namespaces (edge uplink shaped)
+/// when `isolated` and this process may make them, else all on loopback.
+struct Sites {
+    server: Server,
+    topology: Topology,
+    // Dropped after the server and agents: the namespaces go last.
+    _namespaces: Option<Namespaces>,
+}
+
+fn sites(dir: &Path, isolated: bool, server_args: &[&str]) -> Option<Sites> {
+    if !isolated {
+        let server = Server::start(dir.join("server").as_path(), server_args);
+        let url = server.url.clone();
+        return Some(Sites {
+            server,
+            topology: Topology {
+                edge: (None, url.clone()),
+                cloud: (None, url),
+            },
+            _namespaces: None,
+        });
+    }
+    let namespaces = Namespaces::make()?;
+    let net = namespaces.net;
     let mut server = Server::start_in_netns(
         &namespaces.names[0],
-        dir.path().join("server").as_path(),
+        dir.join("server").as_path(),
         "0.0.0.0:0",
-        &["--region-grace", "2", "--lease-seconds", "3"],
+        server_args,
     );
     let port = server.url.rsplit(':').next().unwrap().to_string();
     // The test reaches the control plane's namespace through its own link.
-    server.url = format!("http://10.77.0.2:{port}");
+    server.url = format!("http://10.{net}.0.2:{port}");
     let topology = Topology {
         edge: (
             Some(namespaces.names[1].clone()),
-            format!("http://10.77.1.1:{port}"),
+            format!("http://10.{net}.1.1:{port}"),
         ),
         cloud: (
             Some(namespaces.names[2].clone()),
-            format!("http://10.77.2.1:{port}"),
+            format!("http://10.{net}.2.1:{port}"),
         ),
     };
-    let seconds = cloud_host_dies_mid_job(&server, &topology, dir.path());
+    Some(Sites {
+        server,
+        topology,
+        _namespaces: Some(namespaces),
+    })
+}
+
+#[test]
+fn across_network_namespaces_with_a_shaped_edge_uplink_a_dead_cloud_agents_work_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(sites) = sites(
+        dir.path(),
+        true,
+        &["--region-grace", "2", "--lease-seconds", "3"],
+    ) else {
+        eprintln!("skipped: needs root and iproute2 to make network namespaces (ip netns add)");
+        return;
+    };
+    let seconds = cloud_host_dies_mid_job(&sites.server, &sites.topology, dir.path());
     eprintln!(
         "netns: the lost region's tasks were all re-placed {seconds:.1} s after its host died"
     );
+}
+
+/// The astro-fit seed-7 job spread over an edge and a cloud agent (in network namespaces when
+/// the test may make them); the cloud host dies while it fits a chunk. Its chunks are fitted
+/// again at the edge, each chunk's files are recorded once, and the maps are those of
+/// `astro-fit fit-cube` on one host.
+#[test]
+fn an_astro_fit_job_over_two_agents_outlives_the_cloud_host_with_the_same_maps() {
+    use crate::astro_fit::{
+        assert_chunks_written_once, assert_same_maps, download, fit_tasks, seed7_reference,
+        start_seed7_job_with,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--region-grace", "3", "--lease-seconds", "5"];
+    let sites = sites(dir.path(), true, &args).unwrap_or_else(|| {
+        eprintln!("no network namespaces (needs root): the agents run on loopback");
+        sites(dir.path(), false, &args).unwrap()
+    });
+    let (server, topology) = (&sites.server, &sites.topology);
+    let http = Http::new();
+    let join = std::fs::read_to_string(server.data_dir.join("join.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let _edge = Agent::start(
+        topology.edge.0.as_deref(),
+        &topology.edge.1,
+        "edge-site",
+        "edge",
+        &join,
+        &dir.path().join("edge-agent"),
+    );
+    let mut cloud = Agent::start(
+        topology.cloud.0.as_deref(),
+        &topology.cloud.1,
+        "cloud-site",
+        "cloud",
+        &join,
+        &dir.path().join("cloud-agent"),
+    );
+    for region in ["edge-site", "cloud-site"] {
+        wait_until(&format!("{region} Ready"), Duration::from_secs(60), || {
+            let r = region_phase(&http, &server.url, region)?;
+            (r["status"]["phase"] == "Ready").then_some(())
+        });
+    }
+    start_seed7_job_with(
+        &http,
+        server,
+        dir.path(),
+        json!({"objective": "latency", "placement": {"tolerations": [
+            {"key": "ceccm/not-ready", "operator": "Exists", "effect": "NoExecute",
+             "tolerationSeconds": 2}]}}),
+    );
+    // A chunk in flight on the cloud while the edge has chunks too.
+    wait_until(
+        "chunks on both sites, one fitting on the cloud",
+        Duration::from_secs(600),
+        || {
+            let tasks = fit_tasks(&http, server);
+            let on = |r: &str| tasks.iter().any(|t| t["status"]["region"] == r);
+            let fitting_in_cloud = tasks
+                .iter()
+                .any(|t| t["status"]["region"] == "cloud-site" && t["status"]["state"] == "Leased");
+            (on("edge-site") && fitting_in_cloud).then_some(())
+        },
+    );
+    cloud.kill_host();
+    wait_for_phase(
+        &http,
+        server,
+        "seed7",
+        "Succeeded",
+        Duration::from_secs(900),
+    );
+    let tasks = fit_tasks(&http, server);
+    let moved = tasks
+        .iter()
+        .filter(|t| t["status"]["evicted"].is_string())
+        .count();
+    assert!(moved >= 1, "a chunk left the dead cloud: {tasks:?}");
+    assert!(
+        tasks.iter().all(|t| t["status"]["state"] == "Done"),
+        "every chunk fitted"
+    );
+    assert_chunks_written_once(&http, server, 7);
+    // The inputs reached the agents' own caches over HTTP, verified by sha256.
+    let cached = std::fs::read_dir(dir.path().join("edge-agent/cache/edge-site"))
+        .unwrap()
+        .count();
+    assert!(cached >= 2, "cube and templates cached at the edge");
+    let maps = download(&http, server, "seed7", "maps.fits", dir.path());
+    assert_same_maps(&seed7_reference(dir.path()), &maps);
 }
