@@ -6,6 +6,7 @@
 pub mod error;
 pub mod fit;
 pub mod fit_spectrum_cmd;
+pub mod fits_cards;
 pub(crate) mod fits_io;
 pub mod linalg;
 pub mod losvd;

@@ -22,9 +22,7 @@ use astro_fit::edge::codec::{Filter, FilterChoice};
 use astro_fit::edge::container::{self, CompressOptions, Mode, StreamDecoder};
 use astro_fit::edge::io::{read_fits_cube, write_fits_cube};
 use astro_fit::edge::tilefits::{TileOptions, write_tile_compressed};
-use astro_fit::edge::{
-    AuxVector, KeyValue, Keyword, Plane, Role, Samples, SpectralCube, sigma_from_noise,
-};
+use astro_fit::edge::{AuxVector, HduHeader, Plane, Role, Samples, SpectralCube, sigma_from_noise};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -605,22 +603,26 @@ fn synthetic_muse(n: usize, nwave: usize) -> SpectralCube {
         stat.extend(v);
         dq.extend(d);
     }
-    let key = |hdu: &str, key: &str, value: KeyValue| Keyword {
-        hdu: hdu.into(),
-        key: key.into(),
-        value,
-    };
-    let mut keywords = vec![key("PRIMARY", "INSTRUME", KeyValue::Text("MUSE".into()))];
+    // FITS cards, as cfitsio would read them from a MUSE file.
+    let card = |key: &str, value: String| format!("{key:<8}= {value:>20}");
+    let wcs: Vec<String> = vec![
+        card("CTYPE3", "'AWAV    '".into()),
+        card("CUNIT3", "'Angstrom'".into()),
+        card("CRVAL3", "4750.".into()),
+        card("CRPIX3", "1.".into()),
+        card("CD3_3", "1.25".into()),
+        card("CD1_1", format!("{:E}", -0.2 / 3600.0)),
+        card("CD2_2", format!("{:E}", 0.2 / 3600.0)),
+    ];
+    let mut headers = vec![HduHeader {
+        hdu: "PRIMARY".into(),
+        cards: vec![card("INSTRUME", "'MUSE    '".into())],
+    }];
     for hdu in ["DATA", "STAT"] {
-        keywords.extend([
-            key(hdu, "CTYPE3", KeyValue::Text("AWAV".into())),
-            key(hdu, "CUNIT3", KeyValue::Text("Angstrom".into())),
-            key(hdu, "CRVAL3", KeyValue::Number(4750.0)),
-            key(hdu, "CRPIX3", KeyValue::Number(1.0)),
-            key(hdu, "CD3_3", KeyValue::Number(1.25)),
-            key(hdu, "CD1_1", KeyValue::Number(-0.2 / 3600.0)),
-            key(hdu, "CD2_2", KeyValue::Number(0.2 / 3600.0)),
-        ]);
+        headers.push(HduHeader {
+            hdu: hdu.into(),
+            cards: wcs.clone(),
+        });
     }
     SpectralCube {
         nx: n,
@@ -647,7 +649,7 @@ fn synthetic_muse(n: usize, nwave: usize) -> SpectralCube {
             name: "WAVELENGTH".into(),
             values: wave,
         }],
-        keywords,
+        headers,
     }
 }
 

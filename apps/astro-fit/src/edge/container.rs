@@ -23,13 +23,14 @@ use sha2::{Digest, Sha256};
 
 use super::codec::{self, Filter, FilterChoice};
 use super::quantize::{self, FluxQuantizer, QuantizedSpectrum};
-use super::{AuxVector, DType, EdgeError, Keyword, Plane, Role, Samples, SpectralCube};
+use super::{AuxVector, DType, EdgeError, HduHeader, Plane, Role, Samples, SpectralCube};
 
 const MAGIC: &[u8; 8] = b"TARSISC\x01";
 const BLOCK_MAGIC: &[u8; 4] = b"BLK\x01";
 const INDEX_MAGIC: &[u8; 4] = b"IDX\x01";
 const END_MAGIC: &[u8; 8] = b"TARSEND\x01";
-const FORMAT_VERSION: u32 = 1;
+/// 2: every HDU's whole header (`headers`), where 1 kept 27 chosen keywords.
+const FORMAT_VERSION: u32 = 2;
 /// Headers and indexes larger than this are corruption, not data.
 const MAX_META_BYTES: u64 = 64 << 20;
 
@@ -119,7 +120,8 @@ pub struct Header {
     pub spectra_per_block: usize,
     pub planes: Vec<PlaneHeader>,
     pub aux: Vec<AuxHeader>,
-    pub keywords: Vec<Keyword>,
+    /// Every HDU's header cards but the layout's.
+    pub headers: Vec<HduHeader>,
 }
 
 impl Header {
@@ -286,7 +288,7 @@ pub fn plan(cube: &SpectralCube, opts: &CompressOptions) -> Result<Header, EdgeE
                 len: a.values.len(),
             })
             .collect(),
-        keywords: cube.keywords.clone(),
+        headers: cube.headers.clone(),
     })
 }
 
@@ -831,7 +833,7 @@ impl<R: Read> StreamDecoder<R> {
                 })
                 .collect(),
             aux: self.aux,
-            keywords: h.keywords.clone(),
+            headers: h.headers.clone(),
         })
     }
 }
@@ -1017,10 +1019,12 @@ mod tests {
                     .map(|k| 3600.0 * 1.0001f64.powi(k as i32))
                     .collect(),
             }],
-            keywords: vec![Keyword {
+            headers: vec![HduHeader {
                 hdu: "FLUX".into(),
-                key: "BUNIT".into(),
-                value: crate::edge::KeyValue::Text("1E-17 erg/s/cm^2/Ang/spaxel".into()),
+                cards: vec![
+                    "BUNIT   = '1E-17 erg/s/cm^2/Ang/spaxel'".into(),
+                    "HISTORY made for a test".into(),
+                ],
             }],
         }
     }
@@ -1095,7 +1099,7 @@ mod tests {
                         name: "WAVE".into(),
                         values: wave,
                     }],
-                    keywords: vec![],
+                    headers: vec![],
                 })
         })
     }
@@ -1116,7 +1120,7 @@ mod tests {
         (a.nx, a.ny, a.nwave) == (b.nx, b.ny, b.nwave)
             && bits(a) == bits(b)
             && aux(a) == aux(b)
-            && a.keywords == b.keywords
+            && a.headers == b.headers
     }
 
     proptest! {
@@ -1180,7 +1184,7 @@ mod tests {
         assert!(quantised > flux.len() * 9 / 10);
         assert_eq!(back.planes[2], cube.planes[2], "mask is lossless");
         assert_eq!(back.aux, cube.aux);
-        assert_eq!(back.keywords, cube.keywords);
+        assert_eq!(back.headers, cube.headers);
         assert!(
             bytes.len() * 3 < cube.raw_bytes(),
             "{} of {}",

@@ -469,7 +469,7 @@ mod tests {
                 name: "WAVE".into(),
                 values: wave,
             }],
-            keywords: vec![],
+            headers: vec![],
         }
     }
 

@@ -3,8 +3,9 @@
 //! Reading: the cube module recognises the file (MaNGA, MUSE, MEGARA) and gives its geometry;
 //! then every 3-D image HDU of that geometry is read as stored (its own element type, masked
 //! pixels untouched) so that lossless really means the file's bits, and every 1-D image of
-//! `nwave` samples travels as an aux vector. Writing produces the same HDU names and WCS
-//! keywords, so the cube module reads the result again.
+//! `nwave` samples travels as an aux vector. Every HDU's header travels whole (every card but
+//! the data layout's, see [`crate::fits_cards`]), so writing gives back the same HDU names and
+//! the same headers, and the cube module reads the result again.
 
 use std::path::Path;
 
@@ -12,15 +13,9 @@ use fitsio::FitsFile;
 use fitsio::hdu::{FitsHdu, HduInfo};
 use fitsio::images::{ImageDescription, ImageType};
 
-use super::{AuxVector, DType, EdgeError, KeyValue, Keyword, Plane, Role, Samples, SpectralCube};
+use super::{AuxVector, DType, EdgeError, HduHeader, Plane, Role, Samples, SpectralCube};
 use crate::cube::Cube;
-
-/// Header keywords carried through compression (world coordinates, units, identity).
-pub const CARRIED_KEYWORDS: [&str; 27] = [
-    "BUNIT", "CTYPE1", "CTYPE2", "CTYPE3", "CUNIT1", "CUNIT2", "CUNIT3", "CRVAL1", "CRVAL2",
-    "CRVAL3", "CRPIX1", "CRPIX2", "CRPIX3", "CDELT1", "CDELT2", "CDELT3", "CD1_1", "CD1_2",
-    "CD2_1", "CD2_2", "CD3_3", "INSTRUME", "TELESCOP", "ORIGIN", "OBJECT", "EBVGAL", "MJD-OBS",
-];
+use crate::fits_cards;
 
 fn fits_err(path: &Path, e: impl std::fmt::Display) -> EdgeError {
     EdgeError::Fits {
@@ -79,15 +74,6 @@ fn read_samples(
     })
 }
 
-fn read_keyword(file: &mut FitsFile, hdu: &FitsHdu, key: &str) -> Option<KeyValue> {
-    if let Ok(v) = hdu.read_key::<f64>(file, key) {
-        return Some(KeyValue::Number(v));
-    }
-    hdu.read_key::<String>(file, key)
-        .ok()
-        .map(|s| KeyValue::Text(s.trim().to_string()))
-}
-
 /// Reads a cube file (any format the cube module recognises) as stored.
 pub fn read_fits_cube(path: &Path) -> Result<SpectralCube, EdgeError> {
     let meta = Cube::open(path)
@@ -103,7 +89,7 @@ pub fn read_fits_cube(path: &Path) -> Result<SpectralCube, EdgeError> {
         nwave,
         planes: Vec::new(),
         aux: Vec::new(),
-        keywords: Vec::new(),
+        headers: Vec::new(),
     };
     for index in 0..n_hdus {
         let hdu = file.hdu(index).map_err(|e| fits_err(path, e))?;
@@ -112,21 +98,15 @@ pub fn read_fits_cube(path: &Path) -> Result<SpectralCube, EdgeError> {
             _ if index == 0 => "PRIMARY".to_string(),
             _ => format!("HDU{index}"),
         };
-        let carried = match &hdu.info {
-            HduInfo::ImageInfo { shape, .. } => {
-                index == 0 || shape.as_slice() == [nwave, ny, nx] || shape.as_slice() == [nwave]
-            }
-            _ => false,
-        };
-        for key in CARRIED_KEYWORDS.iter().filter(|_| carried) {
-            if let Some(value) = read_keyword(&mut file, &hdu, key) {
-                cube.keywords.push(Keyword {
-                    hdu: name.clone(),
-                    key: key.to_string(),
-                    value,
-                });
-            }
-        }
+        // `hdu()` made this HDU cfitsio's current one, whose cards are read.
+        let cards = fits_cards::read_cards(&mut file).map_err(|e| fits_err(path, e))?;
+        cube.headers.push(HduHeader {
+            hdu: name.clone(),
+            cards: cards
+                .into_iter()
+                .filter(|c| !fits_cards::describes_layout(c))
+                .collect(),
+        });
         let HduInfo::ImageInfo { shape, image_type } = &hdu.info else {
             continue;
         };
@@ -168,19 +148,16 @@ fn image_type(dtype: DType) -> ImageType {
     }
 }
 
-fn write_keywords(
+/// Appends the carried header of HDU `name` to the current HDU of `file`.
+fn write_header(
     file: &mut FitsFile,
-    hdu: &FitsHdu,
     name: &str,
-    keywords: &[Keyword],
+    headers: &[HduHeader],
 ) -> fitsio::errors::Result<()> {
-    for k in keywords.iter().filter(|k| k.hdu == name) {
-        match &k.value {
-            KeyValue::Number(v) => hdu.write_key(file, &k.key, *v)?,
-            KeyValue::Text(s) => hdu.write_key(file, &k.key, s.as_str())?,
-        }
+    match headers.iter().find(|h| h.hdu == name) {
+        Some(header) => fits_cards::replace_cards(file, &header.cards),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn path_str(path: &Path) -> Result<&str, EdgeError> {
@@ -206,8 +183,8 @@ pub(crate) fn write_fits_with(
     let err = |e: fitsio::errors::Error| fits_err(path, e);
     {
         let mut file = FitsFile::create(path).open().map_err(err)?;
-        let primary = file.primary_hdu().map_err(err)?;
-        write_keywords(&mut file, &primary, "PRIMARY", &cube.keywords).map_err(err)?;
+        file.primary_hdu().map_err(err)?;
+        write_header(&mut file, "PRIMARY", &cube.headers).map_err(err)?;
     }
     let (nspec, nwave) = (cube.nspec(), cube.nwave);
     for plane in &cube.planes {
@@ -235,7 +212,7 @@ pub(crate) fn write_fits_with(
             Samples::F64(v) => hdu.write_image(&mut file, v),
         }
         .map_err(err)?;
-        write_keywords(&mut file, &hdu, &plane.name, &cube.keywords).map_err(err)?;
+        write_header(&mut file, &plane.name, &cube.headers).map_err(err)?;
     }
     let mut file = FitsFile::edit(path).map_err(err)?;
     for aux in &cube.aux {
@@ -247,6 +224,7 @@ pub(crate) fn write_fits_with(
             .create_image(aux.name.as_str(), &description)
             .map_err(err)?;
         hdu.write_image(&mut file, &aux.values).map_err(err)?;
+        write_header(&mut file, &aux.name, &cube.headers).map_err(err)?;
     }
     Ok(())
 }

@@ -17,5 +17,5 @@ pub mod tilefits;
 
 pub use error::EdgeError;
 pub use spectra::{
-    AuxVector, DType, KeyValue, Keyword, Plane, Role, Samples, SpectralCube, sigma_from_noise,
+    AuxVector, DType, HduHeader, Plane, Role, Samples, SpectralCube, sigma_from_noise,
 };

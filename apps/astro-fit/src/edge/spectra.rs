@@ -151,19 +151,13 @@ pub struct AuxVector {
     pub values: Vec<f64>,
 }
 
+/// The header of one HDU (`hdu` is its EXTNAME, or `PRIMARY`) as its 80-character cards, in
+/// order, without the cards that describe the data layout (a writer writes those for the data
+/// it writes): every keyword, comment, `HISTORY` and `CONTINUE` card travels as it was.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum KeyValue {
-    Number(f64),
-    Text(String),
-}
-
-/// One header keyword of one HDU (`hdu` is the EXTNAME, or `PRIMARY`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Keyword {
+pub struct HduHeader {
     pub hdu: String,
-    pub key: String,
-    pub value: KeyValue,
+    pub cards: Vec<String>,
 }
 
 /// A datacube as the edge code sees it: `nx * ny` spectra of `nwave` samples, spaxel-major
@@ -175,8 +169,8 @@ pub struct SpectralCube {
     pub nwave: usize,
     pub planes: Vec<Plane>,
     pub aux: Vec<AuxVector>,
-    /// Header keywords carried along (world coordinates, units, identity).
-    pub keywords: Vec<Keyword>,
+    /// The headers of the file's HDUs, every card but the layout's.
+    pub headers: Vec<HduHeader>,
 }
 
 impl SpectralCube {
