@@ -106,6 +106,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 link = Link::new(&options, &token)?;
             }
             Err(Refused::Other(e)) => {
+                // Cut off: the workers finish what they hold and keep the results in the
+                // region's outbox; no new ones start until the server answers again.
+                wanted = 0;
                 if reachable {
                     tracing::warn!(region = options.region, error = %e, "heartbeat failed; workers go on");
                     reachable = false;

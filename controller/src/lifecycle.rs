@@ -696,6 +696,45 @@ pub fn agent_observation(
     })
 }
 
+/// A gap between an agent's heartbeats longer than this is a reconnection.
+pub const AGENT_RECONNECT_GAP_MS: i64 = 10_000;
+/// After an agent reconnects, its workers have this long to renew the leases they held.
+pub const RECONNECT_GRACE_MS: i64 = 30_000;
+
+/// When an agent heard at `now_ms` has been connected since, given its previous report.
+pub fn connected_since(previous: Option<&AgentStatus>, now_ms: i64) -> i64 {
+    let Some(previous) = previous else {
+        return now_ms;
+    };
+    let heard = parse_millis(&previous.heartbeat_time).unwrap_or(i64::MIN);
+    if now_ms.saturating_sub(heard) > AGENT_RECONNECT_GAP_MS {
+        return now_ms;
+    }
+    previous
+        .connected_since
+        .as_deref()
+        .and_then(parse_millis)
+        .unwrap_or(heard)
+}
+
+/// Whether a lease past `deadline_ms` means its worker failed. On this host (no agent) it does.
+/// In an agent's region only if the agent was connected when the lease ran out, or has been
+/// back long enough for its workers to renew: otherwise the link (or the host) is what failed,
+/// and the region's NotReady toleration decides, as Kubernetes leaves the pods of an
+/// unreachable node to the node lifecycle controller. An edge cut off keeps its work.
+pub fn worker_lost_lease(deadline_ms: i64, agent: Option<&AgentStatus>, now_ms: i64) -> bool {
+    let Some(agent) = agent else {
+        return true;
+    };
+    let heard = parse_millis(&agent.heartbeat_time).unwrap_or(i64::MIN);
+    let since = agent
+        .connected_since
+        .as_deref()
+        .and_then(parse_millis)
+        .unwrap_or(heard);
+    heard >= deadline_ms && (since <= deadline_ms || now_ms - since >= RECONNECT_GRACE_MS)
+}
+
 /// Since when (Unix ms) the region has been not Ready, from its `Ready` condition.
 pub fn not_ready_since(status: &RegionStatus) -> Option<i64> {
     status
@@ -1478,6 +1517,7 @@ mod tests {
             workers: 3,
             cpu_seconds: 12.5,
             measured_joules: None,
+            connected_since: None,
         };
         let seen = agent_observation(Some(&agent), NOW_MS, 40_000).unwrap();
         assert_eq!(
@@ -1493,6 +1533,49 @@ mod tests {
             ..agent
         };
         assert!(agent_observation(Some(&garbled), NOW_MS, 40_000).is_err());
+    }
+
+    #[test]
+    fn a_lease_in_a_silent_agents_region_is_left_to_the_regions_toleration() {
+        let agent = |heard: i64, since: i64| AgentStatus {
+            name: "edge".into(),
+            heartbeat_time: format_millis(heard),
+            connected_since: Some(format_millis(since)),
+            ..AgentStatus::default()
+        };
+        let deadline = NOW_MS - 5_000;
+        // On the server's host the worker alone held it.
+        assert!(worker_lost_lease(deadline, None, NOW_MS));
+        // The agent was connected when the lease ran out: its worker failed.
+        assert!(worker_lost_lease(
+            deadline,
+            Some(&agent(NOW_MS, deadline - 60_000)),
+            NOW_MS
+        ));
+        // Not heard since the deadline: the link may be down; the toleration decides.
+        assert!(!worker_lost_lease(
+            deadline,
+            Some(&agent(deadline - 1, deadline - 60_000)),
+            NOW_MS
+        ));
+        // Just back: its workers get time to renew; later, a lease still not renewed failed.
+        let back = NOW_MS - 1_000;
+        assert!(!worker_lost_lease(
+            deadline,
+            Some(&agent(NOW_MS, back)),
+            NOW_MS
+        ));
+        assert!(worker_lost_lease(
+            deadline,
+            Some(&agent(NOW_MS + RECONNECT_GRACE_MS, back)),
+            back + RECONNECT_GRACE_MS
+        ));
+        // A gap longer than the reconnect gap starts a new connection.
+        let old = agent(NOW_MS - 20_000, NOW_MS - 90_000);
+        assert_eq!(connected_since(Some(&old), NOW_MS), NOW_MS);
+        let recent = agent(NOW_MS - 2_000, NOW_MS - 90_000);
+        assert_eq!(connected_since(Some(&recent), NOW_MS), NOW_MS - 90_000);
+        assert_eq!(connected_since(None, NOW_MS), NOW_MS);
     }
 
     #[test]

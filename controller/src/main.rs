@@ -65,6 +65,10 @@ enum Command {
         /// instead of downloaded.
         #[arg(long)]
         server_data_dir: Option<PathBuf>,
+        /// Most bytes of results kept in the region's outbox (ROOT/REGION/outbox) while the
+        /// server is out of reach; past it the worker takes no work.
+        #[arg(long, default_value_t = ceccm_controller::worker::DEFAULT_OUTBOX_MAX_BYTES)]
+        outbox_max_bytes: u64,
     },
     /// Run a remote region's workers on this host (an edge or cloud site), like `k3s agent`.
     Agent {
@@ -159,6 +163,7 @@ fn main() -> ExitCode {
                 idle_exit_seconds,
                 cache_root,
                 server_data_dir,
+                outbox_max_bytes,
             } => {
                 let worker_id =
                     worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
@@ -173,6 +178,7 @@ fn main() -> ExitCode {
                     ),
                     region,
                     server_data_dir,
+                    outbox_max_bytes,
                 })
                 .await
             }

@@ -465,6 +465,21 @@ pub async fn expire_leases(store: &Store) -> Result<Vec<Value>, ApiError> {
             },
         )
         .await?;
+    if expired.is_empty() {
+        return Ok(Vec::new());
+    }
+    // What each agent's region last heard from its agent (local regions have none).
+    let mut agents = std::collections::HashMap::new();
+    for region in store.list(Kind::Region, &Default::default()).await? {
+        if let (Some(name), Ok(agent)) = (
+            region["metadata"]["name"].as_str(),
+            serde_json::from_value::<ceccm_federation::region::AgentStatus>(
+                region["status"]["agent"].clone(),
+            ),
+        ) {
+            agents.insert(name.to_string(), agent);
+        }
+    }
     let mut requeued = Vec::new();
     for object in expired {
         let name = object["metadata"]["name"]
@@ -478,6 +493,15 @@ pub async fn expire_leases(store: &Store) -> Result<Vec<Value>, ApiError> {
                 };
                 let task = task_of(&object)?;
                 let status = task.status.clone().unwrap_or(queued_status());
+                let deadline = status
+                    .lease_deadline
+                    .as_deref()
+                    .and_then(crate::time::parse_millis)
+                    .unwrap_or(now);
+                let agent = status.region.as_deref().and_then(|r| agents.get(r));
+                if !crate::lifecycle::worker_lost_lease(deadline, agent, now) {
+                    return Ok(Change::Keep);
+                }
                 // Decided under the write lock: a heartbeat may have extended it.
                 let Some(next) = on_lease_expired(&status, task.spec.max_attempts, now) else {
                     return Ok(Change::Keep);

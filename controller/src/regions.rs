@@ -19,7 +19,6 @@ use crate::objects::{self, EventType};
 use crate::reconcile::region::{evict_all, region_tasks};
 use crate::resources::{Kind, parse_submitted, validate_name};
 use crate::store::{Change, Store};
-use crate::time::now_rfc3339;
 
 /// `POST /api/v1/agents:join`.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -214,15 +213,16 @@ pub async fn heartbeat(
     {
         return Err(bad("measuredJoules", "must be a finite number >= 0"));
     }
-    let agent = AgentStatus {
+    let now_ms = crate::time::now_millis();
+    let mut agent = AgentStatus {
         name: report.agent.clone(),
-        heartbeat_time: now_rfc3339(),
+        heartbeat_time: crate::time::format_millis(now_ms),
+        connected_since: None,
         cpu: report.cpu,
         workers: report.workers,
         cpu_seconds: report.cpu_seconds,
         measured_joules: report.measured_joules,
     };
-    let agent_value = serde_json::to_value(&agent).unwrap_or_default();
     let written = store
         .write(
             Kind::Region,
@@ -231,6 +231,11 @@ pub async fn heartbeat(
                 let Some(mut object) = current else {
                     return Err(ApiError::not_found("Region", region));
                 };
+                let previous: Option<AgentStatus> =
+                    serde_json::from_value(object["status"]["agent"].clone()).ok();
+                let since = lifecycle::connected_since(previous.as_ref(), now_ms);
+                agent.connected_since = Some(crate::time::format_millis(since));
+                let agent_value = serde_json::to_value(&agent).unwrap_or_default();
                 if object["spec"]["driver"] != "agent" {
                     return Err(ApiError::new(
                         ErrorCode::Conflict,

@@ -162,6 +162,9 @@ pub struct AgentStatus {
     pub name: String,
     /// When the server last heard from it.
     pub heartbeat_time: String,
+    /// Since when it has been heard without a gap (reset when it comes back after one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<String>,
     /// Cores it offers.
     pub cpu: u32,
     /// Worker processes alive on its host.

@@ -380,6 +380,17 @@ struct Sites {
 }
 
 fn sites(dir: &Path, isolated: bool, server_args: &[&str]) -> Option<Sites> {
+    sites_listening(dir, isolated, "0.0.0.0:0", server_args)
+}
+
+/// [`sites`] with the control plane on `listen` in its namespace (a fixed port lets it be
+/// restarted where the agents look for it).
+fn sites_listening(
+    dir: &Path,
+    isolated: bool,
+    listen: &str,
+    server_args: &[&str],
+) -> Option<Sites> {
     if !isolated {
         let server = Server::start(dir.join("server").as_path(), server_args);
         let url = server.url.clone();
@@ -397,7 +408,7 @@ fn sites(dir: &Path, isolated: bool, server_args: &[&str]) -> Option<Sites> {
     let mut server = Server::start_in_netns(
         &namespaces.names[0],
         dir.join("server").as_path(),
-        "0.0.0.0:0",
+        listen,
         server_args,
     );
     let port = server.url.rsplit(':').next().unwrap().to_string();
@@ -528,4 +539,162 @@ fn an_astro_fit_job_over_two_agents_outlives_the_cloud_host_with_the_same_maps()
     assert!(cached >= 2, "cube and templates cached at the edge");
     let maps = download(&http, server, "seed7", "maps.fits", dir.path());
     assert_same_maps(&seed7_reference(dir.path()), &maps);
+}
+
+/// Entries waiting in a region's outbox at an agent.
+fn outbox_entries(agent_dir: &Path, region: &str) -> usize {
+    std::fs::read_dir(agent_dir.join("cache").join(region).join("outbox"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Issue 14 (a) and (c): the edge's uplink is cut mid-job (for `CECCM_E2E_OUTAGE_SECONDS`,
+/// default 120). The edge keeps fitting and keeps its results in its outbox; the control plane
+/// is restarted meanwhile; when the link is back the edge syncs: every chunk is written once,
+/// none is fitted twice, and the maps are `fit-cube`'s on one host. Needs root (it cuts a link
+/// between network namespaces).
+#[test]
+fn an_edge_cut_off_keeps_fitting_and_syncs_once_back_across_a_control_plane_restart() {
+    use crate::astro_fit::{
+        assert_chunks_written_once, assert_same_maps, download, fit_tasks, seed7_reference,
+        start_seed7_job_with,
+    };
+    let outage = Duration::from_secs(
+        std::env::var("CECCM_E2E_OUTAGE_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--region-grace", "3", "--lease-seconds", "6"];
+    let listen = "0.0.0.0:18080";
+    let Some(sites) = sites_listening(dir.path(), true, listen, &args) else {
+        eprintln!("skipped: needs root and iproute2 to cut a link between network namespaces");
+        return;
+    };
+    let Sites {
+        mut server,
+        topology,
+        _namespaces: namespaces,
+    } = sites;
+    let ns = namespaces.as_ref().unwrap();
+    let http = Http::new();
+    let join = std::fs::read_to_string(server.data_dir.join("join.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let edge_dir = dir.path().join("edge-agent");
+    let _edge = Agent::start(
+        topology.edge.0.as_deref(),
+        &topology.edge.1,
+        "edge-site",
+        "edge",
+        &join,
+        &edge_dir,
+    );
+    let _cloud = Agent::start(
+        topology.cloud.0.as_deref(),
+        &topology.cloud.1,
+        "cloud-site",
+        "cloud",
+        &join,
+        &dir.path().join("cloud-agent"),
+    );
+    for region in ["edge-site", "cloud-site"] {
+        wait_until(&format!("{region} Ready"), Duration::from_secs(60), || {
+            let r = region_phase(&http, &server.url, region)?;
+            (r["status"]["phase"] == "Ready").then_some(())
+        });
+    }
+    // Tolerating NotReady for ever: the edge's work stays the edge's while it is cut off.
+    start_seed7_job_with(
+        &http,
+        &server,
+        dir.path(),
+        json!({"objective": "latency", "placement": {"tolerations": [
+            {"key": "ceccm/not-ready", "operator": "Exists", "effect": "NoExecute"}]}}),
+    );
+    // Cut while the edge fits a chunk with its inputs in its cache (after its first chunk): a
+    // download cut short is a failed attempt, fitted again once the link is back.
+    let on_edge = wait_until(
+        "a second chunk fitting at the edge",
+        Duration::from_secs(600),
+        || {
+            let tasks = fit_tasks(&http, &server);
+            let edge = |state: &str| {
+                tasks
+                    .iter()
+                    .filter(|t| {
+                        t["status"]["region"] == "edge-site" && t["status"]["state"] == state
+                    })
+                    .map(|t| t["metadata"]["name"].as_str().unwrap().to_string())
+                    .next()
+            };
+            edge("Done").and(edge("Leased"))
+        },
+    );
+    let link = |state: &str| {
+        let status = Command::new("ip")
+            .args(["-n", &ns.names[0], "link", "set", "e0", state])
+            .status()
+            .unwrap();
+        assert!(status.success(), "link {state}");
+    };
+    let cut = Instant::now();
+    link("down");
+    wait_until("the edge NotReady", Duration::from_secs(30), || {
+        let r = region_phase(&http, &server.url, "edge-site")?;
+        (r["status"]["phase"] == "NotReady").then_some(())
+    });
+    // The edge goes on fitting: its finished chunk waits in its outbox.
+    wait_until("a result kept at the edge", outage, || {
+        (outbox_entries(&edge_dir, "edge-site") > 0).then_some(())
+    });
+    // The control plane restarts while the edge is away.
+    let data_dir = server.data_dir.clone();
+    let url = server.url.clone();
+    server.kill();
+    server = Server::start_in_netns(&ns.names[0], &data_dir, listen, &args);
+    server.url = url;
+    // A new client: the old one's pooled connections went with the old process.
+    let http = Http::new();
+    let held = http.get(&server.api(&format!("tasks/{on_edge}")));
+    assert_eq!(
+        held["status"]["state"], "Leased",
+        "the edge keeps its lease: {held}"
+    );
+    if let Some(left) = outage.checked_sub(cut.elapsed()) {
+        std::thread::sleep(left);
+    }
+    link("up");
+    wait_for_phase(
+        &http,
+        &server,
+        "seed7",
+        "Succeeded",
+        Duration::from_secs(900),
+    );
+    assert_eq!(
+        outbox_entries(&edge_dir, "edge-site"),
+        0,
+        "the outbox drained"
+    );
+    let synced = http.get(&server.api(&format!("tasks/{on_edge}")));
+    assert_eq!(synced["status"]["state"], "Done");
+    assert_eq!(synced["status"]["region"], "edge-site");
+    assert_eq!(
+        synced["status"]["attempts"], 1,
+        "fitted once, offline: {synced}"
+    );
+    assert_chunks_written_once(&http, &server, 7);
+    let maps = download(&http, &server, "seed7", "maps.fits", dir.path());
+    assert_same_maps(&seed7_reference(dir.path()), &maps);
+    eprintln!(
+        "edge cut off for {:.0} s, control plane restarted meanwhile: synced",
+        outage.as_secs_f64()
+    );
 }

@@ -5,6 +5,7 @@
 //! the server's own typed wire structs.
 
 pub mod data;
+pub mod outbox;
 pub mod stage;
 
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::astro_fit::{AstroFitWork, ContentRef};
+use crate::astro_fit::AstroFitWork;
 use crate::queue::{
     CompleteRequest, FailRequest, HeartbeatRequest, LeaseRequest, MAX_OUTPUT_BYTES,
 };
@@ -34,7 +35,13 @@ pub struct WorkerOptions {
     /// The server's data directory, for a worker on the server's own host (the local
     /// driver's): inputs are hard-linked from it rather than downloaded.
     pub server_data_dir: Option<PathBuf>,
+    /// Most bytes of unsent results kept in the region's outbox before the worker stops
+    /// taking work.
+    pub outbox_max_bytes: u64,
 }
+
+/// The default bound of a region's outbox.
+pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 4 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -68,6 +75,9 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
         options.cache_dir.clone(),
         options.server_data_dir.clone(),
     );
+    // Results kept while the server was out of reach go first, whichever worker kept them.
+    let outbox = outbox::Outbox::new(options.cache_dir.join("outbox"), options.outbox_max_bytes);
+    outbox.flush(&data, &client, &options.server).await;
     let mut warm = stage::StageRunner::default();
     let parent = std::os::unix::process::parent_id();
     let mut idle_since = Instant::now();
@@ -77,9 +87,30 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
         if std::os::unix::process::parent_id() != parent {
             return Ok(());
         }
+        if !outbox.entries().is_empty() {
+            outbox.flush(&data, &client, &options.server).await;
+        }
+        if outbox.is_full() {
+            tracing::error!(
+                outbox = %outbox.dir().display(),
+                bytes = outbox.bytes(),
+                limit = outbox.max_bytes(),
+                "the outbox is full: taking no work until the server takes what it holds"
+            );
+            if idle_since.elapsed() >= options.idle_exit {
+                return Err(anyhow::anyhow!(
+                    "the outbox {} is full ({} bytes, limit {})",
+                    outbox.dir().display(),
+                    outbox.bytes(),
+                    outbox.max_bytes()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
         match lease(&client, &options).await {
             Ok(Some(leased)) => {
-                run_task(&client, &options, &data, &mut warm, leased).await;
+                run_task(&client, &options, &data, &outbox, &mut warm, leased).await;
                 idle_since = Instant::now();
                 backoff = Duration::from_millis(50);
             }
@@ -192,7 +223,10 @@ fn truncated(bytes: &[u8]) -> String {
 enum Ending {
     Done {
         result: serde_json::Value,
-        artifacts: Vec<ContentRef>,
+        /// `(artifact name, file)`: what the task made, uploaded before the completion.
+        files: Vec<(String, PathBuf)>,
+        /// Holds the files until they are in the outbox.
+        scratch: Option<tempfile::TempDir>,
     },
     Failed {
         error: String,
@@ -204,6 +238,7 @@ async fn run_task(
     client: &reqwest::Client,
     o: &WorkerOptions,
     data: &DataPlane,
+    outbox: &outbox::Outbox,
     warm: &mut stage::StageRunner,
     leased: Leased,
 ) {
@@ -217,7 +252,7 @@ async fn run_task(
     let started = Instant::now();
     let work = async {
         match &task.spec.astro_fit {
-            Some(fit) => run_astro_fit(o, data, warm, &task.spec, fit, &name, &secret).await,
+            Some(fit) => run_astro_fit(o, data, warm, &task.spec, fit, &name).await,
             None => run_command(o, &task.spec, &name).await,
         }
     };
@@ -232,8 +267,13 @@ async fn run_task(
                     worker: o.worker_id.clone(),
                     lease_seconds: o.lease_seconds,
                 };
-                let beat: Result<Option<serde_json::Value>, _> =
-                    post(client, format!("{base}/heartbeat"), &secret, &request).await;
+                // Bounded: a link that is down must not hold up the work's own ending.
+                let beat = tokio::time::timeout(
+                    heartbeat_every,
+                    post::<_, serde_json::Value>(client, format!("{base}/heartbeat"), &secret, &request),
+                )
+                .await
+                .unwrap_or(Ok(None));
                 if let Err(WorkerError::Status { status: 404 | 409, .. }) = beat {
                     // The lease is gone (expired and handed on, or the task deleted): stop.
                     tracing::warn!(task = name, "lease lost; abandoning the task");
@@ -245,30 +285,57 @@ async fn run_task(
     let cpu = (cpu_seconds() - cpu_before).max(0.0);
     // A task too quick for the clock reports nothing measured rather than zero seconds.
     let seconds = Some(started.elapsed().as_secs_f64()).filter(|s| *s > 0.0);
-    let report: Result<Option<serde_json::Value>, _> = match ending {
-        Ending::Done { result, artifacts } => {
-            let request = CompleteRequest {
+    let (report, files, _scratch) = match ending {
+        Ending::Done {
+            result,
+            files,
+            scratch,
+        } => (
+            outbox::Report::Complete(CompleteRequest {
                 worker: o.worker_id.clone(),
                 result,
                 cpu_seconds: cpu,
                 seconds,
                 joules: None,
-                artifacts,
-            };
-            post(client, format!("{base}/complete"), &secret, &request).await
-        }
-        Ending::Failed { error, permanent } => {
-            let request = FailRequest {
+                artifacts: Vec::new(),
+            }),
+            files,
+            scratch,
+        ),
+        Ending::Failed { error, permanent } => (
+            outbox::Report::Fail(FailRequest {
                 worker: o.worker_id.clone(),
                 error,
                 cpu_seconds: cpu,
                 permanent,
-            };
-            post(client, format!("{base}/fail"), &secret, &request).await
+            }),
+            Vec::new(),
+            None,
+        ),
+    };
+    // On disk first: a result survives the link, the worker and the host's power going down.
+    let entry = outbox::Entry {
+        task: name.clone(),
+        lease_secret: secret,
+        report,
+        files: Vec::new(),
+    };
+    let kept = match outbox.put(&entry, &files) {
+        Ok(kept) => kept,
+        Err(e) => {
+            tracing::error!(task = name, error = %e, "cannot keep the task's result in the outbox");
+            return;
         }
     };
-    if let Err(e) = report {
-        tracing::warn!(task = name, error = %e, "reporting the outcome failed");
+    match outbox::send(&kept, data, client, &o.server).await {
+        Ok(outbox::Sent::Kept) => {
+            tracing::warn!(
+                task = name,
+                "server out of reach: the result waits in the outbox"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(task = name, error = %e, "sending the result failed"),
     }
 }
 
@@ -287,7 +354,8 @@ async fn run_command(o: &WorkerOptions, spec: &TaskSpec, name: &str) -> Ending {
         Ok(out) if out.status.success() => Ending::Done {
             result: serde_json::json!({"exitCode": 0, "stdout": truncated(&out.stdout),
                                        "stderr": truncated(&out.stderr)}),
-            artifacts: vec![],
+            files: Vec::new(),
+            scratch: None,
         },
         Ok(out) => Ending::Failed {
             error: format!(
@@ -319,7 +387,6 @@ async fn run_astro_fit(
     spec: &TaskSpec,
     work: &AstroFitWork,
     name: &str,
-    lease_secret: &str,
 ) -> Ending {
     let fetching = Instant::now();
     let mark = data.mark();
@@ -342,14 +409,6 @@ async fn run_astro_fit(
         Ok(output) => output,
         Err(e) => return failed(e.message, e.permanent),
     };
-    let uploading = Instant::now();
-    let mut artifacts = Vec::with_capacity(output.files.len());
-    for (file, path) in &output.files {
-        match data.upload(name, lease_secret, path, file).await {
-            Ok(r) => artifacts.push(r),
-            Err(e) => return failed(e, false),
-        }
-    }
     tracing::debug!(task = name, region = o.region, "stage done");
     let mut result = output.result;
     if let Some(fields) = result.as_object_mut() {
@@ -360,12 +419,16 @@ async fn run_astro_fit(
             "transfers".into(),
             serde_json::to_value(data.transfers_since(mark)).unwrap_or_default(),
         );
-        fields.insert(
-            "uploadSeconds".into(),
-            uploading.elapsed().as_secs_f64().into(),
-        );
     }
-    Ending::Done { result, artifacts }
+    Ending::Done {
+        result,
+        files: output
+            .files
+            .iter()
+            .map(|(file, path)| (file.clone(), path.clone()))
+            .collect(),
+        scratch: Some(scratch),
+    }
 }
 
 async fn fetch_inputs(
