@@ -36,6 +36,8 @@ pub struct AgentOptions {
     pub name: Option<String>,
     pub heartbeat: Duration,
     pub lease_seconds: u32,
+    /// Tasks each worker leases ahead, to work through while cut off.
+    pub prefetch: u32,
     /// The program run as a worker (this `ceccm` binary).
     pub worker_program: PathBuf,
 }
@@ -151,6 +153,8 @@ impl Link {
                 options.server.clone(),
                 "--lease-seconds".into(),
                 options.lease_seconds.to_string(),
+                "--prefetch".into(),
+                options.prefetch.to_string(),
                 "--cache-root".into(),
                 options.data_dir.join("cache").display().to_string(),
             ],

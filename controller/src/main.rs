@@ -69,6 +69,10 @@ enum Command {
         /// server is out of reach; past it the worker takes no work.
         #[arg(long, default_value_t = ceccm_controller::worker::DEFAULT_OUTBOX_MAX_BYTES)]
         outbox_max_bytes: u64,
+        /// Tasks leased ahead of the running one, worked through while the server is out of
+        /// reach (agents pass their --prefetch).
+        #[arg(long, default_value_t = 0)]
+        prefetch: u32,
     },
     /// Run a remote region's workers on this host (an edge or cloud site), like `k3s agent`.
     Agent {
@@ -96,6 +100,10 @@ enum Command {
         heartbeat_seconds: f64,
         #[arg(long, default_value_t = 30)]
         lease_seconds: u32,
+        /// Tasks each worker leases ahead of the one it runs, worked through while the
+        /// server is out of reach.
+        #[arg(long, default_value_t = 1)]
+        prefetch: u32,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -164,6 +172,7 @@ fn main() -> ExitCode {
                 cache_root,
                 server_data_dir,
                 outbox_max_bytes,
+                prefetch,
             } => {
                 let worker_id =
                     worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
@@ -179,6 +188,7 @@ fn main() -> ExitCode {
                     region,
                     server_data_dir,
                     outbox_max_bytes,
+                    prefetch,
                 })
                 .await
             }
@@ -193,6 +203,7 @@ fn main() -> ExitCode {
                 name,
                 heartbeat_seconds,
                 lease_seconds,
+                prefetch,
             } => {
                 let tier = serde_json::from_value(serde_json::Value::String(tier.clone()))
                     .map_err(|_| anyhow::anyhow!("--tier {tier:?}: edge, cloud or hpc"))?;
@@ -207,6 +218,7 @@ fn main() -> ExitCode {
                     name,
                     heartbeat: Duration::from_secs_f64(heartbeat_seconds.clamp(0.1, 60.0)),
                     lease_seconds,
+                    prefetch,
                     worker_program: std::env::current_exe()?,
                 })
                 .await

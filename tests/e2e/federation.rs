@@ -650,10 +650,17 @@ fn an_edge_cut_off_keeps_fitting_and_syncs_once_back_across_a_control_plane_rest
         let r = region_phase(&http, &server.url, "edge-site")?;
         (r["status"]["phase"] == "NotReady").then_some(())
     });
-    // The edge goes on fitting: its finished chunk waits in its outbox.
-    wait_until("a result kept at the edge", outage, || {
-        (outbox_entries(&edge_dir, "edge-site") > 0).then_some(())
+    // What the edge holds now (the chunk it fits and those its worker leased ahead) it
+    // finishes while cut off: every result waits in its outbox.
+    let held = fit_tasks(&http, &server)
+        .iter()
+        .filter(|t| t["status"]["region"] == "edge-site" && t["status"]["state"] == "Leased")
+        .count();
+    assert!(held >= 1);
+    wait_until("the edge's results kept in its outbox", outage, || {
+        (outbox_entries(&edge_dir, "edge-site") >= held).then_some(())
     });
+    eprintln!("the edge fitted the {held} chunks it held while cut off");
     // The control plane restarts while the edge is away.
     let data_dir = server.data_dir.clone();
     let url = server.url.clone();

@@ -38,6 +38,9 @@ pub struct WorkerOptions {
     /// Most bytes of unsent results kept in the region's outbox before the worker stops
     /// taking work.
     pub outbox_max_bytes: u64,
+    /// Tasks leased ahead of the one running (their leases renewed with it), so that a worker
+    /// cut off from the server keeps working through them.
+    pub prefetch: u32,
 }
 
 /// The default bound of a region's outbox.
@@ -82,6 +85,7 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
     let parent = std::os::unix::process::parent_id();
     let mut idle_since = Instant::now();
     let mut backoff = Duration::from_millis(50);
+    let mut held: std::collections::VecDeque<Leased> = std::collections::VecDeque::new();
     loop {
         // A worker whose server died (it was re-parented) has nobody to report to.
         if std::os::unix::process::parent_id() != parent {
@@ -108,13 +112,30 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
-        match lease(&client, &options).await {
-            Ok(Some(leased)) => {
-                run_task(&client, &options, &data, &outbox, &mut warm, leased).await;
-                idle_since = Instant::now();
-                backoff = Duration::from_millis(50);
+        // Lease the next task, and as many ahead as asked, while the server answers.
+        let mut asked = Ok(None);
+        while held.len() <= options.prefetch as usize {
+            asked = lease(&client, &options).await;
+            match &asked {
+                Ok(Some(_)) => {
+                    if let Ok(Some(leased)) = std::mem::replace(&mut asked, Ok(None)) {
+                        held.push_back(leased);
+                    }
+                }
+                _ => break,
             }
-            Ok(None) => {
+        }
+        if let Some(next) = held.pop_front() {
+            run_task(
+                &client, &options, &data, &outbox, &mut warm, next, &mut held,
+            )
+            .await;
+            idle_since = Instant::now();
+            backoff = Duration::from_millis(50);
+            continue;
+        }
+        match asked {
+            Ok(_) => {
                 if idle_since.elapsed() >= options.idle_exit {
                     return Ok(());
                 }
@@ -179,6 +200,7 @@ async fn lease(client: &reqwest::Client, o: &WorkerOptions) -> Result<Option<Lea
     };
     let response = client
         .post(format!("{}/api/v1/tasks:lease", o.server))
+        .timeout(Duration::from_secs(10))
         .json(&request)
         .send()
         .await?;
@@ -241,6 +263,7 @@ async fn run_task(
     outbox: &outbox::Outbox,
     warm: &mut stage::StageRunner,
     leased: Leased,
+    ahead: &mut std::collections::VecDeque<Leased>,
 ) {
     let Leased { task, secret } = leased;
     let name = task.metadata.name.clone();
@@ -279,6 +302,7 @@ async fn run_task(
                     tracing::warn!(task = name, "lease lost; abandoning the task");
                     return;
                 }
+                renew_ahead(client, o, ahead, heartbeat_every).await;
             }
         }
     };
@@ -337,6 +361,42 @@ async fn run_task(
         Ok(_) => {}
         Err(e) => tracing::warn!(task = name, error = %e, "sending the result failed"),
     }
+}
+
+/// Renews the leases of the tasks held ahead; drops those the server took back.
+async fn renew_ahead(
+    client: &reqwest::Client,
+    o: &WorkerOptions,
+    ahead: &mut std::collections::VecDeque<Leased>,
+    within: Duration,
+) {
+    let request = HeartbeatRequest {
+        worker: o.worker_id.clone(),
+        lease_seconds: o.lease_seconds,
+    };
+    let mut kept = std::collections::VecDeque::with_capacity(ahead.len());
+    while let Some(leased) = ahead.pop_front() {
+        let url = format!(
+            "{}/api/v1/tasks/{}/heartbeat",
+            o.server, leased.task.metadata.name
+        );
+        let beat = tokio::time::timeout(
+            within,
+            post::<_, serde_json::Value>(client, url, &leased.secret, &request),
+        )
+        .await
+        .unwrap_or(Ok(None));
+        match beat {
+            Err(WorkerError::Status {
+                status: 404 | 409, ..
+            }) => tracing::info!(
+                task = leased.task.metadata.name,
+                "a task held ahead was taken back"
+            ),
+            _ => kept.push_back(leased),
+        }
+    }
+    *ahead = kept;
 }
 
 async fn run_command(o: &WorkerOptions, spec: &TaskSpec, name: &str) -> Ending {
