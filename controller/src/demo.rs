@@ -98,6 +98,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         lease_seconds: 10,
         worker_program: std::env::current_exe()?,
         anonymous_metrics: false,
+        tls: Default::default(),
     })
     .await?;
     let base = server.url();

@@ -22,6 +22,7 @@ pub mod selector;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod tls;
 pub mod tokens;
 pub mod watch;
 pub mod worker;

@@ -36,6 +36,8 @@ enum Command {
         /// needs one; the administrator's is written to DATA_DIR/admin.token).
         #[arg(long)]
         metrics_anonymous: bool,
+        #[command(flatten)]
+        tls: ceccm_controller::tls::TlsArgs,
     },
     /// Lease and run tasks of one region (started by the local region driver).
     Worker {
@@ -61,6 +63,9 @@ enum Command {
         /// instead of downloaded.
         #[arg(long)]
         server_data_dir: Option<PathBuf>,
+        /// PEM file of a CA to trust for an https server, besides the built-in roots
+        #[arg(long, env = "CECCM_CA_FILE", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -107,6 +112,7 @@ fn main() -> ExitCode {
                 database_url,
                 lease_seconds,
                 metrics_anonymous,
+                tls,
             } => {
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
                     listen,
@@ -115,6 +121,7 @@ fn main() -> ExitCode {
                     lease_seconds,
                     worker_program: std::env::current_exe()?,
                     anonymous_metrics: metrics_anonymous,
+                    tls: tls.mode(),
                 })
                 .await
             }
@@ -126,6 +133,7 @@ fn main() -> ExitCode {
                 idle_exit_seconds,
                 cache_root,
                 server_data_dir,
+                ca_file,
             } => {
                 let worker_id =
                     worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
@@ -140,6 +148,7 @@ fn main() -> ExitCode {
                     ),
                     region,
                     server_data_dir,
+                    ca_file,
                 })
                 .await
             }

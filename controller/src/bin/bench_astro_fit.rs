@@ -165,6 +165,7 @@ async fn through_control_plane(
         lease_seconds: 30,
         worker_program: sibling("ceccm")?,
         anonymous_metrics: false,
+        tls: Default::default(),
     })
     .await?;
     let base = format!("{}/api/v1", server.url());

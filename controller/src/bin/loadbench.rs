@@ -88,6 +88,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lease_seconds: 30,
         worker_program: std::env::current_exe()?,
         anonymous_metrics: false,
+        tls: Default::default(),
     })
     .await?;
     let base = server.url();

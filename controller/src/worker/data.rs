@@ -454,6 +454,7 @@ mod tests {
             lease_seconds: 30,
             worker_program: "/nonexistent".into(),
             anonymous_metrics: false,
+            tls: Default::default(),
         })
         .await
         .unwrap();
