@@ -649,6 +649,20 @@ async fn status_patches_merge_and_guard(ts: &TestStore) {
     )
     .await;
     assert_error(&stale, StatusCode::CONFLICT, "Conflict");
+    // A status that is not an object would replace the whole status: refused.
+    for not_an_object in [json!(null), json!(5), json!("Ready"), json!([])] {
+        let replaced = call(
+            &app,
+            "PATCH",
+            "/api/v1/regions/r0/status",
+            "application/merge-patch+json",
+            json!({"status": not_an_object}).to_string(),
+        )
+        .await;
+        assert_error(&replaced, StatusCode::BAD_REQUEST, "BadRequest");
+    }
+    let kept = get(&app, "/api/v1/regions/r0").await;
+    assert_eq!(kept.body["status"]["phase"], "Ready", "{}", kept.text);
 }
 
 fn context(ts: &TestStore) -> Context {
@@ -1730,6 +1744,15 @@ async fn hardened_inputs_are_refused_and_change_nothing(ts: &TestStore) {
         stored.body["status"]["phase"], "Pending",
         "nothing was stored"
     );
+
+    // A whole number written with a fraction is an integer, as JSON Schema (the OpenAPI spec)
+    // counts it; a real fraction in an integer field is still refused.
+    let lease =
+        |seconds: Value| json!({"worker": "w", "region": "nowhere", "leaseSeconds": seconds});
+    let answer = json_call(&app, "POST", "/api/v1/tasks:lease", &lease(json!(30.0))).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text);
+    let answer = json_call(&app, "POST", "/api/v1/tasks:lease", &lease(json!(30.5))).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
 }
 
 /// Users see only their own Applications and Datasets: another user's answer 404 on every
