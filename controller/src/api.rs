@@ -38,6 +38,8 @@ pub struct ApiConfig {
     pub static_tokens: Vec<crate::tokens::StaticToken>,
     /// Whether `/metrics` answers without a token.
     pub anonymous_metrics: bool,
+    /// Per-user storage quota (`crate::quota`); none by default.
+    pub quotas: crate::quota::Quotas,
 }
 
 impl ApiConfig {
@@ -48,6 +50,7 @@ impl ApiConfig {
             max_upload_bytes: 4 * 1024 * 1024 * 1024,
             static_tokens: Vec::new(),
             anonymous_metrics: false,
+            quotas: crate::quota::Quotas::default(),
         }
     }
 }
@@ -166,12 +169,15 @@ fn too_large(limit: u64) -> ApiError {
 
 /// Refuses a request whose declared `Content-Length` is over `limit` before a byte of its body
 /// is read or written.
-fn refuse_declared_over(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
-    let declared = headers
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+fn refuse_declared_over(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
+    match declared_length(headers) {
         Some(n) if n > limit => Err(too_large(limit)),
         _ => Ok(()),
     }
@@ -812,7 +818,9 @@ async fn upload_content(
     object_name(Kind::Dataset, &name)?;
     seen_object(&state.store, &who, Kind::Dataset, &name).await?;
     refuse_declared_over(&headers, state.config.max_upload_bytes)?;
-    let object = crate::content::upload_dataset(&state.store, &state.config, &name, body).await?;
+    let declared = declared_length(&headers);
+    let object =
+        crate::content::upload_dataset(&state.store, &state.config, &name, declared, body).await?;
     Ok(Json(object).into_response())
 }
 
@@ -970,8 +978,16 @@ async fn upload_artifact(
             )));
         }
     };
-    let size = crate::content::upload_artifact(&state.store, &state.config, &name, &sha256, source)
-        .await?;
+    let declared = declared_length(&headers);
+    let size = crate::content::upload_artifact(
+        &state.store,
+        &state.config,
+        &name,
+        &sha256,
+        declared,
+        source,
+    )
+    .await?;
     Ok(Json(StoredArtifact { sha256, size }).into_response())
 }
 

@@ -15,6 +15,7 @@ pub mod objects;
 pub mod operations;
 pub mod predictor;
 pub mod queue;
+pub mod quota;
 pub mod reconcile;
 pub mod resources;
 pub mod scheduling;

@@ -38,6 +38,10 @@ enum Command {
         metrics_anonymous: bool,
         #[command(flatten)]
         tls: ceccm_controller::tls::TlsArgs,
+        /// Bytes each user may store: their datasets' content and their applications'
+        /// artifacts (default: no quota)
+        #[arg(long, value_name = "BYTES")]
+        user_quota_bytes: Option<u64>,
     },
     /// Lease and run tasks of one region (started by the local region driver).
     Worker {
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
                 lease_seconds,
                 metrics_anonymous,
                 tls,
+                user_quota_bytes,
             } => {
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
                     listen,
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
                     worker_program: std::env::current_exe()?,
                     anonymous_metrics: metrics_anonymous,
                     tls: tls.mode(),
+                    user_quota_bytes,
                 })
                 .await
             }

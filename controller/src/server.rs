@@ -31,6 +31,8 @@ pub struct ServerOptions {
     pub anonymous_metrics: bool,
     /// Plain HTTP, or https (`crate::tls`).
     pub tls: crate::tls::TlsMode,
+    /// Bytes each user may store (datasets and artifacts, `crate::quota`); none: no quota.
+    pub user_quota_bytes: Option<u64>,
 }
 
 /// A started server: its address, and the handles to stop it.
@@ -109,6 +111,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         config: Arc::new(ApiConfig {
             static_tokens: vec![admin, workers],
             anonymous_metrics: options.anonymous_metrics,
+            quotas: crate::quota::Quotas::new(options.user_quota_bytes),
             ..ApiConfig::new(options.data_dir.clone())
         }),
         metrics: Default::default(),

@@ -346,6 +346,7 @@ mod tests {
             worker_program: PathBuf::from("/nonexistent/ceccm"),
             anonymous_metrics: false,
             tls,
+            user_quota_bytes: None,
         }
     }
 

@@ -89,6 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         worker_program: std::env::current_exe()?,
         anonymous_metrics: false,
         tls: Default::default(),
+        user_quota_bytes: None,
     })
     .await?;
     let base = server.url();

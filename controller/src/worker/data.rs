@@ -455,6 +455,7 @@ mod tests {
             worker_program: "/nonexistent".into(),
             anonymous_metrics: false,
             tls: Default::default(),
+            user_quota_bytes: None,
         })
         .await
         .unwrap();
