@@ -53,8 +53,9 @@ run() {
   local name=$1
   shift
   local log="$work/$name.log"
-  if "$st" "$@" --url "$url" -H "Authorization: Bearer $token" --max-examples "$examples" \
-    --seed "$seed" --generation-database none --request-timeout 10 --workers 1 --no-color >"$log" 2>&1; then
+  # From the scratch directory: schemathesis keeps state in ./.schemathesis.
+  if (cd "$work" && "$st" "$@" --url "$url" -H "Authorization: Bearer $token" --max-examples "$examples" \
+    --seed "$seed" --generation-database none --request-timeout 10 --workers 1 --no-color) >"$log" 2>&1; then
     outcome=ok
   else
     outcome=FAILED
@@ -64,9 +65,10 @@ run() {
   echo "schemathesis $name: $(grep -E '[0-9]+ generated' "$log" | tail -n 1 | sed 's/^ *//'): $outcome"
 }
 
-run "all operations" run api/openapi.yaml --checks all
+root=$PWD
+run "all operations" run "$root/api/openapi.yaml" --checks all
 for kind in regions applications datasets tasks events; do
-  CECCM_ST_PLURAL=$kind run "objects ($kind)" --config-file scripts/schemathesis-kinds.toml \
-    run api/openapi.yaml --include-path-regex '^/api/v1/\{plural\}'
+  CECCM_ST_PLURAL=$kind run "objects ($kind)" --config-file "$root/scripts/schemathesis-kinds.toml" \
+    run "$root/api/openapi.yaml" --include-path-regex '^/api/v1/\{plural\}'
 done
 exit $status
