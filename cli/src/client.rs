@@ -42,6 +42,10 @@ impl Client {
                 .map_err(|e| usage!("certificate authority {} is not PEM: {e}", ca.display()))?;
             builder = builder.add_root_certificate(cert);
         }
+        if target.insecure_skip_tls_verify {
+            eprintln!("warning: the server's TLS certificate is not verified");
+            builder = builder.danger_accept_invalid_certs(true);
+        }
         let http = builder
             .build()
             .map_err(|e| failed!("cannot set up the HTTP client: {e}"))?;
@@ -73,7 +77,12 @@ impl Client {
 
     fn transport_error(&self, error: reqwest::Error) -> Error {
         let reason = root_cause(&error);
-        if error.is_connect() || error.is_timeout() {
+        if let Some(refused) = certificate_error(&error) {
+            Error::Certificate {
+                url: self.server.clone(),
+                reason: refused.to_string(),
+            }
+        } else if error.is_connect() || error.is_timeout() {
             Error::Unreachable {
                 url: self.server.clone(),
                 reason,
@@ -276,6 +285,26 @@ pub fn parse_error(status: StatusCode, body: &str) -> Error {
         code,
         message,
     }
+}
+
+/// The rustls refusal of the server's certificate behind a transport error, if that was it.
+fn certificate_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    std::iter::successors(Some(error), |e| e.source()).find_map(|cause| {
+        // TLS errors travel inside io::Errors (one in another, even), whose source() skips the
+        // error they carry: unwrap them by hand.
+        let mut inner = cause;
+        while let Some(carried) = inner
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            inner = carried;
+        }
+        inner
+            .downcast_ref::<rustls::Error>()
+            .filter(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
+    })
 }
 
 fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {

@@ -34,6 +34,9 @@ pub struct Context {
     /// PEM file of a CA to trust beyond the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_authority: Option<PathBuf>,
+    /// Accept any certificate the server shows (like kubectl's; for tests only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_tls_verify: bool,
 }
 
 /// What the command line and environment say, before the config file is consulted.
@@ -43,6 +46,7 @@ pub struct Overrides {
     pub token: Option<String>,
     pub context: Option<String>,
     pub certificate_authority: Option<PathBuf>,
+    pub insecure_skip_tls_verify: Option<bool>,
 }
 
 /// The server a command talks to, and how.
@@ -51,6 +55,8 @@ pub struct Target {
     pub server: String,
     pub token: Option<String>,
     pub certificate_authority: Option<PathBuf>,
+    /// Whether the server's certificate goes unverified (then `certificate_authority` is unused).
+    pub insecure_skip_tls_verify: bool,
 }
 
 /// The config file's path from the environment (see the module docs).
@@ -145,6 +151,10 @@ impl Config {
                 .certificate_authority
                 .clone()
                 .or_else(|| context.and_then(|c| c.certificate_authority.clone())),
+            insecure_skip_tls_verify: overrides
+                .insecure_skip_tls_verify
+                .or_else(|| context.map(|c| c.insecure_skip_tls_verify))
+                .unwrap_or(false),
         })
     }
 
@@ -155,6 +165,7 @@ impl Config {
         server: Option<String>,
         token: Option<String>,
         certificate_authority: Option<PathBuf>,
+        insecure_skip_tls_verify: Option<bool>,
     ) -> Result<()> {
         if let Some(server) = &server {
             normalise_server(server)?;
@@ -170,6 +181,9 @@ impl Config {
                 if certificate_authority.is_some() {
                     context.certificate_authority = certificate_authority;
                 }
+                if let Some(insecure) = insecure_skip_tls_verify {
+                    context.insecure_skip_tls_verify = insecure;
+                }
             }
             None => self.contexts.push(Context {
                 name: name.to_string(),
@@ -178,6 +192,7 @@ impl Config {
                 })?,
                 token,
                 certificate_authority,
+                insecure_skip_tls_verify: insecure_skip_tls_verify.unwrap_or(false),
             }),
         }
         Ok(())
@@ -227,7 +242,7 @@ mod tests {
     fn two_contexts() -> Config {
         let mut config = Config::default();
         config
-            .set_context("local", Some("127.0.0.1:8080".into()), None, None)
+            .set_context("local", Some("127.0.0.1:8080".into()), None, None, None)
             .unwrap();
         config
             .set_context(
@@ -235,6 +250,7 @@ mod tests {
                 Some("https://ceccm.caha.es/".into()),
                 Some("s3cret".into()),
                 Some("/etc/ceccm/ca.pem".into()),
+                None,
             )
             .unwrap();
         config.use_context("caha").unwrap();
@@ -271,6 +287,33 @@ mod tests {
     }
 
     #[test]
+    fn skipping_tls_verification_follows_flag_then_context() {
+        let mut config = two_contexts();
+        assert!(
+            !config
+                .resolve(&Overrides::default())
+                .unwrap()
+                .insecure_skip_tls_verify
+        );
+        config
+            .set_context("caha", None, None, None, Some(true))
+            .unwrap();
+        assert!(
+            config
+                .resolve(&Overrides::default())
+                .unwrap()
+                .insecure_skip_tls_verify
+        );
+        let verify = Overrides {
+            insecure_skip_tls_verify: Some(false),
+            ..Overrides::default()
+        };
+        assert!(!config.resolve(&verify).unwrap().insecure_skip_tls_verify);
+        let text = yaml_serde::to_string(&config).unwrap();
+        assert!(text.contains("insecureSkipTlsVerify: true"), "{text}");
+    }
+
+    #[test]
     fn no_config_means_the_default_server() {
         let target = Config::default().resolve(&Overrides::default()).unwrap();
         assert_eq!(target.server, DEFAULT_SERVER);
@@ -291,7 +334,9 @@ mod tests {
                 .contains("\"nope\"")
         );
         assert!(config.use_context("nope").is_err());
-        let err = config.set_context("new", None, None, None).unwrap_err();
+        let err = config
+            .set_context("new", None, None, None, None)
+            .unwrap_err();
         assert!(err.to_string().contains("--server"), "{err}");
         config.current_context = Some("gone".into());
         assert!(config.resolve(&Overrides::default()).is_err());
@@ -301,7 +346,7 @@ mod tests {
     fn set_context_updates_only_what_is_given() {
         let mut config = two_contexts();
         config
-            .set_context("caha", None, Some("rotated".into()), None)
+            .set_context("caha", None, Some("rotated".into()), None, None)
             .unwrap();
         let caha = config.context("caha").unwrap();
         assert_eq!(caha.server, "https://ceccm.caha.es/");

@@ -22,6 +22,14 @@ pub enum Error {
          or `ceccmctl config set-context NAME --server URL --current`."
     )]
     Unreachable { url: String, reason: String },
+    /// The server's TLS certificate did not verify against the trusted CAs.
+    #[error(
+        "TLS certificate verification failed for {url}: {reason}\n\
+         Trust the server's CA with --ca-file FILE, the CECCM_CA_FILE environment variable or \
+         the context's certificateAuthority (a server started with --tls-self-signed keeps it \
+         in DATA_DIR/tls/ca.crt)."
+    )]
+    Certificate { url: String, reason: String },
     /// Anything else that went wrong while carrying the command out (local I/O, a broken stream).
     #[error("{0}")]
     Failed(String),
@@ -32,7 +40,10 @@ impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Error::Usage(_) => ExitCode::from(2),
-            Error::Api { .. } | Error::Unreachable { .. } | Error::Failed(_) => ExitCode::from(1),
+            Error::Api { .. }
+            | Error::Unreachable { .. }
+            | Error::Certificate { .. }
+            | Error::Failed(_) => ExitCode::from(1),
         }
     }
 

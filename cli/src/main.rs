@@ -32,7 +32,8 @@ Exit status:
 
 Server: --server URL, else $CECCM_SERVER, else the current context of the config file
 ($CECCM_CONFIG, else $XDG_CONFIG_HOME/ceccm/config.yaml, else ~/.config/ceccm/config.yaml),
-else http://127.0.0.1:8080. Token: --token, else $CECCM_TOKEN, else the context's.";
+else http://127.0.0.1:8080. Token: --token, else $CECCM_TOKEN, else the context's. CA of an
+https server: --ca-file, else $CECCM_CA_FILE, else the context's certificateAuthority.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -60,9 +61,20 @@ struct GlobalArgs {
     /// Context of the config file to use instead of the current one
     #[arg(long, global = true, value_name = "NAME")]
     context: Option<String>,
-    /// PEM file of a certificate authority to trust for https servers
-    #[arg(long, global = true, value_name = "FILE")]
+    /// PEM file of a certificate authority to trust for https servers; overrides
+    /// $CECCM_CA_FILE and the context's
+    #[arg(long, global = true, value_name = "FILE", visible_alias = "ca-file")]
     certificate_authority: Option<PathBuf>,
+    /// Do not verify the server's certificate (insecure: for tests only)
+    #[arg(
+        long,
+        global = true,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    insecure_skip_tls_verify: Option<bool>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -307,7 +319,12 @@ async fn run(cli: Cli) -> Result<()> {
             server: cli.global.server.clone().or_else(|| env("CECCM_SERVER")),
             token: cli.global.token.clone().or_else(|| env("CECCM_TOKEN")),
             context: cli.global.context.clone(),
-            certificate_authority: cli.global.certificate_authority.clone(),
+            certificate_authority: cli
+                .global
+                .certificate_authority
+                .clone()
+                .or_else(|| env("CECCM_CA_FILE").map(PathBuf::from)),
+            insecure_skip_tls_verify: cli.global.insecure_skip_tls_verify,
         };
         client::Client::new(&config::load(&path)?.resolve(&overrides)?)
     };
@@ -401,6 +418,7 @@ fn config_command(command: ConfigCommand, global: GlobalArgs) -> Result<()> {
                 global.server,
                 global.token,
                 global.certificate_authority,
+                global.insecure_skip_tls_verify,
             )?;
             if current {
                 config.use_context(&name)?;

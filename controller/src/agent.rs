@@ -38,6 +38,9 @@ pub struct AgentOptions {
     pub lease_seconds: u32,
     /// Tasks each worker leases ahead, to work through while cut off.
     pub prefetch: u32,
+    /// The server's CA, for an https server with a certificate of its own (its workers get
+    /// it too).
+    pub ca_file: Option<PathBuf>,
     /// The program run as a worker (this `ceccm` binary).
     pub worker_program: PathBuf,
 }
@@ -142,7 +145,10 @@ enum Refused {
 impl Link {
     fn new(options: &AgentOptions, token: &str) -> anyhow::Result<Link> {
         let client = crate::tokens::client_with_token(
-            reqwest::Client::builder().timeout(Duration::from_secs(10)),
+            crate::tls::trusting(
+                reqwest::Client::builder().timeout(Duration::from_secs(10)),
+                options.ca_file.as_deref(),
+            )?,
             token,
         )?;
         let driver = LocalDriver::new(WorkerCommand {
@@ -158,7 +164,14 @@ impl Link {
                 "--cache-root".into(),
                 options.data_dir.join("cache").display().to_string(),
             ],
-            env: vec![(crate::worker::TOKEN_ENV.into(), token.to_string())],
+            env: std::iter::once((crate::worker::TOKEN_ENV.to_string(), token.to_string()))
+                .chain(options.ca_file.as_ref().map(|ca| {
+                    (
+                        crate::tls::CA_FILE_ENV.to_string(),
+                        ca.display().to_string(),
+                    )
+                }))
+                .collect(),
         });
         Ok(Link {
             client,
@@ -216,11 +229,13 @@ async fn join(options: &AgentOptions, name: &str, cpu: u32) -> Result<String, Ag
         .join_token
         .as_deref()
         .ok_or(AgentError::NoJoinToken)?;
-    let client = crate::tokens::client_with_token(
+    let builder = crate::tls::trusting(
         reqwest::Client::builder().timeout(Duration::from_secs(30)),
-        join_token,
+        options.ca_file.as_deref(),
     )
     .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let client = crate::tokens::client_with_token(builder, join_token)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let request = JoinRequest {
         region: options.region.clone(),
         agent: name.to_string(),

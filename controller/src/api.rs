@@ -38,6 +38,8 @@ pub struct ApiConfig {
     pub static_tokens: Vec<crate::tokens::StaticToken>,
     /// Whether `/metrics` answers without a token.
     pub anonymous_metrics: bool,
+    /// Per-user storage quota (`crate::quota`); none by default.
+    pub quotas: crate::quota::Quotas,
 }
 
 impl ApiConfig {
@@ -48,6 +50,7 @@ impl ApiConfig {
             max_upload_bytes: 4 * 1024 * 1024 * 1024,
             static_tokens: Vec::new(),
             anonymous_metrics: false,
+            quotas: crate::quota::Quotas::default(),
         }
     }
 }
@@ -169,12 +172,15 @@ fn too_large(limit: u64) -> ApiError {
 
 /// Refuses a request whose declared `Content-Length` is over `limit` before a byte of its body
 /// is read or written.
-fn refuse_declared_over(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
-    let declared = headers
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+fn refuse_declared_over(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
+    match declared_length(headers) {
         Some(n) if n > limit => Err(too_large(limit)),
         _ => Ok(()),
     }
@@ -242,7 +248,9 @@ fn media_type(content_type: &str) -> Option<MediaType> {
 const MAX_NESTING: usize = 64;
 const MAX_INDENT: usize = 256;
 
-fn parse_document(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
+/// Parses a request body as the API does (nesting bounds first, then JSON or YAML, no
+/// non-finite numbers). Public for the fuzz targets (`fuzz/`).
+pub fn parse_document(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
     let too_deep = || {
         ApiError::bad_request(format!(
             "the document nests deeper than {MAX_NESTING} levels (or indents past column \
@@ -253,8 +261,10 @@ fn parse_document(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
         return Err(too_deep());
     }
     if !yaml {
-        return serde_json::from_slice::<Value>(bytes)
-            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")));
+        let mut value = serde_json::from_slice::<Value>(bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+        whole_numbers_as_integers(&mut value);
+        return Ok(value);
     }
     let indent = bytes
         .split(|b| *b == b'\n')
@@ -273,7 +283,31 @@ fn parse_document(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
         ))
         .with_details(json!({"field": path})));
     }
-    serde_json::to_value(value).map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))
+    let mut value = serde_json::to_value(value)
+        .map_err(|e| ApiError::bad_request(format!("malformed YAML: {e}")))?;
+    whole_numbers_as_integers(&mut value);
+    Ok(value)
+}
+
+/// `118.0` is the integer 118, as JSON Schema (and so the OpenAPI spec) counts it: a whole
+/// number written with a fraction is stored as an integer, so an integer field accepts it.
+fn whole_numbers_as_integers(value: &mut Value) {
+    match value {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
+                // Within +-2^63 (and [2^63, 2^64) for u64) the conversion is exact.
+                let two_63 = 2f64.powi(63);
+                if (-two_63..two_63).contains(&f) {
+                    *value = Value::from(f as i64);
+                } else if (0.0..2.0 * two_63).contains(&f) {
+                    *value = Value::from(f as u64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(map) => map.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
 }
 
 /// Deepest `[`/`{` nesting outside quoted strings.
@@ -348,6 +382,7 @@ fn query<T: serde::de::DeserializeOwned>(
 #[into_params(parameter_in = Query)]
 pub struct WriteParams {
     /// `All`: validate and answer as if done, store nothing.
+    #[param(pattern = "^All$")]
     pub dry_run: Option<String>,
 }
 
@@ -747,7 +782,7 @@ async fn delete_object(
 
 #[utoipa::path(patch, path = "/api/v1/{plural}/{name}/status", tag = "objects",
     params(("plural" = String, Path), ("name" = String, Path)),
-    request_body(content = ApiObject, content_type = "application/merge-patch+json",
+    request_body(content = crate::resources::StatusPatch, content_type = "application/merge-patch+json",
                   description = "{\"status\":{...}} as a JSON merge patch, optionally with metadata.resourceVersion as a precondition"),
     responses((status = 200, body = ApiObject), (status = "default", description = "Error", body = ErrorBody)))]
 async fn patch_status(
@@ -786,7 +821,9 @@ async fn upload_content(
     object_name(Kind::Dataset, &name)?;
     seen_object(&state.store, &who, Kind::Dataset, &name).await?;
     refuse_declared_over(&headers, state.config.max_upload_bytes)?;
-    let object = crate::content::upload_dataset(&state.store, &state.config, &name, body).await?;
+    let declared = declared_length(&headers);
+    let object =
+        crate::content::upload_dataset(&state.store, &state.config, &name, declared, body).await?;
     Ok(Json(object).into_response())
 }
 
@@ -917,8 +954,8 @@ async fn holds_lease(
 pub const CONTENT_FROM_HEADER: &str = "x-ceccm-content-from";
 
 #[utoipa::path(put, path = "/api/v1/tasks/{name}/artifacts/{sha256}", tag = "tasks",
-    params(("name" = String, Path), ("sha256" = String, Path, description = "sha256 of the body"),
-           ("x-ceccm-content-from" = Option<String>, Header, description = "`region-cache`: no body; the content is the file SHA256 in the cache of the task's region on the server's host (local driver)")),
+    params(("name" = String, Path), ("sha256" = String, Path, description = "sha256 of the body", pattern = "^[0-9a-f]{64}$"),
+           ("x-ceccm-content-from" = Option<String>, Header, nullable = false, pattern = "^region-cache$", description = "`region-cache`: no body; the content is the file SHA256 in the cache of the task's region on the server's host (local driver)")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "Stored (or already stored): content-addressed, written once", body = StoredArtifact),
               (status = "default", description = "Error (422: the content does not hash to sha256; 404: not in the region's cache)", body = ErrorBody)))]
@@ -934,7 +971,8 @@ async fn upload_artifact(
     holds_lease(&state.store, &who, &name, &headers).await?;
     refuse_declared_over(&headers, state.config.max_upload_bytes)?;
     let source = match headers.get(CONTENT_FROM_HEADER).map(|v| v.as_bytes()) {
-        None => crate::content::ArtifactSource::Body(body),
+        // An empty field value is no value (RFC 9110 5.5), as HTTP clients send it.
+        None | Some(b"") => crate::content::ArtifactSource::Body(body),
         Some(b"region-cache") => crate::content::ArtifactSource::RegionCache,
         Some(other) => {
             return Err(ApiError::bad_request(format!(
@@ -943,13 +981,21 @@ async fn upload_artifact(
             )));
         }
     };
-    let size = crate::content::upload_artifact(&state.store, &state.config, &name, &sha256, source)
-        .await?;
+    let declared = declared_length(&headers);
+    let size = crate::content::upload_artifact(
+        &state.store,
+        &state.config,
+        &name,
+        &sha256,
+        declared,
+        source,
+    )
+    .await?;
     Ok(Json(StoredArtifact { sha256, size }).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/applications/{name}/artifacts/{sha256}", tag = "applications",
-    params(("name" = String, Path), ("sha256" = String, Path)),
+    params(("name" = String, Path), ("sha256" = String, Path, pattern = "^[0-9a-f]{64}$")),
     responses((status = 200, description = "The artifact", content_type = "application/octet-stream", body = Vec<u8>),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn download_artifact(
@@ -1324,13 +1370,13 @@ async fn audit_log(
 
 // ---- health and metrics ----------------------------------------------------------------------
 
-#[utoipa::path(get, path = "/healthz", tag = "health",
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()),
     responses((status = 200, description = "The process serves requests", body = String)))]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "health",
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()),
     responses((status = 200, description = "The store is reachable", body = String),
               (status = 503, description = "The store is not reachable", body = ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
@@ -1339,7 +1385,8 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "health",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+              (status = "default", description = "Error (401: no token, unless the server runs with --metrics-anonymous)", body = ErrorBody)))]
 async fn metrics(
     State(state): State<AppState>,
     who: Option<Extension<Principal>>,

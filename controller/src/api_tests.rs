@@ -654,6 +654,20 @@ async fn status_patches_merge_and_guard(ts: &TestStore) {
     )
     .await;
     assert_error(&stale, StatusCode::CONFLICT, "Conflict");
+    // A status that is not an object would replace the whole status: refused.
+    for not_an_object in [json!(null), json!(5), json!("Ready"), json!([])] {
+        let replaced = call(
+            &app,
+            "PATCH",
+            "/api/v1/regions/r0/status",
+            "application/merge-patch+json",
+            json!({"status": not_an_object}).to_string(),
+        )
+        .await;
+        assert_error(&replaced, StatusCode::BAD_REQUEST, "BadRequest");
+    }
+    let kept = get(&app, "/api/v1/regions/r0").await;
+    assert_eq!(kept.body["status"]["phase"], "Ready", "{}", kept.text);
 }
 
 fn context(ts: &TestStore) -> Context {
@@ -1824,6 +1838,15 @@ async fn hardened_inputs_are_refused_and_change_nothing(ts: &TestStore) {
         stored.body["status"]["phase"], "Pending",
         "nothing was stored"
     );
+
+    // A whole number written with a fraction is an integer, as JSON Schema (the OpenAPI spec)
+    // counts it; a real fraction in an integer field is still refused.
+    let lease =
+        |seconds: Value| json!({"worker": "w", "region": "nowhere", "leaseSeconds": seconds});
+    let answer = json_call(&app, "POST", "/api/v1/tasks:lease", &lease(json!(30.0))).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text);
+    let answer = json_call(&app, "POST", "/api/v1/tasks:lease", &lease(json!(30.5))).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
 }
 
 /// Users see only their own Applications and Datasets: another user's answer 404 on every
@@ -2358,6 +2381,108 @@ async fn a_drained_region_keeps_its_running_work_and_gives_up_the_rest(ts: &Test
     );
 }
 
+/// `--user-quota-bytes`: what each user stores (their datasets' content, their applications'
+/// artifacts) stays within the quota; an upload past it is a 403 naming the user and the
+/// figures, and nothing of it is kept.
+async fn user_quotas_bound_what_each_user_stores(ts: &TestStore) {
+    use sha2::Digest;
+    let config = ApiConfig {
+        quotas: crate::quota::Quotas::new(Some(1000)),
+        ..ApiConfig::new(ts.dir.path().to_path_buf())
+    };
+    let app = app(state_with(ts, config));
+    let mut tokens = Vec::new();
+    for user in ["ana", "bo"] {
+        let made = json_call(
+            &app,
+            "POST",
+            "/api/v1/tokens",
+            &json!({"user": user, "role": "user"}),
+        )
+        .await;
+        tokens.push(made.body["token"].as_str().unwrap().to_string());
+    }
+    let (ana, bo) = (tokens[0].as_str(), tokens[1].as_str());
+    let dataset = |name: &str| {
+        json!({"apiVersion": "ceccm/v1", "kind": "Dataset", "metadata": {"name": name},
+               "spec": {"format": "cube"}})
+    };
+    for (token, name) in [(ana, "a1"), (ana, "a2"), (bo, "b1")] {
+        let made = call_as(
+            &app,
+            Some(token),
+            "POST",
+            "/api/v1/datasets",
+            Some(&dataset(name)),
+        )
+        .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    }
+    let upload = |token: &str, name: &str, bytes: usize, declared: Option<u64>| {
+        let mut request = Request::builder()
+            .method("PUT")
+            .uri(format!("/api/v1/datasets/{name}/content"))
+            .header("content-type", "application/octet-stream")
+            .header("authorization", format!("Bearer {token}"));
+        if let Some(n) = declared {
+            request = request.header("content-length", n.to_string());
+        }
+        send(&app, request.body(Body::from(vec![7u8; bytes])).unwrap())
+    };
+    let stored = upload(ana, "a1", 600, None).await;
+    assert_eq!(stored.status, StatusCode::OK, "{}", stored.text);
+
+    // Past the quota: refused with the figures, nothing kept.
+    let refused = upload(ana, "a2", 600, None).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "Forbidden");
+    assert!(
+        refused.text.contains("exceeded quota") && refused.text.contains("\"ana\""),
+        "{}",
+        refused.text
+    );
+    assert_eq!(refused.body["error"]["details"]["usedBytes"], 600);
+    assert_eq!(refused.body["error"]["details"]["quotaBytes"], 1000);
+    assert!(!crate::content::dataset_path(ts.dir.path(), "a2").exists());
+    let a2 = get(&app, "/api/v1/datasets/a2").await;
+    assert_eq!(a2.body["status"]["phase"], "Pending", "{}", a2.text);
+    // A declared length past the remainder is refused before the body is read.
+    let refused = upload(ana, "a2", 10, Some(5000)).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "Forbidden");
+    // Replacing a dataset's content counts the new size, not both.
+    let replaced = upload(ana, "a1", 900, None).await;
+    assert_eq!(replaced.status, StatusCode::OK, "{}", replaced.text);
+    // Quotas are per user.
+    let other = upload(bo, "b1", 900, None).await;
+    assert_eq!(other.status, StatusCode::OK, "{}", other.text);
+    // Deleting makes room.
+    let deleted = call_as(&app, Some(ana), "DELETE", "/api/v1/datasets/a1", None).await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.text);
+    let stored = upload(ana, "a2", 600, None).await;
+    assert_eq!(stored.status, StatusCode::OK, "{}", stored.text);
+
+    // Artifacts count for the application's owner (here the administrator), whoever uploads.
+    job_on_a_ready_region(&app, &context(ts), 1).await;
+    let artifact = |content: Vec<u8>| {
+        let sha = hex::encode(sha2::Sha256::digest(&content));
+        let request = Request::builder()
+            .method("PUT")
+            .uri(format!("/api/v1/tasks/job-00000/artifacts/{sha}"))
+            .header("content-type", "application/octet-stream")
+            .body(Body::from(content))
+            .unwrap();
+        send(&app, request)
+    };
+    let kept = artifact(vec![1u8; 700]).await;
+    assert_eq!(kept.status, StatusCode::OK, "{}", kept.text);
+    let refused = artifact(vec![2u8; 700]).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "Forbidden");
+    assert!(refused.text.contains("\"admin\""), "{}", refused.text);
+    let files = std::fs::read_dir(crate::content::artifacts_dir(ts.dir.path(), "job"))
+        .unwrap()
+        .count();
+    assert_eq!(files, 1, "the refused artifact is not kept");
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -2382,6 +2507,7 @@ store_suite!(
     mutating_requests_are_audited_with_their_user,
     agents_join_heartbeat_and_their_work_moves_when_they_fall_silent,
     a_drained_region_keeps_its_running_work_and_gives_up_the_rest,
+    user_quotas_bound_what_each_user_stores,
 );
 
 #[test]

@@ -207,7 +207,12 @@ impl AstroFitParameters {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ContentRef {
+    #[schema(
+        max_length = 255,
+        pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$"
+    )]
     pub name: String,
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub sha256: String,
     pub size: u64,
 }

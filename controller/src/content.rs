@@ -25,10 +25,13 @@ fn io_error(what: &str, e: std::io::Error) -> ApiError {
     ApiError::new(ErrorCode::Internal, format!("{what}: {e}"))
 }
 
+/// Stores the content of dataset `name` (`declared`: the request's Content-Length), within
+/// the upload limit and its owner's quota.
 pub async fn upload_dataset(
     store: &Store,
     config: &ApiConfig,
     name: &str,
+    declared: Option<u64>,
     body: Body,
 ) -> Result<Value, ApiError> {
     let Some(object) = store.get(Kind::Dataset, name).await? else {
@@ -40,17 +43,22 @@ pub async fn upload_dataset(
             format!("dataset {name:?} is being deleted"),
         ));
     }
+    let owner = object["metadata"]["owner"].as_str();
+    let allowance = (config.quotas)
+        .allowance(store, &config.data_dir, owner, Some(name))
+        .await?;
+    let limit = upload_limit(config, allowance.as_ref(), declared)?;
     let dir = config.data_dir.join("datasets");
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| io_error("creating the dataset directory", e))?;
     let tmp = dir.join(format!(".{name}.{}.upload", uuid::Uuid::new_v4().simple()));
-    let outcome = receive(body, &tmp, config.max_upload_bytes).await;
+    let outcome = receive(body, &tmp, limit).await;
     let (size, sha256) = match outcome {
         Ok(done) => done,
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
+            return Err(over_quota(config, allowance.as_ref(), e));
         }
     };
     tokio::fs::rename(&tmp, dataset_path(&config.data_dir, name))
@@ -59,6 +67,39 @@ pub async fn upload_dataset(
     let patch = json!({"status": {"phase": "Ready", "size": size, "sha256": sha256,
                                   "uploadTime": crate::time::now_rfc3339()}});
     crate::objects::patch_status(store, Kind::Dataset, name, patch).await
+}
+
+/// The most an upload may bring: the upload limit, or what the owner's quota leaves if less
+/// (refused at once when the declared length does not fit).
+fn upload_limit(
+    config: &ApiConfig,
+    allowance: Option<&crate::quota::Allowance>,
+    declared: Option<u64>,
+) -> Result<u64, ApiError> {
+    let Some(allowance) = allowance else {
+        return Ok(config.max_upload_bytes);
+    };
+    if let Some(n) = declared.filter(|n| *n > allowance.remaining()) {
+        return Err(allowance.exceeded(Some(n)));
+    }
+    Ok(config.max_upload_bytes.min(allowance.remaining()))
+}
+
+/// An upload cut off by the quota's remainder (not the upload limit) is over quota.
+fn over_quota(
+    config: &ApiConfig,
+    allowance: Option<&crate::quota::Allowance>,
+    error: ApiError,
+) -> ApiError {
+    match allowance {
+        Some(a)
+            if error.code == ErrorCode::PayloadTooLarge
+                && a.remaining() < config.max_upload_bytes =>
+        {
+            a.exceeded(None)
+        }
+        _ => error,
+    }
 }
 
 async fn receive(body: Body, path: &Path, limit: u64) -> Result<(u64, String), ApiError> {
@@ -235,6 +276,7 @@ pub async fn upload_artifact(
     config: &ApiConfig,
     task: &str,
     sha256: &str,
+    declared: Option<u64>,
     source: ArtifactSource,
 ) -> Result<u64, ApiError> {
     check_sha256(sha256)?;
@@ -249,6 +291,16 @@ pub async fn upload_artifact(
     if let Ok(meta) = tokio::fs::metadata(&path).await {
         return Ok(meta.len());
     }
+    // Artifacts count against the quota of the application's owner, whoever uploads them.
+    let owner = store
+        .get(Kind::Application, &application)
+        .await?
+        .and_then(|a| a["metadata"]["owner"].as_str().map(str::to_string));
+    let allowance = (config.quotas)
+        .allowance(store, &config.data_dir, owner.as_deref(), None)
+        .await?;
+    let from_body = matches!(source, ArtifactSource::Body(_));
+    let limit = upload_limit(config, allowance.as_ref(), declared.filter(|_| from_body))?;
     let dir = artifacts_dir(&config.data_dir, &application);
     tokio::fs::create_dir_all(&dir)
         .await
@@ -258,7 +310,7 @@ pub async fn upload_artifact(
         uuid::Uuid::new_v4().simple()
     ));
     let outcome = match source {
-        ArtifactSource::Body(body) => receive(body, &tmp, config.max_upload_bytes).await,
+        ArtifactSource::Body(body) => receive(body, &tmp, limit).await,
         ArtifactSource::RegionCache => {
             let region = object["status"]["region"].as_str().unwrap_or_default();
             take_from_region_cache(&config.data_dir, region, sha256, &tmp).await
@@ -268,9 +320,14 @@ pub async fn upload_artifact(
         Ok(done) => done,
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
+            return Err(over_quota(config, allowance.as_ref(), e));
         }
     };
+    // Linked from a region's cache, its size is known only now.
+    if let Some(a) = allowance.as_ref().filter(|a| size > a.remaining()) {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(a.exceeded(Some(size)));
+    }
     if actual != sha256 {
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(ApiError::new(

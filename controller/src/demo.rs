@@ -99,6 +99,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         lease_seconds: 10,
         worker_program: std::env::current_exe()?,
         anonymous_metrics: false,
+        tls: Default::default(),
+        user_quota_bytes: None,
     })
     .await?;
     let base = server.url();

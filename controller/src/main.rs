@@ -36,6 +36,12 @@ enum Command {
         /// needs one; the administrator's is written to DATA_DIR/admin.token).
         #[arg(long)]
         metrics_anonymous: bool,
+        #[command(flatten)]
+        tls: ceccm_controller::tls::TlsArgs,
+        /// Bytes each user may store: their datasets' content and their applications'
+        /// artifacts (default: no quota)
+        #[arg(long, value_name = "BYTES")]
+        user_quota_bytes: Option<u64>,
         /// Seconds an agent may go unheard before its region turns NotReady (Kubernetes'
         /// node-monitor grace period).
         #[arg(long, default_value_t = 40)]
@@ -65,6 +71,9 @@ enum Command {
         /// instead of downloaded.
         #[arg(long)]
         server_data_dir: Option<PathBuf>,
+        /// PEM file of a CA to trust for an https server, besides the built-in roots
+        #[arg(long, env = "CECCM_CA_FILE", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         /// Most bytes of results kept in the region's outbox (ROOT/REGION/outbox) while the
         /// server is out of reach; past it the worker takes no work.
         #[arg(long, default_value_t = ceccm_controller::worker::DEFAULT_OUTBOX_MAX_BYTES)]
@@ -104,6 +113,10 @@ enum Command {
         /// server is out of reach.
         #[arg(long, default_value_t = 1)]
         prefetch: u32,
+        /// PEM file of the server's CA (an https server with a self-signed CA), besides the
+        /// built-in roots; its workers trust it too
+        #[arg(long, env = "CECCM_CA_FILE", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -150,6 +163,8 @@ fn main() -> ExitCode {
                 database_url,
                 lease_seconds,
                 metrics_anonymous,
+                tls,
+                user_quota_bytes,
                 region_grace,
             } => {
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
@@ -159,6 +174,8 @@ fn main() -> ExitCode {
                     lease_seconds,
                     worker_program: std::env::current_exe()?,
                     anonymous_metrics: metrics_anonymous,
+                    tls: tls.mode(),
+                    user_quota_bytes,
                     region_grace: Duration::from_secs(region_grace),
                 })
                 .await
@@ -171,6 +188,7 @@ fn main() -> ExitCode {
                 idle_exit_seconds,
                 cache_root,
                 server_data_dir,
+                ca_file,
                 outbox_max_bytes,
                 prefetch,
             } => {
@@ -187,6 +205,7 @@ fn main() -> ExitCode {
                     ),
                     region,
                     server_data_dir,
+                    ca_file,
                     outbox_max_bytes,
                     prefetch,
                 })
@@ -204,6 +223,7 @@ fn main() -> ExitCode {
                 heartbeat_seconds,
                 lease_seconds,
                 prefetch,
+                ca_file,
             } => {
                 let tier = serde_json::from_value(serde_json::Value::String(tier.clone()))
                     .map_err(|_| anyhow::anyhow!("--tier {tier:?}: edge, cloud or hpc"))?;
@@ -219,6 +239,7 @@ fn main() -> ExitCode {
                     heartbeat: Duration::from_secs_f64(heartbeat_seconds.clamp(0.1, 60.0)),
                     lease_seconds,
                     prefetch,
+                    ca_file,
                     worker_program: std::env::current_exe()?,
                 })
                 .await

@@ -348,6 +348,12 @@ pub async fn patch_status(
             "a status patch may only hold \"status\" and \"metadata.resourceVersion\", not {key:?}"
         )));
     }
+    // Merging a non-object would replace the whole status with it.
+    if fields.get("status").is_some_and(|s| !s.is_object()) {
+        return Err(ApiError::bad_request(
+            "a status patch's \"status\" must be an object",
+        ));
+    }
     let sent_version = match &body["metadata"] {
         Value::Null => None,
         Value::Object(m) if m.keys().all(|k| k == "resourceVersion") => m

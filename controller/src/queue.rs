@@ -30,9 +30,12 @@ pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LeaseRequest {
+    #[schema(min_length = 1, max_length = 253)]
     pub worker: String,
+    #[schema(max_length = 63, pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
     pub region: String,
     #[serde(default = "default_lease_seconds")]
+    #[schema(minimum = 1, maximum = 3600)]
     pub lease_seconds: u32,
 }
 
@@ -43,8 +46,10 @@ fn default_lease_seconds() -> u32 {
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeartbeatRequest {
+    #[schema(min_length = 1, max_length = 253)]
     pub worker: String,
     #[serde(default = "default_lease_seconds")]
+    #[schema(minimum = 1, maximum = 3600)]
     pub lease_seconds: u32,
 }
 
@@ -56,13 +61,16 @@ pub struct CompleteRequest {
     #[schema(value_type = Object)]
     pub result: Value,
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub cpu_seconds: f64,
     /// Wall-clock seconds the task ran, as the worker measured them (> 0). Without it the
     /// predictor learns from the time between the lease and this completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0)]
     pub seconds: Option<f64>,
     /// Joules the task used, where the worker measures energy (RAPL, metered nodes; > 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0)]
     pub joules: Option<f64>,
     /// Files the task made, uploaded before as artifacts; recorded only if this completion
     /// wins (the first one does).
@@ -76,6 +84,7 @@ pub struct FailRequest {
     pub worker: String,
     pub error: String,
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub cpu_seconds: f64,
     /// Another attempt would fail the same way (bad input): dead-letter the task now.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

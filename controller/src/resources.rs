@@ -808,6 +808,24 @@ pub struct ApiObject {
     pub status: Value,
 }
 
+/// The body of `PATCH /api/v1/{plural}/{name}/status`, for the OpenAPI document.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusPatch {
+    /// Merged into the object's status (JSON merge patch, RFC 7386).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub status: Option<Value>,
+    /// A precondition: the patch applies only to this version (409 otherwise).
+    pub metadata: Option<StatusPatchMeta>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StatusPatchMeta {
+    pub resource_version: Option<String>,
+}
+
 /// Typed views of stored objects, for the reconcilers.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Typed<S, T> {

@@ -32,6 +32,10 @@ pub struct ServerOptions {
     pub worker_program: PathBuf,
     /// Whether `/metrics` answers without a token (for a scraper without credentials).
     pub anonymous_metrics: bool,
+    /// Plain HTTP, or https (`crate::tls`).
+    pub tls: crate::tls::TlsMode,
+    /// Bytes each user may store (datasets and artifacts, `crate::quota`); none: no quota.
+    pub user_quota_bytes: Option<u64>,
     /// How long an agent may be silent before its region turns NotReady.
     pub region_grace: Duration,
 }
@@ -39,6 +43,8 @@ pub struct ServerOptions {
 /// A started server: its address, and the handles to stop it.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// Whether it serves https.
+    pub tls: bool,
     pub store: Arc<Store>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -47,7 +53,8 @@ pub struct RunningServer {
 
 impl RunningServer {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops serving, stops every worker, and closes the store.
@@ -69,6 +76,15 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
     let admin = crate::tokens::ensure_admin_token(&options.data_dir)?;
+    let tls = crate::tls::prepare(&options.tls, &options.data_dir).await?;
+    // The local driver's workers trust what the server serves with.
+    let mut worker_env = Vec::new();
+    if let Some(tls) = &tls {
+        worker_env.push((
+            crate::tls::CA_FILE_ENV.to_string(),
+            tls.trust.display().to_string(),
+        ));
+    }
     let join = crate::tokens::ensure_join_token(&options.data_dir)?;
     // The local driver's workers act for their regions with a token made for this run only.
     let (_, worker_token) = crate::auth::new_token();
@@ -79,7 +95,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         args: vec![
             "worker".into(),
             "--server".into(),
-            format!("http://{addr}"),
+            crate::tls::local_url(addr, tls.is_some()),
             "--lease-seconds".into(),
             options.lease_seconds.to_string(),
             "--cache-root".into(),
@@ -89,7 +105,10 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             "--server-data-dir".into(),
             options.data_dir.display().to_string(),
         ],
-        env: vec![(crate::worker::TOKEN_ENV.into(), worker_token)],
+        env: [(crate::worker::TOKEN_ENV.into(), worker_token)]
+            .into_iter()
+            .chain(worker_env)
+            .collect(),
     }));
     // Learned from the telemetry of every task finished before this start.
     let predictor = SharedPredictor::load(&store, PredictorConfig::default()).await?;
@@ -98,6 +117,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         config: Arc::new(ApiConfig {
             static_tokens: vec![admin, join, workers],
             anonymous_metrics: options.anonymous_metrics,
+            quotas: crate::quota::Quotas::new(options.user_quota_bytes),
             ..ApiConfig::new(options.data_dir.clone())
         }),
         metrics: Default::default(),
@@ -114,17 +134,36 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     let mut tasks = Vec::new();
     let app = crate::api::app(state);
     let mut serve_stop = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = serve_stop.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
+    let serves_tls = tls.is_some();
+    match tls {
+        None => tasks.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = serve_stop.changed().await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        })),
+        Some(tls) => {
+            let handle = axum_server::Handle::new();
+            let server = axum_server::from_tcp_rustls(listener.into_std()?, tls.config)?
+                .handle(handle.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = serve_stop.changed().await;
+                // As axum::serve's: stop accepting, let requests in flight finish (a
+                // followed stream is cut after a grace period).
+                handle.graceful_shutdown(Some(Duration::from_secs(5)));
+            }));
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = server.serve(app.into_make_service()).await {
+                    tracing::error!(error = %e, "HTTPS server failed");
+                }
+            }));
         }
-    }));
+    }
     tasks.push(tokio::spawn(reconcile::run(
         ctx.clone(),
         Kind::Region,
@@ -148,6 +187,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     )));
     Ok(RunningServer {
         addr,
+        tls: serves_tls,
         store,
         stop,
         tasks,

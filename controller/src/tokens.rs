@@ -190,11 +190,14 @@ pub async fn authenticate(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenRequest {
     /// The user the token acts for.
+    #[schema(max_length = 63, pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
     pub user: String,
     /// viewer | user | operator | admin | worker
+    #[schema(pattern = "^(viewer|user|operator|admin|worker)$")]
     pub role: String,
     /// Lifetime in seconds; none: never expires.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub ttl_seconds: Option<u64>,
 }
 

@@ -31,6 +31,7 @@ impl Ctl {
             .env("CECCM_CONFIG", self.config_path())
             .env_remove("CECCM_SERVER")
             .env_remove("CECCM_TOKEN")
+            .env_remove("CECCM_CA_FILE")
             .current_dir(self.home.path())
             .stdin(Stdio::null());
         command
@@ -1281,4 +1282,151 @@ fn tokens_are_made_used_and_revoked_through_ceccmctl() {
     let revoked = run_as(Some(&viewer), &["get", "regions"]);
     assert_ne!(revoked.code, 0);
     assert!(revoked.stderr.contains("not valid"), "{}", revoked.stderr);
+}
+
+/// A server with `--tls-self-signed`: ceccmctl trusting its CA (by flag, environment or context)
+/// reads and applies, and the local driver's workers run an application to completion over
+/// https; without the CA, or with another server's, ceccmctl refuses naming certificate
+/// verification; plain http to the https port gets nothing.
+#[test]
+fn ceccmctl_and_workers_speak_tls_to_a_self_signed_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::with_server_args(&["--tls-self-signed", "--tls-san", "ceccm.example.org"]);
+    assert!(s.server.url.starts_with("https://"), "{}", s.server.url);
+    let ca = s.server.data_dir.join("tls").join("ca.crt");
+    let ca_key = s.server.data_dir.join("tls").join("ca.key");
+    let mode = std::fs::metadata(&ca_key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the CA's key is private");
+    let ca = ca.display().to_string();
+
+    // Nothing trusted but the built-in roots: refused before any request is sent.
+    let refused = s.run(&["get", "regions"]).expect(1);
+    assert!(
+        refused
+            .stderr
+            .contains("TLS certificate verification failed")
+            && refused.stderr.contains("--ca-file"),
+        "{}",
+        refused.stderr
+    );
+    // Another server's CA is refused the same way.
+    let other_data = tempfile::tempdir().expect("data dir");
+    let other = Server::start(other_data.path(), &["--tls-self-signed"]);
+    let other_ca = other.data_dir.join("tls").join("ca.crt");
+    let wrong = s
+        .run(&[
+            "get",
+            "regions",
+            "--ca-file",
+            &other_ca.display().to_string(),
+        ])
+        .expect(1);
+    assert!(
+        wrong.stderr.contains("TLS certificate verification failed"),
+        "{}",
+        wrong.stderr
+    );
+    drop(other);
+    // Plain http to the https port gets no answer.
+    let plain = s.server.url.replacen("https://", "http://", 1);
+    let mut command = s.ctl.command(&["get", "regions", "--server", &plain]);
+    command.env("CECCM_TOKEN", crate::support::ADMIN_TOKEN);
+    let plain = Run::from(command.output().expect("run ceccmctl"));
+    assert_eq!(plain.code, 1, "{}", plain.stderr);
+    assert!(plain.stdout.is_empty(), "{}", plain.stdout);
+
+    // The right CA: by flag, by environment, by context.
+    s.run(&["get", "regions", "--ca-file", &ca]).expect(0);
+    let mut command = s.command(&["get", "regions"]);
+    command.env("CECCM_CA_FILE", &ca);
+    Run::from(command.output().expect("run ceccmctl")).expect(0);
+    s.ctl
+        .run(&[
+            "config",
+            "set-context",
+            "tls",
+            "--server",
+            &s.server.url,
+            "--certificate-authority",
+            &ca,
+            "--current",
+        ])
+        .expect(0);
+    let mut command = s.ctl.command(&["get", "regions"]);
+    command.env("CECCM_TOKEN", crate::support::ADMIN_TOKEN);
+    Run::from(command.output().expect("run ceccmctl")).expect(0);
+    // Skipping verification works too, and says so.
+    let insecure = s
+        .run(&["get", "regions", "--insecure-skip-tls-verify"])
+        .expect(0);
+    assert!(
+        insecure.stderr.contains("not verified"),
+        "{}",
+        insecure.stderr
+    );
+
+    // Workers lease, report and finish over https, trusting the CA the server hands them.
+    let region = s.manifest("region.yaml", LOCAL_REGION);
+    s.run(&["apply", "-f", &region, "--ca-file", &ca]).expect(0);
+    let app = s.manifest("app.yaml", &echo_app("secure", 2));
+    s.run(&["apply", "-f", &app, "--ca-file", &ca]).expect(0);
+    wait_until(
+        "app/secure to succeed over TLS",
+        Duration::from_secs(60),
+        || {
+            let run = s.run(&["get", "app", "secure", "-o", "json", "--ca-file", &ca]);
+            let object: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
+            (object.pointer("/status/phase") == Some(&serde_json::json!("Succeeded"))).then_some(())
+        },
+    );
+    let logs = s.run(&["logs", "secure", "--ca-file", &ca]).expect(0);
+    assert!(logs.stdout.contains("secure says 1"), "{}", logs.stdout);
+
+    // An agent pinning another CA cannot join; pinning the server's, it joins over https and
+    // its workers run the work placed on its region.
+    let join = std::fs::read_to_string(s.server.data_dir.join("join.token")).unwrap();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let agent = |ca_file: &str| {
+        let mut command = Command::new(bin("ceccm"));
+        command
+            .args(["agent", "--server", &s.server.url, "--region", "tls-site"])
+            .args([
+                "--cpu",
+                "1",
+                "--heartbeat-seconds",
+                "0.5",
+                "--ca-file",
+                ca_file,
+            ])
+            .arg("--data-dir")
+            .arg(agent_dir.path())
+            .env("CECCM_JOIN_TOKEN", join.trim())
+            .stdin(Stdio::null());
+        command
+    };
+    let refused = agent(&other_ca.display().to_string()).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(!agent_dir.path().join("agent.token").exists());
+    let mut joined = agent(&ca).stdout(Stdio::null()).spawn().unwrap();
+    let phase_over_tls = |kind: &str, name: &str, phase: &str| {
+        wait_until(
+            &format!("{kind}/{name} {phase}"),
+            Duration::from_secs(60),
+            || {
+                let run = s.run(&["get", kind, name, "-o", "json", "--ca-file", &ca]);
+                let object: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
+                (object.pointer("/status/phase") == Some(&serde_json::json!(phase))).then_some(())
+            },
+        )
+    };
+    phase_over_tls("region", "tls-site", "Ready");
+    let pinned = echo_app("at-the-edge", 2).replace(
+        "  type: batch\n",
+        "  type: batch\n  placement: {regions: [tls-site]}\n",
+    );
+    let pinned = s.manifest("pinned.yaml", &pinned);
+    s.run(&["apply", "-f", &pinned, "--ca-file", &ca]).expect(0);
+    phase_over_tls("application", "at-the-edge", "Succeeded");
+    let _ = joined.kill();
+    let _ = joined.wait();
 }

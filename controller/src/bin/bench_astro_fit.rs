@@ -166,6 +166,8 @@ async fn through_control_plane(
         lease_seconds: 30,
         worker_program: sibling("ceccm")?,
         anonymous_metrics: false,
+        tls: Default::default(),
+        user_quota_bytes: None,
     })
     .await?;
     let base = format!("{}/api/v1", server.url());

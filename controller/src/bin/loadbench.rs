@@ -89,6 +89,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lease_seconds: 30,
         worker_program: std::env::current_exe()?,
         anonymous_metrics: false,
+        tls: Default::default(),
+        user_quota_bytes: None,
     })
     .await?;
     let base = server.url();

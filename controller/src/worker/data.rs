@@ -455,6 +455,8 @@ mod tests {
             lease_seconds: 30,
             worker_program: "/nonexistent".into(),
             anonymous_metrics: false,
+            tls: Default::default(),
+            user_quota_bytes: None,
         })
         .await
         .unwrap();

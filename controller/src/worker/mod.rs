@@ -35,6 +35,8 @@ pub struct WorkerOptions {
     /// The server's data directory, for a worker on the server's own host (the local
     /// driver's): inputs are hard-linked from it rather than downloaded.
     pub server_data_dir: Option<PathBuf>,
+    /// A CA to trust for an https server (`--ca-file`, `$CECCM_CA_FILE`).
+    pub ca_file: Option<PathBuf>,
     /// Most bytes of unsent results kept in the region's outbox before the worker stops
     /// taking work.
     pub outbox_max_bytes: u64,
@@ -69,7 +71,10 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
         )
     })?;
     let client = crate::tokens::client_with_token(
-        reqwest::Client::builder().timeout(Duration::from_secs(300)),
+        crate::tls::trusting(
+            reqwest::Client::builder().timeout(Duration::from_secs(300)),
+            options.ca_file.as_deref(),
+        )?,
         &token,
     )?;
     let data = DataPlane::new(

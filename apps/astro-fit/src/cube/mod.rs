@@ -399,13 +399,23 @@ fn probe(file: &mut FitsFile, path: &Path) -> Result<Probe, CubeError> {
         .last()
         .filter(|h| h.shape.as_ref().is_some_and(|s| !s.is_empty()))
     {
-        let npix: usize = last.shape.iter().flatten().product();
-        let hdu = file
-            .hdu(last.index)
-            .map_err(|e| fits_error(path, "reading the last HDU", e))?;
-        let _: Vec<f32> = hdu
-            .read_section(file, npix - 1, npix)
-            .map_err(|e| fits_error(path, &format!("reading the end of HDU {last}"), e))?;
+        // The header's axes are untrusted: their product may overflow, or be 0 (an empty
+        // image has no end to read).
+        let npix = (last.shape.iter().flatten()).try_fold(1usize, |n, &axis| n.checked_mul(axis));
+        let Some(npix) = npix else {
+            return Err(CubeError::Open {
+                path: path.to_path_buf(),
+                message: format!("HDU {last} declares more pixels than can be addressed"),
+            });
+        };
+        if npix > 0 {
+            let hdu = file
+                .hdu(last.index)
+                .map_err(|e| fits_error(path, "reading the last HDU", e))?;
+            let _: Vec<f32> = hdu
+                .read_section(file, npix - 1, npix)
+                .map_err(|e| fits_error(path, &format!("reading the end of HDU {last}"), e))?;
+        }
     }
     let primary = file
         .primary_hdu()
@@ -580,6 +590,58 @@ impl fmt::Debug for Cube {
     }
 }
 
+/// Deflate cannot shrink data more than about 1032:1.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+
+/// cfitsio recognises compressed files by their first bytes, whatever their name, and
+/// decompresses them into memory it allocates at once, sized from the file's own trailer (for
+/// gzip: the last 4 bytes, plus 4 GiB for every time that is below the file's size). A file
+/// that lies there made it allocate 4 GiB (found by the `fits_cube` fuzz target). Refuse a gzip
+/// trailer deflate cannot produce, and the compressions astro-fit does not read.
+fn check_compression(path: &Path) -> Result<(), CubeError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let refuse = |message: String| CubeError::Open {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| refuse(e.to_string()))?;
+    let len = file.metadata().map_err(|e| refuse(e.to_string()))?.len();
+    let mut magic = [0u8; 2];
+    if file.read_exact(&mut magic).is_err() {
+        // Too short to be anything: cfitsio says what it is not.
+        return Ok(());
+    }
+    match magic {
+        [0x1f, 0x8b] => {
+            let mut trailer = [0u8; 4];
+            file.seek(SeekFrom::End(-4))
+                .and_then(|_| file.read_exact(&mut trailer))
+                .map_err(|_| refuse("a gzip stream too short to hold its trailer".into()))?;
+            // As cfitsio reads it: the size modulo 2^32, raised past the compressed size.
+            let mut declared = u64::from(u32::from_le_bytes(trailer));
+            while declared < len {
+                declared += 1 << 32;
+            }
+            let most = len
+                .saturating_mul(DEFLATE_MAX_RATIO)
+                .saturating_add(1 << 16);
+            if declared > most {
+                return Err(refuse(format!(
+                    "its gzip trailer declares {declared} bytes uncompressed from {len}, more \
+                     than deflate can hold: the file is corrupt"
+                )));
+            }
+            Ok(())
+        }
+        [0x1f, 0x1e] | [0x1f, 0x9d] | [0x1f, 0xa0] | [b'P', b'K'] => Err(refuse(
+            "it is compressed with pack, compress, LZH or zip; astro-fit reads plain or \
+             gzip-compressed FITS"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Cube {
     /// Opens a cube (plain or `.gz`), detects its format and reads its metadata. Pixel data are
     /// not read, except the last pixel of each array, so that a truncated file fails here.
@@ -591,6 +653,7 @@ impl Cube {
                 path,
             });
         }
+        check_compression(&path)?;
         let mut file = FitsFile::open(&path).map_err(|e| match fits_error(&path, "open", e) {
             CubeError::Fits { path, message, .. } => CubeError::Open { path, message },
             other => other,

@@ -286,3 +286,85 @@ fn a_mapped_plain_cube_reads_what_its_gzipped_copy_reads() {
     std::fs::write(&cut, &bytes[..bytes.len() - 2880 * 10]).unwrap();
     assert!(matches!(Cube::open(&cut), Err(CubeError::Truncated { .. })));
 }
+
+/// A FITS file of one primary header made of `cards` (`KEY`, value as FITS writes it).
+fn header_only(cards: &[(&str, &str)]) -> Vec<u8> {
+    let mut text: String = cards
+        .iter()
+        .map(|(key, value)| format!("{key:<8}= {value:>20}{:50}", ""))
+        .collect();
+    text.push_str(&format!("{:<80}", "END"));
+    let mut bytes = text.into_bytes();
+    bytes.resize(bytes.len().div_ceil(2880) * 2880, b' ');
+    bytes
+}
+
+/// Found by the `fits_cube` fuzz target (fuzz/): a header whose axes multiply to 0 made the
+/// truncation probe read pixel `0 - 1` (a panic in debug builds), and axes whose product
+/// overflows would too. Both are typed errors now.
+#[test]
+fn headers_with_empty_or_unaddressable_axes_are_refused_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, axes) in [
+        ("empty.fits", ["3", "0", "4"]),
+        ("huge.fits", ["2147483647", "2147483647", "2147483647"]),
+    ] {
+        let path = dir.path().join(name);
+        let mut cards = vec![("SIMPLE", "T"), ("BITPIX", "-32"), ("NAXIS", "3")];
+        cards.extend([
+            ("NAXIS1", axes[0]),
+            ("NAXIS2", axes[1]),
+            ("NAXIS3", axes[2]),
+        ]);
+        cards.extend([("EXTEND", "T"), ("INSTRUME", "'MEGARA  '")]);
+        std::fs::write(&path, header_only(&cards)).unwrap();
+        let outcome = std::panic::catch_unwind(|| Cube::open(&path));
+        let err = outcome
+            .unwrap_or_else(|_| panic!("{name}: Cube::open panicked"))
+            .expect_err(name);
+        assert!(!err.to_string().is_empty(), "{name}");
+    }
+}
+
+/// Found by the `fits_cube` fuzz target: cfitsio sizes its in-memory copy of a compressed file
+/// from the file's trailer, so a gzip file declaring an impossible size (here 0, which cfitsio
+/// takes as 4 GiB) made it allocate 4 GiB. Such a file, and compressions astro-fit does not
+/// read, are refused before cfitsio sees them; a real gzip cube still opens.
+#[test]
+fn compressed_files_with_impossible_sizes_are_refused_before_cfitsio_allocates() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let lying = dir.path().join("lying.fits");
+    let mut bytes = vec![0x1f, 0x8b];
+    bytes.extend(header_only(&[
+        ("SIMPLE", "T"),
+        ("BITPIX", "8"),
+        ("NAXIS", "0"),
+    ]));
+    bytes.extend([0u8; 4]);
+    std::fs::write(&lying, &bytes).unwrap();
+    let err = Cube::open(&lying).unwrap_err();
+    assert!(
+        matches!(err, CubeError::Open { .. }) && err.to_string().contains("gzip trailer"),
+        "{err}"
+    );
+    let zipped = dir.path().join("zipped.fits");
+    std::fs::write(&zipped, b"PK\x03\x04 not a FITS file").unwrap();
+    let err = Cube::open(&zipped).unwrap_err();
+    assert!(err.to_string().contains("plain or gzip"), "{err}");
+
+    let plain = dir.path().join("megara.fits");
+    write_megara(&plain, 3, 2, 4, 9);
+    let gz = dir.path().join("megara.fits.gz");
+    let mut encoder = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    encoder.write_all(&std::fs::read(&plain).unwrap()).unwrap();
+    encoder.finish().unwrap();
+    let cube = Cube::open(&gz).unwrap();
+    assert_eq!(
+        (cube.meta().nx, cube.meta().ny, cube.meta().nwave()),
+        (3, 2, 4)
+    );
+}
