@@ -356,10 +356,17 @@ pub async fn patch_status(
     }
     let sent_version = match &body["metadata"] {
         Value::Null => None,
-        Value::Object(m) if m.keys().all(|k| k == "resourceVersion") => m
-            .get("resourceVersion")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        Value::Object(m) if m.keys().all(|k| k == "resourceVersion") => {
+            match m.get("resourceVersion") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(v)) => Some(v.clone()),
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "a status patch's metadata.resourceVersion must be a string",
+                    ));
+                }
+            }
+        }
         _ => {
             return Err(ApiError::bad_request(
                 "a status patch's metadata may only hold resourceVersion",
@@ -373,7 +380,11 @@ pub async fn patch_status(
             };
             check_version(kind, name, sent_version.as_deref(), &object)?;
             let before = object["status"].clone();
-            merge_patch(&mut object["status"], &body["status"]);
+            // A patch without `status` changes nothing (merging its absence, a null, would
+            // erase the whole status).
+            if body["status"].is_object() {
+                merge_patch(&mut object["status"], &body["status"]);
+            }
             Ok(if object["status"] == before {
                 Change::Keep
             } else {

@@ -25,13 +25,16 @@ use crate::store::{Change, Store};
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JoinRequest {
     /// The region the agent runs. Made (`driver: agent`) if it does not exist.
+    #[schema(pattern = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub region: String,
     /// The agent's name (its host's, unless given).
+    #[schema(min_length = 1, max_length = 253)]
     pub agent: String,
     /// Cores the agent offers (1..4096).
     #[schema(minimum = 1, maximum = 4096)]
     pub cpu: u32,
     #[serde(default, rename = "memoryMiB")]
+    #[schema(maximum = 1_073_741_824)]
     pub memory_mib: u64,
     /// Tier of a region the join makes (default `edge`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,15 +59,20 @@ pub struct JoinResponse {
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AgentReport {
+    #[schema(min_length = 1, max_length = 253)]
     pub agent: String,
     /// Cores the agent offers now.
+    #[schema(minimum = 1, maximum = 4096)]
     pub cpu: u32,
     /// Worker processes alive.
+    #[schema(maximum = 65_536)]
     pub workers: u32,
     /// CPU time of its workers and their tasks since the agent started (>= 0).
+    #[schema(minimum = 0)]
     pub cpu_seconds: f64,
     /// Energy its host measured (RAPL) since the agent started, where it can.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
     pub measured_joules: Option<f64>,
 }
 
@@ -89,6 +97,10 @@ pub struct DrainResult {
     pub running: u32,
 }
 
+/// Bounds of what an agent reports (the OpenAPI document states them too).
+const MAX_AGENT_WORKERS: u32 = 65_536;
+const MAX_MEMORY_MIB: u64 = 1 << 30;
+
 fn invalid(kind: &str, name: &str, field: &str, message: &str) -> ApiError {
     ApiError::invalid(
         kind,
@@ -107,6 +119,14 @@ pub async fn join(store: &Store, request: &JoinRequest) -> Result<JoinResponse, 
             region,
             "region",
             "must be a DNS-1123 label",
+        ));
+    }
+    if request.memory_mib > MAX_MEMORY_MIB {
+        return Err(invalid(
+            "Region",
+            region,
+            "memoryMiB",
+            "must be at most 1073741824 (1 PiB)",
         ));
     }
     if request.agent.is_empty() || request.agent.len() > 253 {
@@ -200,6 +220,9 @@ pub async fn heartbeat(
     let bad = |field: &str, message: &str| invalid("Region", region, field, message);
     if report.agent.is_empty() || report.agent.len() > 253 {
         return Err(bad("agent", "must be 1 to 253 characters"));
+    }
+    if report.workers > MAX_AGENT_WORKERS {
+        return Err(bad("workers", "must be at most 65536"));
     }
     if !(1..=4096).contains(&report.cpu) {
         return Err(bad("cpu", "must be 1 to 4096"));
