@@ -118,38 +118,44 @@ fn region_phase(http: &Http, server: &str, name: &str) -> Option<Value> {
     (status == 200).then_some(body)
 }
 
-/// Two agents join; a job spreads over both; the cloud host dies mid-job; its tasks are
-/// placed on the edge once the grace and the toleration have passed, and the job completes
-/// with each result once. Returns the seconds from the loss to the last task re-placed.
-fn cloud_host_dies_mid_job(server: &Server, topology: &Topology, dir: &Path) -> f64 {
+/// An edge agent (`DIR/edge-agent`) and a cloud agent (`DIR/cloud-agent`) joined with the
+/// server's join token, once both regions are Ready.
+fn join_two_agents(server: &Server, topology: &Topology, dir: &Path) -> (Agent, Agent) {
     let http = Http::new();
     let join = std::fs::read_to_string(server.data_dir.join("join.token"))
         .unwrap()
         .trim()
         .to_string();
-    let url = &server.url;
-    let _edge = Agent::start(
-        topology.edge.0.as_deref(),
-        &topology.edge.1,
-        "edge-site",
-        "edge",
-        &join,
-        &dir.join("edge-agent"),
-    );
-    let mut cloud = Agent::start(
-        topology.cloud.0.as_deref(),
-        &topology.cloud.1,
-        "cloud-site",
-        "cloud",
-        &join,
-        &dir.join("cloud-agent"),
+    let start = |(netns, url): &(Option<String>, String), region: &str, tier: &str| {
+        Agent::start(
+            netns.as_deref(),
+            url,
+            region,
+            tier,
+            &join,
+            &dir.join(format!("{tier}-agent")),
+        )
+    };
+    let agents = (
+        start(&topology.edge, "edge-site", "edge"),
+        start(&topology.cloud, "cloud-site", "cloud"),
     );
     for region in ["edge-site", "cloud-site"] {
         wait_until(&format!("{region} Ready"), Duration::from_secs(60), || {
-            let r = region_phase(&http, url, region)?;
+            let r = region_phase(&http, &server.url, region)?;
             (r["status"]["phase"] == "Ready").then_some(())
         });
     }
+    agents
+}
+
+/// Two agents join; a job spreads over both; the cloud host dies mid-job; its tasks are
+/// placed on the edge once the grace and the toleration have passed, and the job completes
+/// with each result once. Returns the seconds from the loss to the last task re-placed.
+fn cloud_host_dies_mid_job(server: &Server, topology: &Topology, dir: &Path) -> f64 {
+    let http = Http::new();
+    let url = &server.url;
+    let (_edge, mut cloud) = join_two_agents(server, topology, dir);
     // The agent keeps its own token, readable by it alone.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(cloud.data_dir.join("agent.token"))
@@ -466,32 +472,7 @@ fn an_astro_fit_job_over_two_agents_outlives_the_cloud_host_with_the_same_maps()
     });
     let (server, topology) = (&sites.server, &sites.topology);
     let http = Http::new();
-    let join = std::fs::read_to_string(server.data_dir.join("join.token"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let _edge = Agent::start(
-        topology.edge.0.as_deref(),
-        &topology.edge.1,
-        "edge-site",
-        "edge",
-        &join,
-        &dir.path().join("edge-agent"),
-    );
-    let mut cloud = Agent::start(
-        topology.cloud.0.as_deref(),
-        &topology.cloud.1,
-        "cloud-site",
-        "cloud",
-        &join,
-        &dir.path().join("cloud-agent"),
-    );
-    for region in ["edge-site", "cloud-site"] {
-        wait_until(&format!("{region} Ready"), Duration::from_secs(60), || {
-            let r = region_phase(&http, &server.url, region)?;
-            (r["status"]["phase"] == "Ready").then_some(())
-        });
-    }
+    let (_edge, mut cloud) = join_two_agents(server, topology, dir.path());
     start_seed7_job_with(
         &http,
         server,
@@ -583,33 +564,8 @@ fn an_edge_cut_off_keeps_fitting_and_syncs_once_back_across_a_control_plane_rest
     } = sites;
     let ns = namespaces.as_ref().unwrap();
     let http = Http::new();
-    let join = std::fs::read_to_string(server.data_dir.join("join.token"))
-        .unwrap()
-        .trim()
-        .to_string();
     let edge_dir = dir.path().join("edge-agent");
-    let _edge = Agent::start(
-        topology.edge.0.as_deref(),
-        &topology.edge.1,
-        "edge-site",
-        "edge",
-        &join,
-        &edge_dir,
-    );
-    let _cloud = Agent::start(
-        topology.cloud.0.as_deref(),
-        &topology.cloud.1,
-        "cloud-site",
-        "cloud",
-        &join,
-        &dir.path().join("cloud-agent"),
-    );
-    for region in ["edge-site", "cloud-site"] {
-        wait_until(&format!("{region} Ready"), Duration::from_secs(60), || {
-            let r = region_phase(&http, &server.url, region)?;
-            (r["status"]["phase"] == "Ready").then_some(())
-        });
-    }
+    let (_edge, _cloud) = join_two_agents(&server, &topology, dir.path());
     // Tolerating NotReady for ever: the edge's work stays the edge's while it is cut off.
     start_seed7_job_with(
         &http,
