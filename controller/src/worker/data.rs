@@ -49,6 +49,12 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// Whether the server was out of reach or failing, so the same request may succeed later.
+    pub fn transient(&self) -> bool {
+        matches!(self, DataError::Http(_))
+            || matches!(self, DataError::Status { status, .. } if *status >= 500)
+    }
+
     /// Whether another attempt could succeed.
     pub fn permanent(&self) -> bool {
         matches!(self, DataError::Changed { .. })

@@ -502,7 +502,9 @@ async fn fetch_inputs(
     work: &AstroFitWork,
 ) -> Result<stage::StageInputs, Ending> {
     let fetch_failed = |e: data::DataError| failed(&e, e.permanent());
-    let cube = data.dataset(&work.cube).await.map_err(fetch_failed)?;
+    let cube = patiently(|| data.dataset(&work.cube))
+        .await
+        .map_err(fetch_failed)?;
     // A gzipped cube is decompressed once per region: every chunk reads only its rows.
     let cube = if is_gzip(&cube) {
         data.derived(&cube, "fits", |gz, fits| {
@@ -521,7 +523,7 @@ async fn fetch_inputs(
     };
     let templates = match &work.templates {
         Some(t) => {
-            let tar = data.dataset(t).await.map_err(fetch_failed)?;
+            let tar = patiently(|| data.dataset(t)).await.map_err(fetch_failed)?;
             data.derived(&tar, "templates", |tar, dir| {
                 ::astro_fit::unpack_template_tar(tar, dir)
                     .map(|_| ())
@@ -535,12 +537,21 @@ async fn fetch_inputs(
             .map_err(|e| failed(e, false))?,
     };
     let plan = match &work.plan {
-        Some(p) => Some(data.artifact(application, p).await.map_err(fetch_failed)?),
+        Some(p) => Some(
+            patiently(|| data.artifact(application, p))
+                .await
+                .map_err(fetch_failed)?,
+        ),
         None => None,
     };
     // Many small files: several downloads at once, so that their round trips overlap.
     let chunks: Vec<(String, PathBuf)> = futures::stream::iter(&work.chunks)
-        .map(|c| async move { Ok((c.name.clone(), data.artifact(application, c).await?)) })
+        .map(|c| async move {
+            Ok((
+                c.name.clone(),
+                patiently(|| data.artifact(application, c)).await?,
+            ))
+        })
         .buffered(8)
         .collect::<Vec<Result<_, data::DataError>>>()
         .await
@@ -553,6 +564,32 @@ async fn fetch_inputs(
         plan,
         chunks,
     })
+}
+
+/// How long a worker waits for the server to come back before an input it cannot fetch fails
+/// the attempt.
+const FETCH_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Runs `fetch` again while the server is out of reach or failing (a cut link, a control plane
+/// restarting): inputs that cannot be fetched now are not a failed attempt. The task's lease
+/// is renewed meanwhile, or left to its region's toleration while the link is down.
+async fn patiently<T, F, Fut>(mut fetch: F) -> Result<T, data::DataError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, data::DataError>>,
+{
+    let deadline = Instant::now() + FETCH_PATIENCE;
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match fetch().await {
+            Err(e) if e.transient() && Instant::now() + wait < deadline => {
+                tracing::warn!(error = %e, "fetching an input failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn is_gzip(path: &std::path::Path) -> bool {
@@ -590,4 +627,42 @@ async fn bundled_templates(data: &DataPlane) -> Result<PathBuf, String> {
             .map_err(|e| e.to_string())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16) -> data::DataError {
+        data::DataError::Status {
+            what: "fetching the cube".into(),
+            status,
+            body: String::new(),
+        }
+    }
+
+    // Waits 1 s, then 2 s, between the tries: three seconds of real time.
+    #[tokio::test]
+    async fn an_input_is_fetched_again_while_the_server_fails_but_not_when_it_refuses() {
+        let calls = std::cell::Cell::new(0);
+        let fetched = patiently(|| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move { if n < 3 { Err(status(503)) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(fetched.unwrap(), 3);
+        calls.set(0);
+        let refused: Result<u32, _> = patiently(|| {
+            calls.set(calls.get() + 1);
+            async { Err(status(404)) }
+        })
+        .await;
+        assert!(matches!(
+            refused,
+            Err(data::DataError::Status { status: 404, .. })
+        ));
+        assert_eq!(calls.get(), 1, "a refusal is final");
+        assert!(status(502).transient() && !status(422).transient());
+    }
 }
