@@ -118,16 +118,16 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
             continue;
         }
         // Lease the next task, and as many ahead as asked, while the server answers.
-        let mut asked = Ok(None);
+        // `asked`: why the topping up stopped (nothing queued, or the server out of reach).
+        let mut asked = Ok(());
         while held.len() <= options.prefetch as usize {
-            asked = lease(&client, &options).await;
-            match &asked {
-                Ok(Some(_)) => {
-                    if let Ok(Some(leased)) = std::mem::replace(&mut asked, Ok(None)) {
-                        held.push_back(leased);
-                    }
+            match lease(&client, &options).await {
+                Ok(Some(leased)) => held.push_back(leased),
+                Ok(None) => break,
+                Err(e) => {
+                    asked = Err(e);
+                    break;
                 }
-                _ => break,
             }
         }
         if let Some(next) = held.pop_front() {
@@ -140,7 +140,7 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
             continue;
         }
         match asked {
-            Ok(_) => {
+            Ok(()) => {
                 if idle_since.elapsed() >= options.idle_exit {
                     return Ok(());
                 }
