@@ -5,9 +5,13 @@
 //! few seconds with its capacity, workers, CPU time and measured energy. Each heartbeat answers
 //! with the workers the region's queue wants, and the agent runs them on its own host with the
 //! local driver: the same `ceccm worker` processes, leasing and reporting over HTTP with the
-//! agent's token, caching inputs by sha256 under `DATA_DIR/cache`.
+//! agent's token, caching inputs by sha256 under `DATA_DIR/cache`. It holds its site's datasets
+//! (`--datasets DIR`), announces them, and sends their uplink copies when the server asks
+//! ([`crate::uplink`]).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ceccm_federation::RegionDriver;
@@ -15,6 +19,10 @@ use ceccm_federation::local::{LocalDriver, WorkerCommand};
 use ceccm_federation::region::{Capacity, DriverKind, RegionSpec, Tier};
 
 use crate::regions::{AgentOrders, AgentReport, JoinRequest, JoinResponse};
+use crate::uplink::{EdgeDatasets, HeldDataset};
+
+/// Names of the datasets being sent.
+type Sending = Arc<Mutex<HashSet<String>>>;
 
 /// The agent's own token in its data directory.
 pub const AGENT_TOKEN_FILE: &str = "agent.token";
@@ -41,6 +49,9 @@ pub struct AgentOptions {
     /// The server's CA, for an https server with a certificate of its own (its workers get
     /// it too).
     pub ca_file: Option<PathBuf>,
+    /// The datasets this site holds, one file each (see [`crate::uplink`]).
+    pub datasets: PathBuf,
+    pub uplink_encoding: crate::uplink::UplinkEncoding,
     /// The program run as a worker (this `ceccm` binary).
     pub worker_program: PathBuf,
 }
@@ -71,6 +82,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         None => join(&options, &name, cpu).await?,
     };
     let mut link = Link::new(&options, &token)?;
+    let held = watch_datasets(&options);
+    let sending = Arc::new(Mutex::new(HashSet::new()));
     let mut meter = Rapl::open();
     let mut wanted = 0;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -85,6 +98,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             workers: seen.workers,
             cpu_seconds: seen.cpu_seconds,
             measured_joules: meter.as_mut().and_then(Rapl::joules),
+            datasets: held
+                .lock()
+                .map(|h| h.iter().map(|(d, _)| d.clone()).collect())
+                .unwrap_or_default(),
         };
         match link.heartbeat(&report).await {
             Ok(orders) => {
@@ -93,6 +110,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     reachable = true;
                 }
                 wanted = orders.wanted_workers;
+                for why in &orders.refused_datasets {
+                    tracing::warn!(region = options.region, "{why}");
+                }
+                for name in orders.uploads {
+                    link.send_dataset(&options.server, name, &held, &sending);
+                }
                 if wanted > seen.workers {
                     link.driver
                         .ensure(&options.region, &link.spec(cpu), wanted)?;
@@ -130,9 +153,49 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the agent holds: each dataset with the file its uplink copy is in.
+type Held = Arc<Mutex<Vec<(HeldDataset, PathBuf)>>>;
+
+/// Looks at the datasets directory every few seconds, off the heartbeat's path (a new cube is
+/// hashed and compressed before it is announced).
+fn watch_datasets(options: &AgentOptions) -> Held {
+    let held: Held = Arc::default();
+    let mut datasets = EdgeDatasets::new(
+        options.datasets.clone(),
+        options.data_dir.join("cache"),
+        options.uplink_encoding,
+    );
+    let (shared, every) = (held.clone(), options.heartbeat);
+    tokio::spawn(async move {
+        loop {
+            let Ok((back, found)) = tokio::task::spawn_blocking(move || {
+                let found = datasets.scan();
+                let found: Vec<_> = found
+                    .into_iter()
+                    .filter_map(|d| datasets.to_send(&d.name).map(|(path, _)| (d, path)))
+                    .collect();
+                (datasets, found)
+            })
+            .await
+            else {
+                tracing::error!("the datasets watcher stopped");
+                return;
+            };
+            datasets = back;
+            if let Ok(mut h) = shared.lock() {
+                *h = found;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    held
+}
+
 /// The agent's connection to the server: its client and its workers.
 struct Link {
     client: reqwest::Client,
+    /// For dataset copies, which may take long over a slow uplink.
+    uplink: reqwest::Client,
     heartbeat_url: String,
     driver: LocalDriver,
 }
@@ -147,6 +210,13 @@ impl Link {
         let client = crate::tokens::client_with_token(
             crate::tls::trusting(
                 reqwest::Client::builder().timeout(Duration::from_secs(10)),
+                options.ca_file.as_deref(),
+            )?,
+            token,
+        )?;
+        let uplink = crate::tokens::client_with_token(
+            crate::tls::trusting(
+                reqwest::Client::builder().connect_timeout(Duration::from_secs(10)),
                 options.ca_file.as_deref(),
             )?,
             token,
@@ -175,6 +245,7 @@ impl Link {
         });
         Ok(Link {
             client,
+            uplink,
             heartbeat_url: format!(
                 "{}/api/v1/regions/{}/heartbeat",
                 options.server, options.region
@@ -199,6 +270,42 @@ impl Link {
             taints: Vec::new(),
             unschedulable: false,
         }
+    }
+
+    /// Sends `name`'s uplink copy in the background, unless it is already on its way.
+    fn send_dataset(&self, server: &str, name: String, held: &Held, sending: &Sending) {
+        let Some((dataset, path)) = held
+            .lock()
+            .ok()
+            .and_then(|h| h.iter().find(|(d, _)| d.name == name).cloned())
+        else {
+            return;
+        };
+        if !sending.lock().is_ok_and(|mut s| s.insert(name.clone())) {
+            return;
+        }
+        let (client, server, sending) = (self.uplink.clone(), server.to_string(), sending.clone());
+        tokio::spawn(async move {
+            match crate::uplink::send(&client, &server, &name, &path, &dataset).await {
+                Ok(status) => {
+                    let seconds = status.uplink.and_then(|u| u.transfer_seconds);
+                    tracing::info!(
+                        dataset = name,
+                        bytes = dataset.size,
+                        sent = dataset.encoded_size,
+                        encoding = dataset.encoding.as_str(),
+                        seconds,
+                        "dataset sent"
+                    );
+                }
+                // The order stands while the server still wants it: the next heartbeat
+                // asks again.
+                Err(e) => tracing::warn!(dataset = name, error = %e, "sending the dataset failed"),
+            }
+            if let Ok(mut s) = sending.lock() {
+                s.remove(&name);
+            }
+        });
     }
 
     async fn heartbeat(&self, report: &AgentReport) -> Result<AgentOrders, Refused> {

@@ -107,6 +107,7 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_object, apply_object, delete_object))
         .routes(routes!(patch_status))
         .routes(routes!(upload_content, download_content))
+        .routes(routes!(send_uplink))
         .routes(routes!(results_index))
         .routes(routes!(cancel_application))
         .routes(routes!(retry_application))
@@ -840,6 +841,28 @@ async fn download_content(
     object_name(Kind::Dataset, &name)?;
     seen_object(&state.store, &who, Kind::Dataset, &name).await?;
     crate::content::download_dataset(&state.store, &state.config, &name).await
+}
+
+#[utoipa::path(put, path = "/api/v1/datasets/{name}/uplink", tag = "datasets",
+    params(("name" = String, Path),
+           ("x-ceccm-encoding" = String, Header, pattern = "^(tarsis|identity)$", description = "How the bytes were made from the content"),
+           ("x-ceccm-content-sha256" = String, Header, pattern = "^[0-9a-f]{64}$", description = "sha256 of the content they stand for (the dataset's status.sha256)")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Kept; status.uplink records the bytes and the time", body = ApiObject),
+              (status = "default", description = "Error (403: not the agent of the dataset's region; 409: other content now; 422: the bytes are not what the headers say)", body = ErrorBody)))]
+async fn send_uplink(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    who.may(Action::ReportRegion)?;
+    object_name(Kind::Dataset, &name)?;
+    refuse_declared_over(&headers, state.config.max_upload_bytes)?;
+    let object =
+        crate::uplink::receive(&state.store, &state.config, &who, &name, &headers, body).await?;
+    Ok(Json(object).into_response())
 }
 
 #[derive(Serialize, ToSchema)]

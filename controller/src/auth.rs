@@ -175,7 +175,9 @@ fn describe(action: Action) -> String {
         Action::ManageTokens => "manage tokens (administrators only)".into(),
         Action::ReadMetrics => "read metrics".into(),
         Action::JoinRegion => "join a region as its agent (the join token only)".into(),
-        Action::ReportRegion => "report a region's heartbeat (its agent only)".into(),
+        Action::ReportRegion => {
+            "report a region's heartbeat or send its datasets (its agent only)".into()
+        }
     }
 }
 

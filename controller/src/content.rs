@@ -102,7 +102,11 @@ fn over_quota(
     }
 }
 
-async fn receive(body: Body, path: &Path, limit: u64) -> Result<(u64, String), ApiError> {
+pub(crate) async fn receive(
+    body: Body,
+    path: &Path,
+    limit: u64,
+) -> Result<(u64, String), ApiError> {
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| io_error("creating the upload file", e))?;
@@ -136,8 +140,13 @@ pub async fn download_dataset(
     config: &ApiConfig,
     name: &str,
 ) -> Result<Response, ApiError> {
-    if store.get_raw(Kind::Dataset, name).await?.is_none() {
+    let Some(object) = store.get(Kind::Dataset, name).await? else {
         return Err(ApiError::not_found("Dataset", name));
+    };
+    let status: crate::resources::DatasetStatus =
+        serde_json::from_value(object["status"].clone()).unwrap_or_default();
+    if status.uplink.is_some() {
+        return crate::uplink::serve_held(store, &config.data_dir, name, &status).await;
     }
     stream_file(
         &dataset_path(&config.data_dir, name),

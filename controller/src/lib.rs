@@ -27,6 +27,7 @@ pub mod store;
 pub mod time;
 pub mod tls;
 pub mod tokens;
+pub mod uplink;
 pub mod watch;
 pub mod worker;
 

@@ -117,6 +117,14 @@ enum Command {
         /// built-in roots; its workers trust it too
         #[arg(long, env = "CECCM_CA_FILE", value_name = "FILE")]
         ca_file: Option<PathBuf>,
+        /// Directory of the datasets this site holds (one file per Dataset, named as it is;
+        /// move files in whole); default: DATA_DIR/datasets.
+        #[arg(long, value_name = "DIR")]
+        datasets: Option<PathBuf>,
+        /// How held cubes cross the uplink when a task elsewhere needs them: tarsis
+        /// (noise-bounded compression, every header card kept) or identity (as they are).
+        #[arg(long, value_enum, default_value = "tarsis")]
+        uplink_encoding: ceccm_controller::uplink::UplinkEncoding,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -224,6 +232,8 @@ fn main() -> ExitCode {
                 lease_seconds,
                 prefetch,
                 ca_file,
+                datasets,
+                uplink_encoding,
             } => {
                 let tier = serde_json::from_value(serde_json::Value::String(tier.clone()))
                     .map_err(|_| anyhow::anyhow!("--tier {tier:?}: edge, cloud or hpc"))?;
@@ -231,7 +241,7 @@ fn main() -> ExitCode {
                     server: server.trim_end_matches('/').to_string(),
                     region,
                     join_token: token,
-                    data_dir,
+                    data_dir: data_dir.clone(),
                     cpu,
                     tier,
                     location,
@@ -240,6 +250,8 @@ fn main() -> ExitCode {
                     lease_seconds,
                     prefetch,
                     ca_file,
+                    datasets: datasets.unwrap_or_else(|| data_dir.join("datasets")),
+                    uplink_encoding,
                     worker_program: std::env::current_exe()?,
                 })
                 .await

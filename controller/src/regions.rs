@@ -74,6 +74,10 @@ pub struct AgentReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0)]
     pub measured_joules: Option<f64>,
+    /// The datasets the agent holds (its `DIR/datasets`), for Datasets that declare the region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 10_000)]
+    pub datasets: Vec<crate::uplink::HeldDataset>,
 }
 
 /// The answer to a heartbeat: what the region's queue asks of the agent.
@@ -84,6 +88,12 @@ pub struct AgentOrders {
     pub leased: u32,
     /// Workers the agent should run now (its cores permitting).
     pub wanted_workers: u32,
+    /// Datasets a task elsewhere asked for: the agent sends their uplink copies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uploads: Vec<String>,
+    /// Announced datasets the server did not take, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_datasets: Vec<String>,
 }
 
 /// The answer to a drain.
@@ -281,10 +291,14 @@ pub async fn heartbeat(
         RegionStep::Release => 0,
         RegionStep::Ensure { workers } => workers,
     };
+    let (uploads, refused_datasets) =
+        crate::uplink::take_announcements(store, region, &report.datasets).await?;
     Ok(AgentOrders {
         queued: tasks.queued,
         leased: tasks.leased,
         wanted_workers,
+        uploads,
+        refused_datasets,
     })
 }
 

@@ -791,6 +791,10 @@ pub struct DatasetStatus {
     pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_time: Option<String>,
+    /// Set when the content lives at an edge region's agent (which announced it) rather than
+    /// on the server: what crosses the region's uplink, and when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<crate::uplink::DatasetUplink>,
 }
 
 /// The envelope every object has, for the OpenAPI document.

@@ -262,7 +262,13 @@ pub(super) async fn input_view(
     let mut view = InputView::default();
     for input in &spec.inputs {
         if let Some(dataset) = ctx.store.get(Kind::Dataset, &input.dataset).await? {
-            view.bytes += dataset["status"]["size"].as_u64().unwrap_or(0);
+            // What moving it costs: an edge-held dataset crosses its uplink encoded.
+            let uplink: Option<crate::uplink::DatasetUplink> =
+                serde_json::from_value(dataset["status"]["uplink"].clone()).ok();
+            view.bytes += match uplink {
+                Some(u) => u.moved_bytes(),
+                None => dataset["status"]["size"].as_u64().unwrap_or(0),
+            };
             if view.region.is_none() {
                 view.region = dataset["spec"]["region"].as_str().map(str::to_string);
             }

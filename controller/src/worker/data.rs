@@ -99,6 +99,45 @@ pub struct DataPlane {
     fetches: Mutex<Vec<Fetch>>,
 }
 
+/// The cached content `sha256`: the original, or the uplink copy of an edge-held dataset.
+async fn cached(cache: &Path, sha256: &str) -> Option<PathBuf> {
+    let original = cache.join(sha256);
+    if tokio::fs::metadata(&original).await.is_ok() {
+        return Some(original);
+    }
+    let encoded = cache.join(format!(
+        "{sha256}.{}",
+        crate::uplink::UplinkEncoding::Tarsis.as_str()
+    ));
+    tokio::fs::metadata(&encoded).await.ok().map(|_| encoded)
+}
+
+/// `(encoding, sha256 of the bytes)` when the server answered with an encoded copy of `r`
+/// (identity copies are the content itself); a copy of other content is refused.
+fn encoded_representation(
+    headers: &reqwest::header::HeaderMap,
+    r: &ContentRef,
+    what: &str,
+) -> Result<Option<(String, String)>, DataError> {
+    use crate::uplink::{CONTENT_SHA256_HEADER, ENCODED_SHA256_HEADER, ENCODING_HEADER};
+    let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let Some(encoding) = header(ENCODING_HEADER).filter(|e| *e != "identity") else {
+        return Ok(None);
+    };
+    let stands_for = header(CONTENT_SHA256_HEADER).unwrap_or_default();
+    let encoded = header(ENCODED_SHA256_HEADER).unwrap_or_default();
+    if stands_for != r.sha256 || encoding != crate::uplink::UplinkEncoding::Tarsis.as_str() {
+        return Err(DataError::Changed {
+            what: format!("{what} ({encoding} copy)"),
+            expected: r.sha256.clone(),
+            actual: stands_for.to_string(),
+            size: r.size,
+            got: 0,
+        });
+    }
+    Ok(Some((encoding.to_string(), encoded.to_string())))
+}
+
 /// Holds a lock file while alive (the lock is released when the file closes).
 struct CacheLock(#[allow(dead_code)] std::fs::File);
 
@@ -283,15 +322,15 @@ impl DataPlane {
             .await
             .map_err(io(format!("creating {}", self.cache.display())))?;
         let path = self.cache.join(&r.sha256);
-        if tokio::fs::metadata(&path).await.is_ok() {
+        if let Some(found) = cached(&self.cache, &r.sha256).await {
             self.record(&r.name, Fetched::Cached);
-            return Ok(path);
+            return Ok(found);
         }
         let _lock = lock(self.cache.join(format!("{}.lock", r.sha256))).await?;
         // Another worker of the region may have fetched it while this one waited.
-        if tokio::fs::metadata(&path).await.is_ok() {
+        if let Some(found) = cached(&self.cache, &r.sha256).await {
             self.record(&r.name, Fetched::Cached);
-            return Ok(path);
+            return Ok(found);
         }
         if let Some(source) = local
             && self.link(&source, r).await
@@ -308,6 +347,17 @@ impl DataPlane {
                 body: response.text().await.unwrap_or_default(),
             });
         }
+        // An edge-held dataset comes as its uplink copy: it must stand for the pinned content,
+        // and its own bytes are checked against the sha256 the server received.
+        let encoded = encoded_representation(response.headers(), r, what)?;
+        let (path, expected, expected_size) = match &encoded {
+            None => (path, r.sha256.clone(), Some(r.size)),
+            Some((encoding, sha256)) => (
+                self.cache.join(format!("{}.{encoding}", r.sha256)),
+                sha256.clone(),
+                None,
+            ),
+        };
         let tmp = self.cache.join(format!("{}.part", r.sha256));
         let mut file = tokio::fs::File::create(&tmp)
             .await
@@ -330,13 +380,13 @@ impl DataPlane {
             .map_err(io(format!("writing {}", tmp.display())))?;
         drop(file);
         let actual = hex::encode(hasher.finalize());
-        if actual != r.sha256 || size != r.size {
+        if actual != expected || expected_size.is_some_and(|n| n != size) {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(DataError::Changed {
                 what: what.to_string(),
-                expected: r.sha256.clone(),
+                expected,
                 actual,
-                size: r.size,
+                size: expected_size.unwrap_or(0),
                 got: size,
             });
         }

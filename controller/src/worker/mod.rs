@@ -518,6 +518,18 @@ async fn fetch_inputs(
         })
         .await
         .map_err(|e| failed(e, true))?
+    } else if is_tarsis(&cube) {
+        // An edge-held cube's uplink copy: decoded once per region back into FITS.
+        data.derived(&cube, "fits", |container, fits| {
+            use ::astro_fit::edge::{container::StreamDecoder, io::write_fits_cube};
+            let file = std::fs::File::open(container).map_err(|e| e.to_string())?;
+            let cube = StreamDecoder::new(std::io::BufReader::new(file))
+                .and_then(StreamDecoder::into_cube)
+                .map_err(|e| format!("decoding the cube's TARSIS copy: {e}"))?;
+            write_fits_cube(&cube, fits).map_err(|e| format!("writing the decoded cube: {e}"))
+        })
+        .await
+        .map_err(|e| failed(e, true))?
     } else {
         cube
     };
@@ -590,6 +602,15 @@ where
             other => return other,
         }
     }
+}
+
+fn is_tarsis(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && ::astro_fit::edge::container::is_container(&magic)
 }
 
 fn is_gzip(path: &std::path::Path) -> bool {

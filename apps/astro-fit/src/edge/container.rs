@@ -27,6 +27,11 @@ use super::{AuxVector, DType, EdgeError, HduHeader, Plane, Role, Samples, Spectr
 
 const MAGIC: &[u8; 8] = b"TARSISC\x01";
 const BLOCK_MAGIC: &[u8; 4] = b"BLK\x01";
+
+/// Whether a file starting with `prefix` (its first 8 bytes) is a TARSIS container.
+pub fn is_container(prefix: &[u8]) -> bool {
+    prefix.starts_with(MAGIC)
+}
 const INDEX_MAGIC: &[u8; 4] = b"IDX\x01";
 const END_MAGIC: &[u8; 8] = b"TARSEND\x01";
 /// 2: every HDU's whole header (`headers`), where 1 kept 27 chosen keywords.
