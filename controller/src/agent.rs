@@ -162,7 +162,8 @@ fn watch_datasets(options: &AgentOptions) -> Held {
     let held: Held = Arc::default();
     let mut datasets = EdgeDatasets::new(
         options.datasets.clone(),
-        options.data_dir.join("cache"),
+        // The region's cache, where its workers look for content by sha256.
+        options.data_dir.join("cache").join(&options.region),
         options.uplink_encoding,
     );
     let (shared, every) = (held.clone(), options.heartbeat);

@@ -63,7 +63,13 @@ fn artifact_names(tasks: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn dataset(http: &Http, server: &Server, name: &str, format: &str, region: Option<&str>) {
+pub(crate) fn dataset(
+    http: &Http,
+    server: &Server,
+    name: &str,
+    format: &str,
+    region: Option<&str>,
+) {
     let mut spec = json!({"format": format});
     if let Some(r) = region {
         spec["region"] = json!(r);

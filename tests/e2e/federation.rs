@@ -29,6 +29,18 @@ impl Agent {
         join: &str,
         dir: &Path,
     ) -> Agent {
+        Agent::start_with(netns, server, region, tier, join, dir, &[])
+    }
+
+    fn start_with(
+        netns: Option<&str>,
+        server: &str,
+        region: &str,
+        tier: &str,
+        join: &str,
+        dir: &Path,
+        extra_args: &[&str],
+    ) -> Agent {
         let mut command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -49,6 +61,7 @@ impl Agent {
                 "--lease-seconds",
                 "3",
             ])
+            .args(extra_args)
             .arg("--data-dir")
             .arg(dir)
             .env("CECCM_JOIN_TOKEN", join)
@@ -520,6 +533,190 @@ fn an_astro_fit_job_over_two_agents_outlives_the_cloud_host_with_the_same_maps()
     assert!(cached >= 2, "cube and templates cached at the edge");
     let maps = download(&http, server, "seed7", "maps.fits", dir.path());
     assert_same_maps(&seed7_reference(dir.path()), &maps);
+}
+
+/// Issue 14 item 4: the cube lives at the edge (a plain FITS file in its agent's datasets
+/// directory, as a telescope's pipeline writes it). The chunks placed in the cloud need it: the
+/// server asks the edge, whose agent sends a TARSIS copy over the shaped uplink, and the
+/// cloud's workers decode it. The job completes; `status.uplink` records the bytes and the
+/// time; the maps differ from the uncompressed single-host fit by a small fraction of their
+/// errors. Then the edge agent restarts with `--uplink-encoding identity` and the same content
+/// crosses the uplink as it is: the bytes and the time without TARSIS, over the same link.
+#[test]
+fn a_cube_held_at_the_edge_crosses_the_uplink_tarsis_encoded() {
+    use crate::astro_fit::{download, fit_tasks, seed7_reference, start_seed7_job_with};
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--region-grace", "10", "--lease-seconds", "10"];
+    let sites = sites(dir.path(), true, &args).unwrap_or_else(|| {
+        eprintln!("no network namespaces (needs root): the agents run on loopback");
+        sites(dir.path(), false, &args).unwrap()
+    });
+    let (server, topology) = (&sites.server, &sites.topology);
+    let http = Http::new();
+    let held = dir.path().join("edge-agent/datasets");
+    std::fs::create_dir_all(&held).unwrap();
+    let cube = crate::support::shared_data().join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz");
+    let fits = std::fs::File::create(held.join(".seed7-edge.part")).unwrap();
+    let unzipped = Command::new("gzip")
+        .arg("-dc")
+        .arg(&cube)
+        .stdout(fits)
+        .status()
+        .unwrap();
+    assert!(unzipped.success());
+    // Moved in whole, as the agent expects.
+    std::fs::rename(held.join(".seed7-edge.part"), held.join("seed7-edge")).unwrap();
+    let (_edge, _cloud) = join_two_agents(server, topology, dir.path());
+    crate::astro_fit::dataset(&http, server, "seed7-edge", "cube", Some("edge-site"));
+    let dataset = |http: &Http| http.get(&server.api("datasets/seed7-edge"));
+    let announced = wait_until(
+        "the edge announces the cube",
+        Duration::from_secs(120),
+        || {
+            let d = dataset(&http);
+            (d["status"]["phase"] == "Ready").then_some(d)
+        },
+    );
+    let size = announced["status"]["size"].as_u64().unwrap();
+    assert_eq!(announced["status"]["uplink"]["region"], "edge-site");
+    assert_eq!(announced["status"]["uplink"]["encoding"], "tarsis");
+    assert!(announced["status"]["uplink"]["encodedSha256"].is_null());
+
+    start_seed7_job_with(
+        &http,
+        server,
+        dir.path(),
+        json!({"inputs": [{"dataset": "seed7-edge"}], "objective": "latency",
+               "placement": {"regions": ["edge-site", "cloud-site"]}}),
+    );
+    wait_for_phase(
+        &http,
+        server,
+        "seed7",
+        "Succeeded",
+        Duration::from_secs(900),
+    );
+    let tasks = fit_tasks(&http, server);
+    let in_cloud = tasks
+        .iter()
+        .filter(|t| t["status"]["region"] == "cloud-site")
+        .count();
+    assert!(in_cloud >= 1, "chunks fitted in the cloud: {tasks:?}");
+    let sent = dataset(&http);
+    let uplink = &sent["status"]["uplink"];
+    let encoded = uplink["encodedSize"].as_u64().unwrap();
+    let seconds = uplink["transferSeconds"].as_f64().unwrap();
+    assert!(uplink["encodedSha256"].is_string(), "{sent}");
+    assert!(uplink["requestTime"].is_string(), "{sent}");
+    assert!(
+        encoded * 8 <= size,
+        "at least 8x fewer bytes: {encoded} of {size}"
+    );
+    // The cloud holds the TARSIS copy and the FITS decoded from it, not the original.
+    let sha256 = sent["status"]["sha256"].as_str().unwrap();
+    let cloud_cache = dir.path().join("cloud-agent/cache/cloud-site");
+    assert!(cloud_cache.join(format!("{sha256}.tarsis")).exists());
+    assert!(cloud_cache.join(format!("{sha256}.tarsis.fits")).exists());
+    assert!(!cloud_cache.join(sha256).exists());
+
+    let maps = download(&http, server, "seed7", "maps.fits", dir.path());
+    let (v, s) = pulls_against(&seed7_reference(dir.path()), &maps);
+    // The edge's chunks read the original: only the bins fitted from the copy can move.
+    let moved: Vec<(f64, f64)> = v
+        .iter()
+        .zip(&s)
+        .filter(|(dv, ds)| **dv > 0.0 || **ds > 0.0)
+        .map(|(dv, ds)| (*dv, *ds))
+        .collect();
+    let (mv, ms): (Vec<f64>, Vec<f64>) = moved.iter().copied().unzip();
+    let max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
+    eprintln!(
+        "uplink, tarsis: {size} -> {encoded} bytes ({:.2}x) in {seconds:.2} s; {in_cloud} of {} \
+         chunks fitted in the cloud; maps against the uncompressed single-host fit: {} of {} \
+         bins changed, |change| / error among them: V median {:.4} max {:.4}, sigma median \
+         {:.4} max {:.4}",
+        size as f64 / encoded as f64,
+        tasks.len(),
+        moved.len(),
+        v.len(),
+        median(&mv),
+        max(&mv),
+        median(&ms),
+        max(&ms),
+    );
+    assert!(
+        !moved.is_empty(),
+        "the cloud's bins were fitted from the copy"
+    );
+    assert!(median(&mv) < 0.1 && median(&ms) < 0.1, "{moved:?}");
+    assert!(max(&mv) < 1.0 && max(&ms) < 1.0, "{moved:?}");
+
+    // The same content as it is: the edge agent restarts with the identity encoding; the
+    // request stands, so the server asks again and keeps the new copy.
+    drop(_edge);
+    let join = std::fs::read_to_string(server.data_dir.join("join.token")).unwrap();
+    let (netns, url) = &topology.edge;
+    let _edge = Agent::start_with(
+        netns.as_deref(),
+        url,
+        "edge-site",
+        "edge",
+        join.trim(),
+        &dir.path().join("edge-agent"),
+        &["--uplink-encoding", "identity"],
+    );
+    let plain = wait_until(
+        "the edge sends the cube as it is",
+        Duration::from_secs(300),
+        || {
+            let d = dataset(&http);
+            let u = &d["status"]["uplink"];
+            (u["encoding"] == "identity" && u["encodedSha256"].is_string()).then_some(d)
+        },
+    );
+    let uplink = &plain["status"]["uplink"];
+    assert_eq!(uplink["encodedSha256"], plain["status"]["sha256"]);
+    assert_eq!(uplink["encodedSize"].as_u64(), Some(size));
+    let plain_seconds = uplink["transferSeconds"].as_f64().unwrap();
+    eprintln!(
+        "uplink, identity: {size} bytes in {plain_seconds:.2} s; tarsis moved {:.2}x fewer \
+         bytes in {:.2}x less time",
+        size as f64 / encoded as f64,
+        plain_seconds / seconds
+    );
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Per bin with a finite fit in both MAPS files: |V_b - V_a| and |sigma_b - sigma_a| in units
+/// of `a`'s formal errors (from its IVAR).
+fn pulls_against(a: &Path, b: &Path) -> (Vec<f64>, Vec<f64>) {
+    let read = |path: &Path, hdu: &str| -> Vec<f64> {
+        let mut f = fitsio::FitsFile::open(path).unwrap();
+        let h = f.hdu(hdu).unwrap();
+        h.read_image(&mut f).unwrap()
+    };
+    let pulls = |name: &str| -> Vec<f64> {
+        let (va, vb) = (read(a, name), read(b, name));
+        let ivar = read(a, &format!("{name}_IVAR"));
+        let mut seen = std::collections::BTreeSet::new();
+        let binid = read(a, "BINID");
+        assert_eq!(binid, read(b, "BINID"), "the same bins");
+        va.iter()
+            .zip(&vb)
+            .zip(&ivar)
+            .zip(&binid)
+            .filter(|(((x, y), w), bin)| {
+                x.is_finite() && y.is_finite() && **w > 0.0 && seen.insert(bin.to_bits())
+            })
+            .map(|(((x, y), w), _)| (x - y).abs() * w.sqrt())
+            .collect()
+    };
+    (pulls("STELLAR_VEL"), pulls("STELLAR_SIGMA"))
 }
 
 /// Entries waiting in a region's outbox at an agent.
