@@ -2381,6 +2381,236 @@ async fn a_drained_region_keeps_its_running_work_and_gives_up_the_rest(ts: &Test
     );
 }
 
+/// A dataset held at an edge: its agent's announcement makes it Ready without content on the
+/// server; the first download asks the edge (503) and the agent's next heartbeat carries the
+/// order; only that agent may send the copy, only of the announced content and encoding, and
+/// bytes that are not what the headers say are refused and nothing is kept. The agent's side
+/// (hashing, TARSIS-encoding a real cube, sending a non-cube as it is) runs on real files.
+async fn a_dataset_held_at_an_edge_is_sent_by_its_agent_only_as_announced(ts: &TestStore) {
+    use crate::uplink::{
+        CONTENT_SHA256_HEADER, ENCODED_SHA256_HEADER, ENCODING_HEADER, EdgeDatasets, UplinkEncoding,
+    };
+    use sha2::Digest;
+    let app = app(state(ts));
+    let token_of = |answer: Answer| answer.body["token"].as_str().unwrap().to_string();
+    let edge = token_of(
+        call_as(
+            &app,
+            Some(JOIN),
+            "POST",
+            "/api/v1/agents:join",
+            Some(&json!({"region": "edge", "agent": "site-e", "cpu": 1})),
+        )
+        .await,
+    );
+    let cloud = token_of(
+        call_as(
+            &app,
+            Some(JOIN),
+            "POST",
+            "/api/v1/agents:join",
+            Some(&json!({"region": "cloud", "agent": "site-c", "cpu": 1})),
+        )
+        .await,
+    );
+    let ds = json!({"metadata": {"name": "cube"}, "spec": {"format": "cube", "region": "edge"}});
+    assert_eq!(
+        json_call(&app, "POST", "/api/v1/datasets", &ds)
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+
+    // The edge's files: the sample cube (gzipped FITS) and a text file.
+    let site = tempfile::tempdir().unwrap();
+    let held_dir = site.path().join("datasets");
+    std::fs::create_dir_all(&held_dir).unwrap();
+    std::fs::write(held_dir.join("cube"), crate::demo::SAMPLE_CUBE).unwrap();
+    std::fs::write(held_dir.join("notes"), b"observing log\n").unwrap();
+    std::fs::write(held_dir.join(".arriving"), b"half a file").unwrap();
+    let cache = site.path().join("cache/edge");
+    let mut datasets = EdgeDatasets::new(held_dir, cache.clone(), UplinkEncoding::Tarsis);
+    let held = tokio::task::spawn_blocking(move || {
+        let held = datasets.scan();
+        (datasets, held)
+    })
+    .await
+    .unwrap();
+    let (datasets, held) = held;
+    let names: Vec<&str> = held.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["cube", "notes"], "hidden files are not taken");
+    let cube = held[0].clone();
+    let sha256 = hex::encode(sha2::Sha256::digest(crate::demo::SAMPLE_CUBE));
+    assert_eq!(cube.sha256, sha256);
+    assert_eq!(cube.size, crate::demo::SAMPLE_CUBE.len() as u64);
+    assert_eq!(cube.encoding, UplinkEncoding::Tarsis);
+    assert!(cube.encoded_size < cube.size, "{cube:?}");
+    assert_eq!(held[1].encoding, UplinkEncoding::Identity, "not a cube");
+    assert!(
+        cache.join(&sha256).exists(),
+        "its workers find it by sha256"
+    );
+    let (container, _) = datasets.to_send("cube").unwrap();
+    let container = std::fs::read(container).unwrap();
+
+    let beat = |token: String, region: &'static str, held: Vec<crate::uplink::HeldDataset>| {
+        let app = app.clone();
+        async move {
+            let report = json!({"agent": "a", "cpu": 1, "workers": 0, "cpuSeconds": 0.0,
+                                "datasets": held});
+            call_as(
+                &app,
+                Some(&token),
+                "POST",
+                &format!("/api/v1/regions/{region}/heartbeat"),
+                Some(&report),
+            )
+            .await
+        }
+    };
+    let orders = beat(edge.clone(), "edge", held.clone()).await;
+    assert_eq!(orders.status, StatusCode::OK, "{}", orders.text);
+    assert!(orders.body["uploads"].is_null(), "nothing asked yet");
+    assert!(
+        orders.body["refusedDatasets"][0]
+            .as_str()
+            .unwrap()
+            .contains("\"notes\" is not declared"),
+        "{}",
+        orders.text
+    );
+    let announced = get(&app, "/api/v1/datasets/cube").await.body;
+    assert_eq!(announced["status"]["phase"], "Ready");
+    assert_eq!(announced["status"]["sha256"], sha256.as_str());
+    assert_eq!(announced["status"]["uplink"]["region"], "edge");
+    assert_eq!(
+        announced["status"]["uplink"]["encodedSize"],
+        cube.encoded_size
+    );
+    // Another region's agent cannot claim it.
+    let claimed = beat(cloud.clone(), "cloud", vec![cube.clone()]).await;
+    assert!(
+        claimed.body["refusedDatasets"][0]
+            .as_str()
+            .unwrap()
+            .contains("declares spec.region \"edge\""),
+        "{}",
+        claimed.text
+    );
+    let mut bad = cube.clone();
+    bad.sha256 = "not-a-sha".into();
+    assert_error(
+        &beat(edge.clone(), "edge", vec![bad]).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+    );
+    assert_eq!(get(&app, "/api/v1/datasets/cube").await.body, announced);
+
+    // A task elsewhere asks: 503, and the edge's next heartbeat carries the order.
+    let asked = get(&app, "/api/v1/datasets/cube/content").await;
+    assert_error(&asked, StatusCode::SERVICE_UNAVAILABLE, "Unavailable");
+    assert_eq!(asked.body["error"]["details"]["region"], "edge");
+    let orders = beat(edge.clone(), "edge", held.clone()).await;
+    assert_eq!(orders.body["uploads"], json!(["cube"]), "{}", orders.text);
+    assert!(
+        beat(cloud.clone(), "cloud", vec![]).await.body["uploads"].is_null(),
+        "only the edge is asked"
+    );
+
+    let send = |token: String, encoding: &'static str, content: String, bytes: Vec<u8>| {
+        let app = app.clone();
+        async move {
+            let request = Request::builder()
+                .method("PUT")
+                .uri("/api/v1/datasets/cube/uplink")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/octet-stream")
+                .header(ENCODING_HEADER, encoding)
+                .header(CONTENT_SHA256_HEADER, content)
+                .body(Body::from(bytes))
+                .unwrap();
+            send(&app, request).await
+        }
+    };
+    let before = get(&app, "/api/v1/datasets/cube").await.body;
+    for (answer, status, code) in [
+        (
+            send(cloud.clone(), "tarsis", sha256.clone(), container.clone()).await,
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+        ),
+        (
+            send(edge.clone(), "tarsis", "ab".repeat(32), container.clone()).await,
+            StatusCode::CONFLICT,
+            "Conflict",
+        ),
+        (
+            send(edge.clone(), "identity", sha256.clone(), container.clone()).await,
+            StatusCode::CONFLICT,
+            "Conflict",
+        ),
+        (
+            send(
+                edge.clone(),
+                "tarsis",
+                sha256.clone(),
+                b"not a container".to_vec(),
+            )
+            .await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+        ),
+        (
+            send(edge.clone(), "gzip", sha256.clone(), container.clone()).await,
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+        ),
+    ] {
+        assert_error(&answer, status, code);
+    }
+    assert_eq!(get(&app, "/api/v1/datasets/cube").await.body, before);
+    assert_error(
+        &get(&app, "/api/v1/datasets/cube/content").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+    );
+
+    let sent = send(edge.clone(), "tarsis", sha256.clone(), container.clone()).await;
+    assert_eq!(sent.status, StatusCode::OK, "{}", sent.text);
+    let container_sha256 = hex::encode(sha2::Sha256::digest(&container));
+    let uplink = &sent.body["status"]["uplink"];
+    assert_eq!(uplink["encodedSha256"], container_sha256.as_str());
+    assert_eq!(uplink["encodedSize"], container.len());
+    assert!(uplink["transferSeconds"].as_f64().unwrap() >= 0.0);
+    assert_eq!(
+        sent.body["status"]["sha256"],
+        sha256.as_str(),
+        "still pinned by the original"
+    );
+    let response = app
+        .clone()
+        .oneshot(
+            Request::get("/api/v1/datasets/cube/content")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let header = |h: &str| response.headers()[h].to_str().unwrap().to_string();
+    assert_eq!(header(ENCODING_HEADER), "tarsis");
+    assert_eq!(header(CONTENT_SHA256_HEADER), sha256);
+    assert_eq!(header(ENCODED_SHA256_HEADER), container_sha256);
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(body.as_ref(), container.as_slice());
+    assert!(
+        beat(edge.clone(), "edge", held.clone()).await.body["uploads"].is_null(),
+        "sent: no longer asked"
+    );
+}
+
 /// `--user-quota-bytes`: what each user stores (their datasets' content, their applications'
 /// artifacts) stays within the quota; an upload past it is a 403 naming the user and the
 /// figures, and nothing of it is kept.
@@ -2507,6 +2737,7 @@ store_suite!(
     mutating_requests_are_audited_with_their_user,
     agents_join_heartbeat_and_their_work_moves_when_they_fall_silent,
     a_drained_region_keeps_its_running_work_and_gives_up_the_rest,
+    a_dataset_held_at_an_edge_is_sent_by_its_agent_only_as_announced,
     user_quotas_bound_what_each_user_stores,
 );
 
