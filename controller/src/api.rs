@@ -1125,7 +1125,10 @@ async fn region_heartbeat(
     object_name(Kind::Region, &name)?;
     who.acts_for(&name)?;
     let report: crate::regions::AgentReport = read_typed(&headers, body).await?;
-    Ok(Json(crate::regions::heartbeat(&state.store, &name, &report).await?).into_response())
+    Ok(
+        Json(crate::regions::heartbeat(&state.store, &state.predictor, &name, &report).await?)
+            .into_response(),
+    )
 }
 
 #[utoipa::path(post, path = "/api/v1/regions/{name}/drain", tag = "regions",

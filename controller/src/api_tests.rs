@@ -2217,7 +2217,9 @@ async fn agents_join_heartbeat_and_their_work_moves_when_they_fall_silent(ts: &T
     settle(&ctx, "job").await;
     let orders = beat(token.clone(), "edge", report.clone()).await;
     assert_eq!(orders.body["queued"], 3, "{}", orders.text);
-    assert_eq!(orders.body["wantedWorkers"], 2);
+    // Three reference chunks are a few seconds of predicted work: one worker drains them well
+    // within the autoscaler's target, though the agent's two cores could run two.
+    assert_eq!(orders.body["wantedWorkers"], 1, "{}", orders.text);
     let lease = call_as(
         &app,
         Some(&token),

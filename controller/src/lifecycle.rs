@@ -562,15 +562,70 @@ pub enum RegionStep {
     Ensure { workers: u32 },
 }
 
-/// One worker per queued or leased task, as many as the region's cores hold at the cores each
-/// task uses (at least one worker; the driver caps it at the region's capacity too).
-pub fn region_step(deleting: bool, capacity_cpu: u32, tasks: RegionTasks) -> RegionStep {
+/// Predicted seconds to drain a region's queue that its worker pool is sized for.
+pub const AUTOSCALE_TARGET_QUEUE_SECONDS: f64 = 60.0;
+
+/// What the autoscaler reads about a region's pool besides its task counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolFacts {
+    /// The region as the scheduler sees it (speed, capacity, load): what the predictor prices.
+    pub region: ceccm_scheduler::RegionSnapshot,
+    /// The queued tasks grouped by application and features, with how many wait in each group.
+    pub queued: Vec<(ceccm_scheduler::TaskGroup, u64)>,
+    /// Workers up now (the driver's or the agent's last count).
+    pub workers: u32,
+}
+
+/// The workers a region runs: none once deleted; otherwise one for each leased task, plus the
+/// workers `ceccm_scheduler::autoscale::desired_workers` wants for the queue (the fewest that
+/// drain its predicted work within [`AUTOSCALE_TARGET_QUEUE_SECONDS`], priced by `model`), at
+/// least one while anything is queued, never more than there are tasks or than the region's
+/// cores hold at the cores each task uses (at least one), and none when nothing is queued or
+/// leased. Drivers only ever start workers (idle ones leave by themselves), so a smaller answer
+/// than the workers up starts none and the pool shrinks as workers fall idle.
+pub fn region_step(
+    deleting: bool,
+    capacity_cpu: u32,
+    tasks: RegionTasks,
+    pool: &PoolFacts,
+    model: &impl ceccm_scheduler::CostModel,
+) -> RegionStep {
     if deleting {
         return RegionStep::Release;
     }
-    let fit = (f64::from(capacity_cpu) / tasks.cores_per_task.max(1.0)).floor() as u32;
+    let cores_per_task = tasks.cores_per_task.max(1.0);
+    let fit = ((f64::from(capacity_cpu) / cores_per_task).floor() as u32).max(1);
+    let all = tasks.queued.saturating_add(tasks.leased);
+    if all == 0 {
+        return RegionStep::Ensure { workers: 0 };
+    }
+    let busy = tasks.leased.min(fit);
+    let policy = ceccm_scheduler::autoscale::AutoscalePolicy {
+        target_queue_seconds: AUTOSCALE_TARGET_QUEUE_SECONDS,
+        min_workers: 0,
+        max_workers: u64::from(fit - busy),
+        // A worker runs one task at a time on the cores that task uses.
+        worker: ceccm_scheduler::Resources::new(cores_per_task, 0, 0),
+    };
+    let queued: Vec<(&ceccm_scheduler::TaskGroup, u64)> =
+        pool.queued.iter().map(|(g, n)| (g, *n)).collect();
+    let idle_now = u64::from(pool.workers.saturating_sub(tasks.leased));
+    let for_queue = ceccm_scheduler::autoscale::desired_workers(
+        &pool.region,
+        &queued,
+        idle_now,
+        &policy,
+        model,
+    )
+    .workers
+    .min(u64::from(fit - busy)) as u32;
+    let for_queue = if tasks.queued > 0 {
+        for_queue.clamp(1, tasks.queued)
+    } else {
+        0
+    };
     RegionStep::Ensure {
-        workers: (tasks.queued + tasks.leased).min(fit.max(1)),
+        workers: (busy + for_queue).min(fit).min(all),
     }
 }
 
@@ -1397,40 +1452,161 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_region_wants_a_worker_per_task_its_cores_hold_until_deleted() {
-        let tasks = RegionTasks {
-            queued: 3,
-            leased: 2,
-            cores_per_task: 1.0,
+    /// Seconds a task takes on a reference core, slower on slower regions: a predictor double.
+    struct SecondsPerTask(f64);
+
+    impl ceccm_scheduler::CostModel for SecondsPerTask {
+        fn task_cost(
+            &self,
+            region: &ceccm_scheduler::RegionSnapshot,
+            _group: &ceccm_scheduler::TaskGroup,
+        ) -> ceccm_scheduler::TaskCost {
+            ceccm_scheduler::TaskCost {
+                seconds: self.0 / region.speed(),
+                joules: 0.0,
+            }
+        }
+
+        fn transfer_joules_per_byte(&self) -> f64 {
+            0.0
+        }
+    }
+
+    /// A region of `cores` cores with `queued` tasks waiting and `workers` up.
+    fn pool(cores: f64, queued: u64, workers: u32) -> PoolFacts {
+        let group = ceccm_scheduler::TaskGroup {
+            name: "job".into(),
+            tasks: 1,
+            features: ceccm_scheduler::TaskFeatures {
+                spectra: 100,
+                pixels: 4563,
+                templates: 150,
+                moments: 2,
+            },
+            resources: ceccm_scheduler::Resources::new(1.0, 1024, 0),
+            input: Default::default(),
+            constraints: Default::default(),
+            objective: ceccm_scheduler::Objective::Energy,
+            deadline_s: None,
+            parallelism: None,
+            start_s: 0.0,
         };
+        PoolFacts {
+            region: ceccm_scheduler::RegionSnapshot::new(
+                "edge",
+                ceccm_scheduler::Tier::Edge,
+                ceccm_scheduler::Resources::new(cores, 1 << 20, 0),
+                ceccm_scheduler::EnergyProfile {
+                    idle_watts: 40.0,
+                    watts_per_core: 3.0,
+                    pue: 1.2,
+                    carbon_intensity: ceccm_scheduler::CarbonIntensity::Constant(200.0),
+                },
+                ceccm_scheduler::Network {
+                    uplink_mbps: 100.0,
+                    rtt_ms: 20.0,
+                },
+            ),
+            queued: vec![(group, queued)],
+            workers,
+        }
+    }
+
+    fn tasks(queued: u32, leased: u32) -> RegionTasks {
+        RegionTasks {
+            queued,
+            leased,
+            cores_per_task: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_region_runs_the_workers_its_predicted_queue_needs_until_deleted() {
+        let step = |cpu: u32, t: RegionTasks, seconds: f64| {
+            region_step(
+                false,
+                cpu,
+                t,
+                &pool(f64::from(cpu), u64::from(t.queued), t.leased),
+                &SecondsPerTask(seconds),
+            )
+        };
+        // Short tasks: 3 s of queued work drain within the target on one worker, beside the two
+        // that run the leased tasks.
+        assert_eq!(step(8, tasks(3, 2), 1.0), RegionStep::Ensure { workers: 3 });
+        // Long ones: 300 s of work need five workers for 60 s, but there are only three tasks.
         assert_eq!(
-            region_step(false, 8, tasks),
+            step(8, tasks(3, 2), 100.0),
             RegionStep::Ensure { workers: 5 }
         );
+        // 100 tasks of 30 s need 50 workers: the region's cores cap them.
         assert_eq!(
-            region_step(false, 4, tasks),
+            step(8, tasks(100, 0), 30.0),
+            RegionStep::Ensure { workers: 8 }
+        );
+        assert_eq!(
+            step(4, tasks(3, 2), 100.0),
             RegionStep::Ensure { workers: 4 }
         );
-        assert_eq!(region_step(true, 8, tasks), RegionStep::Release);
+        // 20 tasks of 6 s: 120 s of work, two workers.
+        assert_eq!(
+            step(8, tasks(20, 0), 6.0),
+            RegionStep::Ensure { workers: 2 }
+        );
+        // Nothing queued or leased: no worker at all.
+        assert_eq!(step(8, tasks(0, 0), 6.0), RegionStep::Ensure { workers: 0 });
+        // Only leased tasks: their workers, no more.
+        assert_eq!(step(8, tasks(0, 3), 6.0), RegionStep::Ensure { workers: 3 });
+        assert_eq!(
+            region_step(true, 8, tasks(3, 2), &pool(8.0, 3, 2), &SecondsPerTask(1.0)),
+            RegionStep::Release
+        );
+    }
+
+    #[test]
+    fn a_slower_region_gets_more_workers_for_the_same_queue() {
+        let mut slow = pool(16.0, 20, 0);
+        slow.region.cpu_speed = Some(0.5);
+        let fast = pool(16.0, 20, 0);
+        // 20 tasks of 6 s: 120 s of work here, 240 s on cores at half speed.
+        let model = SecondsPerTask(6.0);
+        assert_eq!(
+            region_step(false, 16, tasks(20, 0), &fast, &model),
+            RegionStep::Ensure { workers: 2 }
+        );
+        assert_eq!(
+            region_step(false, 16, tasks(20, 0), &slow, &model),
+            RegionStep::Ensure { workers: 4 }
+        );
+    }
+
+    #[test]
+    fn wide_tasks_take_as_many_cores_and_a_queue_always_gets_a_worker() {
         // Tasks of two threads each: a 4-core region runs two of them at once, a 1-core one
         // still runs one.
         let wide = RegionTasks {
             cores_per_task: 2.0,
-            ..tasks
+            ..tasks(3, 2)
         };
+        let model = SecondsPerTask(100.0);
         assert_eq!(
-            region_step(false, 4, wide),
+            region_step(false, 4, wide, &pool(4.0, 3, 2), &model),
             RegionStep::Ensure { workers: 2 }
         );
         assert_eq!(
-            region_step(false, 1, wide),
+            region_step(false, 1, wide, &pool(1.0, 3, 2), &model),
             RegionStep::Ensure { workers: 1 }
         );
-        let idle = RegionTasks::default();
+        // A queue the predictor prices at nothing still gets one worker.
         assert_eq!(
-            region_step(false, 4, idle),
-            RegionStep::Ensure { workers: 0 }
+            region_step(
+                false,
+                8,
+                tasks(5, 0),
+                &pool(8.0, 5, 0),
+                &SecondsPerTask(0.0)
+            ),
+            RegionStep::Ensure { workers: 1 }
         );
     }
 

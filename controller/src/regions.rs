@@ -16,8 +16,9 @@ use crate::auth::Role;
 use crate::error::{ApiError, ErrorCode};
 use crate::lifecycle::{self, RegionStep};
 use crate::objects::{self, EventType};
-use crate::reconcile::region::{evict_all, region_tasks};
-use crate::resources::{Kind, parse_submitted, validate_name};
+use crate::predictor::SharedPredictor;
+use crate::reconcile::region::{evict_all, pool_facts, region_tasks};
+use crate::resources::{Kind, RegionObject, parse_submitted, typed, validate_name};
 use crate::store::{Change, Store};
 
 /// `POST /api/v1/agents:join`.
@@ -86,7 +87,8 @@ pub struct AgentReport {
 pub struct AgentOrders {
     pub queued: u32,
     pub leased: u32,
-    /// Workers the agent should run now (its cores permitting).
+    /// Workers the agent should run now (its cores permitting): those of its leased tasks
+    /// and what the autoscaler wants for its queue.
     pub wanted_workers: u32,
     /// Datasets a task elsewhere asked for: the agent sends their uplink copies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -224,6 +226,7 @@ pub fn agent_user(region: &str) -> String {
 /// Records an agent's heartbeat in its region's status and answers with the workers wanted.
 pub async fn heartbeat(
     store: &Store,
+    predictor: &SharedPredictor,
     region: &str,
     report: &AgentReport,
 ) -> Result<AgentOrders, ApiError> {
@@ -287,7 +290,16 @@ pub async fn heartbeat(
     let capacity = object["spec"]["capacity"]["cpu"].as_u64().unwrap_or(1) as u32;
     let deleting = object["metadata"]["deletionTimestamp"].is_string();
     let tasks = region_tasks(store, region).await?;
-    let wanted_workers = match lifecycle::region_step(deleting, capacity.min(report.cpu), tasks) {
+    let region_object: RegionObject = typed(&object)?;
+    let pool = pool_facts(store, &region_object, tasks.queued, report.workers).await?;
+    let step = lifecycle::region_step(
+        deleting,
+        capacity.min(report.cpu),
+        tasks,
+        &pool,
+        &*predictor.read(),
+    );
+    let wanted_workers = match step {
         RegionStep::Release => 0,
         RegionStep::Ensure { workers } => workers,
     };

@@ -157,7 +157,8 @@ fn taint_effect(effect: &str) -> Option<sched::TaintEffect> {
     }
 }
 
-fn snapshot(region: &RegionView) -> sched::RegionSnapshot {
+/// The region as the scheduler and the predictor see it.
+pub fn snapshot(region: &RegionView) -> sched::RegionSnapshot {
     let spec = &region.spec;
     sched::RegionSnapshot {
         name: region.name.clone(),
@@ -283,6 +284,18 @@ fn task_group(
         parallelism: app.parallelism.map(u64::from),
         start_s: now_ms as f64 / 1000.0,
     }
+}
+
+/// One queued task of `app` as the autoscaler prices it (the same task group its telemetry
+/// sample would describe), `cores` wide.
+pub fn queued_task_group(
+    app: &ApplicationSpec,
+    features: Option<sched::TaskFeatures>,
+    cores: f64,
+) -> sched::TaskGroup {
+    let mut group = task_group("", app, features, 1, &InputView::default(), 0);
+    group.resources.cpu_millis = sched::Resources::new(cores.max(1.0), 0, 0).cpu_millis;
+    group
 }
 
 /// The telemetry sample of one finished task of `app` that ran `seconds` on `region` (as the

@@ -1,10 +1,12 @@
 //! Autoscaling: how many workers a region should run, from the predicted time to drain its queue.
 //!
-//! The queue's work is the predictor's run time for each queued task on this region. With `w`
+//! The queue's work is the predictor's run time for each queued task on this region, times the
+//! workers one task occupies (a four-core task on one-core workers holds four). With `w`
 //! workers the queue drains in `work / w` seconds; the region gets the fewest workers that bring
-//! that under the target, within its capacity and the policy's bounds. Scaling down is damped
-//! (at most half the workers per decision), as Kubernetes' autoscaler damps it, so that a
-//! momentary lull does not tear down a pool that the next burst needs.
+//! that under the target, within its capacity and the policy's bounds: zero when nothing is
+//! queued and the policy's minimum is zero. Scaling down is damped (at most half the workers
+//! per decision, rounded up, so that a last idle worker does go), as Kubernetes' autoscaler
+//! damps it, so that a momentary lull does not tear down a pool that the next burst needs.
 
 use serde::{Deserialize, Serialize};
 
@@ -46,7 +48,11 @@ pub fn desired_workers(
     let work: f64 = queued
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(group, n)| *n as f64 * model.task_cost(region, group).seconds)
+        .map(|(group, n)| {
+            *n as f64
+                * model.task_cost(region, group).seconds
+                * workers_per_task(group, &policy.worker)
+        })
         .sum();
     let drain = |w: u64| {
         if w == 0 {
@@ -73,7 +79,7 @@ pub fn desired_workers(
         };
         (wanted, reason)
     } else {
-        let floor = current.div_ceil(2).max(wanted);
+        let floor = (current / 2).max(wanted);
         (
             floor,
             format!("scale down towards {wanted} workers, at most half per decision"),
@@ -86,6 +92,17 @@ pub fn desired_workers(
         queue_seconds_after: drain(workers),
         reason,
     }
+}
+
+/// Workers one task of `group` keeps busy: its cores over a worker's, rounded up, at least one
+/// (a worker runs one task at a time).
+pub fn workers_per_task(group: &TaskGroup, worker: &Resources) -> f64 {
+    if worker.cpu_millis == 0 {
+        return 1.0;
+    }
+    (group.resources.cpu_millis as f64 / worker.cpu_millis as f64)
+        .ceil()
+        .max(1.0)
 }
 
 #[cfg(test)]
@@ -163,6 +180,17 @@ mod tests {
     }
 
     #[test]
+    fn a_multi_core_task_counts_as_many_workers() {
+        let mut g = group();
+        g.resources = Resources::new(4.0, 4096, 0);
+        // 7 CPU seconds on four cores: 1.75 s a task; 40 tasks x 1.75 s x 4 one-core workers
+        // = 280 s of worker time, which 4 workers drain in 70 s.
+        let d = desired_workers(&region(64.0), &[(&g, 40)], 0, &policy(), &model());
+        assert!((d.queued_work_seconds - 280.0).abs() < 1e-9, "{d:?}");
+        assert_eq!(d.workers, 4);
+    }
+
+    #[test]
     fn never_exceeds_capacity_or_the_policy_maximum() {
         let g = group();
         let d = desired_workers(&region(6.0), &[(&g, 1000)], 2, &policy(), &model());
@@ -181,6 +209,18 @@ mod tests {
         let d = desired_workers(&region(64.0), &[], 1, &policy(), &model);
         assert_eq!(d.workers, 1);
         assert_eq!(d.queue_seconds_after, 0.0);
+        // With no minimum, an idle pool goes to zero: 4 -> 2 -> 1 -> 0.
+        let to_zero = AutoscalePolicy {
+            min_workers: 0,
+            ..policy()
+        };
+        let mut workers = 4;
+        let mut seen = Vec::new();
+        while workers > 0 {
+            workers = desired_workers(&region(64.0), &[], workers, &to_zero, &model).workers;
+            seen.push(workers);
+        }
+        assert_eq!(seen, [2, 1, 0]);
         // A slower region needs more workers for the same queue.
         let mut slow = region(64.0);
         slow.cpu_speed = Some(0.5);

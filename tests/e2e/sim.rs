@@ -29,7 +29,7 @@ fn sim_prints_every_policy_as_json() {
         "bin-packing",
         "greedy-analytic",
         "learned",
-        "hindsight",
+        "oracle-greedy",
     ] {
         for field in [
             "energy_kwh",

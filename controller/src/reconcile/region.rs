@@ -1,5 +1,6 @@
-//! The region reconciler's I/O shell: counts the region's queued and leased tasks, asks its
-//! driver for the workers `lifecycle::region_step` wants (or, for an agent's region, reads the
+//! The region reconciler's I/O shell: counts the region's queued and leased tasks, reads a
+//! sample of the queued ones for the autoscaler, asks its driver for the workers
+//! `lifecycle::region_step` wants (`ceccm_scheduler::autoscale` priced by the predictor) (or, for an agent's region, reads the
 //! agent's last heartbeat), writes the health, load, power and energy `lifecycle::decide_region`
 //! makes of what it saw, and evicts the tasks the region may no longer hold
 //! (`lifecycle::eviction_reason`), as Kubernetes' node lifecycle controller does.
@@ -10,11 +11,12 @@ use ceccm_federation::region::DriverKind;
 use serde_json::Value;
 
 use super::{Action, Context, ReconcileError};
-use crate::lifecycle::{self, RegionFacts, RegionStep, RegionTasks};
+use crate::lifecycle::{self, PoolFacts, RegionFacts, RegionStep, RegionTasks};
 use crate::objects::{self, EventType};
 use crate::resources::{
     ApplicationObject, Kind, RELEASE_FINALIZER, RegionObject, TaskSpec, TaskStatus, typed,
 };
+use crate::scheduling::{self, RegionView};
 use crate::store::{Change, Query, Store, StoreError};
 use crate::time::now_millis;
 
@@ -53,6 +55,72 @@ pub async fn region_tasks(store: &Store, region: &str) -> Result<RegionTasks, St
     })
 }
 
+/// How many of a region's queued tasks the autoscaler reads; they stand for the whole queue.
+pub const QUEUE_SAMPLE: i64 = 256;
+
+/// What the autoscaler needs about `region`'s pool (`queued` tasks wait there, `workers` are
+/// up): its snapshot and its queued tasks grouped by application, features and cores. The first
+/// [`QUEUE_SAMPLE`] queued tasks are read and their counts scaled to the whole queue.
+pub async fn pool_facts(
+    store: &Store,
+    region: &RegionObject,
+    queued: u32,
+    workers: u32,
+) -> Result<PoolFacts, StoreError> {
+    let name = region.metadata.name.as_str();
+    let sample = if queued == 0 {
+        Vec::new()
+    } else {
+        store
+            .list(
+                Kind::Task,
+                &Query {
+                    phase: Some("Queued"),
+                    region: Some(name),
+                    limit: Some(QUEUE_SAMPLE),
+                    ..Default::default()
+                },
+            )
+            .await?
+    };
+    let mut applications: HashMap<String, Option<ApplicationObject>> = HashMap::new();
+    let mut groups: Vec<(ceccm_scheduler::TaskGroup, u64)> = Vec::new();
+    let read = sample.len().max(1) as u64;
+    for object in &sample {
+        let Ok(task) = typed::<TaskSpec, TaskStatus>(object) else {
+            continue;
+        };
+        let application = task.spec.application.clone();
+        if !applications.contains_key(&application) {
+            let app = store
+                .get(Kind::Application, &application)
+                .await?
+                .and_then(|a| typed::<_, _>(&a).ok());
+            applications.insert(application.clone(), app);
+        }
+        let Some(Some(app)) = applications.get(&application) else {
+            continue;
+        };
+        let group = scheduling::queued_task_group(&app.spec, task.spec.features, task.spec.cores());
+        match groups
+            .iter_mut()
+            .find(|(g, _)| g.features == group.features && g.resources == group.resources)
+        {
+            Some((_, n)) => *n += 1,
+            None => groups.push((group, 1)),
+        }
+    }
+    // The sample stands for the whole queue.
+    for (_, n) in &mut groups {
+        *n = (*n * u64::from(queued)).div_ceil(read);
+    }
+    Ok(PoolFacts {
+        region: scheduling::snapshot(&RegionView::of(region.clone())),
+        queued: groups,
+        workers,
+    })
+}
+
 pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, ReconcileError> {
     let region: RegionObject = typed(&object)?;
     let name = region.metadata.name.as_str();
@@ -62,7 +130,29 @@ pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, Reconcile
     } else {
         region_tasks(&ctx.store, name).await?
     };
-    let workers = match lifecycle::region_step(deleting, region.spec.capacity.cpu, tasks) {
+    let status = region.status.clone().unwrap_or_default();
+    // Gather what the autoscaler reads, then decide under the predictor's lock (no await).
+    let pool = if deleting {
+        PoolFacts {
+            region: scheduling::snapshot(&RegionView::of(region.clone())),
+            queued: Vec::new(),
+            workers: 0,
+        }
+    } else {
+        let up = match region.spec.driver {
+            DriverKind::Agent => status.agent.as_ref().map_or(0, |a| a.workers),
+            DriverKind::Local | DriverKind::Kubernetes => status.workers,
+        };
+        pool_facts(&ctx.store, &region, tasks.queued, up).await?
+    };
+    let step = lifecycle::region_step(
+        deleting,
+        region.spec.capacity.cpu,
+        tasks,
+        &pool,
+        &*ctx.predictor.read(),
+    );
+    let workers = match step {
         RegionStep::Release => {
             // Its work goes elsewhere before the region goes.
             evict_all(
@@ -78,7 +168,6 @@ pub async fn reconcile(object: Value, ctx: &Context) -> Result<Action, Reconcile
         }
         RegionStep::Ensure { workers } => workers,
     };
-    let status = region.status.clone().unwrap_or_default();
     let now_ms = now_millis();
     let observed = match region.spec.driver {
         DriverKind::Local => ctx

@@ -1,4 +1,5 @@
-//! `ceccm sim --regions FILE --trace FILE --policy P|all [-o json|table] [--plot out.png]`.
+//! `ceccm sim --regions FILE --trace FILE --policy P|all [-o json|table] [--plot out.png]`:
+//! every policy's figures, and the proven lower bound on energy they are measured against.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -6,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use thiserror::Error;
 
+use crate::sim::bound::energy_lower_bound;
 use crate::sim::engine::{Policy, simulate};
 use crate::sim::files::{InputError, load_regions, load_trace};
 use crate::sim::report::{PlotError, SimReport, TraceSummary, plot};
@@ -25,13 +27,13 @@ pub struct SimArgs {
     /// Trace file (YAML): job kinds and jobs.
     #[arg(long)]
     pub trace: PathBuf,
-    /// round-robin, least-loaded, bin-packing, greedy-analytic, learned, hindsight, a
+    /// round-robin, least-loaded, bin-packing, greedy-analytic, learned, oracle-greedy, a
     /// comma-separated list of them, or all.
     #[arg(long, default_value = "all")]
     pub policy: String,
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
-    /// Write a PNG plot of energy against makespan.
+    /// Write a PNG plot of energy against mean job time, with the energy bound.
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Seed of the per-task noise (default: the trace's seed).
@@ -44,7 +46,7 @@ pub enum SimError {
     #[error(transparent)]
     Input(#[from] InputError),
     #[error(
-        "unknown policy {0:?}: expected round-robin, least-loaded, bin-packing, greedy-analytic, learned, hindsight or all"
+        "unknown policy {0:?}: expected round-robin, least-loaded, bin-packing, greedy-analytic, learned, oracle-greedy or all"
     )]
     UnknownPolicy(String),
     #[error(transparent)]
@@ -91,6 +93,7 @@ pub fn run(args: &SimArgs, out: &mut dyn Write) -> Result<SimReport, SimError> {
     let tasks = groups.iter().map(|g| g.tasks).sum();
     let report = SimReport::new(
         results,
+        energy_lower_bound(&regions, &groups, seed),
         TraceSummary {
             regions: regions.regions.len(),
             jobs: groups.len(),

@@ -22,6 +22,7 @@ use crate::model::{RegionSnapshot, Resources, TaskGroup};
 use crate::placement::{CostModel, data_region_index, filter_region, place};
 use crate::predictor::{Predictor, PredictorConfig, PredictorReport, TelemetrySample};
 use crate::sim::files::RegionFile;
+use crate::sim::pools::{PoolEnergy, ReplicaRun, pool_energy};
 use crate::sim::truth::{NOISE_SIGMA, RegionTruth, TruthCostModel, true_cost};
 
 /// How tasks are divided among regions.
@@ -38,8 +39,10 @@ pub enum Policy {
     GreedyAnalytic,
     /// `place` with the learned predictor, trained online from finished tasks.
     Learned,
-    /// `place` with the simulated world's true expected costs: what perfect prediction buys.
-    Hindsight,
+    /// `place` with the simulated world's true expected costs: what perfect prediction buys to
+    /// the greedy placement. Not optimal (placement is greedy, job by job, and cannot know the
+    /// per-task noise): the proven bound is [`crate::sim::bound::energy_lower_bound`].
+    OracleGreedy,
 }
 
 impl Policy {
@@ -49,7 +52,7 @@ impl Policy {
         Policy::BinPacking,
         Policy::GreedyAnalytic,
         Policy::Learned,
-        Policy::Hindsight,
+        Policy::OracleGreedy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,7 +62,7 @@ impl Policy {
             Policy::BinPacking => "bin-packing",
             Policy::GreedyAnalytic => "greedy-analytic",
             Policy::Learned => "learned",
-            Policy::Hindsight => "hindsight",
+            Policy::OracleGreedy => "oracle-greedy",
         }
     }
 
@@ -87,6 +90,13 @@ pub struct PolicyResult {
     pub waited: u64,
     /// Wall-clock seconds spent in the policy's decisions.
     pub scheduler_s: f64,
+    /// `energy_kwh` over the trace's proven lower bound (set by the report, which holds the
+    /// bound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy_over_bound: Option<f64>,
+    /// The idle draw of the worker pools that ran this placement: one worker per core against
+    /// pools sized by `autoscale::desired_workers`.
+    pub pools: PoolEnergy,
     /// The learned predictor's report of its own error (learned policy only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predictor: Option<PredictorReport>,
@@ -229,7 +239,7 @@ fn baseline_split(
                     used[task as usize % used.len()]
                 })
             }
-            Policy::GreedyAnalytic | Policy::Learned | Policy::Hindsight => {
+            Policy::GreedyAnalytic | Policy::Learned | Policy::OracleGreedy => {
                 unreachable!("placement policies do not split task by task")
             }
         };
@@ -255,6 +265,26 @@ fn normal(rng: &mut ChaCha8Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
+/// The per-task noise factors of one job: stream number `job` of the seed's ChaCha generator,
+/// one log-normal factor per task in the order the job's tasks run. The factors belong to the
+/// job, not to the order in which a policy happens to run jobs, so every policy draws the same
+/// factors for a job wherever it puts them (which is what makes the energy bound exact about
+/// the noise, see [`crate::sim::bound`]).
+pub struct JobNoise(ChaCha8Rng);
+
+impl JobNoise {
+    pub fn new(seed: u64, job: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(job as u64);
+        JobNoise(rng)
+    }
+
+    /// The next task's factor on its expected run time and energy.
+    pub fn next_factor(&mut self) -> f64 {
+        (NOISE_SIGMA * normal(&mut self.0)).exp()
+    }
+}
+
 struct World<'a> {
     snapshot: Vec<RegionSnapshot>,
     truths: Vec<RegionTruth>,
@@ -265,7 +295,7 @@ struct World<'a> {
     telemetry: BinaryHeap<Reverse<Pending>>,
     collect_telemetry: bool,
     seq: u64,
-    rng: ChaCha8Rng,
+    seed: u64,
     joules: f64,
     carbon_grams: f64,
     bytes_moved: u64,
@@ -274,6 +304,8 @@ struct World<'a> {
     job_seconds: f64,
     tasks: u64,
     groups: &'a [TaskGroup],
+    /// What each region's replicas did, for the worker-pool accounting.
+    runs: Vec<Vec<ReplicaRun>>,
 }
 
 impl World<'_> {
@@ -304,7 +336,13 @@ impl World<'_> {
     }
 
     /// Runs `tasks` tasks of job `job` on `replicas` replicas of `region`, from `now`.
-    fn execute(&mut self, job: usize, region: usize, tasks: u64, replicas: u64, now: f64) -> f64 {
+    fn execute(
+        &mut self,
+        job: usize,
+        (region, tasks, replicas): (usize, u64, u64),
+        now: f64,
+        noise: &mut JobNoise,
+    ) -> f64 {
         let groups = self.groups;
         let group = &groups[job];
         let per_replica = group.resources;
@@ -337,9 +375,11 @@ impl World<'_> {
         for replica in 0..replicas {
             let count = tasks / replicas + u64::from(replica < tasks % replicas);
             let mut t = ready;
+            let mut task_starts = Vec::with_capacity(count as usize);
             for _ in 0..count {
-                let noise = (NOISE_SIGMA * normal(&mut self.rng)).exp();
+                let noise = noise.next_factor();
                 let (seconds, joules) = (cost.seconds * noise, cost.joules * noise);
+                task_starts.push(t);
                 self.joules += joules;
                 self.carbon_grams += joules / JOULES_PER_KWH * intensity.at(t + 0.5 * seconds);
                 t += seconds;
@@ -353,6 +393,14 @@ impl World<'_> {
                 }
             }
             self.tasks += count;
+            self.runs[region].push(ReplicaRun {
+                job,
+                placed: now,
+                ready,
+                end: t,
+                cpu_millis: per_replica.cpu_millis,
+                task_starts,
+            });
             self.schedule_release(t, region, per_replica);
             finish = finish.max(t);
         }
@@ -392,8 +440,9 @@ impl World<'_> {
         *scheduler_s += started.elapsed().as_secs_f64();
         let Some(split) = split else { return false };
         let mut finish: f64 = now;
-        for (region, tasks, replicas) in split {
-            finish = finish.max(self.execute(job, region, tasks, replicas, now));
+        let mut noise = JobNoise::new(self.seed, job);
+        for chunk in split {
+            finish = finish.max(self.execute(job, chunk, now, &mut noise));
         }
         let arrival = self.groups[job].start_s;
         self.makespan = self.makespan.max(finish);
@@ -457,7 +506,7 @@ pub fn simulate(
         Policy::Learned => {
             Decider::Learned(Box::new(Predictor::new(prior, PredictorConfig::default())))
         }
-        Policy::Hindsight => {
+        Policy::OracleGreedy => {
             Decider::Model(Box::new(TruthCostModel::new(&snapshot, &truths, transfer)))
         }
     };
@@ -471,7 +520,7 @@ pub fn simulate(
         telemetry: BinaryHeap::new(),
         collect_telemetry: policy == Policy::Learned,
         seq: 0,
-        rng: ChaCha8Rng::seed_from_u64(seed),
+        seed,
         joules: 0.0,
         carbon_grams: 0.0,
         bytes_moved: 0,
@@ -480,6 +529,7 @@ pub fn simulate(
         job_seconds: 0.0,
         tasks: 0,
         groups,
+        runs: vec![Vec::new(); snapshot.len()],
     };
     let mut waiting = VecDeque::new();
     let mut waited = 0;
@@ -499,6 +549,13 @@ pub fn simulate(
         Decider::Learned(p) => Some(p.report().clone()),
         _ => None,
     };
+    let pools = pool_energy(
+        &snapshot,
+        groups,
+        &world.runs,
+        world.makespan,
+        &regions.prior(),
+    );
     PolicyResult {
         energy_kwh: world.joules / JOULES_PER_KWH,
         carbon_kg: world.carbon_grams / 1000.0,
@@ -515,6 +572,8 @@ pub fn simulate(
         },
         waited,
         scheduler_s,
+        energy_over_bound: None,
+        pools,
         predictor,
     }
 }

@@ -77,7 +77,7 @@ impl RegionFile {
         self.transfer_kwh_per_gb * JOULES_PER_KWH / 1e9
     }
 
-    /// The cost model every non-hindsight policy starts from.
+    /// The cost model every policy but `oracle-greedy` starts from.
     pub fn prior(&self) -> AnalyticCostModel {
         AnalyticCostModel {
             transfer_joules_per_byte: self.transfer_joules_per_byte(),

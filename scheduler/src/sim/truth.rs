@@ -12,8 +12,8 @@
 //! figure, AVX-512 HPC nodes above it), and energy is the power model with the region's real
 //! watts. Each task also draws a log-normal noise factor (3 %) that nobody can predict. The
 //! analytic prior is linear in pixels and templates and ignores load, overhead and the real
-//! speed: the learned predictor has something to learn, and the hindsight bound knows it all
-//! (but the noise).
+//! speed: the learned predictor has something to learn, and the `oracle-greedy` policy and the
+//! energy bound ([`crate::sim::bound`]) know it all (the bound knows the noise too).
 
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +111,7 @@ pub fn true_cost(region: &RegionSnapshot, truth: &RegionTruth, group: &TaskGroup
     }
 }
 
-/// The hindsight bound's cost model: the simulated world's expected costs. `truths` is indexed
+/// The `oracle-greedy` policy's cost model: the simulated world's expected costs. `truths` is indexed
 /// like the region slice placement sees.
 #[derive(Debug, Clone)]
 pub struct TruthCostModel<'a> {

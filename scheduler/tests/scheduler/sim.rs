@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use ceccm_scheduler::sim::cli::{OutputFormat, SimArgs, SimError, run};
+use ceccm_scheduler::sim::files::trace_to_yaml;
+use ceccm_scheduler::sim::generate::{TraceSpec, generate_trace};
+use ceccm_scheduler::sim::report::SimReport;
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sim")
@@ -38,7 +41,7 @@ fn reference_trace_meets_the_targets() {
         "bin-packing",
         "greedy-analytic",
         "learned",
-        "hindsight",
+        "oracle-greedy",
     ] {
         for field in [
             "energy_kwh",
@@ -46,6 +49,7 @@ fn reference_trace_meets_the_targets() {
             "makespan_s",
             "deadline_misses",
             "bytes_moved",
+            "energy_over_bound",
         ] {
             assert!(
                 json["policies"][name][field].is_number(),
@@ -53,6 +57,7 @@ fn reference_trace_meets_the_targets() {
             );
         }
     }
+    assert!(json["lower_bound"]["energy_kwh"].is_number(), "{json}");
     eprintln!("{}", report.table());
     let p = |name: &str| &report.policies[name];
     let learned = p("learned");
@@ -67,8 +72,14 @@ fn reference_trace_meets_the_targets() {
         report.table()
     );
     assert!(
-        learned.energy_kwh <= 1.03 * p("hindsight").energy_kwh,
+        learned.energy_kwh <= 1.03 * p("oracle-greedy").energy_kwh,
         "{}",
+        report.table()
+    );
+    assert_every_policy_spends_at_least_the_bound(&report);
+    assert!(
+        learned.energy_over_bound.unwrap() <= 1.10,
+        "learned is within 10 % of the proven bound: {}",
         report.table()
     );
     assert!(
@@ -83,6 +94,118 @@ fn reference_trace_meets_the_targets() {
     );
     let png = std::fs::read(dir.path().join("plot.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+/// Every policy's energy is at least the proven bound (up to rounding in the sums), and every
+/// policy ran every task.
+fn assert_every_policy_spends_at_least_the_bound(report: &SimReport) {
+    let bound = report.lower_bound.energy_kwh;
+    assert!(bound > 0.0, "{}", report.table());
+    for (name, r) in &report.policies {
+        assert_eq!(r.unplaced, 0, "{name}: {}", report.table());
+        assert!(
+            r.energy_kwh >= bound * (1.0 - 1e-9),
+            "{name} spends {} kWh, below the bound {bound}:\n{}",
+            r.energy_kwh,
+            report.table()
+        );
+        assert!(r.energy_over_bound.unwrap() >= 1.0 - 1e-9);
+    }
+}
+
+/// A small generated trace on the reference regions, its arrivals squeezed into `span_s` so that
+/// jobs compete for the cheap regions when `span_s` is short.
+fn small_trace_report(seed: u64, span_s: f64) -> SimReport {
+    let dir = tempfile::tempdir().unwrap();
+    let mut trace = generate_trace(TraceSpec { seed, scale: 0.02 }, String::new());
+    let last = trace.jobs.iter().map(|j| j.at).fold(0.0, f64::max);
+    for job in &mut trace.jobs {
+        job.at *= span_s / last;
+    }
+    let mut a = args(
+        examples().join("regions.yaml"),
+        write(dir.path(), "trace.yaml", &trace_to_yaml(&trace)),
+        "all",
+    );
+    a.seed = Some(seed);
+    run(&a, &mut Vec::new()).unwrap()
+}
+
+#[test]
+fn every_policy_spends_at_least_the_lower_bound_on_small_traces() {
+    for (seed, span_s) in [(1, 2.0 * 86_400.0), (2, 3_600.0), (3, 300.0)] {
+        let report = small_trace_report(seed, span_s);
+        assert_every_policy_spends_at_least_the_bound(&report);
+        assert_eq!(report.lower_bound.infeasible_tasks, 0);
+        assert_eq!(
+            report.lower_bound.tasks, report.policies["learned"].tasks,
+            "the bound counts the tasks every policy runs"
+        );
+    }
+}
+
+#[test]
+fn with_one_region_and_no_slowdown_the_bound_is_every_policys_energy() {
+    // One region, no truth (no load slow-down), data nowhere: no policy has a choice to make, and
+    // the bound, which knows the per-task noise, is exact.
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(
+        write(dir.path(), "r.yaml", REGIONS),
+        write(dir.path(), "t.yaml", TRACE),
+        "all",
+    );
+    let report = run(&a, &mut Vec::new()).unwrap();
+    let bound = report.lower_bound.energy_kwh;
+    for (name, r) in &report.policies {
+        assert!(
+            (r.energy_kwh - bound).abs() <= 1e-9 * bound,
+            "{name}: {} kWh against the bound {bound}",
+            r.energy_kwh
+        );
+    }
+}
+
+#[test]
+fn autoscaled_pools_idle_less_than_one_worker_per_core() {
+    let report = small_trace_report(4, 86_400.0);
+    for (name, r) in &report.policies {
+        let pools = &r.pools;
+        assert!(pools.busy_core_s > 0.0, "{name}: {pools:?}");
+        // Both pools hold a worker for every busy core-second...
+        assert!(
+            pools.autoscaled_worker_s >= pools.busy_core_s * (1.0 - 1e-9),
+            "{name}: {pools:?}"
+        );
+        assert!(
+            pools.per_core_worker_s >= pools.busy_core_s,
+            "{name}: {pools:?}"
+        );
+        // ...and over a day of sparse arrivals the autoscaled one idles far less.
+        assert!(
+            pools.autoscaled_idle_kwh < 0.5 * pools.per_core_idle_kwh,
+            "{name}: {pools:?}"
+        );
+    }
+}
+
+#[test]
+fn with_energy_as_every_objective_the_oracle_reaches_the_bound() {
+    // On the reference trace the bound's gap to the best policies comes from the jobs whose
+    // objective is latency or balanced (they pay energy for time); ask every job for energy
+    // and the greedy oracle lands within 1 % of the bound, so the bound is tight.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(examples().join("trace.yaml")).unwrap();
+    let energy_only = text
+        .replace("objective: latency", "objective: energy")
+        .replace("objective: balanced", "objective: energy");
+    let a = args(
+        examples().join("regions.yaml"),
+        write(dir.path(), "trace.yaml", &energy_only),
+        "oracle-greedy",
+    );
+    let report = run(&a, &mut Vec::new()).unwrap();
+    let ratio = report.policies["oracle-greedy"].energy_over_bound.unwrap();
+    assert!((1.0 - 1e-9..=1.01).contains(&ratio), "{}", report.table());
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -125,7 +248,7 @@ fn a_small_valid_pair_runs() {
     let a = args(
         write(dir.path(), "r.yaml", REGIONS),
         write(dir.path(), "t.yaml", TRACE),
-        "learned,hindsight",
+        "learned,oracle-greedy",
     );
     let report = run(&a, &mut Vec::new()).unwrap();
     assert_eq!(report.policies.len(), 2);
