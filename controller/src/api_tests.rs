@@ -2501,12 +2501,18 @@ async fn a_dataset_held_at_an_edge_is_sent_by_its_agent_only_as_announced(ts: &T
     );
     let mut bad = cube.clone();
     bad.sha256 = "not-a-sha".into();
+    let region_before = get(&app, "/api/v1/regions/edge").await.body;
     assert_error(
         &beat(edge.clone(), "edge", vec![bad]).await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "Invalid",
     );
     assert_eq!(get(&app, "/api/v1/datasets/cube").await.body, announced);
+    assert_eq!(
+        get(&app, "/api/v1/regions/edge").await.body,
+        region_before,
+        "nothing of a refused heartbeat is recorded"
+    );
 
     // A task elsewhere asks: 503, and the edge's next heartbeat carries the order.
     let asked = get(&app, "/api/v1/datasets/cube/content").await;

@@ -237,6 +237,7 @@ pub async fn heartbeat(
     if report.workers > MAX_AGENT_WORKERS {
         return Err(bad("workers", "must be at most 65536"));
     }
+    crate::uplink::check_announcements(region, &report.datasets)?;
     if !(1..=4096).contains(&report.cpu) {
         return Err(bad("cpu", "must be 1 to 4096"));
     }

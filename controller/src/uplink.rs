@@ -249,13 +249,8 @@ fn with_status(mut object: Value, status: &DatasetStatus) -> Change {
     Change::Put(object)
 }
 
-/// Takes `region`'s announcements; answers what it should send and what it announced in
-/// vain (with the reason).
-pub async fn take_announcements(
-    store: &Store,
-    region: &str,
-    held: &[HeldDataset],
-) -> Result<(Vec<String>, Vec<String>), ApiError> {
+/// Refuses a malformed announcement before anything of the heartbeat is recorded.
+pub fn check_announcements(region: &str, held: &[HeldDataset]) -> Result<(), ApiError> {
     if held.len() > MAX_ANNOUNCED {
         return Err(ApiError::invalid(
             "Region",
@@ -273,6 +268,17 @@ pub async fn take_announcements(
             &[ceccm_federation::Violation::new("datasets", &why)],
         ));
     }
+    Ok(())
+}
+
+/// Takes `region`'s announcements; answers what it should send and what it announced in
+/// vain (with the reason).
+pub async fn take_announcements(
+    store: &Store,
+    region: &str,
+    held: &[HeldDataset],
+) -> Result<(Vec<String>, Vec<String>), ApiError> {
+    check_announcements(region, held)?;
     let mut refused = Vec::new();
     let now = crate::time::now_rfc3339();
     for h in held {

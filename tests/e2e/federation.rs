@@ -851,6 +851,29 @@ fn an_edge_cut_off_keeps_fitting_and_syncs_once_back_across_a_control_plane_rest
         "fitted once, offline: {synced}"
     );
     assert_chunks_written_once(&http, &server, 7);
+    // KubeEdge #3567 (a message flood on reconnect): the restarted server counted every
+    // request since it started. Each of the job's 9 tasks reports once at most, and what the
+    // edge kept is not sent again and again.
+    let metrics = http.get_text(&format!("{}/metrics", server.url));
+    let requests = |route: &str, refused: bool| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("ceccm_http_requests_total{"))
+            .filter(|l| l.contains(&format!("route=\"{route}\"")))
+            .filter(|l| l.contains("status=\"2") != refused)
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let completions = requests("/api/v1/tasks/{name}/complete", false)
+        + requests("/api/v1/tasks/{name}/complete", true);
+    let refused_reports = requests("/api/v1/tasks/{name}/complete", true)
+        + requests("/api/v1/tasks/{name}/fail", true)
+        + requests("/api/v1/tasks/{name}/artifacts/{sha256}", true);
+    eprintln!(
+        "after the restart: {completions} completion requests, {refused_reports} reports refused"
+    );
+    assert!(completions <= 9, "{metrics}");
+    assert!(refused_reports <= 3, "{metrics}");
     let maps = download(&http, &server, "seed7", "maps.fits", dir.path());
     assert_same_maps(&seed7_reference(dir.path()), &maps);
     eprintln!(
