@@ -83,6 +83,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let mut link = Link::new(&options, &token)?;
     let held = watch_datasets(&options);
+    let kept = crate::worker::held::HeldLeases::new(crate::worker::held::held_dir(
+        &options.data_dir.join("cache").join(&options.region),
+    ));
     let sending = Arc::new(Mutex::new(HashSet::new()));
     let mut meter = Rapl::open();
     let mut wanted = 0;
@@ -135,8 +138,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             }
             Err(Refused::Other(e)) => {
                 // Cut off: the workers finish what they hold and keep the results in the
-                // region's outbox; no new ones start until the server answers again.
-                wanted = 0;
+                // region's outbox. Leases whose workers are gone (this host restarted while
+                // cut off) get workers of their own; nothing else starts until the server
+                // answers again.
+                wanted = kept.orphans().min(cpu as usize) as u32;
+                if wanted > seen.workers {
+                    link.driver
+                        .ensure(&options.region, &link.spec(cpu), wanted)?;
+                }
                 if reachable {
                     tracing::warn!(region = options.region, error = %e, "heartbeat failed; workers go on");
                     reachable = false;

@@ -830,8 +830,8 @@ pub struct StatusPatchMeta {
     pub resource_version: Option<String>,
 }
 
-/// Typed views of stored objects, for the reconcilers.
-#[derive(Debug, Clone, Deserialize)]
+/// Typed views of stored objects, for the reconcilers (and the workers' kept leases).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Typed<S, T> {
     pub metadata: ObjectMeta,
     pub spec: S,

@@ -5,6 +5,7 @@
 //! the server's own typed wire structs.
 
 pub mod data;
+pub mod held;
 pub mod outbox;
 pub mod stage;
 
@@ -91,6 +92,7 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
     let mut idle_since = Instant::now();
     let mut backoff = Duration::from_millis(50);
     let mut held: std::collections::VecDeque<Leased> = std::collections::VecDeque::new();
+    let kept = held::HeldLeases::new(held::held_dir(&options.cache_dir));
     loop {
         // A worker whose server died (it was re-parented) has nobody to report to.
         if std::os::unix::process::parent_id() != parent {
@@ -120,9 +122,39 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
         // Lease the next task, and as many ahead as asked, while the server answers.
         // `asked`: why the topping up stopped (nothing queued, or the server out of reach).
         let mut asked = Ok(());
+        // Leases a gone worker of the region held (its host restarted, perhaps while cut
+        // off) come before new ones.
+        let room = (options.prefetch as usize + 1).saturating_sub(held.len());
+        let orphans = kept.claim_orphans(room);
+        let adopted = !orphans.is_empty();
+        for (lease, claim) in orphans {
+            tracing::info!(
+                task = lease.task.metadata.name,
+                "taking over a lease a gone worker held"
+            );
+            held.push_back(Leased {
+                task: lease.task,
+                secret: lease.secret,
+                claim: Some(claim),
+            });
+        }
+        if adopted {
+            // Where the server answers, a lease it handed on meanwhile is not run again.
+            renew_ahead(&client, &options, &mut held, Duration::from_secs(5)).await;
+        }
         while held.len() <= options.prefetch as usize {
             match lease(&client, &options).await {
-                Ok(Some(leased)) => held.push_back(leased),
+                Ok(Some(mut leased)) => {
+                    let lease = held::KeptLease {
+                        task: leased.task.clone(),
+                        secret: leased.secret.clone(),
+                    };
+                    match kept.keep(&lease) {
+                        Ok(claim) => leased.claim = Some(claim),
+                        Err(e) => tracing::warn!(error = %e, "cannot keep the lease on disk"),
+                    }
+                    held.push_back(leased)
+                }
                 Ok(None) => break,
                 Err(e) => {
                     asked = Err(e);
@@ -158,10 +190,21 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
     }
 }
 
-/// A task this worker leased, with the lease's secret (sent with every report on it).
+/// A task this worker leased, with the lease's secret (sent with every report on it) and its
+/// hold on the lease's copy on disk.
 struct Leased {
     task: TaskObject,
     secret: String,
+    claim: Option<held::Claim>,
+}
+
+impl Leased {
+    /// Done with the lease: its copy on disk goes.
+    fn release(self) {
+        if let Some(claim) = self.claim {
+            claim.release();
+        }
+    }
 }
 
 async fn post<B: Serialize, R: DeserializeOwned>(
@@ -221,6 +264,7 @@ async fn lease(client: &reqwest::Client, o: &WorkerOptions) -> Result<Option<Lea
     Ok(Some(Leased {
         task: response.json().await?,
         secret,
+        claim: None,
     }))
 }
 
@@ -270,7 +314,16 @@ async fn run_task(
     leased: Leased,
     ahead: &mut std::collections::VecDeque<Leased>,
 ) {
-    let Leased { task, secret } = leased;
+    let Leased {
+        task,
+        secret,
+        claim,
+    } = leased;
+    let release = move || {
+        if let Some(claim) = claim {
+            claim.release();
+        }
+    };
     let name = task.metadata.name.clone();
     let base = format!("{}/api/v1/tasks/{name}", o.server);
     let heartbeat_every = Duration::from_millis(u64::from(o.lease_seconds) * 1000 / 3)
@@ -305,6 +358,7 @@ async fn run_task(
                 if let Err(WorkerError::Status { status: 404 | 409, .. }) = beat {
                     // The lease is gone (expired and handed on, or the task deleted): stop.
                     tracing::warn!(task = name, "lease lost; abandoning the task");
+                    release();
                     return;
                 }
                 renew_ahead(client, o, ahead, heartbeat_every).await;
@@ -356,6 +410,8 @@ async fn run_task(
             return;
         }
     };
+    // The outbox has the result now: the lease's own copy is no longer needed.
+    release();
     match outbox::send(&kept, data, client, &o.server).await {
         Ok(outbox::Sent::Kept) => {
             tracing::warn!(
@@ -394,10 +450,13 @@ async fn renew_ahead(
         match beat {
             Err(WorkerError::Status {
                 status: 404 | 409, ..
-            }) => tracing::info!(
-                task = leased.task.metadata.name,
-                "a task held ahead was taken back"
-            ),
+            }) => {
+                tracing::info!(
+                    task = leased.task.metadata.name,
+                    "a task held ahead was taken back"
+                );
+                leased.release();
+            }
             _ => kept.push_back(leased),
         }
     }
