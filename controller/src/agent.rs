@@ -52,6 +52,8 @@ pub struct AgentOptions {
     /// The datasets this site holds, one file each (see [`crate::uplink`]).
     pub datasets: PathBuf,
     pub uplink_encoding: crate::uplink::UplinkEncoding,
+    /// How its workers run tasks (`oci`: in runc containers from `DATA_DIR/images`).
+    pub runtime: ceccm_federation::region::Runtime,
     /// The program run as a worker (this `ceccm` binary).
     pub worker_program: PathBuf,
 }
@@ -203,6 +205,7 @@ fn watch_datasets(options: &AgentOptions) -> Held {
 
 /// The agent's connection to the server: its client and its workers.
 struct Link {
+    runtime: ceccm_federation::region::Runtime,
     client: reqwest::Client,
     /// For dataset copies, which may take long over a slow uplink.
     uplink: reqwest::Client,
@@ -254,6 +257,7 @@ impl Link {
                 .collect(),
         });
         Ok(Link {
+            runtime: options.runtime,
             client,
             uplink,
             heartbeat_url: format!(
@@ -279,6 +283,7 @@ impl Link {
             network: Default::default(),
             taints: Vec::new(),
             unschedulable: false,
+            runtime: self.runtime,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod content;
 pub mod demo;
 pub mod error;
+pub mod image;
 pub mod lifecycle;
 pub mod logs;
 pub mod metrics;

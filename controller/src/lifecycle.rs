@@ -434,6 +434,8 @@ fn command_task(f: &ApplicationFacts, index: u32, template: &TaskTemplate) -> Ta
         features: None,
         cores: Some(f.spec.resources.cpu).filter(|c| *c > 0.0),
         max_attempts: f.spec.max_attempts,
+        image: f.spec.task_image(),
+        memory_mib: f.spec.task_memory_mib(),
     }
 }
 
@@ -848,6 +850,7 @@ pub fn queued_status() -> TaskStatus {
         result: None,
         artifacts: Vec::new(),
         error: None,
+        reason: None,
         evicted: None,
     }
 }

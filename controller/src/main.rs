@@ -19,6 +19,17 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ImageCommand {
+    /// Builds an image from this program and its neighbours into DATA_DIR/images.
+    Build {
+        /// The image: astro-fit (the worker image: ceccm and astro-fit, nothing else).
+        name: String,
+        #[arg(long, default_value = ".ceccm-data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Serve the REST API, run the reconcilers and the local regions' workers.
     Server {
@@ -82,7 +93,32 @@ enum Command {
         /// reach (agents pass their --prefetch).
         #[arg(long, default_value_t = 0)]
         prefetch: u32,
+        /// How tasks run: process (this worker's own children) or oci (runc containers from
+        /// the image store); the local driver passes the region's spec.runtime.
+        #[arg(long, default_value = "process")]
+        runtime: ceccm_federation::region::Runtime,
+        /// The OCI image layout containers are made from (default: beside the cache root,
+        /// ROOT/../images, i.e. DATA_DIR/images for the local driver and agents).
+        #[arg(long, value_name = "DIR")]
+        image_store: Option<PathBuf>,
     },
+    /// Manage the local OCI image store (no registry): `ceccm image build astro-fit`.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Runs one astro-fit stage inside a container (what `runtime: oci` workers start).
+    #[command(hide = true)]
+    StageRun {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Looks at the world from inside a container (for tests and operators): `read PATH`,
+    /// `alloc MIB`, `memory-limit`.
+    #[command(hide = true)]
+    Probe { what: String, arg: Option<String> },
     /// Run a remote region's workers on this host (an edge or cloud site), like `k3s agent`.
     Agent {
         #[arg(long)]
@@ -125,6 +161,10 @@ enum Command {
         /// (noise-bounded compression, every header card kept) or identity (as they are).
         #[arg(long, value_enum, default_value = "tarsis")]
         uplink_encoding: ceccm_controller::uplink::UplinkEncoding,
+        /// How its workers run tasks: process, or oci (runc containers from DATA_DIR/images;
+        /// build the image there with `ceccm image build astro-fit --data-dir DATA_DIR`).
+        #[arg(long, default_value = "process")]
+        runtime: ceccm_federation::region::Runtime,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -199,7 +239,16 @@ fn main() -> ExitCode {
                 ca_file,
                 outbox_max_bytes,
                 prefetch,
+                runtime,
+                image_store,
             } => {
+                let image_store = image_store.unwrap_or_else(|| {
+                    cache_root
+                        .as_deref()
+                        .and_then(|root| root.parent())
+                        .unwrap_or(std::path::Path::new("."))
+                        .join("images")
+                });
                 let worker_id =
                     worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
                 ceccm_controller::worker::run(ceccm_controller::worker::WorkerOptions {
@@ -216,9 +265,30 @@ fn main() -> ExitCode {
                     ca_file,
                     outbox_max_bytes,
                     prefetch,
+                    runtime,
+                    image_store,
                 })
                 .await
             }
+            Command::Image {
+                command: ImageCommand::Build { name, data_dir },
+            } => {
+                if name != ceccm_controller::image::ASTRO_FIT_IMAGE {
+                    anyhow::bail!("{name:?}: the images ceccm builds are: astro-fit");
+                }
+                let store = ceccm_controller::image::ImageStore::new(data_dir.join("images"));
+                let built =
+                    store.build_astro_fit(&std::env::current_exe()?, env!("CARGO_PKG_VERSION"))?;
+                println!(
+                    "astro-fit:{} {} in {}",
+                    env!("CARGO_PKG_VERSION"),
+                    built.digest,
+                    store.dir().display()
+                );
+                Ok(())
+            }
+            Command::StageRun { job, out } => ceccm_controller::worker::stage::run_job(&job, &out),
+            Command::Probe { what, arg } => ceccm_controller::worker::probe(&what, arg.as_deref()),
             Command::Agent {
                 server,
                 region,
@@ -234,6 +304,7 @@ fn main() -> ExitCode {
                 ca_file,
                 datasets,
                 uplink_encoding,
+                runtime,
             } => {
                 let tier = serde_json::from_value(serde_json::Value::String(tier.clone()))
                     .map_err(|_| anyhow::anyhow!("--tier {tier:?}: edge, cloud or hpc"))?;
@@ -252,6 +323,7 @@ fn main() -> ExitCode {
                     ca_file,
                     datasets: datasets.unwrap_or_else(|| data_dir.join("datasets")),
                     uplink_encoding,
+                    runtime,
                     worker_program: std::env::current_exe()?,
                 })
                 .await

@@ -89,7 +89,21 @@ pub struct FailRequest {
     /// Another attempt would fail the same way (bad input): dead-letter the task now.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub permanent: bool,
+    /// Why, as Kubernetes names it (`OOMKilled`, `ImageNotFound`, `ContainerCannotRun`,
+    /// `DeadlineExceeded`, `Error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(OOMKilled|ImageNotFound|ContainerCannotRun|DeadlineExceeded|Error)$")]
+    pub reason: Option<String>,
 }
+
+/// The failure reasons a worker may report.
+pub const FAILURE_REASONS: [&str; 5] = [
+    "OOMKilled",
+    "ImageNotFound",
+    "ContainerCannotRun",
+    "DeadlineExceeded",
+    "Error",
+];
 
 fn refused(name: &str, refusal: Refusal) -> ApiError {
     let message = match &refusal {
@@ -442,6 +456,20 @@ pub async fn complete(
 
 pub async fn fail(store: &Store, name: &str, request: FailRequest) -> Result<Value, ApiError> {
     check_cpu(request.cpu_seconds)?;
+    if let Some(reason) = request
+        .reason
+        .as_deref()
+        .filter(|r| !FAILURE_REASONS.contains(r))
+    {
+        return Err(ApiError::invalid(
+            "Task",
+            name,
+            &[ceccm_federation::Violation::new(
+                "reason",
+                format!("{reason:?} is not one of {}", FAILURE_REASONS.join(", ")),
+            )],
+        ));
+    }
     let joules = ran_on(store, name, false)
         .await?
         .joules(request.cpu_seconds);
@@ -456,6 +484,10 @@ pub async fn fail(store: &Store, name: &str, request: FailRequest) -> Result<Val
             request.cpu_seconds,
             joules,
         )?;
+        let next = TaskStatus {
+            reason: request.reason.clone(),
+            ..next
+        };
         Ok((next, None))
     })
     .await

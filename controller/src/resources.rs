@@ -451,6 +451,25 @@ pub struct ApplicationSpec {
     pub max_attempts: u32,
     #[serde(default)]
     pub suspend: bool,
+    /// The OCI image (in the image store of the region's hosts) its tasks run in on regions
+    /// with `runtime: oci`; astro-fit applications default to `astro-fit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,128})?$")]
+    pub image: Option<String>,
+}
+
+impl ApplicationSpec {
+    /// The image its tasks run in on an `oci` region.
+    pub fn task_image(&self) -> Option<String> {
+        self.image.clone().or_else(|| {
+            (self.app == AppKind::AstroFit).then(|| crate::image::ASTRO_FIT_IMAGE.to_string())
+        })
+    }
+
+    /// The memory limit of each task, where the application declares one.
+    pub fn task_memory_mib(&self) -> Option<u64> {
+        Some(self.resources.memory_mib).filter(|m| *m > 0)
+    }
 }
 
 fn default_max_attempts() -> u32 {
@@ -656,6 +675,14 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cores: Option<f64>,
     pub max_attempts: u32,
+    /// The OCI image the task runs in on a region with `runtime: oci` (astro-fit tasks: the
+    /// application's image, `astro-fit` by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Memory the task may use (its container's cgroup limit), from the application's
+    /// `resources.memoryMiB`.
+    #[serde(default, rename = "memoryMiB", skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
 }
 
 impl TaskSpec {
@@ -711,6 +738,10 @@ pub struct TaskStatus {
     pub artifacts: Vec<crate::astro_fit::ContentRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the last attempt failed, as Kubernetes names it: `OOMKilled`, `ImageNotFound`,
+    /// `ContainerCannotRun`, `DeadlineExceeded` or `Error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Why the task was last taken off a region (deleted, drained, NotReady past the
     /// application's toleration); it then waits, without a region, to be placed again.
     #[serde(default, skip_serializing_if = "Option::is_none")]

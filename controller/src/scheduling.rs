@@ -378,6 +378,7 @@ mod tests {
                 network: Default::default(),
                 taints: vec![],
                 unschedulable: false,
+                runtime: Default::default(),
             },
             ready,
             load: 0.0,

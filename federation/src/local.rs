@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
 use crate::driver::{DriverError, RegionDriver, RegionObservation};
-use crate::region::{DriverKind, RegionSpec};
+use crate::region::{DriverKind, RegionSpec, Runtime};
 
 /// How to start one worker: `program args... --region NAME`.
 #[derive(Debug, Clone)]
@@ -57,11 +57,12 @@ impl LocalDriver {
         }
     }
 
-    fn spawn(&self, region: &str) -> Result<Child, DriverError> {
+    fn spawn(&self, region: &str, runtime: Runtime) -> Result<Child, DriverError> {
         use std::os::unix::process::CommandExt;
         Command::new(&self.command.program)
             .args(&self.command.args)
             .args(["--region", region])
+            .args(["--runtime", runtime.as_str()])
             .envs(self.command.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -114,7 +115,7 @@ impl RegionDriver for LocalDriver {
         let wanted = wanted_workers.min(spec.capacity.cpu).min(self.host_cores) as usize;
         let mut message = String::new();
         while pool.workers.len() < wanted {
-            match self.spawn(region) {
+            match self.spawn(region, spec.runtime) {
                 Ok(child) => pool.workers.push(Worker {
                     child,
                     last_cpu_seconds: 0.0,
@@ -207,6 +208,7 @@ mod tests {
             network: Default::default(),
             taints: vec![],
             unschedulable: false,
+            runtime: Default::default(),
         }
     }
 

@@ -139,6 +139,45 @@ pub struct RegionSpec {
     /// stays unless the region is drained.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unschedulable: bool,
+    /// How a task runs on the region's hosts: `process` (the worker's own child process or
+    /// thread, the default) or `oci` (in an OCI container through runc, from the
+    /// application's image, with its resources enforced by cgroups and no network).
+    #[serde(default, skip_serializing_if = "Runtime::is_process")]
+    pub runtime: Runtime,
+}
+
+/// How tasks run on a region's hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    #[default]
+    Process,
+    Oci,
+}
+
+impl Runtime {
+    pub fn is_process(&self) -> bool {
+        *self == Runtime::Process
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Process => "process",
+            Runtime::Oci => "oci",
+        }
+    }
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "process" => Ok(Runtime::Process),
+            "oci" => Ok(Runtime::Oci),
+            _ => Err(format!("{text:?}: expected process or oci")),
+        }
+    }
 }
 
 /// A condition of an object's status, as Kubernetes writes them.

@@ -3,6 +3,7 @@
 
 mod astro_fit;
 mod cli;
+mod containers;
 mod control_plane;
 mod federation;
 mod sim;

@@ -195,6 +195,8 @@ fn stage_task(
         astro_fit: Some(work),
         features,
         max_attempts: f.spec.max_attempts,
+        image: f.spec.task_image(),
+        memory_mib: f.spec.task_memory_mib(),
     }
 }
 

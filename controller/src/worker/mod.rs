@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod held;
+pub mod oci;
 pub mod outbox;
 pub mod stage;
 
@@ -21,6 +22,7 @@ use crate::queue::{
     CompleteRequest, FailRequest, HeartbeatRequest, LeaseRequest, MAX_OUTPUT_BYTES,
 };
 use crate::resources::{TaskObject, TaskSpec};
+use ceccm_federation::region::Runtime;
 use data::DataPlane;
 
 #[derive(Debug, Clone)]
@@ -44,6 +46,10 @@ pub struct WorkerOptions {
     /// Tasks leased ahead of the one running (their leases renewed with it), so that a worker
     /// cut off from the server keeps working through them.
     pub prefetch: u32,
+    /// How tasks run: this worker's own processes, or OCI containers (the region's runtime).
+    pub runtime: Runtime,
+    /// The OCI image layout containers are made from.
+    pub image_store: PathBuf,
 }
 
 /// The default bound of a region's outbox.
@@ -302,6 +308,8 @@ enum Ending {
     Failed {
         error: String,
         permanent: bool,
+        /// Kubernetes' name for it, where there is one (`OOMKilled`, ...).
+        reason: Option<&'static str>,
     },
 }
 
@@ -385,12 +393,17 @@ async fn run_task(
             files,
             scratch,
         ),
-        Ending::Failed { error, permanent } => (
+        Ending::Failed {
+            error,
+            permanent,
+            reason,
+        } => (
             outbox::Report::Fail(FailRequest {
                 worker: o.worker_id.clone(),
                 error,
                 cpu_seconds: cpu,
                 permanent,
+                reason: reason.map(str::to_string),
             }),
             Vec::new(),
             None,
@@ -464,6 +477,20 @@ async fn renew_ahead(
 }
 
 async fn run_command(o: &WorkerOptions, spec: &TaskSpec, name: &str) -> Ending {
+    match (o.runtime, &spec.image) {
+        (Runtime::Oci, Some(image)) => return run_command_in_container(o, spec, name, image).await,
+        (Runtime::Oci, None) => {
+            return Ending::Failed {
+                error: format!(
+                    "region {} runs containers and the task names no image",
+                    o.region
+                ),
+                permanent: true,
+                reason: Some("ContainerCannotRun"),
+            };
+        }
+        (Runtime::Process, _) => {}
+    }
     let output = tokio::process::Command::new(&spec.command)
         .args(&spec.args)
         .envs(&spec.env)
@@ -488,11 +515,136 @@ async fn run_command(o: &WorkerOptions, spec: &TaskSpec, name: &str) -> Ending {
                 truncated(&out.stderr).trim_end()
             ),
             permanent: false,
+            reason: Some("Error"),
         },
         Err(e) => Ending::Failed {
             error: format!("could not start {:?}: {e}", spec.command),
             permanent: false,
+            reason: Some("ContainerCannotRun"),
         },
+    }
+}
+
+/// A unique container id for `task` on this host.
+fn container_id(o: &WorkerOptions, task: &str) -> String {
+    format!("{}-{task}-{}", o.worker_id, uuid::Uuid::new_v4().simple())
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(128)
+        .collect()
+}
+
+/// Runs `run` in a container (off the async workers) and says how it ended, as a task.
+async fn contained(
+    o: &WorkerOptions,
+    image: &str,
+    mut run: oci::ContainerRun,
+) -> Result<(oci::ContainerEnd, String, String), Ending> {
+    let store = crate::image::ImageStore::new(o.image_store.clone());
+    let image = image.to_string();
+    let state = o.cache_dir.join("containers");
+    tokio::task::spawn_blocking(move || {
+        run.rootfs = match store.rootfs(&image) {
+            Ok(rootfs) => rootfs,
+            Err(e @ crate::image::ImageError::NotFound(_)) => {
+                return Err(Ending::Failed {
+                    error: e.to_string(),
+                    permanent: false,
+                    reason: Some("ImageNotFound"),
+                });
+            }
+            Err(e) => return Err(failed_because(e, "ContainerCannotRun")),
+        };
+        let end = oci::run(&run, &state).map_err(|e| failed_because(e, "ContainerCannotRun"))?;
+        let read = |p: &std::path::Path| truncated(&std::fs::read(p).unwrap_or_default());
+        Ok((end, read(&run.stdout), read(&run.stderr)))
+    })
+    .await
+    .unwrap_or_else(|e| Err(failed(format!("the container runner stopped: {e}"), false)))
+}
+
+/// What an ending other than exit status 0 means for the task.
+fn container_failure(end: oci::ContainerEnd, memory_mib: Option<u64>, stderr: &str) -> Ending {
+    match end {
+        oci::ContainerEnd::OomKilled => Ending::Failed {
+            error: format!(
+                "the container went past its memory limit ({} MiB)",
+                memory_mib.map_or("no".into(), |m| m.to_string())
+            ),
+            permanent: false,
+            reason: Some("OOMKilled"),
+        },
+        oci::ContainerEnd::Exited(code) => Ending::Failed {
+            error: format!("exit status {code}: {}", stderr.trim_end()),
+            permanent: false,
+            reason: Some("Error"),
+        },
+        oci::ContainerEnd::Signalled(signal) => Ending::Failed {
+            error: format!("killed by signal {signal}: {}", stderr.trim_end()),
+            permanent: false,
+            reason: Some("Error"),
+        },
+    }
+}
+
+fn failed_because(error: impl std::fmt::Display, reason: &'static str) -> Ending {
+    Ending::Failed {
+        error: error.to_string(),
+        permanent: false,
+        reason: Some(reason),
+    }
+}
+
+/// A command task in its image: nothing of the host but a scratch `/out`.
+async fn run_command_in_container(
+    o: &WorkerOptions,
+    spec: &TaskSpec,
+    name: &str,
+    image: &str,
+) -> Ending {
+    let scratch = match tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir_in(&o.cache_dir)
+    {
+        Ok(dir) => dir,
+        Err(e) => return failed(format!("scratch directory: {e}"), false),
+    };
+    let out = scratch.path().join("out");
+    if let Err(e) = std::fs::create_dir_all(&out) {
+        return failed(format!("scratch directory: {e}"), false);
+    }
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.extend([
+        "PATH=/usr/local/bin".to_string(),
+        format!("CECCM_TASK={name}"),
+        format!("CECCM_TASK_INDEX={}", spec.index),
+        format!("CECCM_REGION={}", o.region),
+    ]);
+    let run = oci::ContainerRun {
+        id: container_id(o, name),
+        rootfs: PathBuf::new(),
+        args: std::iter::once(spec.command.clone())
+            .chain(spec.args.iter().cloned())
+            .collect(),
+        env,
+        binds: vec![oci::Bind {
+            source: out,
+            destination: "/out".into(),
+            writable: true,
+        }],
+        memory_limit_bytes: spec.memory_mib.map(|m| m << 20),
+        cpus: Some(spec.cores()),
+        stdout: scratch.path().join("stdout"),
+        stderr: scratch.path().join("stderr"),
+    };
+    match contained(o, image, run).await {
+        Err(ending) => ending,
+        Ok((oci::ContainerEnd::Exited(0), stdout, stderr)) => Ending::Done {
+            result: serde_json::json!({"exitCode": 0, "stdout": stdout, "stderr": stderr}),
+            files: Vec::new(),
+            scratch: None,
+        },
+        Ok((end, _, stderr)) => container_failure(end, spec.memory_mib, &stderr),
     }
 }
 
@@ -500,6 +652,7 @@ fn failed(error: impl std::fmt::Display, permanent: bool) -> Ending {
     Ending::Failed {
         error: error.to_string(),
         permanent,
+        reason: None,
     }
 }
 
@@ -526,12 +679,24 @@ async fn run_astro_fit(
         Ok(dir) => dir,
         Err(e) => return failed(format!("scratch directory: {e}"), false),
     };
-    let outcome = warm
-        .run(work.clone(), inputs, scratch.path().to_path_buf())
-        .await;
-    let output = match outcome {
-        Ok(output) => output,
-        Err(e) => return failed(e.message, e.permanent),
+    let output = match o.runtime {
+        Runtime::Process => match warm
+            .run(work.clone(), inputs, scratch.path().to_path_buf())
+            .await
+        {
+            Ok(output) => output,
+            Err(e) => return failed(e.message, e.permanent),
+        },
+        Runtime::Oci => {
+            let image = spec
+                .image
+                .clone()
+                .unwrap_or_else(|| crate::image::ASTRO_FIT_IMAGE.into());
+            match stage_in_container(o, spec, work, inputs, scratch.path(), name, &image).await {
+                Ok(output) => output,
+                Err(ending) => return ending,
+            }
+        }
     };
     tracing::debug!(task = name, region = o.region, "stage done");
     let mut result = output.result;
@@ -552,6 +717,68 @@ async fn run_astro_fit(
             .map(|(file, path)| (file.clone(), path.clone()))
             .collect(),
         scratch: Some(scratch),
+    }
+}
+
+/// An astro-fit stage in its image: the inputs (linked into `scratch/in`, and the templates)
+/// bound read-only, `scratch/out` writable; `ceccm stage-run` inside writes the stage's files
+/// and what it reports there.
+async fn stage_in_container(
+    o: &WorkerOptions,
+    spec: &TaskSpec,
+    work: &AstroFitWork,
+    inputs: stage::StageInputs,
+    scratch: &std::path::Path,
+    name: &str,
+    image: &str,
+) -> Result<stage::StageOutput, Ending> {
+    let inside = stage::container_job(work, &inputs, &scratch.join("in"))
+        .map_err(|e| failed(format!("staging the inputs: {e}"), false))?;
+    let out = scratch.join("out");
+    std::fs::create_dir_all(&out).map_err(|e| failed(format!("scratch directory: {e}"), false))?;
+    let run = oci::ContainerRun {
+        id: container_id(o, name),
+        rootfs: PathBuf::new(),
+        args: vec![
+            crate::image::CECCM_IN_IMAGE.into(),
+            "stage-run".into(),
+            "--job".into(),
+            inside,
+            "--out".into(),
+            "/out".into(),
+        ],
+        env: vec!["PATH=/usr/local/bin".into()],
+        binds: vec![
+            oci::Bind {
+                source: scratch.join("in"),
+                destination: "/in".into(),
+                writable: false,
+            },
+            oci::Bind {
+                source: inputs.templates.clone(),
+                destination: "/templates".into(),
+                writable: false,
+            },
+            oci::Bind {
+                source: out.clone(),
+                destination: "/out".into(),
+                writable: true,
+            },
+        ],
+        memory_limit_bytes: spec.memory_mib.map(|m| m << 20),
+        cpus: Some(spec.cores()),
+        stdout: scratch.join("stdout"),
+        stderr: scratch.join("stderr"),
+    };
+    match contained(o, image, run).await? {
+        (oci::ContainerEnd::Exited(_), _, stderr) => {
+            stage::container_outcome(&out).map_err(|(message, permanent)| Ending::Failed {
+                error: if message.is_empty() { stderr } else { message },
+                permanent,
+                reason: Some("Error"),
+            })
+        }
+        (end, _, stderr) => Err(container_failure(end, spec.memory_mib, &stderr)),
     }
 }
 
@@ -707,6 +934,42 @@ async fn bundled_templates(data: &DataPlane) -> Result<PathBuf, String> {
             .map_err(|e| e.to_string())
     })
     .await
+}
+
+/// `ceccm probe`: what a process sees from where it runs (inside a container, for tests and
+/// operators). `read PATH` prints a file; `alloc MIB` touches that much memory; `memory-limit`
+/// prints the memory limit of its cgroup.
+pub fn probe(what: &str, arg: Option<&str>) -> anyhow::Result<()> {
+    match (what, arg) {
+        ("read", Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?;
+            print!("{text}");
+            Ok(())
+        }
+        ("alloc", Some(mib)) => {
+            let mib: usize = mib.parse()?;
+            let mut blocks = Vec::with_capacity(mib);
+            for i in 0..mib {
+                // Touched, so that the pages are really used.
+                blocks.push(vec![(i % 251) as u8 + 1; 1 << 20]);
+            }
+            println!("allocated {} MiB", blocks.len());
+            Ok(())
+        }
+        ("memory-limit", None) => {
+            let limit = [
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory.max",
+            ]
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok())
+            .ok_or_else(|| anyhow::anyhow!("no memory cgroup to read"))?;
+            println!("{}", limit.trim());
+            Ok(())
+        }
+        _ => anyhow::bail!("probe read PATH | alloc MIB | memory-limit"),
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use astro_fit::cube::{Cube, CubeMeta};
 use astro_fit::cubefit::{self, ChunkFitter, CubePlan};
 use astro_fit::templates::TemplateLibrary;
 use indicatif::ProgressBar;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::astro_fit::{AstroFitWork, PLAN_FILE, PrepareReport, Stage};
 
@@ -400,4 +400,132 @@ fn assemble(
         files,
         result: serde_json::to_value(&summary).unwrap_or_default(),
     })
+}
+
+// ---- a stage in a container --------------------------------------------------------------------
+
+/// What `ceccm stage-run` inside a container is given: the work and where its inputs are.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StageJob {
+    pub work: AstroFitWork,
+    pub cube: PathBuf,
+    pub templates: PathBuf,
+    pub plan: Option<PathBuf>,
+    pub chunks: Vec<(String, PathBuf)>,
+}
+
+/// What it leaves in its output directory: the files it made (name, file in the directory)
+/// and the result, or why it failed.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum StageOutcome {
+    Done {
+        files: Vec<(String, String)>,
+        result: serde_json::Value,
+    },
+    Failed {
+        message: String,
+        permanent: bool,
+    },
+}
+
+const OUTCOME_FILE: &str = "stage-outcome.json";
+
+/// Links the inputs into `dir` (bound read-only at `/in`; the templates at `/templates`) and
+/// writes the job there; answers the job's path inside the container.
+pub fn container_job(
+    work: &AstroFitWork,
+    inputs: &StageInputs,
+    dir: &Path,
+) -> std::io::Result<String> {
+    std::fs::create_dir_all(dir.join("chunks"))?;
+    let link = |source: &Path, name: &str| -> std::io::Result<PathBuf> {
+        let target = dir.join(name);
+        if std::fs::hard_link(source, &target).is_err() {
+            std::fs::copy(source, &target)?;
+        }
+        Ok(Path::new("/in").join(name))
+    };
+    let job = StageJob {
+        work: work.clone(),
+        cube: link(&inputs.cube, "cube")?,
+        templates: PathBuf::from("/templates"),
+        plan: inputs
+            .plan
+            .as_deref()
+            .map(|p| link(p, "plan.json"))
+            .transpose()?,
+        chunks: inputs
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, (name, path))| Ok((name.clone(), link(path, &format!("chunks/{i}"))?)))
+            .collect::<std::io::Result<_>>()?,
+    };
+    std::fs::write(
+        dir.join("job.json"),
+        serde_json::to_vec(&job).map_err(std::io::Error::other)?,
+    )?;
+    Ok("/in/job.json".into())
+}
+
+/// `ceccm stage-run`: runs the job's stage and leaves its outcome in `out`. Fails only when
+/// the job cannot be read or the outcome not written.
+pub fn run_job(job: &Path, out: &Path) -> anyhow::Result<()> {
+    let job: StageJob = serde_json::from_slice(&std::fs::read(job)?)?;
+    let inputs = StageInputs {
+        cube: job.cube,
+        templates: job.templates,
+        plan: job.plan,
+        chunks: job.chunks,
+    };
+    let outcome = match run_stage(&job.work, &inputs, out, &mut None) {
+        Ok(output) => StageOutcome::Done {
+            files: output
+                .files
+                .iter()
+                .map(|(name, path)| {
+                    let file = path.strip_prefix(out).unwrap_or(path);
+                    (name.clone(), file.display().to_string())
+                })
+                .collect(),
+            result: output.result,
+        },
+        Err(e) => StageOutcome::Failed {
+            message: e.message,
+            permanent: e.permanent,
+        },
+    };
+    std::fs::write(out.join(OUTCOME_FILE), serde_json::to_vec(&outcome)?)?;
+    Ok(())
+}
+
+/// What the stage in the container left in `out` (on the host): its output, or `(message,
+/// permanent)`.
+pub fn container_outcome(out: &Path) -> Result<StageOutput, (String, bool)> {
+    let outcome: StageOutcome = std::fs::read(out.join(OUTCOME_FILE))
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+        .map_err(|e| (format!("the stage left no outcome ({e})"), false))?;
+    match outcome {
+        StageOutcome::Done { files, result } => {
+            let mut made = Vec::with_capacity(files.len());
+            for (name, file) in files {
+                let path = out.join(&file);
+                // Only files inside `out` travel on.
+                if file.contains("..") || !path.starts_with(out) || !path.is_file() {
+                    return Err((
+                        format!("the stage reported a file it did not make: {file}"),
+                        false,
+                    ));
+                }
+                made.push((name, path));
+            }
+            Ok(StageOutput {
+                files: made,
+                result,
+            })
+        }
+        StageOutcome::Failed { message, permanent } => Err((message, permanent)),
+    }
 }
