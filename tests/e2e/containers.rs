@@ -41,7 +41,7 @@ fn oci_server(dir: &Path, http: &Http) -> Server {
         "regions",
         &json!({"apiVersion": "ceccm/v1", "kind": "Region", "metadata": {"name": "boxed"},
                 "spec": {"tier": "cloud", "driver": "local", "runtime": "oci",
-                         "capacity": {"cpu": 2}}}),
+                         "capacity": {"cpu": 2, "memoryMiB": 8192}}}),
     );
     server
 }
