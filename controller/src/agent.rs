@@ -90,6 +90,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     ));
     let sending = Arc::new(Mutex::new(HashSet::new()));
     let mut meter = Rapl::open();
+    let mut turn = 0;
     let mut wanted = 0;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut reachable = true;
@@ -105,7 +106,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             measured_joules: meter.as_mut().and_then(Rapl::joules),
             datasets: held
                 .lock()
-                .map(|h| h.iter().map(|(d, _)| d.clone()).collect())
+                .map(|h| announced_now(&h, &mut turn))
                 .unwrap_or_default(),
         };
         match link.heartbeat(&report).await {
@@ -166,6 +167,23 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
 /// What the agent holds: each dataset with the file its uplink copy is in.
 type Held = Arc<Mutex<Vec<(HeldDataset, PathBuf)>>>;
+
+/// The datasets this heartbeat announces: all of them, or, past what one heartbeat may carry,
+/// the next window of them in turn.
+fn announced_now(held: &[(HeldDataset, PathBuf)], turn: &mut usize) -> Vec<HeldDataset> {
+    let most = crate::uplink::MAX_ANNOUNCED;
+    if held.len() <= most {
+        return held.iter().map(|(d, _)| d.clone()).collect();
+    }
+    let start = *turn % held.len();
+    *turn = start + most;
+    held.iter()
+        .cycle()
+        .skip(start)
+        .take(most)
+        .map(|(d, _)| d.clone())
+        .collect()
+}
 
 /// Looks at the datasets directory every few seconds, off the heartbeat's path (a new cube is
 /// hashed and compressed before it is announced).
@@ -463,5 +481,40 @@ impl Rapl {
             d.last_uj = now;
         }
         Some(self.domains.iter().map(|d| d.total_uj as f64).sum::<f64>() / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_what_one_heartbeat_carries_the_datasets_are_announced_in_turns() {
+        let held: Vec<(HeldDataset, PathBuf)> = (0..250)
+            .map(|i| {
+                let d = HeldDataset {
+                    name: format!("cube-{i:03}"),
+                    sha256: "a".repeat(64),
+                    size: 1,
+                    encoding: crate::uplink::UplinkEncoding::Identity,
+                    encoded_size: 1,
+                };
+                (d, PathBuf::new())
+            })
+            .collect();
+        let mut turn = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..3 {
+            let window = announced_now(&held, &mut turn);
+            assert_eq!(window.len(), crate::uplink::MAX_ANNOUNCED);
+            seen.extend(window.into_iter().map(|d| d.name));
+        }
+        assert_eq!(
+            seen.len(),
+            250,
+            "every dataset announced within three heartbeats"
+        );
+        let few = &held[..10];
+        assert_eq!(announced_now(few, &mut turn).len(), 10);
     }
 }

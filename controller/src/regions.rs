@@ -75,9 +75,10 @@ pub struct AgentReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0)]
     pub measured_joules: Option<f64>,
-    /// The datasets the agent holds (its `DIR/datasets`), for Datasets that declare the region.
+    /// The datasets the agent holds (its `DIR/datasets`), for Datasets that declare the region;
+    /// at most 100 a heartbeat (an agent holding more announces them in turns).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schema(max_items = 10_000)]
+    #[schema(max_items = 100)]
     pub datasets: Vec<crate::uplink::HeldDataset>,
 }
 

@@ -41,8 +41,9 @@ pub const CONTENT_SHA256_HEADER: &str = "x-ceccm-content-sha256";
 /// The sha256 of the representation's own bytes.
 pub const ENCODED_SHA256_HEADER: &str = "x-ceccm-encoded-sha256";
 
-/// The most datasets one heartbeat may announce.
-pub const MAX_ANNOUNCED: usize = 10_000;
+/// The most datasets one heartbeat may announce (so that it stays within the API's JSON body
+/// limit); an agent holding more announces them in turns.
+pub const MAX_ANNOUNCED: usize = 100;
 
 /// How a dataset crosses the uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, clap::ValueEnum)]
@@ -257,7 +258,7 @@ pub fn check_announcements(region: &str, held: &[HeldDataset]) -> Result<(), Api
             region,
             &[ceccm_federation::Violation::new(
                 "datasets",
-                "must hold at most 10000 items",
+                "must hold at most 100 items",
             )],
         ));
     }
