@@ -95,6 +95,10 @@ impl HeldDataset {
         if !is_sha256(&self.sha256) {
             return Some(format!("{}: sha256 must be 64 hex digits", self.name));
         }
+        // Sizes are int64 on the wire (and in the store).
+        if self.size > i64::MAX as u64 || self.encoded_size > i64::MAX as u64 {
+            return Some(format!("{}: sizes must be at most 2^63 - 1", self.name));
+        }
         None
     }
 }
@@ -849,6 +853,9 @@ mod tests {
         h.sha256 = "xyz".into();
         assert!(h.violation().unwrap().contains("sha256"));
         h.sha256 = A.into();
+        h.size = 1 << 63;
+        assert!(h.violation().unwrap().contains("2^63"));
+        h.size = 1;
         h.name = "Not_A_Name".into();
         assert!(h.violation().unwrap().contains("not a valid dataset name"));
     }
