@@ -46,6 +46,16 @@ enum Command {
         /// node-monitor grace period).
         #[arg(long, default_value_t = 40)]
         region_grace: u64,
+        /// How tasks reach workers: `embedded` (the queue in the store, leased over HTTP) or
+        /// `amqp://USER:PASSWORD@HOST:PORT/VHOST` (RabbitMQ: one quorum queue per region,
+        /// docs/amqp.md)
+        #[arg(
+            long,
+            env = "CECCM_TRANSPORT",
+            default_value = "embedded",
+            hide_env_values = true
+        )]
+        transport: ceccm_controller::amqp::Transport,
     },
     /// Lease and run tasks of one region (started by the local region driver).
     Worker {
@@ -82,6 +92,15 @@ enum Command {
         /// reach (agents pass their --prefetch).
         #[arg(long, default_value_t = 0)]
         prefetch: u32,
+        /// `embedded` (lease from the server) or the RabbitMQ URL to consume the region's
+        /// queue from (the server's local driver sets it)
+        #[arg(
+            long,
+            env = "CECCM_TRANSPORT",
+            default_value = "embedded",
+            hide_env_values = true
+        )]
+        transport: ceccm_controller::amqp::Transport,
     },
     /// Run a remote region's workers on this host (an edge or cloud site), like `k3s agent`.
     Agent {
@@ -125,6 +144,14 @@ enum Command {
         /// (noise-bounded compression, every header card kept) or identity (as they are).
         #[arg(long, value_enum, default_value = "tarsis")]
         uplink_encoding: ceccm_controller::uplink::UplinkEncoding,
+        /// `embedded` or the RabbitMQ URL this site's workers consume the region's queue from
+        #[arg(
+            long,
+            env = "CECCM_TRANSPORT",
+            default_value = "embedded",
+            hide_env_values = true
+        )]
+        transport: ceccm_controller::amqp::Transport,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -174,6 +201,7 @@ fn main() -> ExitCode {
                 tls,
                 user_quota_bytes,
                 region_grace,
+                transport,
             } => {
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
                     listen,
@@ -185,6 +213,7 @@ fn main() -> ExitCode {
                     tls: tls.mode(),
                     user_quota_bytes,
                     region_grace: Duration::from_secs(region_grace),
+                    transport,
                 })
                 .await
             }
@@ -199,6 +228,7 @@ fn main() -> ExitCode {
                 ca_file,
                 outbox_max_bytes,
                 prefetch,
+                transport,
             } => {
                 let worker_id =
                     worker_id.unwrap_or_else(|| format!("{region}-{}", std::process::id()));
@@ -216,6 +246,7 @@ fn main() -> ExitCode {
                     ca_file,
                     outbox_max_bytes,
                     prefetch,
+                    transport,
                 })
                 .await
             }
@@ -234,6 +265,7 @@ fn main() -> ExitCode {
                 ca_file,
                 datasets,
                 uplink_encoding,
+                transport,
             } => {
                 let tier = serde_json::from_value(serde_json::Value::String(tier.clone()))
                     .map_err(|_| anyhow::anyhow!("--tier {tier:?}: edge, cloud or hpc"))?;
@@ -252,6 +284,7 @@ fn main() -> ExitCode {
                     ca_file,
                     datasets: datasets.unwrap_or_else(|| data_dir.join("datasets")),
                     uplink_encoding,
+                    transport,
                     worker_program: std::env::current_exe()?,
                 })
                 .await
