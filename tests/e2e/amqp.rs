@@ -384,7 +384,7 @@ impl Node {
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{}", child.id())])
+                .args(["-s", "KILL", "--", &format!("-{}", child.id())])
                 .status();
             let _ = child.wait();
         }
@@ -405,7 +405,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{}", child.id())])
+                .args(["-s", "KILL", "--", &format!("-{}", child.id())])
                 .status();
             let _ = child.wait();
         }
@@ -426,7 +426,7 @@ fn a_broker_killed_and_restarted_mid_job_loses_and_duplicates_nothing() {
     let http = Http::new();
     let mut node = Node::start(&dir.path().join("rabbitmq"));
     let (server, _regions) = start(&dir.path().join("server"), &http, &node.url());
-    http.apply(&server, "applications", &batch("survivor", 60, "0.3"));
+    http.apply(&server, "applications", &batch("survivor", 60, "1"));
     wait_until(
         "some tasks done, some still to do",
         Duration::from_secs(120),
