@@ -699,6 +699,84 @@ mod tests {
         (RegionView::of(region), app)
     }
 
+    fn task_in(state: TaskState, region: Option<&str>) -> TaskObject {
+        typed(&json!({
+            "metadata": {"name": "fit-00003", "uid": "u1"},
+            "spec": {"application": "fit", "index": 3, "command": "true", "maxAttempts": 3},
+            "status": {"state": state, "attempts": 1, "region": region}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_claim_leases_only_the_named_task_queued_here() {
+        let claim = TaskClaim {
+            name: "fit-00003".into(),
+            uid: "u1".into(),
+        };
+        let queued = task_in(TaskState::Queued, Some("edge-a"));
+        assert_eq!(claim_refusal(&queued, &claim, "edge-a", true), None);
+        // A duplicate or redelivered message: leased or finished already.
+        assert_eq!(
+            claim_refusal(
+                &task_in(TaskState::Leased, Some("edge-a")),
+                &claim,
+                "edge-a",
+                true
+            ),
+            Some(ClaimRefusal::Leased)
+        );
+        let done = claim_refusal(
+            &task_in(TaskState::Done, Some("edge-a")),
+            &claim,
+            "edge-a",
+            true,
+        );
+        assert_eq!(done, Some(ClaimRefusal::Finished(TaskState::Done)));
+        assert_eq!(done.unwrap().reason(), "Finished");
+        let dead = claim_refusal(
+            &task_in(TaskState::DeadLettered, Some("edge-a")),
+            &claim,
+            "edge-a",
+            true,
+        );
+        assert_eq!(dead.unwrap().reason(), "DeadLettered");
+        // Re-placed elsewhere, or waiting to be placed: not this region's.
+        assert_eq!(
+            claim_refusal(&queued, &claim, "cloud-b", true),
+            Some(ClaimRefusal::Moved {
+                to: Some("edge-a".into())
+            })
+        );
+        assert_eq!(
+            claim_refusal(&task_in(TaskState::Queued, None), &claim, "edge-a", true),
+            Some(ClaimRefusal::Moved { to: None })
+        );
+        // Another task under the same name.
+        let other = TaskClaim {
+            uid: "u2".into(),
+            ..claim.clone()
+        };
+        assert_eq!(
+            claim_refusal(&queued, &other, "edge-a", true),
+            Some(ClaimRefusal::OtherTask)
+        );
+        // Its application suspended or stopped.
+        assert_eq!(
+            claim_refusal(&queued, &claim, "edge-a", false),
+            Some(ClaimRefusal::NotRunnable)
+        );
+        let refused = claim_refused("fit-00003", &ClaimRefusal::Leased, true);
+        assert_eq!(refused.code, ErrorCode::Conflict);
+        assert_eq!(refused.details["reason"], "Leased");
+        assert_eq!(refused.details["regionUnschedulable"], true);
+        // What the worker makes of it.
+        assert_eq!(
+            crate::amqp::on_claim(409, &refused.details),
+            crate::amqp::ClaimVerdict::SkipAndStop
+        );
+    }
+
     #[test]
     fn a_completion_samples_the_region_the_task_and_its_time() {
         let (region, app) = ran_on();
