@@ -54,6 +54,8 @@ pub struct AgentOptions {
     pub uplink_encoding: crate::uplink::UplinkEncoding,
     /// How its workers run tasks (`oci`: in runc containers from `DATA_DIR/images`).
     pub runtime: ceccm_federation::region::Runtime,
+    /// How this site's workers get tasks: leased from the server, or from RabbitMQ.
+    pub transport: crate::amqp::Transport,
     /// The program run as a worker (this `ceccm` binary).
     pub worker_program: PathBuf,
 }
@@ -265,14 +267,21 @@ impl Link {
                 "--cache-root".into(),
                 options.data_dir.join("cache").display().to_string(),
             ],
-            env: std::iter::once((crate::worker::TOKEN_ENV.to_string(), token.to_string()))
-                .chain(options.ca_file.as_ref().map(|ca| {
-                    (
-                        crate::tls::CA_FILE_ENV.to_string(),
-                        ca.display().to_string(),
-                    )
-                }))
-                .collect(),
+            env: [
+                (crate::worker::TOKEN_ENV.to_string(), token.to_string()),
+                (
+                    crate::amqp::TRANSPORT_ENV.to_string(),
+                    options.transport.arg(),
+                ),
+            ]
+            .into_iter()
+            .chain(options.ca_file.as_ref().map(|ca| {
+                (
+                    crate::tls::CA_FILE_ENV.to_string(),
+                    ca.display().to_string(),
+                )
+            }))
+            .collect(),
         });
         Ok(Link {
             runtime: options.runtime,

@@ -1151,7 +1151,7 @@ async fn drain_region(
     request_body = LeaseRequest,
     responses((status = 200, description = "A task, now leased to the worker", body = ApiObject),
               (status = 204, description = "Nothing to do"),
-              (status = "default", description = "Error", body = ErrorBody)))]
+              (status = "default", description = "Error (a claim of `task`: 404 when it is gone, 409 with `details.reason` when it cannot be leased, docs/amqp.md)", body = ErrorBody)))]
 async fn lease_task(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,

@@ -2721,6 +2721,116 @@ async fn user_quotas_bound_what_each_user_stores(ts: &TestStore) {
     assert_eq!(files, 1, "the refused artifact is not kept");
 }
 
+/// A transport's worker claims the task its message names (docs/amqp.md): leased once; a
+/// duplicate, another task under the name, a finished task or one placed elsewhere is refused
+/// with the reason the worker decides by.
+async fn a_claim_leases_the_named_task_once(ts: &TestStore) {
+    let app = app(state(ts));
+    let ctx = context(ts);
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 2, "edge"),
+    )
+    .await;
+    mark_ready(&app, "edge-a").await;
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        &batch("job", 2, &["edge-a"]),
+    )
+    .await;
+    assert_eq!(settle(&ctx, "job").await["status"]["phase"], "Running");
+    let uid = get(&app, "/api/v1/tasks/job-00001").await.body["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let claim = |worker: &str, name: &str, uid: &str, region: &str| {
+        json!({"worker": worker, "region": region, "leaseSeconds": 30,
+               "task": {"name": name, "uid": uid}})
+    };
+    let reason = |answer: &Answer| answer.body["error"]["details"]["reason"].clone();
+    // Not the first queued task: the one named.
+    let first = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &claim("w1", "job-00001", &uid, "edge-a"),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert_eq!(first.body["metadata"]["name"], "job-00001");
+    assert_eq!(first.body["status"]["worker"], "w1");
+    let twice = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &claim("w2", "job-00001", &uid, "edge-a"),
+    )
+    .await;
+    assert_error(&twice, StatusCode::CONFLICT, "Conflict");
+    assert_eq!(reason(&twice), "Leased");
+    let other = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &claim("w2", "job-00000", "not-its-uid", "edge-a"),
+    )
+    .await;
+    assert_eq!(reason(&other), "OtherTask");
+    let gone = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &claim("w2", "job-00099", &uid, "edge-a"),
+    )
+    .await;
+    assert_error(&gone, StatusCode::NOT_FOUND, "NotFound");
+    let done = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks/job-00001/complete",
+        &json!({"worker": "w1", "result": {}}),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.text);
+    let after = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &claim("w2", "job-00001", &uid, "edge-a"),
+    )
+    .await;
+    assert_eq!(reason(&after), "Finished");
+    assert_eq!(ts.store.task_results("job").await.unwrap().len(), 1);
+    // The other task is queued in edge-a: a worker of another region may not take it.
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("cloud-b", 2, "cloud"),
+    )
+    .await;
+    let uid0 = get(&app, "/api/v1/tasks/job-00000").await.body["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let elsewhere = json_call(
+        &app,
+        "POST",
+        "/api/v1/tasks:lease",
+        &claim("w3", "job-00000", &uid0, "cloud-b"),
+    )
+    .await;
+    assert_eq!(reason(&elsewhere), "Moved");
+    assert_eq!(
+        elsewhere.body["error"]["details"]["regionUnschedulable"],
+        false
+    );
+}
+
 store_suite!(
     crud_follows_kubectl_conventions,
     bad_input_answers_errors_and_changes_nothing,
@@ -2730,6 +2840,7 @@ store_suite!(
     dataset_content_is_streamed_checksummed_and_bounded,
     status_patches_merge_and_guard,
     tasks_flow_through_leases_to_a_succeeded_application,
+    a_claim_leases_the_named_task_once,
     expired_leases_requeue,
     health_readiness_and_metrics,
     followed_logs_stream_each_finished_task_until_the_end,

@@ -93,6 +93,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let data_dir = fresh_data_dir(options.data_dir)?;
     let server = start(ServerOptions {
         region_grace: crate::server::DEFAULT_REGION_GRACE,
+        transport: Default::default(),
         listen: "127.0.0.1:0".parse()?,
         data_dir: data_dir.clone(),
         database_url: None,

@@ -2,6 +2,7 @@
 //! and the `ceccm` binary's subcommands. See docs/architecture.md.
 
 pub mod agent;
+pub mod amqp;
 pub mod api;
 pub mod astro_fit;
 pub mod audit;

@@ -57,6 +57,16 @@ enum Command {
         /// node-monitor grace period).
         #[arg(long, default_value_t = 40)]
         region_grace: u64,
+        /// How tasks reach workers: `embedded` (the queue in the store, leased over HTTP) or
+        /// `amqp://USER:PASSWORD@HOST:PORT/VHOST` (RabbitMQ: one quorum queue per region,
+        /// docs/amqp.md)
+        #[arg(
+            long,
+            env = "CECCM_TRANSPORT",
+            default_value = "embedded",
+            hide_env_values = true
+        )]
+        transport: ceccm_controller::amqp::Transport,
     },
     /// Lease and run tasks of one region (started by the local region driver).
     Worker {
@@ -101,6 +111,15 @@ enum Command {
         /// ROOT/../images, i.e. DATA_DIR/images for the local driver and agents).
         #[arg(long, value_name = "DIR")]
         image_store: Option<PathBuf>,
+        /// `embedded` (lease from the server) or the RabbitMQ URL to consume the region's
+        /// queue from (the server's local driver sets it)
+        #[arg(
+            long,
+            env = "CECCM_TRANSPORT",
+            default_value = "embedded",
+            hide_env_values = true
+        )]
+        transport: ceccm_controller::amqp::Transport,
     },
     /// Manage the local OCI image store (no registry): `ceccm image build astro-fit`.
     Image {
@@ -165,6 +184,14 @@ enum Command {
         /// build the image there with `ceccm image build astro-fit --data-dir DATA_DIR`).
         #[arg(long, default_value = "process")]
         runtime: ceccm_federation::region::Runtime,
+        /// `embedded` or the RabbitMQ URL this site's workers consume the region's queue from
+        #[arg(
+            long,
+            env = "CECCM_TRANSPORT",
+            default_value = "embedded",
+            hide_env_values = true
+        )]
+        transport: ceccm_controller::amqp::Transport,
     },
     /// The main job: a server with two local regions fits the sample cube with astro-fit.
     Demo {
@@ -214,6 +241,7 @@ fn main() -> ExitCode {
                 tls,
                 user_quota_bytes,
                 region_grace,
+                transport,
             } => {
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
                     listen,
@@ -225,6 +253,7 @@ fn main() -> ExitCode {
                     tls: tls.mode(),
                     user_quota_bytes,
                     region_grace: Duration::from_secs(region_grace),
+                    transport,
                 })
                 .await
             }
@@ -241,6 +270,7 @@ fn main() -> ExitCode {
                 prefetch,
                 runtime,
                 image_store,
+                transport,
             } => {
                 let image_store = image_store.unwrap_or_else(|| {
                     cache_root
@@ -267,6 +297,7 @@ fn main() -> ExitCode {
                     prefetch,
                     runtime,
                     image_store,
+                    transport,
                 })
                 .await
             }
@@ -305,6 +336,7 @@ fn main() -> ExitCode {
                 datasets,
                 uplink_encoding,
                 runtime,
+                transport,
             } => {
                 let tier = serde_json::from_value(serde_json::Value::String(tier.clone()))
                     .map_err(|_| anyhow::anyhow!("--tier {tier:?}: edge, cloud or hpc"))?;
@@ -324,6 +356,7 @@ fn main() -> ExitCode {
                     datasets: datasets.unwrap_or_else(|| data_dir.join("datasets")),
                     uplink_encoding,
                     runtime,
+                    transport,
                     worker_program: std::env::current_exe()?,
                 })
                 .await

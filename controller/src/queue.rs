@@ -16,7 +16,8 @@ use crate::lifecycle::{
     Outcome, Refusal, on_complete, on_fail, on_heartbeat, on_lease, on_lease_expired, queued_status,
 };
 use crate::resources::{
-    ApplicationObject, ApplicationSpec, Kind, RegionObject, TaskObject, TaskSpec, TaskStatus, typed,
+    ApplicationObject, ApplicationSpec, Kind, RegionObject, TaskObject, TaskSpec, TaskState,
+    TaskStatus, typed,
 };
 use crate::scheduling::{RegionView, telemetry_sample};
 use crate::store::{Change, Query, Store, TaskResultRow, TelemetryRow};
@@ -37,6 +38,80 @@ pub struct LeaseRequest {
     #[serde(default = "default_lease_seconds")]
     #[schema(minimum = 1, maximum = 3600)]
     pub lease_seconds: u32,
+    /// Lease this task only: a worker fed by a transport (RabbitMQ, `docs/amqp.md`) claims the
+    /// task its message names. Absent: the first queued task of the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskClaim>,
+}
+
+/// The task a transport's message names: its name and uid (a task deleted and made again
+/// under the same name is another task).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TaskClaim {
+    #[schema(min_length = 1, max_length = 253)]
+    pub name: String,
+    #[schema(min_length = 1, max_length = 64)]
+    pub uid: String,
+}
+
+/// Why a claimed task cannot be leased. Every refusal is final for the message that named
+/// it: the store decides, and a task that needs running again gets a message of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimRefusal {
+    /// The name now belongs to another task (deleted and made again).
+    OtherTask,
+    /// Placed elsewhere (re-placed, evicted) or waiting to be placed again.
+    Moved { to: Option<String> },
+    /// Leased by a worker already (a duplicate or redelivered message).
+    Leased,
+    /// Done, or dead-lettered past its attempts.
+    Finished(TaskState),
+    /// Its application is suspended, cancelled, failed or being deleted: the task is sent
+    /// again when the application can run.
+    NotRunnable,
+}
+
+impl ClaimRefusal {
+    /// The `details.reason` of the 409 (the worker's decision reads it).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ClaimRefusal::OtherTask => "OtherTask",
+            ClaimRefusal::Moved { .. } => "Moved",
+            ClaimRefusal::Leased => "Leased",
+            ClaimRefusal::Finished(TaskState::DeadLettered) => "DeadLettered",
+            ClaimRefusal::Finished(_) => "Finished",
+            ClaimRefusal::NotRunnable => "NotRunnable",
+        }
+    }
+}
+
+/// Whether the task a message names may be leased by a worker of `region` (pure: the task as
+/// stored, and whether its application may run).
+pub fn claim_refusal(
+    task: &TaskObject,
+    claim: &TaskClaim,
+    region: &str,
+    runnable: bool,
+) -> Option<ClaimRefusal> {
+    if task.metadata.uid.as_deref() != Some(claim.uid.as_str()) {
+        return Some(ClaimRefusal::OtherTask);
+    }
+    let status = task.status.clone().unwrap_or(queued_status());
+    match status.state {
+        TaskState::Done | TaskState::DeadLettered | TaskState::Failed => {
+            return Some(ClaimRefusal::Finished(status.state));
+        }
+        TaskState::Leased => return Some(ClaimRefusal::Leased),
+        TaskState::Queued => {}
+    }
+    if status.region.as_deref() != Some(region) {
+        return Some(ClaimRefusal::Moved { to: status.region });
+    }
+    if !runnable {
+        return Some(ClaimRefusal::NotRunnable);
+    }
+    None
 }
 
 fn default_lease_seconds() -> u32 {
@@ -151,11 +226,19 @@ pub async fn lease(
         ));
     }
     // Recorded with the lease: the predictor learns how load at the start slows a task.
-    let region_load = store
-        .get(Kind::Region, &request.region)
-        .await?
+    let region = store.get(Kind::Region, &request.region).await?;
+    let region_load = region
+        .as_ref()
         .and_then(|r| r["status"]["load"].as_f64())
         .filter(|l| l.is_finite());
+    if let Some(claim) = &request.task {
+        let unschedulable = region
+            .as_ref()
+            .is_some_and(|r| r["spec"]["unschedulable"] == true);
+        return claim_task(store, request, claim, lease_ms, region_load, unschedulable)
+            .await
+            .map(Some);
+    }
     let mut after: Option<String> = None;
     let mut blocked_apps: Vec<String> = Vec::new();
     loop {
@@ -216,17 +299,87 @@ pub async fn lease(
     }
 }
 
-async fn application_runnable(store: &Store, application: &str) -> Result<bool, ApiError> {
-    let Some(app) = store.get(Kind::Application, application).await? else {
-        return Ok(false);
+/// Leases the task a transport's message names, or says why not (404: gone; 409 with
+/// `details.reason`, see [`ClaimRefusal`], and `details.regionUnschedulable`).
+async fn claim_task(
+    store: &Store,
+    request: &LeaseRequest,
+    claim: &TaskClaim,
+    lease_ms: i64,
+    region_load: Option<f64>,
+    region_unschedulable: bool,
+) -> Result<(Value, String), ApiError> {
+    let name = claim.name.as_str();
+    let Some(object) = store.get(Kind::Task, name).await? else {
+        return Err(ApiError::not_found("Task", name));
     };
+    let application = task_of(&object)?.spec.application;
+    let runnable = application_runnable(store, &application).await?;
+    let worker = request.worker.clone();
+    let (_, secret) = crate::auth::new_token();
+    let secret_sha256 = crate::auth::secret_hash(&secret);
+    let written = store
+        .write(Kind::Task, name, |current| -> Result<Change, ApiError> {
+            let Some(object) = current else {
+                return Err(ApiError::not_found("Task", name));
+            };
+            let task = task_of(&object)?;
+            if let Some(refusal) = claim_refusal(&task, claim, &request.region, runnable) {
+                return Err(claim_refused(name, &refusal, region_unschedulable));
+            }
+            let status = task.status.unwrap_or(queued_status());
+            let leased =
+                on_lease(&status, &worker, now_millis(), lease_ms).map_err(|r| refused(name, r))?;
+            Ok(Change::Put(with_status(
+                object,
+                &TaskStatus {
+                    start_load: region_load,
+                    lease_secret_sha256: Some(secret_sha256.clone()),
+                    ..leased
+                },
+            )))
+        })
+        .await?;
+    let object = written
+        .object
+        .ok_or_else(|| ApiError::not_found("Task", name))?;
+    Ok((object, secret))
+}
+
+fn claim_refused(name: &str, refusal: &ClaimRefusal, region_unschedulable: bool) -> ApiError {
+    let message = match refusal {
+        ClaimRefusal::OtherTask => format!("task {name:?} is another task now (another uid)"),
+        ClaimRefusal::Moved { to: Some(to) } => format!("task {name:?} is placed in {to} now"),
+        ClaimRefusal::Moved { to: None } => format!("task {name:?} waits to be placed again"),
+        ClaimRefusal::Leased => format!("task {name:?} is leased already"),
+        ClaimRefusal::Finished(state) => format!("task {name:?} is already {state:?}"),
+        ClaimRefusal::NotRunnable => {
+            format!("the application of task {name:?} is suspended, stopped or being deleted")
+        }
+    };
+    ApiError::new(ErrorCode::Conflict, message).with_details(json!({
+        "kind": "Task", "name": name, "reason": refusal.reason(),
+        "regionUnschedulable": region_unschedulable,
+    }))
+}
+
+/// Whether an application's tasks may run: not suspended, not being deleted, not cancelled
+/// or failed.
+pub fn runnable(app: &Value) -> bool {
     let suspended = app["spec"]["suspend"].as_bool().unwrap_or(false);
     let deleting = app["metadata"]["deletionTimestamp"].is_string();
     let stopped = matches!(
         app["status"]["phase"].as_str(),
         Some("Cancelled" | "Failed")
     );
-    Ok(!suspended && !deleting && !stopped)
+    !suspended && !deleting && !stopped
+}
+
+async fn application_runnable(store: &Store, application: &str) -> Result<bool, ApiError> {
+    Ok(store
+        .get(Kind::Application, application)
+        .await?
+        .is_some_and(|app| runnable(&app)))
 }
 
 /// Applies a transition to one task; 404 if it is gone, 409 if refused.
@@ -576,6 +729,84 @@ mod tests {
         }))
         .unwrap();
         (RegionView::of(region), app)
+    }
+
+    fn task_in(state: TaskState, region: Option<&str>) -> TaskObject {
+        typed(&json!({
+            "metadata": {"name": "fit-00003", "uid": "u1"},
+            "spec": {"application": "fit", "index": 3, "command": "true", "maxAttempts": 3},
+            "status": {"state": state, "attempts": 1, "region": region}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_claim_leases_only_the_named_task_queued_here() {
+        let claim = TaskClaim {
+            name: "fit-00003".into(),
+            uid: "u1".into(),
+        };
+        let queued = task_in(TaskState::Queued, Some("edge-a"));
+        assert_eq!(claim_refusal(&queued, &claim, "edge-a", true), None);
+        // A duplicate or redelivered message: leased or finished already.
+        assert_eq!(
+            claim_refusal(
+                &task_in(TaskState::Leased, Some("edge-a")),
+                &claim,
+                "edge-a",
+                true
+            ),
+            Some(ClaimRefusal::Leased)
+        );
+        let done = claim_refusal(
+            &task_in(TaskState::Done, Some("edge-a")),
+            &claim,
+            "edge-a",
+            true,
+        );
+        assert_eq!(done, Some(ClaimRefusal::Finished(TaskState::Done)));
+        assert_eq!(done.unwrap().reason(), "Finished");
+        let dead = claim_refusal(
+            &task_in(TaskState::DeadLettered, Some("edge-a")),
+            &claim,
+            "edge-a",
+            true,
+        );
+        assert_eq!(dead.unwrap().reason(), "DeadLettered");
+        // Re-placed elsewhere, or waiting to be placed: not this region's.
+        assert_eq!(
+            claim_refusal(&queued, &claim, "cloud-b", true),
+            Some(ClaimRefusal::Moved {
+                to: Some("edge-a".into())
+            })
+        );
+        assert_eq!(
+            claim_refusal(&task_in(TaskState::Queued, None), &claim, "edge-a", true),
+            Some(ClaimRefusal::Moved { to: None })
+        );
+        // Another task under the same name.
+        let other = TaskClaim {
+            uid: "u2".into(),
+            ..claim.clone()
+        };
+        assert_eq!(
+            claim_refusal(&queued, &other, "edge-a", true),
+            Some(ClaimRefusal::OtherTask)
+        );
+        // Its application suspended or stopped.
+        assert_eq!(
+            claim_refusal(&queued, &claim, "edge-a", false),
+            Some(ClaimRefusal::NotRunnable)
+        );
+        let refused = claim_refused("fit-00003", &ClaimRefusal::Leased, true);
+        assert_eq!(refused.code, ErrorCode::Conflict);
+        assert_eq!(refused.details["reason"], "Leased");
+        assert_eq!(refused.details["regionUnschedulable"], true);
+        // What the worker makes of it.
+        assert_eq!(
+            crate::amqp::on_claim(409, &refused.details),
+            crate::amqp::ClaimVerdict::SkipAndStop
+        );
     }
 
     #[test]

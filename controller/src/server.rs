@@ -38,6 +38,9 @@ pub struct ServerOptions {
     pub user_quota_bytes: Option<u64>,
     /// How long an agent may be silent before its region turns NotReady.
     pub region_grace: Duration,
+    /// How tasks reach workers: the embedded queue (default) or RabbitMQ (`crate::amqp`);
+    /// the local driver's workers are given the same.
+    pub transport: crate::amqp::Transport,
 }
 
 /// A started server: its address, and the handles to stop it.
@@ -105,10 +108,14 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             "--server-data-dir".into(),
             options.data_dir.display().to_string(),
         ],
-        env: [(crate::worker::TOKEN_ENV.into(), worker_token)]
-            .into_iter()
-            .chain(worker_env)
-            .collect(),
+        env: [
+            (crate::worker::TOKEN_ENV.into(), worker_token),
+            // In the environment, not the arguments: the URL may hold a password.
+            (crate::amqp::TRANSPORT_ENV.into(), options.transport.arg()),
+        ]
+        .into_iter()
+        .chain(worker_env)
+        .collect(),
     }));
     // Learned from the telemetry of every task finished before this start.
     let predictor = SharedPredictor::load(&store, PredictorConfig::default()).await?;
@@ -180,6 +187,13 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         reconcile::application::reconcile_boxed,
         stopped.clone(),
     )));
+    if let crate::amqp::Transport::Amqp(url) = &options.transport {
+        tasks.push(tokio::spawn(crate::amqp::publish(
+            store.clone(),
+            url.clone(),
+            stopped.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(reconcile::expire_leases(
         ctx,
         Duration::from_millis(500),

@@ -348,6 +348,7 @@ mod tests {
             tls,
             user_quota_bytes: None,
             region_grace: crate::server::DEFAULT_REGION_GRACE,
+            transport: Default::default(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests: one integration binary that drives the real `ceccm`, `ceccmctl` and
 //! `astro-fit` binaries over loopback. Each area has its own module.
 
+mod amqp;
 mod astro_fit;
 mod cli;
 mod containers;

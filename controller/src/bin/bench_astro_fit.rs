@@ -160,6 +160,7 @@ async fn through_control_plane(
 ) -> anyhow::Result<Plane> {
     let server = start(ServerOptions {
         region_grace: ceccm_controller::server::DEFAULT_REGION_GRACE,
+        transport: Default::default(),
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.to_path_buf(),
         database_url: None,

@@ -83,6 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = start(ServerOptions {
         region_grace: ceccm_controller::server::DEFAULT_REGION_GRACE,
+        transport: Default::default(),
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
         database_url: None,

@@ -505,6 +505,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let server = start(ServerOptions {
             region_grace: crate::server::DEFAULT_REGION_GRACE,
+            transport: Default::default(),
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().join("server"),
             database_url: None,

@@ -4,6 +4,7 @@
 //! and reports the result (or the failure) with the CPU time it used. Requests and answers are
 //! the server's own typed wire structs.
 
+pub mod amqp;
 pub mod data;
 pub mod held;
 pub mod oci;
@@ -50,6 +51,8 @@ pub struct WorkerOptions {
     pub runtime: Runtime,
     /// The OCI image layout containers are made from.
     pub image_store: PathBuf,
+    /// How tasks arrive: leased from the server (embedded), or consumed from RabbitMQ.
+    pub transport: crate::amqp::Transport,
 }
 
 /// The default bound of a region's outbox.
@@ -94,6 +97,9 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
     let outbox = outbox::Outbox::new(options.cache_dir.join("outbox"), options.outbox_max_bytes);
     outbox.flush(&data, &client, &options.server).await;
     let mut warm = stage::StageRunner::default();
+    if let crate::amqp::Transport::Amqp(url) = &options.transport {
+        return amqp::consume(&client, &options, &data, &outbox, &mut warm, url).await;
+    }
     let parent = std::os::unix::process::parent_id();
     let mut idle_since = Instant::now();
     let mut backoff = Duration::from_millis(50);
@@ -251,6 +257,7 @@ async fn lease(client: &reqwest::Client, o: &WorkerOptions) -> Result<Option<Lea
         worker: o.worker_id.clone(),
         region: o.region.clone(),
         lease_seconds: o.lease_seconds,
+        task: None,
     };
     let response = client
         .post(format!("{}/api/v1/tasks:lease", o.server))
@@ -313,6 +320,21 @@ enum Ending {
     },
 }
 
+/// What became of a task's report (a transport acknowledges its message by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reported {
+    /// The server took it; `dead_lettered` when it was the task's last failed attempt.
+    Taken { dead_lettered: bool },
+    /// The server no longer counts it (decided already, or the task moved).
+    Refused,
+    /// Kept in the outbox until the server takes it.
+    Kept,
+    /// The lease was lost while the task ran: nothing was reported.
+    LeaseLost,
+    /// The report could not be kept (the outbox failed): the lease will expire.
+    Lost,
+}
+
 async fn run_task(
     client: &reqwest::Client,
     o: &WorkerOptions,
@@ -321,7 +343,7 @@ async fn run_task(
     warm: &mut stage::StageRunner,
     leased: Leased,
     ahead: &mut std::collections::VecDeque<Leased>,
-) {
+) -> Reported {
     let Leased {
         task,
         secret,
@@ -367,7 +389,7 @@ async fn run_task(
                     // The lease is gone (expired and handed on, or the task deleted): stop.
                     tracing::warn!(task = name, "lease lost; abandoning the task");
                     release();
-                    return;
+                    return Reported::LeaseLost;
                 }
                 renew_ahead(client, o, ahead, heartbeat_every).await;
             }
@@ -420,7 +442,7 @@ async fn run_task(
         Ok(kept) => kept,
         Err(e) => {
             tracing::error!(task = name, error = %e, "cannot keep the task's result in the outbox");
-            return;
+            return Reported::Lost;
         }
     };
     // The outbox has the result now: the lease's own copy is no longer needed.
@@ -430,10 +452,15 @@ async fn run_task(
             tracing::warn!(
                 task = name,
                 "server out of reach: the result waits in the outbox"
-            )
+            );
+            Reported::Kept
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(task = name, error = %e, "sending the result failed"),
+        Ok(outbox::Sent::Delivered { dead_lettered }) => Reported::Taken { dead_lettered },
+        Ok(outbox::Sent::Refused { .. }) => Reported::Refused,
+        Err(e) => {
+            tracing::warn!(task = name, error = %e, "sending the result failed");
+            Reported::Kept
+        }
     }
 }
 

@@ -52,8 +52,9 @@ pub enum OutboxError {
 /// How one attempt to send an entry ended.
 #[derive(Debug, PartialEq)]
 pub enum Sent {
-    /// The server took it (or had decided already): the entry is gone.
-    Delivered,
+    /// The server took it (or had decided already): the entry is gone. `dead_lettered`: the
+    /// task is dead-lettered now (a failure report of its last attempt).
+    Delivered { dead_lettered: bool },
     /// The server answered that the report no longer counts (`status`): the entry is gone.
     Refused { status: u16 },
     /// The server could not be reached or failed: the entry stays for the next try.
@@ -165,7 +166,7 @@ impl Outbox {
         let mut gone = 0;
         for entry in self.entries() {
             match send(&entry, data, client, server).await {
-                Ok(Sent::Delivered | Sent::Refused { .. }) => gone += 1,
+                Ok(Sent::Delivered { .. } | Sent::Refused { .. }) => gone += 1,
                 Ok(Sent::Kept) => break,
                 // Another worker is sending it, or it vanished meanwhile.
                 Err(OutboxError::Io { .. }) => continue,
@@ -244,7 +245,12 @@ pub async fn send(
         .send()
         .await;
     let sent = match answer {
-        Ok(response) if response.status().is_success() => Sent::Delivered,
+        Ok(response) if response.status().is_success() => {
+            let task: serde_json::Value = response.json().await.unwrap_or_default();
+            Sent::Delivered {
+                dead_lettered: task["status"]["state"] == "DeadLettered",
+            }
+        }
         Ok(response) if matches!(response.status().as_u16(), 403 | 404 | 409) => Sent::Refused {
             status: response.status().as_u16(),
         },
