@@ -62,6 +62,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Learns from each completed task's telemetry; the reconciler prices placements with it.
     pub predictor: SharedPredictor,
+    /// What workers have sent of their running tasks' output.
+    pub live_logs: Arc<crate::logs::LiveLogs>,
 }
 
 #[derive(OpenApi)]
@@ -120,6 +122,7 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(drain_region))
         .routes(routes!(lease_task))
         .routes(routes!(heartbeat_task))
+        .routes(routes!(append_task_log))
         .routes(routes!(complete_task))
         .routes(routes!(fail_task))
         .routes(routes!(predictor))
@@ -943,25 +946,27 @@ pub const LEASE_SECRET_HEADER: &str = "x-ceccm-lease-secret";
 
 /// A worker may report only on the task whose lease it holds: the request must carry that
 /// lease's secret (403 otherwise). Administrators act on any task.
+/// Checks that the caller holds `task`'s lease (administrators may act for any worker);
+/// answers the task as stored.
 async fn holds_lease(
     store: &Store,
     who: &Principal,
     task: &str,
     headers: &HeaderMap,
-) -> Result<(), ApiError> {
+) -> Result<Value, ApiError> {
+    let Some(object) = store.get(Kind::Task, task).await? else {
+        return Err(ApiError::not_found("Task", task));
+    };
     if who.role == crate::auth::Role::Admin {
-        return Ok(());
+        return Ok(object);
     }
     let presented = headers
         .get(LEASE_SECRET_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(crate::auth::secret_hash);
-    let Some(object) = store.get(Kind::Task, task).await? else {
-        return Err(ApiError::not_found("Task", task));
-    };
     let held = object["status"]["leaseSecretSha256"].as_str();
     match (presented, held) {
-        (Some(p), Some(h)) if crate::auth::same_hash(&p, h) => Ok(()),
+        (Some(p), Some(h)) if crate::auth::same_hash(&p, h) => Ok(object),
         _ => Err(ApiError::new(
             ErrorCode::Forbidden,
             format!(
@@ -1086,6 +1091,7 @@ async fn application_logs(
     let params = query(params)?;
     crate::logs::logs(
         state.store.clone(),
+        state.live_logs.clone(),
         name,
         params.task,
         params.follow.unwrap_or(false),
@@ -1214,6 +1220,7 @@ async fn complete_task(
             .await?;
     }
     let completed = queue::complete(&state.store, &name, request).await?;
+    state.live_logs.finish(&name);
     if let Some(sample) = completed.telemetry {
         state.predictor.observe(sample).await;
     }
@@ -1234,7 +1241,52 @@ async fn fail_task(
     who.may(Action::RunTasks)?;
     holds_lease(&state.store, &who, &name, &headers).await?;
     let request: FailRequest = read_typed(&headers, body).await?;
-    Ok(Json(queue::fail(&state.store, &name, request).await?).into_response())
+    let task = queue::fail(&state.store, &name, request).await?;
+    state.live_logs.finish(&name);
+    Ok(Json(task).into_response())
+}
+
+/// Request header of a task log chunk: the offset of its first byte in the task's output.
+pub const LOG_OFFSET_HEADER: &str = "x-ceccm-log-offset";
+
+/// How much of a running task's output the server accounts for.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogReceived {
+    /// Bytes of the output stream received (or marked lost); the worker sends from here on.
+    pub received: u64,
+}
+
+#[utoipa::path(post, path = "/api/v1/tasks/{name}/log", tag = "tasks",
+    params(("name" = String, Path),
+           ("x-ceccm-log-offset" = u64, Header, minimum = 0, maximum = 9_007_199_254_740_991_u64, description = "Offset of the body's first byte in the task's output")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Kept for `logs?follow` while the task runs (at most 1 MiB per run; a chunk sent again adds nothing)", body = LogReceived),
+              (status = "default", description = "Error (403: the caller does not hold the lease; 413: more than 64 KiB)", body = ErrorBody)))]
+async fn append_task_log(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    who.may(Action::RunTasks)?;
+    object_name(Kind::Task, &name)?;
+    let task = holds_lease(&state.store, &who, &name, &headers).await?;
+    let offset = match headers.get(LOG_OFFSET_HEADER).map(|v| v.to_str()) {
+        Some(Ok(v)) => v.parse::<u64>().ok().filter(|o| *o < 1 << 53),
+        _ => None,
+    }
+    .ok_or_else(|| ApiError::bad_request(format!("{LOG_OFFSET_HEADER} must be a byte offset")))?;
+    let limit = crate::logs::LIVE_CHUNK_LIMIT;
+    refuse_declared_over(&headers, limit as u64)?;
+    let chunk = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large(limit as u64))?;
+    let received = state
+        .live_logs
+        .append(&name, crate::logs::LogRun::of(&task), offset, &chunk);
+    Ok(Json(LogReceived { received }).into_response())
 }
 
 // ---- predictor -------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ fn state_with(ts: &TestStore, config: ApiConfig) -> AppState {
         }),
         metrics: Default::default(),
         predictor: Default::default(),
+        live_logs: Default::default(),
     }
 }
 
@@ -2027,6 +2028,36 @@ async fn a_worker_reports_only_on_the_task_whose_lease_it_holds(ts: &TestStore) 
     );
     let still = get(&app, &format!("/api/v1/tasks/{first}")).await;
     assert_eq!(still.body["status"]["state"], "Leased");
+    // Its output while it runs: only the holder sends it, and the application's logs show it.
+    let log = |secret: &str, offset: &str, chunk: &'static str| {
+        let request = Request::builder()
+            .method("POST")
+            .uri(format!("/api/v1/tasks/{first}/log"))
+            .header("authorization", format!("Bearer {worker}"))
+            .header("content-type", "application/octet-stream")
+            .header(super::LEASE_SECRET_HEADER, secret)
+            .header(super::LOG_OFFSET_HEADER, offset)
+            .body(Body::from(chunk))
+            .unwrap();
+        send(&app, request)
+    };
+    let application = still.body["spec"]["application"].as_str().unwrap();
+    let logs_uri = format!("/api/v1/applications/{application}/logs");
+    let answer = log(&second_secret, "0", "forged\n").await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "Forbidden");
+    let answer = log(&first_secret, "-1", "working\n").await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "BadRequest");
+    assert!(!get(&app, &logs_uri).await.text.contains("forged"));
+    let answer = log(&first_secret, "0", "working\n").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.body["received"], 8);
+    let shown = get(&app, &logs_uri).await.text;
+    assert!(
+        shown.contains(&format!(
+            "==> {first} [Leased] worker=w1 attempts=1\nworking\n"
+        )),
+        "{shown}"
+    );
     // The holder reports.
     let answer = report(&first, "complete", Some(&first_secret), done).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);

@@ -436,6 +436,7 @@ fn command_task(f: &ApplicationFacts, index: u32, template: &TaskTemplate) -> Ta
         max_attempts: f.spec.max_attempts,
         image: f.spec.task_image(),
         memory_mib: f.spec.task_memory_mib(),
+        active_deadline_seconds: f.spec.task_deadline_seconds,
     }
 }
 

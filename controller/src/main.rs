@@ -27,6 +27,17 @@ enum ImageCommand {
         #[arg(long, default_value = ".ceccm-data")]
         data_dir: PathBuf,
     },
+    /// Takes the images of an OCI archive (an OCI image layout as a tar) or a `docker save`
+    /// tarball, either possibly gzipped, into DATA_DIR/images. Every blob is checked against
+    /// its digest first; a damaged archive changes nothing.
+    Import {
+        file: PathBuf,
+        /// Names the image (NAME:TAG) when the archive holds one.
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long, default_value = ".ceccm-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -316,6 +327,20 @@ fn main() -> ExitCode {
                     built.digest,
                     store.dir().display()
                 );
+                Ok(())
+            }
+            Command::Image {
+                command:
+                    ImageCommand::Import {
+                        file,
+                        tag,
+                        data_dir,
+                    },
+            } => {
+                let store = ceccm_controller::image::ImageStore::new(data_dir.join("images"));
+                for (name, manifest) in store.import(&file, tag.as_deref())? {
+                    println!("{name} {} in {}", manifest.digest, store.dir().display());
+                }
                 Ok(())
             }
             Command::StageRun { job, out } => ceccm_controller::worker::stage::run_job(&job, &out),

@@ -456,6 +456,12 @@ pub struct ApplicationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,128})?$")]
     pub image: Option<String>,
+    /// How long each attempt of a task may run, as a pod's `activeDeadlineSeconds`: past it the
+    /// worker kills it and the attempt fails with reason `DeadlineExceeded` (retried by
+    /// `maxAttempts` like any failure). Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 2_592_000)]
+    pub task_deadline_seconds: Option<u64>,
 }
 
 impl ApplicationSpec {
@@ -471,6 +477,9 @@ impl ApplicationSpec {
         Some(self.resources.memory_mib).filter(|m| *m > 0)
     }
 }
+
+/// The longest `taskDeadlineSeconds`: 30 days.
+pub const MAX_TASK_DEADLINE_SECONDS: u64 = 30 * 24 * 3600;
 
 fn default_max_attempts() -> u32 {
     3
@@ -501,6 +510,15 @@ impl ApplicationSpec {
         }
         if !(1..=100).contains(&self.max_attempts) {
             out.push(Violation::new("spec.maxAttempts", "must be 1 to 100"));
+        }
+        if self
+            .task_deadline_seconds
+            .is_some_and(|s| !(1..=MAX_TASK_DEADLINE_SECONDS).contains(&s))
+        {
+            out.push(Violation::new(
+                "spec.taskDeadlineSeconds",
+                format!("must be 1 to {MAX_TASK_DEADLINE_SECONDS} (30 days)"),
+            ));
         }
         if self.parallelism == Some(0) {
             out.push(Violation::new("spec.parallelism", "must be at least 1"));
@@ -683,9 +701,18 @@ pub struct TaskSpec {
     /// `resources.memoryMiB`.
     #[serde(default, rename = "memoryMiB", skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// How long one attempt may run (the application's `taskDeadlineSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<u64>,
 }
 
 impl TaskSpec {
+    /// How long one attempt may run.
+    pub fn deadline(&self) -> Option<std::time::Duration> {
+        self.active_deadline_seconds
+            .map(std::time::Duration::from_secs)
+    }
+
     /// The cores this task occupies while it runs (at least one).
     pub fn cores(&self) -> f64 {
         self.cores

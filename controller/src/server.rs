@@ -52,6 +52,70 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     driver: Arc<dyn RegionDriver>,
+    /// Held while the server runs: one server per data directory.
+    _data_dir: DataDirLock,
+}
+
+/// The data directory's `server.lock`, locked (`flock`) by the server that uses the directory
+/// and naming it: a second server on the same directory would run a second set of workers on
+/// the same caches and, on SQLite, a second writer on the same store. The kernel releases the
+/// lock when the holder exits, however it exits.
+pub struct DataDirLock {
+    file: std::fs::File,
+}
+
+/// What a second server reports when the data directory is taken.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another ceccm server is using the data directory {dir} ({holder}): stop it, or give this \
+     one its own --data-dir"
+)]
+pub struct DataDirTaken {
+    pub dir: String,
+    pub holder: String,
+}
+
+impl DataDirLock {
+    pub const FILE: &str = "server.lock";
+
+    pub fn take(data_dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
+        let path = data_dir.join(Self::FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(DataDirLock { file }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                Err(DataDirTaken {
+                    dir: data_dir.display().to_string(),
+                    holder: Some(holder.trim())
+                        .filter(|h| !h.is_empty())
+                        .unwrap_or("a server still starting")
+                        .to_string(),
+                }
+                .into())
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+
+    /// Writes who holds it, for the next one to read.
+    fn record(&mut self, url: &str) -> std::io::Result<()> {
+        use std::io::{Seek, Write};
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        writeln!(
+            self.file,
+            "pid {}, serving {url}, since {}",
+            std::process::id(),
+            crate::time::now_rfc3339()
+        )?;
+        self.file.sync_all()
+    }
 }
 
 impl RunningServer {
@@ -75,6 +139,7 @@ impl RunningServer {
 
 pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     std::fs::create_dir_all(&options.data_dir)?;
+    let mut data_dir_lock = DataDirLock::take(&options.data_dir)?;
     let store = Arc::new(Store::open(&options.data_dir, options.database_url.as_deref()).await?);
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
@@ -129,6 +194,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         }),
         metrics: Default::default(),
         predictor: predictor.clone(),
+        live_logs: Default::default(),
     };
     let ctx = Arc::new(Context {
         store: store.clone(),
@@ -199,6 +265,8 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         Duration::from_millis(500),
         stopped,
     )));
+    let scheme = if serves_tls { "https" } else { "http" };
+    data_dir_lock.record(&format!("{scheme}://{addr}"))?;
     Ok(RunningServer {
         addr,
         tls: serves_tls,
@@ -206,6 +274,7 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         stop,
         tasks,
         driver,
+        _data_dir: data_dir_lock,
     })
 }
 

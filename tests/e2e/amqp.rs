@@ -23,7 +23,7 @@ use crate::control_plane::{Http, assert_each_result_once, wait_for_phase};
 use crate::support::{Server, wait_until};
 
 /// The shared broker's URL, or `None` (after saying why) when the environment has none.
-fn shared_broker(test: &str) -> Option<String> {
+pub(crate) fn shared_broker(test: &str) -> Option<String> {
     match std::env::var("CECCM_TEST_AMQP_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
@@ -38,7 +38,7 @@ fn shared_broker(test: &str) -> Option<String> {
 
 /// Two region names no other test (or run) uses: on a shared broker, queues are named after
 /// regions.
-fn unique_regions() -> [String; 2] {
+pub(crate) fn unique_regions() -> [String; 2] {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let tag = format!("q{}-{n}", std::process::id());
@@ -115,7 +115,7 @@ fn ready_messages(http: &Http, url: &str, queue: &str) -> u32 {
     })
 }
 
-fn delete_queues(http: &Http, url: &str, regions: &[String]) {
+pub(crate) fn delete_queues(http: &Http, url: &str, regions: &[String]) {
     with_channel(http, url, async |channel| {
         for region in regions {
             channel

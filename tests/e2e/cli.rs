@@ -955,6 +955,79 @@ fn logs_follow_streams_until_the_application_finishes() {
     );
 }
 
+#[test]
+fn logs_follow_shows_a_running_tasks_lines_as_they_come_and_each_once() {
+    let s = Setup::new();
+    let region = s.manifest("region.yaml", LOCAL_REGION);
+    s.run(&["apply", "-f", &region]).expect(0);
+    let app = s.manifest(
+        "app.yaml",
+        &script_app("live", "echo first; sleep 6; echo second >&2", 1),
+    );
+    s.run(&["apply", "-f", &app]).expect(0);
+    let mut child = s
+        .command(&["logs", "live", "-f"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = crate::support::lines_of(child.stdout.take().unwrap());
+    let (line, _) =
+        crate::support::wait_for_line(&lines, Duration::from_secs(30), |l| l.contains("first"));
+    assert_eq!(line, "[live-00000] first");
+    // The task sleeps for seconds after that line: it reached us while it ran.
+    let task = s.json(&["get", "task", "live-00000"]);
+    assert_ne!(task["status"]["state"], "Done", "{task}");
+
+    let (line, before) =
+        crate::support::wait_for_line(&lines, Duration::from_secs(30), |l| l.contains("second"));
+    assert_eq!(line, "[live-00000] second");
+    assert!(before.is_empty(), "{before:?}");
+    let (header, before) =
+        crate::support::wait_for_line(&lines, Duration::from_secs(30), |l| l.starts_with("==>"));
+    assert!(header.starts_with("==> live-00000 [Done]"), "{header}");
+    assert!(before.is_empty(), "{before:?}");
+    // The stream ends with the application, and nothing came twice.
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(child.wait().unwrap().success());
+
+    // Afterwards the logs are the result's: the whole output once, under its header.
+    let logs = s.run(&["logs", "live"]).expect(0).stdout;
+    assert_eq!(logs.matches("first").count(), 1, "{logs}");
+    assert!(logs.contains("first\nsecond\n"), "{logs}");
+}
+
+#[test]
+fn a_task_past_its_deadline_is_stopped_and_describe_says_deadline_exceeded() {
+    let s = Setup::new();
+    let region = s.manifest("region.yaml", LOCAL_REGION);
+    s.run(&["apply", "-f", &region]).expect(0);
+    // The shell waits on its child: both must go.
+    let app = script_app("late", "echo started; sleep 607", 2) + "  taskDeadlineSeconds: 1\n";
+    let app = s.manifest("app.yaml", &app);
+    s.run(&["apply", "-f", &app]).expect(0);
+    // Two attempts, each stopped after a second: long before the 607 s it would sleep.
+    let task = wait_until("the task dead-lettered", Duration::from_secs(60), || {
+        let run = s.run(&["get", "task", "late-00000", "-o", "json"]);
+        let task: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
+        (task["status"]["state"] == "DeadLettered").then_some(task)
+    });
+    assert_eq!(task["status"]["reason"], "DeadlineExceeded", "{task}");
+    assert_eq!(task["status"]["attempts"], 2, "{task}");
+    let described = s.run(&["describe", "task/late-00000"]).expect(0).stdout;
+    assert!(described.contains("DeadlineExceeded"), "{described}");
+    // Nothing of it is left running on the host.
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("sleep 607"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// A batch application of one task running `script` under `sh -c`, tried at most `attempts`
 /// times.
 fn script_app(name: &str, script: &str, attempts: u32) -> String {

@@ -25,7 +25,14 @@ fn runc_usable() -> bool {
 
 /// A server whose one region runs containers, with the astro-fit image in its store.
 fn oci_server(dir: &Path, http: &Http) -> Server {
-    let server = Server::start(dir, &["--lease-seconds", "10"]);
+    oci_server_with(dir, http, "boxed", &[])
+}
+
+/// [`oci_server`] with its region named `region` and more server arguments.
+fn oci_server_with(dir: &Path, http: &Http, region: &str, args: &[&str]) -> Server {
+    let mut server_args = vec!["--lease-seconds", "10"];
+    server_args.extend(args);
+    let server = Server::start(dir, &server_args);
     let built = Command::new(bin("ceccm"))
         .args(["image", "build", "astro-fit", "--data-dir"])
         .arg(dir)
@@ -39,7 +46,7 @@ fn oci_server(dir: &Path, http: &Http) -> Server {
     http.apply(
         &server,
         "regions",
-        &json!({"apiVersion": "ceccm/v1", "kind": "Region", "metadata": {"name": "boxed"},
+        &json!({"apiVersion": "ceccm/v1", "kind": "Region", "metadata": {"name": region},
                 "spec": {"tier": "cloud", "driver": "local", "runtime": "oci",
                          "capacity": {"cpu": 2, "memoryMiB": 8192}}}),
     );
@@ -116,6 +123,19 @@ fn a_task_in_a_container_sees_only_its_mounts_and_its_memory_limit_ends_it_oomki
     assert_eq!(oom["status"]["state"], "DeadLettered", "{oom}");
     assert_eq!(oom["status"]["reason"], "OOMKilled", "{oom}");
 
+    // Past its deadline, it is killed (it would sleep far longer than the wait allows).
+    http.apply(
+        &server,
+        "applications",
+        &json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": "slow"},
+                "spec": {"app": "container", "image": "astro-fit", "maxAttempts": 1,
+                         "taskDeadlineSeconds": 2, "placement": {"regions": ["boxed"]},
+                         "tasks": [{"command": "/usr/local/bin/ceccm", "args": ["probe", "sleep", "600"]}]}}),
+    );
+    let slow = first_task_when_finished(&http, &server, "slow");
+    assert_eq!(slow["status"]["state"], "DeadLettered", "{slow}");
+    assert_eq!(slow["status"]["reason"], "DeadlineExceeded", "{slow}");
+
     // An image the store does not have.
     http.apply(
         &server,
@@ -129,23 +149,36 @@ fn a_task_in_a_container_sees_only_its_mounts_and_its_memory_limit_ends_it_oomki
     assert_eq!(task["status"]["reason"], "ImageNotFound", "{task}");
 }
 
-/// The seed-7 astro-fit job on a region whose tasks run in containers gives the maps of
-/// `astro-fit fit-cube` on one host.
+/// The seed-7 astro-fit job on a region whose tasks run in containers, its tasks travelling
+/// through RabbitMQ (the shared broker of `$CECCM_TEST_AMQP_URL`; the embedded queue where
+/// there is none, saying so), gives the maps of `astro-fit fit-cube` on one host: the maps the
+/// process runtime with the embedded queue gives (`tests/e2e/astro_fit.rs`).
 #[test]
-fn the_astro_fit_job_in_containers_gives_the_same_maps() {
-    use crate::astro_fit::{assert_same_maps, download, seed7_reference, start_seed7_job_with};
+fn the_astro_fit_job_in_containers_through_rabbitmq_gives_the_same_maps() {
+    use crate::amqp::{delete_queues, shared_broker, unique_regions};
+    use crate::astro_fit::{
+        assert_chunks_written_once, assert_same_maps, download, seed7_reference,
+        start_seed7_job_with,
+    };
     if !runc_usable() {
         eprintln!("skipped: needs root and runc");
         return;
     }
+    let broker =
+        shared_broker("the_astro_fit_job_in_containers_through_rabbitmq_gives_the_same_maps");
+    let [region, _] = unique_regions();
+    let transport: Vec<&str> = broker
+        .as_deref()
+        .map(|url| vec!["--transport", url])
+        .unwrap_or_default();
     let dir = tempfile::tempdir().unwrap();
     let http = Http::new();
-    let server = oci_server(&dir.path().join("server"), &http);
+    let server = oci_server_with(&dir.path().join("server"), &http, &region, &transport);
     start_seed7_job_with(
         &http,
         &server,
         dir.path(),
-        json!({"placement": {"regions": ["boxed"]}, "resources": {"cpu": 1, "memoryMiB": 2048}}),
+        json!({"placement": {"regions": [region]}, "resources": {"cpu": 1, "memoryMiB": 2048}}),
     );
     wait_for_phase(
         &http,
@@ -154,6 +187,11 @@ fn the_astro_fit_job_in_containers_gives_the_same_maps() {
         "Succeeded",
         Duration::from_secs(900),
     );
+    assert_chunks_written_once(&http, &server, 7);
     let maps = download(&http, &server, "seed7", "maps.fits", dir.path());
     assert_same_maps(&seed7_reference(dir.path()), &maps);
+    server.kill();
+    if let Some(url) = broker {
+        delete_queues(&http, &url, &[region]);
+    }
 }

@@ -149,6 +149,31 @@ pub(crate) fn assert_each_result_once(http: &Http, server: &Server, app: &str, n
     assert_eq!(seen.len(), n);
 }
 
+/// One server per data directory: a second one on the same directory exits non-zero, naming
+/// the server that holds it, and changes nothing; once the first has gone, it starts.
+#[test]
+fn a_second_server_on_the_same_data_directory_refuses_to_start_and_names_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(dir.path(), &[]);
+    let second = std::process::Command::new(crate::support::bin("ceccm"))
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another ceccm server"), "{stderr}");
+    assert!(stderr.contains(&first.url), "names the first: {stderr}");
+    // The first still serves.
+    let http = Http::new();
+    let (status, _) = http.send(http.client.get(first.api("regions")));
+    assert_eq!(status, 200);
+    first.kill();
+    let again = Server::start(dir.path(), &[]);
+    let (status, _) = http.send(http.client.get(again.api("regions")));
+    assert_eq!(status, 200);
+}
+
 #[test]
 fn fifty_tasks_succeed_although_a_worker_is_killed_mid_task() {
     let dir = tempfile::tempdir().unwrap();

@@ -467,6 +467,51 @@ fn across_network_namespaces_with_a_shaped_edge_uplink_a_dead_cloud_agents_work_
     );
 }
 
+/// A task running on an edge agent's host (across namespaces when the test may make them):
+/// `ceccmctl logs -f` shows its lines while it runs, as `kubectl logs -f` reaches a pod on a
+/// node through its kubelet.
+#[test]
+fn an_edge_agents_running_task_streams_its_lines_to_logs_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = sites(dir.path(), true, &[])
+        .or_else(|| sites(dir.path(), false, &[]))
+        .unwrap();
+    let (_edge, _cloud) = join_two_agents(&sites.server, &sites.topology, dir.path());
+    let http = Http::new();
+    let url = &sites.server.url;
+    let app = json!({"apiVersion": "ceccm/v1", "kind": "Application", "metadata": {"name": "edgelog"},
+        "spec": {"app": "container", "maxAttempts": 1, "placement": {"regions": ["edge-site"]},
+                 "tasks": [{"command": "sh", "args": ["-c", "echo from $CECCM_REGION; sleep 6; echo bye"]}]}});
+    let (status, body) = http.send(
+        http.client
+            .put(format!("{url}/api/v1/applications/edgelog"))
+            .json(&app),
+    );
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let mut follow = Command::new(bin("ceccmctl"))
+        .args(["logs", "edgelog", "-f", "--server", url])
+        .env("CECCM_CONFIG", dir.path().join("ceccmctl.yaml"))
+        .env("CECCM_TOKEN", crate::support::ADMIN_TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = crate::support::lines_of(follow.stdout.take().unwrap());
+    let (line, _) =
+        crate::support::wait_for_line(&lines, Duration::from_secs(60), |l| l.contains("from"));
+    assert_eq!(line, "[edgelog-00000] from edge-site");
+    let task = http.get(&format!("{url}/api/v1/tasks/edgelog-00000"));
+    assert_eq!(task["status"]["region"], "edge-site");
+    assert_ne!(task["status"]["state"], "Done", "{task}");
+    let (line, _) =
+        crate::support::wait_for_line(&lines, Duration::from_secs(60), |l| l.contains("bye"));
+    assert_eq!(line, "[edgelog-00000] bye");
+    let (header, _) =
+        crate::support::wait_for_line(&lines, Duration::from_secs(60), |l| l.starts_with("==>"));
+    assert!(header.starts_with("==> edgelog-00000 [Done]"), "{header}");
+    assert!(follow.wait().unwrap().success());
+}
+
 /// The astro-fit seed-7 job spread over an edge and a cloud agent (in network namespaces when
 /// the test may make them); the cloud host dies while it fits a chunk. Its chunks are fitted
 /// again at the edge, each chunk's files are recorded once, and the maps are those of

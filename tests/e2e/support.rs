@@ -81,12 +81,43 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> O
     }
 }
 
-/// A running `ceccm server`, killed when dropped.
 /// The administrator token the e2e servers are provisioned with (written to
 /// `DATA_DIR/admin.token` before a first start, as an operator may; the server otherwise makes
 /// its own). `Http` and ceccmctl in these tests present it.
 pub const ADMIN_TOKEN: &str =
     "ceccm_00000000000e2ead_e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0e2e0";
+
+/// The lines a child process prints, as they come: read on a thread of their own, so a test
+/// can wait for one with a deadline while the process goes on.
+pub fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line that `wanted` accepts; answers it and every line before it.
+pub fn wait_for_line(
+    lines: &mpsc::Receiver<String>,
+    timeout: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> (String, Vec<String>) {
+    let deadline = Instant::now() + timeout;
+    let mut before = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if wanted(&line) => return (line, before),
+            Ok(line) => before.push(line),
+            Err(e) => panic!("no such line within {timeout:?} ({e}); lines so far: {before:#?}"),
+        }
+    }
+}
 
 /// Writes [`ADMIN_TOKEN`] as `data_dir`'s administrator token unless it has one.
 pub fn provision_admin_token(data_dir: &Path) {
@@ -104,6 +135,7 @@ pub fn provision_admin_token(data_dir: &Path) {
     }
 }
 
+/// A running `ceccm server`, killed when dropped.
 pub struct Server {
     child: Child,
     /// Base URL, e.g. `http://127.0.0.1:41234`.

@@ -76,6 +76,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 cpus: Some(1.0),
                 stdout: dir.path().join("stdout"),
                 stderr: dir.path().join("stderr"),
+                deadline: None,
             },
             dir.path(),
         )?;

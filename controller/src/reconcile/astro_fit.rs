@@ -197,6 +197,7 @@ fn stage_task(
         max_attempts: f.spec.max_attempts,
         image: f.spec.task_image(),
         memory_mib: f.spec.task_memory_mib(),
+        active_deadline_seconds: f.spec.task_deadline_seconds,
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod amqp;
 pub mod data;
 pub mod held;
+pub mod live;
 pub mod oci;
 pub mod outbox;
 pub mod stage;
@@ -361,10 +362,27 @@ async fn run_task(
     let cpu_before = cpu_seconds();
     // Wall time of the work itself, the predictor's target (lease and report latency excluded).
     let started = Instant::now();
+    let output = live::LiveOutput::default();
+    let log = live::LogStream::start(client, &o.server, &name, &secret, output.clone());
     let work = async {
-        match &task.spec.astro_fit {
-            Some(fit) => run_astro_fit(o, data, warm, &task.spec, fit, &name).await,
-            None => run_command(o, &task.spec, &name).await,
+        let run = async {
+            match &task.spec.astro_fit {
+                Some(fit) => run_astro_fit(o, data, warm, &task.spec, fit, &name, &output).await,
+                None => run_command(o, &task.spec, &name, &output).await,
+            }
+        };
+        // A container is killed by its own watchdog (oci.rs); here, dropping the work kills
+        // a command's process. An astro-fit stage on the worker's own thread cannot be
+        // killed: its answer is dropped, and the thread is busy until the stage ends.
+        match task
+            .spec
+            .deadline()
+            .filter(|_| o.runtime == Runtime::Process)
+        {
+            Some(deadline) => tokio::time::timeout(deadline, run)
+                .await
+                .unwrap_or_else(|_| deadline_exceeded(deadline)),
+            None => run.await,
         }
     };
     tokio::pin!(work);
@@ -398,6 +416,8 @@ async fn run_task(
     let cpu = (cpu_seconds() - cpu_before).max(0.0);
     // A task too quick for the clock reports nothing measured rather than zero seconds.
     let seconds = Some(started.elapsed().as_secs_f64()).filter(|s| *s > 0.0);
+    // The last lines before the result, so that followers see them in order.
+    log.finish().await;
     let (report, files, _scratch) = match ending {
         Ending::Done {
             result,
@@ -503,9 +523,16 @@ async fn renew_ahead(
     *ahead = kept;
 }
 
-async fn run_command(o: &WorkerOptions, spec: &TaskSpec, name: &str) -> Ending {
+async fn run_command(
+    o: &WorkerOptions,
+    spec: &TaskSpec,
+    name: &str,
+    live: &live::LiveOutput,
+) -> Ending {
     match (o.runtime, &spec.image) {
-        (Runtime::Oci, Some(image)) => return run_command_in_container(o, spec, name, image).await,
+        (Runtime::Oci, Some(image)) => {
+            return run_command_in_container(o, spec, name, image, live).await;
+        }
         (Runtime::Oci, None) => {
             return Ending::Failed {
                 error: format!(
@@ -518,29 +545,53 @@ async fn run_command(o: &WorkerOptions, spec: &TaskSpec, name: &str) -> Ending {
         }
         (Runtime::Process, _) => {}
     }
-    let output = tokio::process::Command::new(&spec.command)
+    // Output goes to files, not pipes, so that it can be sent while the command runs.
+    let scratch = match tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir_in(&o.cache_dir)
+    {
+        Ok(dir) => dir,
+        Err(e) => return failed(format!("scratch directory: {e}"), false),
+    };
+    let (stdout, stderr) = output_files(scratch.path());
+    let files =
+        std::fs::File::create(&stdout).and_then(|out| Ok((out, std::fs::File::create(&stderr)?)));
+    let (out_file, err_file) = match files {
+        Ok(files) => files,
+        Err(e) => return failed(format!("output files: {e}"), false),
+    };
+    live.follow_file(stdout.clone());
+    live.follow_file(stderr.clone());
+    let status = tokio::process::Command::new(&spec.command)
         .args(&spec.args)
         .envs(&spec.env)
         .env("CECCM_TASK", name)
         .env("CECCM_TASK_INDEX", spec.index.to_string())
         .env("CECCM_REGION", &o.region)
         .stdin(std::process::Stdio::null())
+        .stdout(out_file)
+        .stderr(err_file)
+        .process_group(0)
         .kill_on_drop(true)
-        .output()
-        .await;
-    match output {
-        Ok(out) if out.status.success() => Ending::Done {
-            result: serde_json::json!({"exitCode": 0, "stdout": truncated(&out.stdout),
-                                       "stderr": truncated(&out.stderr)}),
+        .spawn();
+    let status = match status {
+        Ok(mut child) => {
+            let _group = child.id().map(ProcessGroup);
+            child.wait().await
+        }
+        Err(e) => Err(e),
+    };
+    live.close_files();
+    let read = |p: &std::path::Path| truncated(&std::fs::read(p).unwrap_or_default());
+    match status {
+        Ok(status) if status.success() => Ending::Done {
+            result: serde_json::json!({"exitCode": 0, "stdout": read(&stdout),
+                                       "stderr": read(&stderr)}),
             files: Vec::new(),
             scratch: None,
         },
-        Ok(out) => Ending::Failed {
-            error: format!(
-                "exit status {}: {}",
-                out.status,
-                truncated(&out.stderr).trim_end()
-            ),
+        Ok(status) => Ending::Failed {
+            error: format!("exit status {status}: {}", read(&stderr).trim_end()),
             permanent: false,
             reason: Some("Error"),
         },
@@ -550,6 +601,26 @@ async fn run_command(o: &WorkerOptions, spec: &TaskSpec, name: &str) -> Ending {
             reason: Some("ContainerCannotRun"),
         },
     }
+}
+
+/// A command's process group, killed whole when the task ends or is abandoned (its deadline
+/// passed, its lease was lost): what a shell started goes with it, as a container's processes
+/// go with the container.
+struct ProcessGroup(u32);
+
+impl Drop for ProcessGroup {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        if let Ok(group) = libc::pid_t::try_from(self.0) {
+            // SAFETY: killpg takes plain integers; a group with no processes left is ESRCH.
+            unsafe { libc::killpg(group, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Where a task's process (or container) in `scratch` writes its stdout and stderr.
+fn output_files(scratch: &std::path::Path) -> (PathBuf, PathBuf) {
+    (scratch.join("stdout"), scratch.join("stderr"))
 }
 
 /// A unique container id for `task` on this host.
@@ -606,11 +677,27 @@ fn container_failure(end: oci::ContainerEnd, memory_mib: Option<u64>, stderr: &s
             permanent: false,
             reason: Some("Error"),
         },
+        oci::ContainerEnd::DeadlineExceeded => Ending::Failed {
+            error: "the container ran past its deadline and was killed".into(),
+            permanent: false,
+            reason: Some("DeadlineExceeded"),
+        },
         oci::ContainerEnd::Signalled(signal) => Ending::Failed {
             error: format!("killed by signal {signal}: {}", stderr.trim_end()),
             permanent: false,
             reason: Some("Error"),
         },
+    }
+}
+
+fn deadline_exceeded(deadline: Duration) -> Ending {
+    Ending::Failed {
+        error: format!(
+            "ran past its deadline ({} s) and was stopped",
+            deadline.as_secs()
+        ),
+        permanent: false,
+        reason: Some("DeadlineExceeded"),
     }
 }
 
@@ -628,6 +715,7 @@ async fn run_command_in_container(
     spec: &TaskSpec,
     name: &str,
     image: &str,
+    live: &live::LiveOutput,
 ) -> Ending {
     let scratch = match tempfile::Builder::new()
         .prefix(&format!("{name}-"))
@@ -661,10 +749,15 @@ async fn run_command_in_container(
         }],
         memory_limit_bytes: spec.memory_mib.map(|m| m << 20),
         cpus: Some(spec.cores()),
-        stdout: scratch.path().join("stdout"),
-        stderr: scratch.path().join("stderr"),
+        stdout: output_files(scratch.path()).0,
+        stderr: output_files(scratch.path()).1,
+        deadline: spec.deadline(),
     };
-    match contained(o, image, run).await {
+    live.follow_file(run.stdout.clone());
+    live.follow_file(run.stderr.clone());
+    let ended = contained(o, image, run).await;
+    live.close_files();
+    match ended {
         Err(ending) => ending,
         Ok((oci::ContainerEnd::Exited(0), stdout, stderr)) => Ending::Done {
             result: serde_json::json!({"exitCode": 0, "stdout": stdout, "stderr": stderr}),
@@ -691,6 +784,7 @@ async fn run_astro_fit(
     spec: &TaskSpec,
     work: &AstroFitWork,
     name: &str,
+    live: &live::LiveOutput,
 ) -> Ending {
     let fetching = Instant::now();
     let mark = data.mark();
@@ -707,19 +801,29 @@ async fn run_astro_fit(
         Err(e) => return failed(format!("scratch directory: {e}"), false),
     };
     let output = match o.runtime {
-        Runtime::Process => match warm
-            .run(work.clone(), inputs, scratch.path().to_path_buf())
-            .await
-        {
-            Ok(output) => output,
-            Err(e) => return failed(e.message, e.permanent),
-        },
+        Runtime::Process => {
+            let progress = indicatif::ProgressBar::hidden();
+            live.follow_progress(progress.clone());
+            match warm
+                .run(work.clone(), inputs, scratch.path().to_path_buf(), progress)
+                .await
+            {
+                Ok(output) => output,
+                Err(e) => return failed(e.message, e.permanent),
+            }
+        }
         Runtime::Oci => {
             let image = spec
                 .image
                 .clone()
                 .unwrap_or_else(|| crate::image::ASTRO_FIT_IMAGE.into());
-            match stage_in_container(o, spec, work, inputs, scratch.path(), name, &image).await {
+            let (stdout, stderr) = output_files(scratch.path());
+            live.follow_file(stdout);
+            live.follow_file(stderr);
+            let staged = stage_in_container(o, spec, work, inputs, scratch.path(), name, &image);
+            let staged = staged.await;
+            live.close_files();
+            match staged {
                 Ok(output) => output,
                 Err(ending) => return ending,
             }
@@ -794,8 +898,9 @@ async fn stage_in_container(
         ],
         memory_limit_bytes: spec.memory_mib.map(|m| m << 20),
         cpus: Some(spec.cores()),
-        stdout: scratch.join("stdout"),
-        stderr: scratch.join("stderr"),
+        stdout: output_files(scratch).0,
+        stderr: output_files(scratch).1,
+        deadline: spec.deadline(),
     };
     match contained(o, image, run).await? {
         (oci::ContainerEnd::Exited(_), _, stderr) => {
@@ -995,7 +1100,12 @@ pub fn probe(what: &str, arg: Option<&str>) -> anyhow::Result<()> {
             println!("{}", limit.trim());
             Ok(())
         }
-        _ => anyhow::bail!("probe read PATH | alloc MIB | memory-limit"),
+        ("sleep", Some(seconds)) => {
+            println!("sleeping {seconds} s");
+            std::thread::sleep(Duration::from_secs_f64(seconds.parse()?));
+            Ok(())
+        }
+        _ => anyhow::bail!("probe read PATH | alloc MIB | memory-limit | sleep SECONDS"),
     }
 }
 

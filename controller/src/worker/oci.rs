@@ -40,6 +40,8 @@ pub struct ContainerRun {
     /// Where the container's stdout and stderr go.
     pub stdout: PathBuf,
     pub stderr: PathBuf,
+    /// How long it may run (a pod's `activeDeadlineSeconds`); past it, it is killed.
+    pub deadline: Option<std::time::Duration>,
 }
 
 /// How the container ended.
@@ -49,6 +51,8 @@ pub enum ContainerEnd {
     /// The cgroup's OOM killer ended it.
     OomKilled,
     Signalled(i32),
+    /// Killed because it ran past its deadline.
+    DeadlineExceeded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +313,35 @@ fn oom_killed(id: &str) -> bool {
     })
 }
 
+/// Kills a container's init once its deadline has passed, unless stood down first.
+struct Watchdog {
+    cancel: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    fn start(pid: libc::pid_t, deadline: std::time::Duration) -> Watchdog {
+        let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            match cancelled.recv_timeout(deadline) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    // The init of the container's pid namespace: the kernel kills the rest.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    true
+                }
+                _ => false,
+            }
+        });
+        Watchdog { cancel, thread }
+    }
+
+    /// Stops the watchdog; says whether it had fired.
+    fn stand_down(self) -> bool {
+        let _ = self.cancel.send(());
+        self.thread.join().unwrap_or(false)
+    }
+}
+
 /// Runs the container to its end (blocking: call it off the async workers). `state_dir` holds
 /// runc's state and the bundle.
 pub fn run(run: &ContainerRun, state_dir: &Path) -> Result<ContainerEnd, OciError> {
@@ -352,14 +385,28 @@ pub fn run(run: &ContainerRun, state_dir: &Path) -> Result<ContainerEnd, OciErro
         let mut start = runc(&root)?;
         start.args(["start", &run.id]);
         checked(start, "start")?;
+        let watchdog = run.deadline.map(|deadline| Watchdog::start(pid, deadline));
+        // Wait for the end without reaping: the pid stays the container's until the watchdog
+        // has stood down, so it can never kill another process that took the pid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let waited = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        let expired = watchdog.is_some_and(Watchdog::stand_down);
         let mut status = 0;
-        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if waited != pid {
+        if waited != 0 || unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
             return Err(io("waiting for the container")(
                 std::io::Error::last_os_error(),
             ));
         }
-        Ok(if oom_killed(&run.id) {
+        Ok(if expired {
+            ContainerEnd::DeadlineExceeded
+        } else if oom_killed(&run.id) {
             ContainerEnd::OomKilled
         } else if libc::WIFEXITED(status) {
             ContainerEnd::Exited(libc::WEXITSTATUS(status))

@@ -66,22 +66,26 @@ struct Job {
     work: AstroFitWork,
     inputs: StageInputs,
     out: PathBuf,
+    progress: ProgressBar,
     reply: tokio::sync::oneshot::Sender<Result<StageOutput, StageError>>,
 }
 
 impl StageRunner {
-    /// Runs one stage on the runner's thread (started on first use).
+    /// Runs one stage on the runner's thread (started on first use); a fit advances
+    /// `progress` per spectrum.
     pub async fn run(
         &mut self,
         work: AstroFitWork,
         inputs: StageInputs,
         out: PathBuf,
+        progress: ProgressBar,
     ) -> Result<StageOutput, StageError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = Job {
             work,
             inputs,
             out,
+            progress,
             reply,
         };
         let jobs = self.jobs.get_or_insert_with(|| {
@@ -89,7 +93,8 @@ impl StageRunner {
             std::thread::spawn(move || {
                 let mut warm: Option<Warm> = None;
                 for job in rx {
-                    let outcome = run_stage(&job.work, &job.inputs, &job.out, &mut warm);
+                    let outcome =
+                        run_stage(&job.work, &job.inputs, &job.out, &mut warm, &job.progress);
                     let _ = job.reply.send(outcome);
                 }
             });
@@ -157,10 +162,11 @@ fn run_stage(
     inputs: &StageInputs,
     out: &Path,
     warm: &mut Option<Warm>,
+    progress: &ProgressBar,
 ) -> Result<StageOutput, StageError> {
     match work.stage {
         Stage::Prepare => prepare(work, inputs, out),
-        Stage::Fit => fit(work, inputs, out, warm),
+        Stage::Fit => fit(work, inputs, out, warm, progress),
         Stage::Assemble => assemble(work, inputs, out),
     }
 }
@@ -203,6 +209,7 @@ fn fit(
     inputs: &StageInputs,
     out: &Path,
     warm: &mut Option<Warm>,
+    progress: &ProgressBar,
 ) -> Result<StageOutput, StageError> {
     let (Some(plan_path), Some(chunk_id), Some(plan_ref)) = (&inputs.plan, work.chunk, &work.plan)
     else {
@@ -256,9 +263,8 @@ fn fit(
         .map_err(|e| StageError::permanent(format!("reading chunk {chunk_id}: {e}")))?;
     let read_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let fitted = w
-        .fitter
-        .fit_chunk(&chunk, &spectra, &w.pool, &ProgressBar::hidden());
+    progress.set_length(spectra.len() as u64);
+    let fitted = w.fitter.fit_chunk(&chunk, &spectra, &w.pool, progress);
     let fit_seconds = t.elapsed().as_secs_f64();
     fitted.write(out).map_err(StageError::transient)?;
     let (json, model) = cubefit::chunk_files(chunk_id);
@@ -479,7 +485,12 @@ pub fn run_job(job: &Path, out: &Path) -> anyhow::Result<()> {
         plan: job.plan,
         chunks: job.chunks,
     };
-    let outcome = match run_stage(&job.work, &inputs, out, &mut None) {
+    // Inside a container the worker follows stderr: the fit's progress goes there.
+    let progress = ProgressBar::hidden();
+    let narrator = super::live::narrate(progress.clone(), std::io::stderr());
+    let outcome = run_stage(&job.work, &inputs, out, &mut None, &progress);
+    narrator.stop();
+    let outcome = match outcome {
         Ok(output) => StageOutcome::Done {
             files: output
                 .files
