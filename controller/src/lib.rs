@@ -11,6 +11,7 @@ pub mod content;
 pub mod demo;
 pub mod error;
 pub mod image;
+pub mod leader;
 pub mod lifecycle;
 pub mod logs;
 pub mod metrics;

@@ -52,8 +52,8 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     driver: Arc<dyn RegionDriver>,
-    /// Held while the server runs: one server per data directory.
-    _data_dir: DataDirLock,
+    /// Held while the server runs on SQLite: one server per data directory.
+    _data_dir: Option<DataDirLock>,
 }
 
 /// The data directory's `server.lock`, locked (`flock`) by the server that uses the directory
@@ -139,7 +139,16 @@ impl RunningServer {
 
 pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     std::fs::create_dir_all(&options.data_dir)?;
-    let mut data_dir_lock = DataDirLock::take(&options.data_dir)?;
+    // On PostgreSQL servers may share a data directory (artifacts are content-addressed and
+    // written atomically); on SQLite the directory holds the store, and one server uses it.
+    let on_postgres = options
+        .database_url
+        .as_deref()
+        .is_some_and(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"));
+    let mut data_dir_lock = match on_postgres {
+        false => Some(DataDirLock::take(&options.data_dir)?),
+        true => None,
+    };
     let store = Arc::new(Store::open(&options.data_dir, options.database_url.as_deref()).await?);
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
@@ -237,36 +246,31 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             }));
         }
     }
-    tasks.push(tokio::spawn(reconcile::run(
-        ctx.clone(),
-        Kind::Region,
-        &[Kind::Region, Kind::Task],
-        Duration::from_secs(1),
-        reconcile::region::reconcile_boxed,
-        stopped.clone(),
-    )));
-    tasks.push(tokio::spawn(reconcile::run(
-        ctx.clone(),
-        Kind::Application,
-        &[Kind::Application, Kind::Task, Kind::Region],
-        Duration::from_secs(2),
-        reconcile::application::reconcile_boxed,
-        stopped.clone(),
-    )));
-    if let crate::amqp::Transport::Amqp(url) = &options.transport {
-        tasks.push(tokio::spawn(crate::amqp::publish(
-            store.clone(),
-            url.clone(),
-            stopped.clone(),
-        )));
-    }
-    tasks.push(tokio::spawn(reconcile::expire_leases(
-        ctx,
-        Duration::from_millis(500),
+    tasks.push(tokio::spawn(
+        store
+            .clone()
+            .follow_other_writers(Duration::from_millis(250), stopped.clone()),
+    ));
+    let transport = options.transport.clone();
+    let lead_store = store.clone();
+    let lead_driver = driver.clone();
+    tasks.push(tokio::spawn(crate::leader::campaign(
+        store.clone(),
         stopped,
+        move |term_ended| {
+            run_controllers(
+                ctx.clone(),
+                lead_store.clone(),
+                lead_driver.clone(),
+                transport.clone(),
+                term_ended,
+            )
+        },
     )));
     let scheme = if serves_tls { "https" } else { "http" };
-    data_dir_lock.record(&format!("{scheme}://{addr}"))?;
+    if let Some(lock) = &mut data_dir_lock {
+        lock.record(&format!("{scheme}://{addr}"))?;
+    }
     Ok(RunningServer {
         addr,
         tls: serves_tls,
@@ -276,6 +280,48 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         driver,
         _data_dir: data_dir_lock,
     })
+}
+
+/// What the leading server runs (`crate::leader`) until its term ends: the reconcilers (and,
+/// through the region reconciler, the local driver's workers), the RabbitMQ publisher and the
+/// lease sweeper. When the term ends the local workers go too: the next leader starts its own.
+async fn run_controllers(
+    ctx: Arc<Context>,
+    store: Arc<Store>,
+    driver: Arc<dyn RegionDriver>,
+    transport: crate::amqp::Transport,
+    term_ended: watch::Receiver<bool>,
+) {
+    let mut controllers = vec![
+        tokio::spawn(reconcile::run(
+            ctx.clone(),
+            Kind::Region,
+            &[Kind::Region, Kind::Task],
+            Duration::from_secs(1),
+            reconcile::region::reconcile_boxed,
+            term_ended.clone(),
+        )),
+        tokio::spawn(reconcile::run(
+            ctx.clone(),
+            Kind::Application,
+            &[Kind::Application, Kind::Task, Kind::Region],
+            Duration::from_secs(2),
+            reconcile::application::reconcile_boxed,
+            term_ended.clone(),
+        )),
+        tokio::spawn(reconcile::expire_leases(
+            ctx,
+            Duration::from_millis(500),
+            term_ended.clone(),
+        )),
+    ];
+    if let crate::amqp::Transport::Amqp(url) = transport {
+        controllers.push(tokio::spawn(crate::amqp::publish(store, url, term_ended)));
+    }
+    for controller in controllers {
+        let _ = controller.await;
+    }
+    driver.release_all();
 }
 
 /// `ceccm server`: runs until Ctrl-C or SIGTERM.

@@ -1,9 +1,13 @@
 //! The state store: every object as JSON in one table, through sqlx on SQLite (default, WAL) or
 //! PostgreSQL, with the same migrations and the same code.
 //!
-//! Writes go through one in-process lock, so resource versions commit in order: a watcher that
-//! saw version N has seen every change up to N. Each write also appends to `changes`, which
-//! watches replay from, and is then broadcast to live watchers.
+//! Writes go through one in-process lock (and, on PostgreSQL, a transaction-scoped advisory
+//! lock shared by every server on the database), so resource versions commit in order: a
+//! watcher that saw version N has seen every change up to N. Each write also appends to
+//! `changes`, which watches replay from, and is then broadcast to live watchers. On SQLite this
+//! process is the only writer (one server per data directory) and applies its own writes; on
+//! PostgreSQL several servers may write, so each follows `changes` in order, its own writes
+//! included ([`Store::catch_up`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -126,13 +130,43 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     write: Mutex<()>,
+    /// Held while following `changes` (PostgreSQL), so that changes are applied once, in order.
+    following: Mutex<()>,
     changes: broadcast::Sender<ChangeEvent>,
     mirror: RwLock<Mirror>,
 }
 
+/// The session-level advisory lock the leading server holds, under the schema's own key (the
+/// stores of several schemas in one database elect apart).
+const LEADER_LOCK_KEY: i32 = 1;
+
+/// A term of leadership: on PostgreSQL, the session holding the leader's lock.
+pub struct LeaderTerm {
+    session: Option<sqlx::AnyConnection>,
+}
+
+impl LeaderTerm {
+    /// Whether the lock is still held: its session answers.
+    pub async fn still_held(&mut self) -> bool {
+        let Some(session) = &mut self.session else {
+            return true;
+        };
+        let ping = sqlx::query("SELECT 1").execute(&mut *session);
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), ping).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// The transaction-scoped advisory lock every PostgreSQL write takes first (under the schema's
+/// own key): writes of all servers on one store commit one after another, in
+/// resource-version order.
+const WRITE_LOCK_KEY: i32 = 2;
+
 /// In-memory copy of the user kinds (regions, applications, datasets: few, read often), kept
-/// in step by `write` after each commit, so that gets and plain lists of them never wait on the
-/// database. It assumes this process is the store's only writer, as the write lock already does.
+/// in step after each commit (by `write` on SQLite, by following `changes` on PostgreSQL), so
+/// that gets and plain lists of them never wait on the database.
 #[derive(Default)]
 struct Mirror {
     version: i64,
@@ -191,6 +225,7 @@ impl Store {
             pool,
             backend,
             write: Mutex::new(()),
+            following: Mutex::new(()),
             changes,
             mirror: RwLock::new(Mirror::default()),
         };
@@ -222,7 +257,7 @@ impl Store {
             && query.region.is_none()
             && query.owner.is_none()
             && query.deadline_before_ms.is_none();
-        if !mirrored(kind) || !plain {
+        if !self.serves_from_mirror(kind) || !plain {
             return None;
         }
         let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
@@ -238,6 +273,14 @@ impl Store {
             .map(|(n, b)| (n.clone(), b.to_string()))
             .collect();
         Some((mirror.version, items))
+    }
+
+    /// Whether reads of `kind` may come from the mirror: on SQLite, where this server is the
+    /// only writer. On PostgreSQL other servers write too, and reads go to the database, so
+    /// that a read on any server sees every write acknowledged before it (what Kubernetes'
+    /// quorum reads give).
+    fn serves_from_mirror(&self, kind: Kind) -> bool {
+        self.backend == Backend::Sqlite && mirrored(kind)
     }
 
     pub fn backend(&self) -> Backend {
@@ -266,7 +309,7 @@ impl Store {
 
     /// The object as stored JSON text.
     pub async fn get_raw(&self, kind: Kind, name: &str) -> Result<Option<String>, StoreError> {
-        if mirrored(kind) {
+        if self.serves_from_mirror(kind) {
             let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
             return Ok(mirror
                 .objects
@@ -386,6 +429,103 @@ impl Store {
         Ok(row.get(0))
     }
 
+    /// Applies one committed change to the mirror and tells live watchers.
+    fn apply(&self, event: ChangeEvent) {
+        {
+            let mut mirror = self.mirror.write().unwrap_or_else(|e| e.into_inner());
+            mirror.version = mirror.version.max(event.resource_version);
+            if mirrored(event.kind) {
+                let name = serde_json::from_str::<Value>(&event.body)
+                    .ok()
+                    .and_then(|o| o["metadata"]["name"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let objects = mirror.objects.entry(event.kind).or_default();
+                if event.change == ChangeType::Deleted {
+                    objects.remove(&name);
+                } else {
+                    objects.insert(name, event.body.clone());
+                }
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.changes.send(event);
+    }
+
+    /// Applies, in order, every change committed since the last one applied: this server's
+    /// and every other server's on the same PostgreSQL database. A server that fell further
+    /// behind than the change log reaches reloads its mirror (watchers of it resume by listing,
+    /// as after a compaction).
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        let _following = self.following.lock().await;
+        let applied = self
+            .mirror
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .version;
+        if applied < self.compacted_version().await? {
+            return self.load_mirror().await;
+        }
+        let rows = sqlx::query(
+            "SELECT resource_version, kind, event_type, body FROM changes \
+             WHERE resource_version > $1 ORDER BY resource_version",
+        )
+        .bind(applied)
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let kind: String = row.get(1);
+            let mut known = Kind::ALL.into_iter().chain([Kind::Token]);
+            let Some(kind) = known.find(|k| k.as_str() == kind) else {
+                return Err(StoreError::Corrupt(format!("change of kind {kind:?}")));
+            };
+            self.apply(ChangeEvent {
+                resource_version: row.get(0),
+                kind,
+                change: ChangeType::parse(&row.get::<String, _>(2))?,
+                body: Arc::from(row.get::<String, _>(3)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes leadership if no other server holds it (`crate::leader`): on PostgreSQL a
+    /// session-level advisory lock on a connection of its own, released when that session
+    /// ends; on SQLite this server is the only one and always leads.
+    pub async fn try_lead(&self) -> Result<Option<LeaderTerm>, StoreError> {
+        if self.backend == Backend::Sqlite {
+            return Ok(Some(LeaderTerm { session: None }));
+        }
+        // Detached from the pool: the lock must end with this connection, never be handed on.
+        let mut session = self.pool.acquire().await?.detach();
+        let row = sqlx::query("SELECT pg_try_advisory_lock(hashtext(current_schema()), $1)")
+            .bind(LEADER_LOCK_KEY)
+            .fetch_one(&mut session)
+            .await?;
+        Ok(row.get::<bool, _>(0).then_some(LeaderTerm {
+            session: Some(session),
+        }))
+    }
+
+    /// Follows the other servers' writes until `stop` (PostgreSQL; SQLite has one writer).
+    pub async fn follow_other_writers(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        if self.backend != Backend::Postgres {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.catch_up().await {
+                tracing::warn!(error = %e, "following the change log failed");
+            }
+        }
+    }
+
     /// Changes to `kind` after `version`, oldest first.
     pub async fn changes_after(
         &self,
@@ -425,6 +565,13 @@ impl Store {
     {
         let _guard = self.write.lock().await;
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext(current_schema()), $1)")
+                .bind(WRITE_LOCK_KEY)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        }
         let current = sqlx::query("SELECT body FROM objects WHERE kind = $1 AND name = $2")
             .bind(kind.as_str())
             .bind(name)
@@ -529,25 +676,21 @@ impl Store {
             compact(&mut tx, version - RETAINED_CHANGES).await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
-        {
-            let mut mirror = self.mirror.write().unwrap_or_else(|e| e.into_inner());
-            mirror.version = version;
-            if mirrored(kind) {
-                let objects = mirror.objects.entry(kind).or_default();
-                if change == ChangeType::Deleted {
-                    objects.remove(name);
-                } else {
-                    objects.insert(name.to_string(), Arc::from(body.as_str()));
+        match self.backend {
+            Backend::Sqlite => self.apply(ChangeEvent {
+                resource_version: version,
+                kind,
+                change,
+                body: Arc::from(body),
+            }),
+            // Other servers' changes before this one are applied first: read-your-writes, and
+            // watchers see every change in order.
+            Backend::Postgres => {
+                if let Err(e) = self.catch_up().await {
+                    tracing::warn!(error = %e, "the write is stored; following the change log failed");
                 }
             }
         }
-        // No receivers is fine: nobody is watching.
-        let _ = self.changes.send(ChangeEvent {
-            resource_version: version,
-            kind,
-            change,
-            body: Arc::from(body),
-        });
         Ok(Written {
             object: (change != ChangeType::Deleted).then_some(object),
             changed: true,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Server, wait_until, workspace_root};
+use crate::support::{Server, children_of, wait_until, workspace_root};
 
 /// Blocking JSON calls over a private runtime (the polling helpers are synchronous).
 pub(crate) struct Http {
@@ -147,6 +147,120 @@ pub(crate) fn assert_each_result_once(http: &Http, server: &Server, app: &str, n
         assert_eq!(line["result"]["stdout"], format!("out-{i}\n"));
     }
     assert_eq!(seen.len(), n);
+}
+
+/// A schema of its own in the test database (`$CECCM_TEST_POSTGRES_URL`), dropped when done.
+struct PgSchema {
+    base: String,
+    name: String,
+}
+
+impl PgSchema {
+    fn make() -> Option<PgSchema> {
+        let base = std::env::var("CECCM_TEST_POSTGRES_URL").ok()?;
+        let name = format!("ha{}", std::process::id());
+        let schema = PgSchema { base, name };
+        schema.psql(&format!(
+            "DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}",
+            schema.name
+        ));
+        Some(schema)
+    }
+
+    fn psql(&self, sql: &str) {
+        let status = std::process::Command::new("psql")
+            .args([self.base.as_str(), "-qc", sql])
+            .env("PGOPTIONS", "--client-min-messages=warning")
+            .status()
+            .unwrap();
+        assert!(status.success(), "psql {sql}");
+    }
+
+    fn url(&self) -> String {
+        let separator = if self.base.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{separator}options=-c%20search_path%3D{}",
+            self.base, self.name
+        )
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        self.psql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+    }
+}
+
+/// Two servers on one PostgreSQL store: both answer alike; exactly one runs the controllers
+/// (its local driver's workers are its children); killed with SIGKILL mid-job, the other takes
+/// over within the takeover deadline and the job completes with each result once.
+#[test]
+fn two_servers_on_one_postgres_agree_and_the_survivor_leads_once_the_leader_is_killed() {
+    let Some(schema) = PgSchema::make() else {
+        eprintln!("skipped: needs CECCM_TEST_POSTGRES_URL (.ci/run sets it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    let args = ["--database-url", url.as_str(), "--lease-seconds", "3"];
+    let first = Server::start(&dir.path().join("first"), &args);
+    let second = Server::start(&dir.path().join("second"), &args);
+    let http = Http::new();
+    for region in regions() {
+        http.apply(&first, "regions", &region);
+    }
+    // A write on one server is read on the other at once, at the same resource version.
+    let on_first = http.get(&first.api("regions/edge-a"));
+    let on_second = http.get(&second.api("regions/edge-a"));
+    assert_eq!(on_first["metadata"], on_second["metadata"]);
+    http.apply(&second, "applications", &batch("ha", 16, "0.5"));
+
+    let leader_is_first = wait_until(
+        "one server running workers",
+        Duration::from_secs(60),
+        || {
+            let (a, b) = (children_of(first.pid()), children_of(second.pid()));
+            match (a.is_empty(), b.is_empty()) {
+                (false, true) => Some(true),
+                (true, false) => Some(false),
+                _ => None,
+            }
+        },
+    );
+    let (leader, survivor) = if leader_is_first {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let list = survivor.api("tasks?labelSelector=ceccm/application%3Dha");
+    wait_until("some tasks done, not all", Duration::from_secs(60), || {
+        let tasks = http.get(&list);
+        let done = tasks["items"]
+            .as_array()?
+            .iter()
+            .filter(|t| t["status"]["state"] == "Done")
+            .count();
+        (2..16).contains(&done).then_some(())
+    });
+    let killed = std::time::Instant::now();
+    leader.kill();
+    wait_until(
+        "the survivor running workers",
+        Duration::from_secs(20),
+        || (!children_of(survivor.pid()).is_empty()).then_some(()),
+    );
+    eprintln!(
+        "the survivor led {:.1} s after the leader was killed",
+        killed.elapsed().as_secs_f64()
+    );
+    wait_for_phase(
+        &http,
+        &survivor,
+        "ha",
+        "Succeeded",
+        Duration::from_secs(120),
+    );
+    assert_each_result_once(&http, &survivor, "ha", 16);
 }
 
 /// One server per data directory: a second one on the same directory exits non-zero, naming

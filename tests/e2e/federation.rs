@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::control_plane::{Http, assert_each_result_once, wait_for_phase};
-use crate::support::{Server, bin, wait_until};
+use crate::support::{Server, bin, children_of, wait_until};
 
 /// A running `ceccm agent` (in a network namespace when given), killed with its workers when
 /// dropped, as a host that dies takes its processes with it.
@@ -95,28 +95,6 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill_host();
     }
-}
-
-/// Processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so read after its closing paren.
-        let parent = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if parent == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
 }
 
 /// Where the agents run (a network namespace, or none) and the server's URL as each sees it;

@@ -81,6 +81,28 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> O
     }
 }
 
+/// Processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so read after its closing paren.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
 /// The administrator token the e2e servers are provisioned with (written to
 /// `DATA_DIR/admin.token` before a first start, as an operator may; the server otherwise makes
 /// its own). `Http` and ceccmctl in these tests present it.
@@ -214,6 +236,10 @@ impl Server {
 
     pub fn api(&self, path: &str) -> String {
         format!("{}/api/v1/{}", self.url, path.trim_start_matches('/'))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills the server process at once (SIGKILL), as a crash would.
