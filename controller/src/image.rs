@@ -189,12 +189,7 @@ impl ImageStore {
             .tempdir_in(&self.dir)
             .map_err(io("making room to unpack the archive"))?;
         let file = File::open(archive).map_err(io(format!("reading {}", archive.display())))?;
-        let mut magic = [0u8; 2];
-        let gzipped = File::open(archive)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-            && magic == [0x1f, 0x8b];
-        let reader: Box<dyn Read> = if gzipped {
+        let reader: Box<dyn Read> = if is_gzip(archive) {
             Box::new(flate2::read::GzDecoder::new(file))
         } else {
             Box::new(file)
@@ -312,37 +307,41 @@ impl ImageStore {
             let mut layers = Vec::new();
             for layer in &image.layers {
                 let path = inside(root, layer)?;
-                let mut magic = [0u8; 2];
-                let gzipped = File::open(&path)
-                    .and_then(|mut f| f.read_exact(&mut magic))
-                    .is_ok()
-                    && magic == [0x1f, 0x8b];
-                let media_type = if gzipped {
+                let media_type = if is_gzip(&path) {
                     format!("{LAYER_TYPE}+gzip")
                 } else {
                     LAYER_TYPE.to_string()
                 };
                 layers.push(self.put_file_blob(&path, &media_type)?);
             }
-            let manifest = Manifest {
-                schema_version: 2,
-                media_type: MANIFEST_TYPE.into(),
-                config,
-                layers,
-            };
-            let bytes = serde_json::to_vec(&manifest).expect("the manifest serialises");
-            let descriptor = Descriptor {
-                media_type: MANIFEST_TYPE.into(),
-                size: bytes.len() as u64,
-                digest: self.put_blob(&bytes)?,
-                annotations: Default::default(),
-            };
+            let descriptor = self.put_manifest(config, layers)?;
             match image.repo_tags.unwrap_or_default() {
                 tags if tags.is_empty() => found.push((None, descriptor)),
                 tags => found.extend(tags.into_iter().map(|t| (Some(t), descriptor.clone()))),
             }
         }
         Ok(found)
+    }
+
+    /// Stores the image manifest of `config` and `layers`; answers its descriptor.
+    fn put_manifest(
+        &self,
+        config: Descriptor,
+        layers: Vec<Descriptor>,
+    ) -> Result<Descriptor, ImageError> {
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: MANIFEST_TYPE.into(),
+            config,
+            layers,
+        };
+        let bytes = serde_json::to_vec(&manifest).expect("the manifest serialises");
+        Ok(Descriptor {
+            media_type: MANIFEST_TYPE.into(),
+            size: bytes.len() as u64,
+            digest: self.put_blob(&bytes)?,
+            annotations: Default::default(),
+        })
     }
 
     /// Copies `path` in as the blob `digest`, once its content hashes to it.
@@ -422,24 +421,13 @@ impl ImageStore {
             },
         };
         let config_bytes = serde_json::to_vec(&config).expect("the config serialises");
-        let manifest = Manifest {
-            schema_version: 2,
-            media_type: MANIFEST_TYPE.into(),
-            config: Descriptor {
-                media_type: CONFIG_TYPE.into(),
-                size: config_bytes.len() as u64,
-                digest: self.put_blob(&config_bytes)?,
-                annotations: Default::default(),
-            },
-            layers: vec![layer],
-        };
-        let manifest_bytes = serde_json::to_vec(&manifest).expect("the manifest serialises");
-        let descriptor = Descriptor {
-            media_type: MANIFEST_TYPE.into(),
-            size: manifest_bytes.len() as u64,
-            digest: self.put_blob(&manifest_bytes)?,
+        let config = Descriptor {
+            media_type: CONFIG_TYPE.into(),
+            size: config_bytes.len() as u64,
+            digest: self.put_blob(&config_bytes)?,
             annotations: Default::default(),
         };
+        let descriptor = self.put_manifest(config, vec![layer])?;
         self.tag(&format!("{ASTRO_FIT_IMAGE}:{version}"), descriptor.clone())?;
         Ok(descriptor)
     }
@@ -575,6 +563,15 @@ fn valid_reference(name: &str) -> bool {
         })
 }
 
+/// Whether the file starts with gzip's magic number.
+pub(crate) fn is_gzip(path: &Path) -> bool {
+    let mut magic = [0u8; 2];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == [0x1f, 0x8b]
+}
+
 /// A path the archive names, kept inside it.
 fn inside(root: &Path, name: &str) -> Result<PathBuf, ImageError> {
     let relative = Path::new(name);
@@ -702,24 +699,13 @@ mod tests {
         let store = ImageStore::new(dir.to_path_buf());
         let layer = store.layer(&[], &[("hello.txt", "hello\n")]).unwrap();
         let config = br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#;
-        let manifest = Manifest {
-            schema_version: 2,
-            media_type: MANIFEST_TYPE.into(),
-            config: Descriptor {
-                media_type: CONFIG_TYPE.into(),
-                size: config.len() as u64,
-                digest: store.put_blob(config).unwrap(),
-                annotations: Default::default(),
-            },
-            layers: vec![layer],
-        };
-        let bytes = serde_json::to_vec(&manifest).unwrap();
-        let descriptor = Descriptor {
-            media_type: MANIFEST_TYPE.into(),
-            size: bytes.len() as u64,
-            digest: store.put_blob(&bytes).unwrap(),
+        let config = Descriptor {
+            media_type: CONFIG_TYPE.into(),
+            size: config.len() as u64,
+            digest: store.put_blob(config).unwrap(),
             annotations: Default::default(),
         };
+        let descriptor = store.put_manifest(config, vec![layer]).unwrap();
         store.tag(name, descriptor.clone()).unwrap();
         descriptor
     }

@@ -924,7 +924,7 @@ async fn fetch_inputs(
         .await
         .map_err(fetch_failed)?;
     // A gzipped cube is decompressed once per region: every chunk reads only its rows.
-    let cube = if is_gzip(&cube) {
+    let cube = if crate::image::is_gzip(&cube) {
         data.derived(&cube, "fits", |gz, fits| {
             let mut input = flate2::read::MultiGzDecoder::new(
                 std::fs::File::open(gz).map_err(|e| e.to_string())?,
@@ -1029,15 +1029,6 @@ fn is_tarsis(path: &std::path::Path) -> bool {
         .and_then(|mut f| f.read_exact(&mut magic))
         .is_ok()
         && ::astro_fit::edge::container::is_container(&magic)
-}
-
-fn is_gzip(path: &std::path::Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 2];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == [0x1f, 0x8b]
 }
 
 /// The template library bundled with astro-fit, unpacked once into the region's cache.
