@@ -47,6 +47,9 @@ pub struct Overrides {
     pub context: Option<String>,
     pub certificate_authority: Option<PathBuf>,
     pub insecure_skip_tls_verify: Option<bool>,
+    /// A client certificate and its key (PEM) for a server that takes them (mTLS).
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 /// The server a command talks to, and how.
@@ -57,6 +60,8 @@ pub struct Target {
     pub certificate_authority: Option<PathBuf>,
     /// Whether the server's certificate goes unverified (then `certificate_authority` is unused).
     pub insecure_skip_tls_verify: bool,
+    /// The client certificate and key to present (flags or environment only).
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 /// The config file's path from the environment (see the module docs).
@@ -155,6 +160,16 @@ impl Config {
                 .insecure_skip_tls_verify
                 .or_else(|| context.map(|c| c.insecure_skip_tls_verify))
                 .unwrap_or(false),
+            client_certificate: match (&overrides.client_certificate, &overrides.client_key) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                (None, None) => None,
+                _ => {
+                    return Err(usage!(
+                        "give both --client-certificate and --client-key (or \
+                         $CECCM_CLIENT_CERTIFICATE and $CECCM_CLIENT_KEY), or neither"
+                    ));
+                }
+            },
         })
     }
 
@@ -311,6 +326,32 @@ mod tests {
         assert!(!config.resolve(&verify).unwrap().insecure_skip_tls_verify);
         let text = yaml_serde::to_string(&config).unwrap();
         assert!(text.contains("insecureSkipTlsVerify: true"), "{text}");
+    }
+
+    #[test]
+    fn a_client_certificate_comes_with_its_key_or_not_at_all() {
+        let config = two_contexts();
+        let both = Overrides {
+            client_certificate: Some("/c.pem".into()),
+            client_key: Some("/k.pem".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            config.resolve(&both).unwrap().client_certificate,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        assert_eq!(
+            config
+                .resolve(&Overrides::default())
+                .unwrap()
+                .client_certificate,
+            None
+        );
+        let half = Overrides {
+            client_certificate: Some("/c.pem".into()),
+            ..Overrides::default()
+        };
+        assert!(config.resolve(&half).is_err());
     }
 
     #[test]

@@ -181,12 +181,95 @@ fn describe(action: Action) -> String {
     }
 }
 
-/// Whether `who` sees `object` (of `kind`) at all. Users see only the Applications and
-/// Datasets they own; to them another user's answers 404, so names do not leak. Everyone else
-/// sees everything their role reads.
+/// Whether `who` sees `object` (of `kind`) at all. Users see only what they own: their
+/// Applications and Datasets, the Tasks of their Applications, and the Events about any of
+/// these (the server stamps `metadata.owner` on each from the object it follows). To them
+/// another user's answers 404, so names do not leak. Events about Regions (which every role
+/// reads) are everyone's. Everyone else sees everything their role reads.
 pub fn sees(who: &Principal, kind: Kind, object: &serde_json::Value) -> bool {
-    let owned_kind = matches!(kind, Kind::Application | Kind::Dataset);
-    who.role != Role::User || !owned_kind || object["metadata"]["owner"] == who.user.as_str()
+    who.role != Role::User
+        || !owned(kind, object)
+        || object["metadata"]["owner"] == who.user.as_str()
+}
+
+/// Whether `object` (of `kind`) belongs to a user: Applications, Datasets and Tasks always
+/// (one without an owner is nobody's to see), Events when they are about one of those.
+fn owned(kind: Kind, object: &serde_json::Value) -> bool {
+    match kind {
+        Kind::Application | Kind::Dataset | Kind::Task => true,
+        Kind::Event => matches!(
+            object["involvedObject"]["kind"].as_str(),
+            Some("Application" | "Dataset" | "Task") | None
+        ),
+        Kind::Region | Kind::Token => false,
+    }
+}
+
+/// The caller an OIDC ID token names, with the highest role its groups map to; none: a 403
+/// (authenticated, but bound to no role, as a Kubernetes user without bindings).
+pub fn oidc_principal(
+    identity: crate::oidc::OidcIdentity,
+    roles: &[(String, Role)],
+) -> Result<Principal, ApiError> {
+    match crate::oidc::role_of(&identity.groups, roles) {
+        Some(role) => Ok(Principal {
+            user: identity.user,
+            role,
+            region: None,
+        }),
+        None => Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "user {:?} is authenticated, but none of their groups {:?} maps to a role \
+                 (ceccm server --oidc-role GROUP=ROLE)",
+                identity.user, identity.groups
+            ),
+        )
+        .with_details(serde_json::json!({"user": identity.user, "groups": identity.groups}))),
+    }
+}
+
+/// The caller a verified client certificate names, as Kubernetes' x509 client-certificate
+/// authentication: the CN is the user (a DNS label, as token users' names are), each O a
+/// group; the groups that are human roles (`viewer`, `user`, `operator`, `admin`) give the
+/// highest of them. No CN is a 401; no role among the O values a 403.
+pub fn certificate_principal(
+    subject: &crate::tls::CertificateSubject,
+) -> Result<Principal, ApiError> {
+    let Some(user) = subject
+        .common_name
+        .as_deref()
+        .filter(|cn| crate::resources::validate_name(cn).is_ok())
+    else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "the client certificate's subject CN {:?} is not a user name (a DNS label)",
+                subject.common_name
+            ),
+        ));
+    };
+    let role = subject
+        .organizations
+        .iter()
+        .filter_map(|o| Role::parse(o))
+        .filter(|r| matches!(r, Role::Viewer | Role::User | Role::Operator | Role::Admin))
+        .max();
+    match role {
+        Some(role) => Ok(Principal {
+            user: user.to_string(),
+            role,
+            region: None,
+        }),
+        None => Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "user {user:?} (client certificate) has no role: its subject's O values {:?} \
+                 name none of viewer, user, operator, admin",
+                subject.organizations
+            ),
+        )),
+    }
 }
 
 /// A token as presented: `ceccm_<id>_<secret>`.
