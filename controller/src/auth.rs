@@ -471,6 +471,86 @@ mod tests {
     }
 
     #[test]
+    fn users_see_tasks_and_events_of_what_they_own_only() {
+        let who = |role| Principal {
+            user: "ana".into(),
+            role,
+            region: None,
+        };
+        let owned_by = |owner: Option<&str>, involved: Option<&str>| {
+            let mut object = serde_json::json!({"metadata": {"name": "x"}});
+            if let Some(owner) = owner {
+                object["metadata"]["owner"] = owner.into();
+            }
+            if let Some(kind) = involved {
+                object["involvedObject"] = serde_json::json!({"kind": kind, "name": "x"});
+            }
+            object
+        };
+        let ana = who(Role::User);
+        for kind in [Kind::Application, Kind::Dataset, Kind::Task] {
+            assert!(sees(&ana, kind, &owned_by(Some("ana"), None)), "{kind:?}");
+            assert!(!sees(&ana, kind, &owned_by(Some("bo"), None)), "{kind:?}");
+            assert!(!sees(&ana, kind, &owned_by(None, None)), "{kind:?} unowned");
+        }
+        for involved in ["Application", "Dataset", "Task"] {
+            let mine = owned_by(Some("ana"), Some(involved));
+            assert!(sees(&ana, Kind::Event, &mine), "{involved}");
+            let theirs = owned_by(Some("bo"), Some(involved));
+            assert!(!sees(&ana, Kind::Event, &theirs), "{involved}");
+            assert!(!sees(&ana, Kind::Event, &owned_by(None, Some(involved))));
+        }
+        // Events about regions are everyone's; one about nothing is nobody's.
+        assert!(sees(&ana, Kind::Event, &owned_by(None, Some("Region"))));
+        assert!(!sees(&ana, Kind::Event, &owned_by(None, None)));
+        assert!(sees(&ana, Kind::Region, &owned_by(None, None)));
+        // Every other role sees everything it reads.
+        for role in [
+            Role::Viewer,
+            Role::Operator,
+            Role::Admin,
+            Role::Worker,
+            Role::Agent,
+        ] {
+            for kind in Kind::ALL {
+                assert!(sees(&who(role), kind, &owned_by(Some("bo"), Some("Task"))));
+            }
+        }
+    }
+
+    #[test]
+    fn client_certificates_name_the_user_and_their_highest_role() {
+        let subject = |cn: Option<&str>, o: &[&str]| crate::tls::CertificateSubject {
+            common_name: cn.map(str::to_string),
+            organizations: o.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            certificate_principal(&subject(Some("ana"), &["astro", "viewer", "user"])).ok(),
+            Some(Principal {
+                user: "ana".into(),
+                role: Role::User,
+                region: None,
+            })
+        );
+        let code = |s| certificate_principal(&s).map_err(|e| e.code);
+        assert_eq!(
+            code(subject(Some("ana"), &["astro"])),
+            Err(ErrorCode::Forbidden)
+        );
+        // Workers, agents and the join token are never a certificate's role.
+        for o in ["worker", "agent", "join"] {
+            assert_eq!(code(subject(Some("ana"), &[o])), Err(ErrorCode::Forbidden));
+        }
+        for cn in [None, Some(""), Some("Ana"), Some("oidc:ana"), Some("a.b")] {
+            assert_eq!(
+                code(subject(cn, &["admin"])),
+                Err(ErrorCode::Unauthorized),
+                "{cn:?}"
+            );
+        }
+    }
+
+    #[test]
     fn tokens_authenticate_only_with_their_secret_and_before_they_expire() {
         let (id, token) = new_token();
         let presented = PresentedToken::parse(&token).unwrap();
