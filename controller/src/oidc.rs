@@ -123,6 +123,12 @@ impl OidcArgs {
         if !prefix.ends_with(':') || prefix.matches(':').count() != 1 {
             return Err(OidcError::BadPrefix(prefix.clone()));
         }
+        if jwks.starts_with("http://") {
+            return Err(OidcError::Jwks {
+                path: jwks.clone(),
+                reason: "keys are fetched over https only (or give a file)".into(),
+            });
+        }
         let roles = self
             .oidc_roles
             .iter()
@@ -493,6 +499,39 @@ mod tests {
         ] {
             assert_eq!(parse_role_mapping(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn configurations_that_cannot_work_are_refused() {
+        let args = |jwks: &str, prefix: &str, role: &str| OidcArgs {
+            oidc_issuer: Some("https://iam.example.org/".into()),
+            oidc_audience: Some("ceccm".into()),
+            oidc_jwks: Some(jwks.into()),
+            oidc_username_claim: "sub".into(),
+            oidc_username_prefix: prefix.into(),
+            oidc_groups_claim: "groups".into(),
+            oidc_roles: vec![role.into()],
+        };
+        let config = args("https://iam.example.org/jwks", "oidc:", "astro=user")
+            .config()
+            .unwrap()
+            .unwrap();
+        assert_eq!(config.roles, [("astro".to_string(), Role::User)]);
+        assert!(matches!(
+            args("http://iam.example.org/jwks", "oidc:", "astro=user").config(),
+            Err(OidcError::Jwks { .. })
+        ));
+        for prefix in ["", "oidc", "a:b:"] {
+            assert!(matches!(
+                args("/jwks.json", prefix, "astro=user").config(),
+                Err(OidcError::BadPrefix(_))
+            ));
+        }
+        assert!(matches!(
+            args("/jwks.json", "oidc:", "astro=worker").config(),
+            Err(OidcError::BadRole(_))
+        ));
+        assert!(OidcArgs::default().config().unwrap().is_none());
     }
 
     #[test]
