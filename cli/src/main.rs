@@ -435,6 +435,10 @@ fn config_command(command: ConfigCommand, global: GlobalArgs) -> Result<()> {
         }
         ConfigCommand::SetContext { name, current } => {
             let existed = config.context(&name).is_some();
+            let client = config::client_pair(
+                global.client_certificate.as_ref(),
+                global.client_key.as_ref(),
+            )?;
             config.set_context(
                 &name,
                 global.server,
@@ -442,6 +446,9 @@ fn config_command(command: ConfigCommand, global: GlobalArgs) -> Result<()> {
                 global.certificate_authority,
                 global.insecure_skip_tls_verify,
             )?;
+            if let Some((cert, key)) = client {
+                config.set_client_certificate(&name, cert, key)?;
+            }
             if current {
                 config.use_context(&name)?;
             }

@@ -1516,11 +1516,6 @@ fn ceccmctl_authenticates_with_a_client_certificate_and_the_server_reloads_its_c
     let shown = as_ana(&server_ca, &["get", "ds", "cube-a", "-o", "json"]).expect(0);
     let shown: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap();
     assert_eq!(shown["metadata"]["owner"], "ana", "{shown}");
-    // O=user: no regions.
-    let region = s.manifest("region.yaml", LOCAL_REGION);
-    let refused = as_ana(&server_ca, &["apply", "-f", &region]);
-    assert_ne!(refused.code, 0);
-    assert!(refused.stderr.contains("may not"), "{}", refused.stderr);
     // Neither certificate nor token.
     let mut command = s.ctl.command(&["get", "ds"]);
     command.args(["--server", &s.server.url, "--ca-file", &server_ca]);
@@ -1531,6 +1526,30 @@ fn ceccmctl_authenticates_with_a_client_certificate_and_the_server_reloads_its_c
         "{}",
         anonymous.stderr
     );
+    // The same from a context that holds the certificate.
+    s.ctl
+        .run(&[
+            "config",
+            "set-context",
+            "mtls",
+            "--server",
+            &s.server.url,
+            "--ca-file",
+            &server_ca,
+            "--client-certificate",
+            &ana_cert,
+            "--client-key",
+            &ana_key,
+            "--current",
+        ])
+        .expect(0);
+    let listed = s.ctl.run(&["get", "ds", "-o", "name"]).expect(0);
+    assert!(listed.stdout.contains("cube-a"), "{}", listed.stdout);
+    // O=user: no regions.
+    let region = s.manifest("region.yaml", LOCAL_REGION);
+    let refused = as_ana(&server_ca, &["apply", "-f", &region]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("may not"), "{}", refused.stderr);
 
     // The server's certificate is replaced (key first, then certificate) by one from another
     // CA; new connections get it, with no restart.
