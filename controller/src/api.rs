@@ -99,7 +99,9 @@ impl utoipa::Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "ceccm_<id>_<secret>; the administrator's is in DATA_DIR/admin.token",
+                        "ceccm_<id>_<secret>; the administrator's is in DATA_DIR/admin.token. \
+                         Where the server is set up for them, also an OIDC ID token \
+                         (--oidc-issuer), or instead a client certificate (--tls-client-ca)",
                     ))
                     .build(),
             ),
