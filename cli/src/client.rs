@@ -42,6 +42,27 @@ impl Client {
                 .map_err(|e| usage!("certificate authority {} is not PEM: {e}", ca.display()))?;
             builder = builder.add_root_certificate(cert);
         }
+        if let Some((cert, key)) = &target.client_certificate {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|e| {
+                    usage!(
+                        "cannot read client certificate file {}: {e}",
+                        path.display()
+                    )
+                })
+            };
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                usage!(
+                    "client certificate {} and key {} are not a PEM certificate and its key: {e}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+            builder = builder.identity(identity);
+        }
         if target.insecure_skip_tls_verify {
             eprintln!("warning: the server's TLS certificate is not verified");
             builder = builder.danger_accept_invalid_certs(true);

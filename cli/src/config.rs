@@ -37,6 +37,11 @@ pub struct Context {
     /// Accept any certificate the server shows (like kubectl's; for tests only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_tls_verify: bool,
+    /// PEM files of a client certificate and its key, for a server that takes them (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// What the command line and environment say, before the config file is consulted.
@@ -47,6 +52,9 @@ pub struct Overrides {
     pub context: Option<String>,
     pub certificate_authority: Option<PathBuf>,
     pub insecure_skip_tls_verify: Option<bool>,
+    /// A client certificate and its key (PEM) for a server that takes them (mTLS).
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 /// The server a command talks to, and how.
@@ -57,6 +65,8 @@ pub struct Target {
     pub certificate_authority: Option<PathBuf>,
     /// Whether the server's certificate goes unverified (then `certificate_authority` is unused).
     pub insecure_skip_tls_verify: bool,
+    /// The client certificate and key to present (flags or environment only).
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 /// The config file's path from the environment (see the module docs).
@@ -155,7 +165,33 @@ impl Config {
                 .insecure_skip_tls_verify
                 .or_else(|| context.map(|c| c.insecure_skip_tls_verify))
                 .unwrap_or(false),
+            client_certificate: match client_pair(
+                overrides.client_certificate.as_ref(),
+                overrides.client_key.as_ref(),
+            )? {
+                Some(pair) => Some(pair),
+                None => {
+                    context.and_then(|c| c.client_certificate.clone().zip(c.client_key.clone()))
+                }
+            },
         })
+    }
+
+    /// Sets the client certificate and key of an existing context.
+    pub fn set_client_certificate(
+        &mut self,
+        name: &str,
+        cert: PathBuf,
+        key: PathBuf,
+    ) -> Result<()> {
+        let context = self
+            .contexts
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| usage!("no context \"{name}\""))?;
+        context.client_certificate = Some(cert);
+        context.client_key = Some(key);
+        Ok(())
     }
 
     /// Creates or updates a context with the fields given.
@@ -193,6 +229,8 @@ impl Config {
                 token,
                 certificate_authority,
                 insecure_skip_tls_verify: insecure_skip_tls_verify.unwrap_or(false),
+                client_certificate: None,
+                client_key: None,
             }),
         }
         Ok(())
@@ -215,6 +253,21 @@ impl Config {
             }
         }
         copy
+    }
+}
+
+/// A client certificate comes with its key, or neither is given.
+pub fn client_pair(
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+) -> Result<Option<(PathBuf, PathBuf)>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert.clone(), key.clone()))),
+        (None, None) => Ok(None),
+        _ => Err(usage!(
+            "give both --client-certificate and --client-key (or $CECCM_CLIENT_CERTIFICATE \
+             and $CECCM_CLIENT_KEY), or neither"
+        )),
     }
 }
 
@@ -311,6 +364,56 @@ mod tests {
         assert!(!config.resolve(&verify).unwrap().insecure_skip_tls_verify);
         let text = yaml_serde::to_string(&config).unwrap();
         assert!(text.contains("insecureSkipTlsVerify: true"), "{text}");
+    }
+
+    #[test]
+    fn a_client_certificate_comes_with_its_key_or_not_at_all() {
+        let config = two_contexts();
+        let both = Overrides {
+            client_certificate: Some("/c.pem".into()),
+            client_key: Some("/k.pem".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            config.resolve(&both).unwrap().client_certificate,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        assert_eq!(
+            config
+                .resolve(&Overrides::default())
+                .unwrap()
+                .client_certificate,
+            None
+        );
+        let half = Overrides {
+            client_certificate: Some("/c.pem".into()),
+            ..Overrides::default()
+        };
+        assert!(config.resolve(&half).is_err());
+        // The context's pair, unless the flags give one.
+        let mut config = config;
+        let current = config.current_context.clone().unwrap();
+        config
+            .set_client_certificate(&current, "/ctx.pem".into(), "/ctx.key".into())
+            .unwrap();
+        assert_eq!(
+            config
+                .resolve(&Overrides::default())
+                .unwrap()
+                .client_certificate,
+            Some((PathBuf::from("/ctx.pem"), PathBuf::from("/ctx.key")))
+        );
+        assert_eq!(
+            config.resolve(&both).unwrap().client_certificate,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        let text = yaml_serde::to_string(&config).unwrap();
+        assert!(text.contains("clientCertificate: /ctx.pem"), "{text}");
+        assert!(
+            config
+                .set_client_certificate("nope", "/a".into(), "/b".into())
+                .is_err()
+        );
     }
 
     #[test]

@@ -75,6 +75,18 @@ struct GlobalArgs {
         default_missing_value = "true"
     )]
     insecure_skip_tls_verify: Option<bool>,
+    /// PEM file of a client certificate to present to a server that takes them (its CN is
+    /// the user, its O the role); overrides $CECCM_CLIENT_CERTIFICATE
+    #[arg(long, global = true, value_name = "FILE", requires = "client_key")]
+    client_certificate: Option<PathBuf>,
+    /// PEM file of --client-certificate's private key; overrides $CECCM_CLIENT_KEY
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        requires = "client_certificate"
+    )]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -325,6 +337,16 @@ async fn run(cli: Cli) -> Result<()> {
                 .clone()
                 .or_else(|| env("CECCM_CA_FILE").map(PathBuf::from)),
             insecure_skip_tls_verify: cli.global.insecure_skip_tls_verify,
+            client_certificate: cli
+                .global
+                .client_certificate
+                .clone()
+                .or_else(|| env("CECCM_CLIENT_CERTIFICATE").map(PathBuf::from)),
+            client_key: cli
+                .global
+                .client_key
+                .clone()
+                .or_else(|| env("CECCM_CLIENT_KEY").map(PathBuf::from)),
         };
         client::Client::new(&config::load(&path)?.resolve(&overrides)?)
     };
@@ -413,6 +435,10 @@ fn config_command(command: ConfigCommand, global: GlobalArgs) -> Result<()> {
         }
         ConfigCommand::SetContext { name, current } => {
             let existed = config.context(&name).is_some();
+            let client = config::client_pair(
+                global.client_certificate.as_ref(),
+                global.client_key.as_ref(),
+            )?;
             config.set_context(
                 &name,
                 global.server,
@@ -420,6 +446,9 @@ fn config_command(command: ConfigCommand, global: GlobalArgs) -> Result<()> {
                 global.certificate_authority,
                 global.insecure_skip_tls_verify,
             )?;
+            if let Some((cert, key)) = client {
+                config.set_client_certificate(&name, cert, key)?;
+            }
             if current {
                 config.use_context(&name)?;
             }

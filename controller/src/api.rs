@@ -40,6 +40,10 @@ pub struct ApiConfig {
     pub anonymous_metrics: bool,
     /// Per-user storage quota (`crate::quota`); none by default.
     pub quotas: crate::quota::Quotas,
+    /// OIDC ID tokens, when the server accepts them (`crate::oidc`).
+    pub oidc: Option<Arc<crate::oidc::Verifier>>,
+    /// Whether verified client certificates authenticate (`--tls-client-ca`).
+    pub client_certificates: bool,
 }
 
 impl ApiConfig {
@@ -51,6 +55,8 @@ impl ApiConfig {
             static_tokens: Vec::new(),
             anonymous_metrics: false,
             quotas: crate::quota::Quotas::default(),
+            oidc: None,
+            client_certificates: false,
         }
     }
 }
@@ -95,7 +101,9 @@ impl utoipa::Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "ceccm_<id>_<secret>; the administrator's is in DATA_DIR/admin.token",
+                        "ceccm_<id>_<secret>; the administrator's is in DATA_DIR/admin.token. \
+                         Where the server is set up for them, also an OIDC ID token \
+                         (--oidc-issuer), or instead a client certificate (--tls-client-ca)",
                     ))
                     .build(),
             ),
@@ -595,7 +603,19 @@ fn filter_fn(filter: Filter) -> impl Fn(&Value) -> bool + Send + Sync + 'static 
 /// A name taken from a URL must be one an object can have (a DNS-1123 label) before it
 /// addresses anything, files above all: anything else names no object (404).
 fn object_name(kind: Kind, name: &str) -> Result<(), ApiError> {
-    validate_name(name).map_err(|_| ApiError::not_found(kind.as_str(), name))
+    let valid = match kind {
+        // Events are named `OBJECT.ID`: a DNS-1123 subdomain (labels joined by dots, so never
+        // `..`). They name no file.
+        Kind::Event => {
+            name.len() <= 253 && name.split('.').all(|label| validate_name(label).is_ok())
+        }
+        _ => validate_name(name).is_ok(),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(kind.as_str(), name))
+    }
 }
 
 /// The stored object `kind`/`name` as `who` may see it: 404 when it does not exist or belongs

@@ -1428,6 +1428,40 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
     )
     .await;
     assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    // The administrator's job, run far enough to have tasks and events: another user's
+    // objects of every kind, for the reads below.
+    let ctx = context(ts);
+    let made = json_call(
+        &app,
+        "POST",
+        "/api/v1/applications",
+        &batch("owned-job", 1, &["r1"]),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    mark_ready(&app, "r1").await;
+    settle(&ctx, "owned-job").await;
+    let first_name = |answer: Answer| {
+        answer.body["items"][0]["metadata"]["name"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no item: {}", answer.text))
+            .to_string()
+    };
+    let admins_task = first_name(get(&app, "/api/v1/tasks").await);
+    let admins_event = first_name(
+        get(
+            &app,
+            "/api/v1/events?fieldSelector=involvedObject.kind%3DApplication,involvedObject.name%3Downed-job",
+        )
+        .await,
+    );
+    let existing = |kind: Kind| match kind {
+        Kind::Region => "r1".to_string(),
+        Kind::Application => "owned-job".to_string(),
+        Kind::Dataset => "d1".to_string(),
+        Kind::Task => admins_task.clone(),
+        _ => admins_event.clone(),
+    };
     let manifest = |kind: Kind, name: &str, input: &str| match kind {
         Kind::Region => region(name, 1, "cloud"),
         Kind::Dataset => dataset(name),
@@ -1458,10 +1492,58 @@ async fn every_role_may_do_what_its_table_says_and_nothing_else(ts: &TestStore) 
             let plural = kind.plural();
             let what = |verb: &str| format!("{role_name} {verb} {plural}");
             let list = call_as(&app, token, "GET", &format!("/api/v1/{plural}"), None).await;
+            // Users own Applications, Datasets, their Tasks, and the Events about them: the
+            // administrator's are not there for them (404, left out of lists).
+            let others_hidden = role == Role::User && kind != Kind::Region;
             if authorize(role, Action::Read(kind)) {
                 assert_eq!(list.status, StatusCode::OK, "{}", what("lists"));
+                let listed = list.body["items"].as_array().unwrap();
+                let admins = listed
+                    .iter()
+                    .filter(|o| o["metadata"]["owner"] == "admin")
+                    .count();
+                if others_hidden {
+                    assert_eq!(admins, 0, "{}: {}", what("lists"), list.text);
+                    assert!(
+                        listed.iter().all(|o| o["metadata"]["owner"] == "user-1"
+                            || o["involvedObject"]["kind"] == "Region"),
+                        "{}: {}",
+                        what("lists"),
+                        list.text
+                    );
+                } else if kind != Kind::Region {
+                    assert!(admins > 0, "{}: {}", what("lists"), list.text);
+                }
             } else {
                 refused(&list, &what("lists"));
+            }
+            let theirs = existing(kind);
+            let read = call_as(
+                &app,
+                token,
+                "GET",
+                &format!("/api/v1/{plural}/{theirs}"),
+                None,
+            )
+            .await;
+            if !authorize(role, Action::Read(kind)) {
+                refused(&read, &what("gets"));
+            } else if others_hidden {
+                assert_error(&read, StatusCode::NOT_FOUND, "NotFound");
+            } else {
+                assert_eq!(
+                    read.status,
+                    StatusCode::OK,
+                    "{}: {}",
+                    what("gets"),
+                    read.text
+                );
+                assert_eq!(
+                    read.body["metadata"]["name"],
+                    theirs.as_str(),
+                    "{}",
+                    what("gets")
+                );
             }
             let name = format!("x-{role_name}");
             let created = call_as(
@@ -1941,6 +2023,148 @@ async fn users_see_only_their_own_applications_and_datasets(ts: &TestStore) {
     let still = get(&app, "/api/v1/applications/fit-a").await;
     assert_eq!(still.body["metadata"]["owner"], "ana");
     assert!(still.body["metadata"]["deletionTimestamp"].is_null());
+
+    // Tasks and Events follow their application's owner. An administrator acting as ana
+    // submits a job of host commands; its tasks and events are ana's.
+    let ctx = context(ts);
+    let admin_as = |user: &'static str| {
+        let app = app.clone();
+        async move {
+            let made = json_call(
+                &app,
+                "POST",
+                "/api/v1/tokens",
+                &json!({"user": user, "role": "admin"}),
+            )
+            .await;
+            made.body["token"].as_str().unwrap().to_string()
+        }
+    };
+    let ana_admin = admin_as("ana").await;
+    json_call(
+        &app,
+        "POST",
+        "/api/v1/regions",
+        &region("edge-a", 2, "edge"),
+    )
+    .await;
+    mark_ready(&app, "edge-a").await;
+    let made = call_as(
+        &app,
+        Some(&ana_admin),
+        "POST",
+        "/api/v1/applications",
+        Some(&batch("job", 2, &["edge-a"])),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    assert_eq!(settle(&ctx, "job").await["status"]["phase"], "Running");
+    // bo watches tasks from before anything of theirs exists.
+    let watch = app
+        .clone()
+        .oneshot(
+            Request::get("/api/v1/tasks?watch=true")
+                .header("authorization", format!("Bearer {}", tokens[1]))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), StatusCode::OK);
+    let tasks = get(
+        &app,
+        "/api/v1/tasks?labelSelector=ceccm%2Fapplication%3Djob",
+    )
+    .await;
+    let task_names: Vec<String> = tasks.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert_eq!(
+                t["metadata"]["owner"], "ana",
+                "a task has its application's owner"
+            );
+            t["metadata"]["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(task_names.len(), 2, "{}", tasks.text);
+    let events = get(
+        &app,
+        "/api/v1/events?fieldSelector=involvedObject.kind%3DApplication,involvedObject.name%3Djob",
+    )
+    .await;
+    let event_names: Vec<String> = events.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(
+                e["metadata"]["owner"], "ana",
+                "an event has its object's owner"
+            );
+            e["metadata"]["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(!event_names.is_empty(), "{}", events.text);
+    let mut uris: Vec<String> = task_names
+        .iter()
+        .map(|t| format!("/api/v1/tasks/{t}"))
+        .chain(event_names.iter().map(|e| format!("/api/v1/events/{e}")))
+        .collect();
+    uris.push(format!(
+        "/api/v1/applications/job/logs?task={}",
+        task_names[0]
+    ));
+    for uri in &uris {
+        let theirs = call_as(&app, bo, "GET", uri, None).await;
+        assert_error(&theirs, StatusCode::NOT_FOUND, "NotFound");
+        let mine = call_as(&app, ana, "GET", uri, None).await;
+        assert_eq!(mine.status, StatusCode::OK, "{uri}: {}", mine.text);
+    }
+    for uri in [
+        "/api/v1/tasks",
+        "/api/v1/events",
+        "/api/v1/events?fieldSelector=involvedObject.kind%3DApplication,involvedObject.name%3Djob",
+        "/api/v1/tasks?labelSelector=ceccm%2Fapplication%3Djob",
+    ] {
+        let theirs = call_as(&app, bo, "GET", uri, None).await;
+        assert_eq!(theirs.status, StatusCode::OK, "{uri}: {}", theirs.text);
+        let items = theirs.body["items"].as_array().unwrap();
+        assert!(
+            items.iter().all(|o| o["metadata"]["owner"] != "ana"),
+            "{uri}: {}",
+            theirs.text
+        );
+        let mine = call_as(&app, ana, "GET", uri, None).await;
+        let items = mine.body["items"].as_array().unwrap();
+        assert!(!items.is_empty(), "{uri}: {}", mine.text);
+        assert!(
+            items.iter().all(|o| o["metadata"]["owner"] == "ana"
+                || o["involvedObject"]["kind"] == "Region"),
+            "{uri}: {}",
+            mine.text
+        );
+    }
+    // bo's watch shows bo's own task first: ana's, made before, were left out.
+    let bo_admin = admin_as("bo").await;
+    let made = call_as(
+        &app,
+        Some(&bo_admin),
+        "POST",
+        "/api/v1/applications",
+        Some(&batch("job-bo", 1, &["edge-a"])),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    settle(&ctx, "job-bo").await;
+    let lines = read_lines(watch.into_body(), 1).await;
+    assert_eq!(lines[0]["type"], "ADDED");
+    assert_eq!(
+        lines[0]["object"]["metadata"]["owner"], "bo",
+        "{:?}",
+        lines[0]
+    );
 }
 
 /// A worker reports only on the task whose lease it holds (the lease's secret), as Kubernetes'
@@ -2904,4 +3128,257 @@ fn committed_openapi_matches_the_router() {
         "api/openapi.yaml differs from what the router generates; regenerate it with \
          `CECCM_UPDATE_OPENAPI=1 cargo test -p ceccm-controller committed_openapi` and commit it"
     );
+}
+
+/// Keys a test OIDC issuer signs with: an RSA key (RS256) and two P-256 keys (ES256), the
+/// second not yet in the JWKS.
+struct TestIssuer {
+    rsa: jsonwebtoken::EncodingKey,
+    rsa_jwk: Value,
+    ec: Vec<(jsonwebtoken::EncodingKey, Value)>,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl TestIssuer {
+    fn new() -> TestIssuer {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::traits::PublicKeyParts;
+        let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+        let rsa = jsonwebtoken::EncodingKey::from_rsa_der(key.to_pkcs1_der().unwrap().as_bytes());
+        let rsa_jwk = json!({"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "use": "sig",
+                             "n": b64url(&key.n().to_bytes_be()), "e": b64url(&key.e().to_bytes_be())});
+        let ec = (1..=3)
+            .map(|i| {
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+                let point = key.public_key_raw();
+                let jwk = json!({"kty": "EC", "crv": "P-256", "kid": format!("ec-{i}"),
+                                 "x": b64url(&point[1..33]), "y": b64url(&point[33..65])});
+                (
+                    jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der()),
+                    jwk,
+                )
+            })
+            .collect();
+        TestIssuer { rsa, rsa_jwk, ec }
+    }
+
+    fn jwks(&self, ec_keys: usize) -> String {
+        let mut keys = vec![self.rsa_jwk.clone()];
+        keys.extend(self.ec.iter().take(ec_keys).map(|(_, jwk)| jwk.clone()));
+        json!({"keys": keys}).to_string()
+    }
+
+    /// A token signed with the RSA key (`ec: None`) or the EC key of that index, with `kid`.
+    fn sign(&self, ec: Option<usize>, kid: &str, claims: &Value) -> String {
+        let (alg, key) = match ec {
+            None => (jsonwebtoken::Algorithm::RS256, &self.rsa),
+            Some(i) => (jsonwebtoken::Algorithm::ES256, &self.ec[i].0),
+        };
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.kid = Some(kid.to_string());
+        jsonwebtoken::encode(&header, claims, key).unwrap()
+    }
+}
+
+/// OIDC ID tokens: a valid one (RS256 or ES256) acts with the role its groups map to, as
+/// `oidc:`-prefixed user that owns what it makes; every other token is a 401 with the error
+/// JSON, and a valid one whose groups map to no role a 403.
+#[tokio::test]
+async fn oidc_id_tokens_authenticate_with_the_role_their_groups_map_to() {
+    let ts = crate::testing::sqlite().await;
+    let issuer = TestIssuer::new();
+    let jwks = ts.dir.path().join("jwks.json");
+    std::fs::write(&jwks, issuer.jwks(2)).unwrap();
+    let config = crate::oidc::OidcArgs {
+        oidc_issuer: Some("https://iam.example.org/".into()),
+        oidc_audience: Some("ceccm".into()),
+        oidc_jwks: Some(jwks.display().to_string()),
+        oidc_username_claim: "sub".into(),
+        oidc_username_prefix: "oidc:".into(),
+        oidc_groups_claim: "groups".into(),
+        oidc_roles: vec![
+            "astro=user".into(),
+            "ops=operator".into(),
+            "guests=viewer".into(),
+        ],
+    }
+    .config()
+    .unwrap()
+    .unwrap();
+    let verifier = crate::oidc::Verifier::new(config).await.unwrap();
+    let app = app(state_with(
+        &ts,
+        ApiConfig {
+            oidc: Some(Arc::new(verifier)),
+            ..ApiConfig::new(ts.dir.path().to_path_buf())
+        },
+    ));
+    let now = crate::time::now_millis() / 1000;
+    let claims = |sub: &str, groups: &[&str]| {
+        json!({"iss": "https://iam.example.org/", "aud": "ceccm", "sub": sub,
+               "groups": groups, "iat": now, "nbf": now, "exp": now + 600})
+    };
+    let dataset = |name: &str| {
+        json!({"apiVersion": "ceccm/v1", "kind": "Dataset", "metadata": {"name": name},
+               "spec": {"format": "cube"}})
+    };
+
+    // RS256, a user: makes and owns a dataset, may not make a region.
+    let ana = issuer.sign(None, "rsa-1", &claims("ana", &["astro", "unmapped"]));
+    let made = call_as(
+        &app,
+        Some(&ana),
+        "POST",
+        "/api/v1/datasets",
+        Some(&dataset("cube-ana")),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    assert_eq!(made.body["metadata"]["owner"], "oidc:ana");
+    let refused = call_as(
+        &app,
+        Some(&ana),
+        "POST",
+        "/api/v1/regions",
+        Some(&region("r-ana", 1, "edge")),
+    )
+    .await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "Forbidden");
+    assert!(refused.text.contains("oidc:ana"), "{}", refused.text);
+
+    // ES256, an operator: makes a region; sees ana's dataset (operators see everything).
+    let olu = issuer.sign(Some(0), "ec-1", &claims("olu", &["ops", "astro"]));
+    let made = call_as(
+        &app,
+        Some(&olu),
+        "POST",
+        "/api/v1/regions",
+        Some(&region("r-olu", 1, "edge")),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+    let seen = call_as(&app, Some(&olu), "GET", "/api/v1/datasets/cube-ana", None).await;
+    assert_eq!(seen.status, StatusCode::OK, "{}", seen.text);
+    // A token user named like the OIDC user's bare name is someone else.
+    let made = json_call(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &json!({"user": "ana", "role": "user"}),
+    )
+    .await;
+    let token_ana = made.body["token"].as_str().unwrap().to_string();
+    let other = call_as(
+        &app,
+        Some(&token_ana),
+        "GET",
+        "/api/v1/datasets/cube-ana",
+        None,
+    )
+    .await;
+    assert_error(&other, StatusCode::NOT_FOUND, "NotFound");
+
+    // Refused with 401: each way a token can be wrong.
+    let mut wrong_issuer = claims("ana", &["astro"]);
+    wrong_issuer["iss"] = json!("https://evil.example.org/");
+    let mut wrong_audience = claims("ana", &["astro"]);
+    wrong_audience["aud"] = json!(["other-client"]);
+    let mut expired = claims("ana", &["astro"]);
+    expired["exp"] = json!(now - 3600);
+    expired["iat"] = json!(now - 7200);
+    expired["nbf"] = json!(now - 7200);
+    let mut early = claims("ana", &["astro"]);
+    early["nbf"] = json!(now + 3600);
+    early["exp"] = json!(now + 7200);
+    let mut no_exp = claims("ana", &["astro"]);
+    no_exp.as_object_mut().unwrap().remove("exp");
+    let mut no_sub = claims("ana", &["astro"]);
+    no_sub.as_object_mut().unwrap().remove("sub");
+    let valid = claims("ana", &["astro"]);
+    let parts: Vec<&str> = ana.split('.').collect();
+    let (header, payload, signature) = (parts[0], parts[1], parts[2]);
+    let forged_payload = b64url(claims("ana", &["ops"]).to_string().as_bytes());
+    let none_header = b64url(br#"{"alg":"none","typ":"JWT"}"#);
+    let hs_header = b64url(br#"{"alg":"HS256","typ":"JWT","kid":"rsa-1"}"#);
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "wrong issuer",
+            issuer.sign(None, "rsa-1", &wrong_issuer),
+            "issuer",
+        ),
+        (
+            "wrong audience",
+            issuer.sign(Some(0), "ec-1", &wrong_audience),
+            "audience",
+        ),
+        ("expired", issuer.sign(None, "rsa-1", &expired), "expired"),
+        (
+            "not yet valid",
+            issuer.sign(Some(1), "ec-2", &early),
+            "not valid yet",
+        ),
+        (
+            "without exp",
+            issuer.sign(None, "rsa-1", &no_exp),
+            "\"exp\"",
+        ),
+        (
+            "without sub",
+            issuer.sign(None, "rsa-1", &no_sub),
+            "\"sub\"",
+        ),
+        // Signed by a key the JWKS does not hold, under the id of one it does.
+        (
+            "bad signature",
+            issuer.sign(Some(2), "ec-1", &valid),
+            "signature",
+        ),
+        (
+            "payload swapped",
+            format!("{header}.{forged_payload}.{signature}"),
+            "signature",
+        ),
+        ("unknown kid", issuer.sign(Some(2), "ec-3", &valid), "key"),
+        (
+            "alg none",
+            format!("{none_header}.{payload}."),
+            "RS256 or ES256",
+        ),
+        (
+            "alg HS256",
+            format!("{hs_header}.{payload}.c2ln"),
+            "RS256 or ES256",
+        ),
+        // An RS256 token under an EC key's id: the key does not fit the algorithm.
+        (
+            "alg and key mismatched",
+            issuer.sign(None, "ec-1", &valid),
+            "key",
+        ),
+    ];
+    for (what, token, says) in &cases {
+        let answer = call_as(&app, Some(token), "GET", "/api/v1/datasets", None).await;
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "Unauthorized");
+        let message = answer.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{what}: {message}");
+    }
+    // Authenticated, but no group maps to a role: 403, whatever the request.
+    let nobody = issuer.sign(None, "rsa-1", &claims("eve", &["students"]));
+    for (method, uri) in [("GET", "/api/v1/datasets"), ("POST", "/api/v1/datasets")] {
+        let answer = call_as(&app, Some(&nobody), method, uri, Some(&dataset("cube-eve"))).await;
+        assert_error(&answer, StatusCode::FORBIDDEN, "Forbidden");
+        assert!(answer.text.contains("maps to a role"), "{}", answer.text);
+    }
+
+    // The issuer rotates: a new key in the JWKS file is taken without a restart.
+    let rotated = issuer.sign(Some(2), "ec-3", &claims("ana", &["astro"]));
+    std::fs::write(&jwks, issuer.jwks(3)).unwrap();
+    let answer = call_as(&app, Some(&rotated), "GET", "/api/v1/datasets", None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.body["items"][0]["metadata"]["name"], "cube-ana");
+    ts.cleanup().await;
 }

@@ -181,12 +181,95 @@ fn describe(action: Action) -> String {
     }
 }
 
-/// Whether `who` sees `object` (of `kind`) at all. Users see only the Applications and
-/// Datasets they own; to them another user's answers 404, so names do not leak. Everyone else
-/// sees everything their role reads.
+/// Whether `who` sees `object` (of `kind`) at all. Users see only what they own: their
+/// Applications and Datasets, the Tasks of their Applications, and the Events about any of
+/// these (the server stamps `metadata.owner` on each from the object it follows). To them
+/// another user's answers 404, so names do not leak. Events about Regions (which every role
+/// reads) are everyone's. Everyone else sees everything their role reads.
 pub fn sees(who: &Principal, kind: Kind, object: &serde_json::Value) -> bool {
-    let owned_kind = matches!(kind, Kind::Application | Kind::Dataset);
-    who.role != Role::User || !owned_kind || object["metadata"]["owner"] == who.user.as_str()
+    who.role != Role::User
+        || !owned(kind, object)
+        || object["metadata"]["owner"] == who.user.as_str()
+}
+
+/// Whether `object` (of `kind`) belongs to a user: Applications, Datasets and Tasks always
+/// (one without an owner is nobody's to see), Events when they are about one of those.
+fn owned(kind: Kind, object: &serde_json::Value) -> bool {
+    match kind {
+        Kind::Application | Kind::Dataset | Kind::Task => true,
+        Kind::Event => matches!(
+            object["involvedObject"]["kind"].as_str(),
+            Some("Application" | "Dataset" | "Task") | None
+        ),
+        Kind::Region | Kind::Token => false,
+    }
+}
+
+/// The caller an OIDC ID token names, with the highest role its groups map to; none: a 403
+/// (authenticated, but bound to no role, as a Kubernetes user without bindings).
+pub fn oidc_principal(
+    identity: crate::oidc::OidcIdentity,
+    roles: &[(String, Role)],
+) -> Result<Principal, ApiError> {
+    match crate::oidc::role_of(&identity.groups, roles) {
+        Some(role) => Ok(Principal {
+            user: identity.user,
+            role,
+            region: None,
+        }),
+        None => Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "user {:?} is authenticated, but none of their groups {:?} maps to a role \
+                 (ceccm server --oidc-role GROUP=ROLE)",
+                identity.user, identity.groups
+            ),
+        )
+        .with_details(serde_json::json!({"user": identity.user, "groups": identity.groups}))),
+    }
+}
+
+/// The caller a verified client certificate names, as Kubernetes' x509 client-certificate
+/// authentication: the CN is the user (a DNS label, as token users' names are), each O a
+/// group; the groups that are human roles (`viewer`, `user`, `operator`, `admin`) give the
+/// highest of them. No CN is a 401; no role among the O values a 403.
+pub fn certificate_principal(
+    subject: &crate::tls::CertificateSubject,
+) -> Result<Principal, ApiError> {
+    let Some(user) = subject
+        .common_name
+        .as_deref()
+        .filter(|cn| crate::resources::validate_name(cn).is_ok())
+    else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "the client certificate's subject CN {:?} is not a user name (a DNS label)",
+                subject.common_name
+            ),
+        ));
+    };
+    let role = subject
+        .organizations
+        .iter()
+        .filter_map(|o| Role::parse(o))
+        .filter(|r| matches!(r, Role::Viewer | Role::User | Role::Operator | Role::Admin))
+        .max();
+    match role {
+        Some(role) => Ok(Principal {
+            user: user.to_string(),
+            role,
+            region: None,
+        }),
+        None => Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "user {user:?} (client certificate) has no role: its subject's O values {:?} \
+                 name none of viewer, user, operator, admin",
+                subject.organizations
+            ),
+        )),
+    }
 }
 
 /// A token as presented: `ceccm_<id>_<secret>`.
@@ -384,6 +467,86 @@ mod tests {
         assert!(authorize(Role::Agent, RunTasks));
         for action in [ManageTokens, RunHostCommands, RunTasks, ReadMetrics] {
             assert!(!authorize(Role::Join, action), "join may not {action:?}");
+        }
+    }
+
+    #[test]
+    fn users_see_tasks_and_events_of_what_they_own_only() {
+        let who = |role| Principal {
+            user: "ana".into(),
+            role,
+            region: None,
+        };
+        let owned_by = |owner: Option<&str>, involved: Option<&str>| {
+            let mut object = serde_json::json!({"metadata": {"name": "x"}});
+            if let Some(owner) = owner {
+                object["metadata"]["owner"] = owner.into();
+            }
+            if let Some(kind) = involved {
+                object["involvedObject"] = serde_json::json!({"kind": kind, "name": "x"});
+            }
+            object
+        };
+        let ana = who(Role::User);
+        for kind in [Kind::Application, Kind::Dataset, Kind::Task] {
+            assert!(sees(&ana, kind, &owned_by(Some("ana"), None)), "{kind:?}");
+            assert!(!sees(&ana, kind, &owned_by(Some("bo"), None)), "{kind:?}");
+            assert!(!sees(&ana, kind, &owned_by(None, None)), "{kind:?} unowned");
+        }
+        for involved in ["Application", "Dataset", "Task"] {
+            let mine = owned_by(Some("ana"), Some(involved));
+            assert!(sees(&ana, Kind::Event, &mine), "{involved}");
+            let theirs = owned_by(Some("bo"), Some(involved));
+            assert!(!sees(&ana, Kind::Event, &theirs), "{involved}");
+            assert!(!sees(&ana, Kind::Event, &owned_by(None, Some(involved))));
+        }
+        // Events about regions are everyone's; one about nothing is nobody's.
+        assert!(sees(&ana, Kind::Event, &owned_by(None, Some("Region"))));
+        assert!(!sees(&ana, Kind::Event, &owned_by(None, None)));
+        assert!(sees(&ana, Kind::Region, &owned_by(None, None)));
+        // Every other role sees everything it reads.
+        for role in [
+            Role::Viewer,
+            Role::Operator,
+            Role::Admin,
+            Role::Worker,
+            Role::Agent,
+        ] {
+            for kind in Kind::ALL {
+                assert!(sees(&who(role), kind, &owned_by(Some("bo"), Some("Task"))));
+            }
+        }
+    }
+
+    #[test]
+    fn client_certificates_name_the_user_and_their_highest_role() {
+        let subject = |cn: Option<&str>, o: &[&str]| crate::tls::CertificateSubject {
+            common_name: cn.map(str::to_string),
+            organizations: o.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            certificate_principal(&subject(Some("ana"), &["astro", "viewer", "user"])).ok(),
+            Some(Principal {
+                user: "ana".into(),
+                role: Role::User,
+                region: None,
+            })
+        );
+        let code = |s| certificate_principal(&s).map_err(|e| e.code);
+        assert_eq!(
+            code(subject(Some("ana"), &["astro"])),
+            Err(ErrorCode::Forbidden)
+        );
+        // Workers, agents and the join token are never a certificate's role.
+        for o in ["worker", "agent", "join"] {
+            assert_eq!(code(subject(Some("ana"), &[o])), Err(ErrorCode::Forbidden));
+        }
+        for cn in [None, Some(""), Some("Ana"), Some("oidc:ana"), Some("a.b")] {
+            assert_eq!(
+                code(subject(cn, &["admin"])),
+                Err(ErrorCode::Unauthorized),
+                "{cn:?}"
+            );
         }
     }
 

@@ -101,6 +101,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         worker_program: std::env::current_exe()?,
         anonymous_metrics: false,
         tls: Default::default(),
+        tls_client_ca: None,
+        oidc: None,
         user_quota_bytes: None,
     })
     .await?;

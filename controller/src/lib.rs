@@ -16,6 +16,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
 pub mod objects;
+pub mod oidc;
 pub mod operations;
 pub mod predictor;
 pub mod queue;

@@ -60,6 +60,8 @@ enum Command {
         metrics_anonymous: bool,
         #[command(flatten)]
         tls: ceccm_controller::tls::TlsArgs,
+        #[command(flatten)]
+        oidc: ceccm_controller::oidc::OidcArgs,
         /// Bytes each user may store: their datasets' content and their applications'
         /// artifacts (default: no quota)
         #[arg(long, value_name = "BYTES")]
@@ -250,10 +252,12 @@ fn main() -> ExitCode {
                 lease_seconds,
                 metrics_anonymous,
                 tls,
+                oidc,
                 user_quota_bytes,
                 region_grace,
                 transport,
             } => {
+                let oidc = oidc.config()?;
                 ceccm_controller::server::serve(ceccm_controller::server::ServerOptions {
                     listen,
                     data_dir,
@@ -262,6 +266,8 @@ fn main() -> ExitCode {
                     worker_program: std::env::current_exe()?,
                     anonymous_metrics: metrics_anonymous,
                     tls: tls.mode(),
+                    tls_client_ca: tls.tls_client_ca.clone(),
+                    oidc,
                     user_quota_bytes,
                     region_grace: Duration::from_secs(region_grace),
                     transport,

@@ -425,7 +425,8 @@ pub enum EventType {
     Warning,
 }
 
-/// Records an event about `object` (an object as stored).
+/// Records an event about `object` (an object as stored). The event has the object's owner,
+/// so that it is seen by whoever sees the object (`auth::sees`).
 pub async fn record_event(
     store: &Store,
     object: &Value,
@@ -439,10 +440,14 @@ pub async fn record_event(
     let id = uuid::Uuid::new_v4().simple().to_string();
     let name = format!("{involved}.{}", &id[..12]);
     let now = now_rfc3339();
+    let mut metadata = json!({"name": name, "uid": id, "creationTimestamp": now});
+    if let Some(owner) = object["metadata"]["owner"].as_str() {
+        metadata["owner"] = json!(owner);
+    }
     let event = json!({
         "apiVersion": crate::resources::API_VERSION,
         "kind": "Event",
-        "metadata": {"name": name, "uid": id, "creationTimestamp": now},
+        "metadata": metadata,
         "involvedObject": {"kind": kind, "name": involved, "uid": uid},
         "type": match event_type { EventType::Normal => "Normal", EventType::Warning => "Warning" },
         "reason": reason,

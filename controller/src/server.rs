@@ -21,6 +21,9 @@ use ceccm_scheduler::PredictorConfig;
 /// Kubernetes' node-monitor grace period: an agent silent this long makes its region NotReady.
 pub const DEFAULT_REGION_GRACE: Duration = Duration::from_secs(40);
 
+/// How often the TLS files are checked for a change.
+pub const TLS_RELOAD_CHECK: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub listen: SocketAddr,
@@ -34,6 +37,10 @@ pub struct ServerOptions {
     pub anonymous_metrics: bool,
     /// Plain HTTP, or https (`crate::tls`).
     pub tls: crate::tls::TlsMode,
+    /// With https: the CA whose client certificates authenticate (mTLS, optional for clients).
+    pub tls_client_ca: Option<PathBuf>,
+    /// OIDC ID tokens accepted besides ceccm's own (`crate::oidc`).
+    pub oidc: Option<crate::oidc::OidcConfig>,
     /// Bytes each user may store (datasets and artifacts, `crate::quota`); none: no quota.
     pub user_quota_bytes: Option<u64>,
     /// How long an agent may be silent before its region turns NotReady.
@@ -153,7 +160,21 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
     let admin = crate::tokens::ensure_admin_token(&options.data_dir)?;
-    let tls = crate::tls::prepare(&options.tls, &options.data_dir).await?;
+    if options.tls_client_ca.is_some() && options.tls == crate::tls::TlsMode::Plain {
+        anyhow::bail!(
+            "--tls-client-ca needs https: give --tls-cert and --tls-key, or --tls-self-signed"
+        );
+    }
+    let tls = crate::tls::prepare(
+        &options.tls,
+        &options.data_dir,
+        options.tls_client_ca.as_deref(),
+    )
+    .await?;
+    let oidc = match options.oidc.clone() {
+        Some(config) => Some(Arc::new(crate::oidc::Verifier::new(config).await?)),
+        None => None,
+    };
     // The local driver's workers trust what the server serves with.
     let mut worker_env = Vec::new();
     if let Some(tls) = &tls {
@@ -199,6 +220,8 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             static_tokens: vec![admin, join, workers],
             anonymous_metrics: options.anonymous_metrics,
             quotas: crate::quota::Quotas::new(options.user_quota_bytes),
+            oidc,
+            client_certificates: options.tls_client_ca.is_some(),
             ..ApiConfig::new(options.data_dir.clone())
         }),
         metrics: Default::default(),
@@ -230,6 +253,13 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
             }
         })),
         Some(tls) => {
+            // New connections get the certificate files' new contents (or on SIGHUP).
+            tasks.push(tokio::spawn(crate::tls::reload_on_change(
+                tls.config.clone(),
+                tls.files.clone(),
+                TLS_RELOAD_CHECK,
+                stopped.clone(),
+            )));
             let handle = axum_server::Handle::new();
             let server = axum_server::from_tcp_rustls(listener.into_std()?, tls.config)?
                 .handle(handle.clone());

@@ -68,6 +68,10 @@ pub struct TlsArgs {
     /// localhost, 127.0.0.1 and ::1; may repeat
     #[arg(long = "tls-san", value_name = "NAME", requires = "tls_self_signed")]
     pub tls_sans: Vec<String>,
+    /// PEM file of the CA whose client certificates authenticate (mTLS, optional for
+    /// clients): the subject's CN is the user, each O a role (viewer, user, operator, admin)
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl TlsArgs {
@@ -104,6 +108,149 @@ pub struct ServingTls {
     /// The PEM file the local driver's workers trust: the self-signed CA, or the operator's
     /// certificate file (its chain; a certificate from a public CA is trusted anyway).
     pub trust: PathBuf,
+    /// The files served, read again when they change ([`reload_on_change`]).
+    pub files: ServedFiles,
+}
+
+/// The files a TLS configuration is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServedFiles {
+    /// The sha256 of the files' contents together: what tells a change (a file rewritten
+    /// within the same second, or to the same length, still changes it).
+    fn fingerprint(&self) -> Option<String> {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        for path in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            hash.update(std::fs::read(path).ok()?);
+            hash.update([0u8]);
+        }
+        Some(hex::encode(hash.finalize()))
+    }
+}
+
+/// The rustls configuration of `files`: their certificate chain and key, and when a client CA
+/// is given, client certificates verified against it (optional for clients: one without a
+/// certificate authenticates with a bearer token; one with a certificate the CA did not
+/// sign fails the handshake).
+pub fn server_config(
+    files: &ServedFiles,
+) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    let unusable = |path: &Path, reason: String| TlsError::Unusable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(&files.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unusable(&files.cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: files.cert.clone(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+        .map_err(|e| unusable(&files.key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| unusable(&files.cert, e.to_string()))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
+                let cert = cert.map_err(|e| unusable(ca, e.to_string()))?;
+                roots.add(cert).map_err(|e| unusable(ca, e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(TlsError::NoCertificate { path: ca.clone() });
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| unusable(ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| unusable(&files.cert, format!("{e} (key {})", files.key.display())))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves new connections with the files' new contents once they change (checked every
+/// `every`) or on SIGHUP, without a restart; connections already open keep theirs. A change
+/// that does not make a usable configuration (a certificate written before its key, say) is
+/// logged and the old one stays until the next change.
+pub async fn reload_on_change(
+    config: axum_server::tls_rustls::RustlsConfig,
+    files: ServedFiles,
+    every: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut served = files.fingerprint();
+    loop {
+        let forced = tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => false,
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let now = files.fingerprint();
+        if now.is_none() || (now == served && !forced) {
+            continue;
+        }
+        served = now;
+        match server_config(&files) {
+            Ok(new) => {
+                config.reload_from_config(new);
+                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS files changed but are not usable; serving the previous ones")
+            }
+        }
+    }
+}
+
+/// Who a verified client certificate names: its subject's CN and O values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSubject {
+    pub common_name: Option<String>,
+    pub organizations: Vec<String>,
+}
+
+/// The subject of a DER certificate (already verified by the TLS handshake).
+pub fn subject_of(der: &[u8]) -> Option<CertificateSubject> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let text =
+        |a: &x509_parser::x509::AttributeTypeAndValue<'_>| a.as_str().ok().map(str::to_string);
+    Some(CertificateSubject {
+        common_name: subject.iter_common_name().next().and_then(text),
+        organizations: subject.iter_organization().filter_map(text).collect(),
+    })
 }
 
 /// The files of a self-signed setup, in `DATA_DIR/tls`.
@@ -127,8 +274,13 @@ impl SelfSignedFiles {
     }
 }
 
-/// Readies the server's TLS: `None` for plain HTTP.
-pub async fn prepare(mode: &TlsMode, data_dir: &Path) -> Result<Option<ServingTls>, TlsError> {
+/// Readies the server's TLS: `None` for plain HTTP. With `client_ca`, clients may
+/// authenticate with a certificate it signed.
+pub async fn prepare(
+    mode: &TlsMode,
+    data_dir: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Option<ServingTls>, TlsError> {
     let (cert, key, trust) = match mode {
         TlsMode::Plain => return Ok(None),
         TlsMode::Files { cert, key } => (cert.clone(), key.clone(), cert.clone()),
@@ -137,13 +289,17 @@ pub async fn prepare(mode: &TlsMode, data_dir: &Path) -> Result<Option<ServingTl
             (files.cert, files.key, files.ca_cert)
         }
     };
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
-        .await
-        .map_err(|e| TlsError::Unusable {
-            path: cert.clone(),
-            reason: format!("{e} (key {})", key.display()),
-        })?;
-    Ok(Some(ServingTls { config, trust }))
+    let files = ServedFiles {
+        cert,
+        key,
+        client_ca: client_ca.map(Path::to_path_buf),
+    };
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(server_config(&files)?);
+    Ok(Some(ServingTls {
+        config,
+        trust,
+        files,
+    }))
 }
 
 /// Makes the CA on first use (kept afterwards) and issues a new server certificate from it for
@@ -346,6 +502,8 @@ mod tests {
             worker_program: PathBuf::from("/nonexistent/ceccm"),
             anonymous_metrics: false,
             tls,
+            tls_client_ca: None,
+            oidc: None,
             user_quota_bytes: None,
             region_grace: crate::server::DEFAULT_REGION_GRACE,
             transport: Default::default(),
@@ -471,6 +629,199 @@ mod tests {
         .err()
         .expect("mismatched key refused");
         assert!(error.to_string().contains("server.crt"), "{error}");
+    }
+
+    /// A CA for client certificates, and certificates it issues: PEM of the certificate and
+    /// its key together, as `reqwest::Identity::from_pem` takes them.
+    struct ClientCa {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    impl ClientCa {
+        fn new() -> ClientCa {
+            let key = KeyPair::generate().expect("key");
+            let pem = ca_params().self_signed(&key).expect("CA").pem();
+            ClientCa {
+                issuer: Issuer::new(ca_params(), key),
+                pem,
+            }
+        }
+
+        fn identity(&self, cn: &str, organizations: &[&str]) -> reqwest::Identity {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            for o in organizations {
+                params.distinguished_name.push(DnType::OrganizationName, *o);
+            }
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params.use_authority_key_identifier_extension = true;
+            set_validity(&mut params, 1);
+            let key = KeyPair::generate().expect("key");
+            let cert = params
+                .signed_by(&key, &self.issuer)
+                .expect("client certificate");
+            let pem = format!("{}{}", cert.pem(), key.serialize_pem());
+            reqwest::Identity::from_pem(pem.as_bytes()).expect("identity")
+        }
+    }
+
+    #[tokio::test]
+    async fn client_certificates_authenticate_by_their_subject() {
+        let data = tempfile::tempdir().expect("data dir");
+        let clients = ClientCa::new();
+        let ca_file = data.path().join("clients-ca.crt");
+        std::fs::write(&ca_file, &clients.pem).expect("write the client CA");
+        let mut served = options(data.path(), TlsMode::SelfSigned { sans: vec![] });
+        served.tls_client_ca = Some(ca_file);
+        let server = start(served).await.expect("start");
+        let server_ca = SelfSignedFiles::in_data_dir(data.path()).ca_cert;
+        let with = |identity: Option<reqwest::Identity>| {
+            let builder = trusting(reqwest::Client::builder(), Some(&server_ca)).expect("trust");
+            match identity {
+                Some(identity) => builder.identity(identity),
+                None => builder,
+            }
+            .build()
+            .expect("client")
+        };
+        let url = |path: &str| format!("{}{path}", server.url());
+        let dataset = serde_json::json!({"apiVersion": "ceccm/v1", "kind": "Dataset",
+            "metadata": {"name": "cube-ana"}, "spec": {"format": "cube"}});
+
+        // CN ana, O user (and a group that is no role): a user named ana.
+        let ana = with(Some(clients.identity("ana", &["astro", "user"])));
+        let made = ana
+            .post(url("/api/v1/datasets"))
+            .json(&dataset)
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(made.status(), reqwest::StatusCode::CREATED);
+        let made: serde_json::Value = made.json().await.expect("json");
+        assert_eq!(made["metadata"]["owner"], "ana");
+        let region = serde_json::json!({"apiVersion": "ceccm/v1", "kind": "Region",
+            "metadata": {"name": "r1"}, "spec": {"tier": "edge", "driver": "local", "capacity": {"cpu": 1}}});
+        let refused = ana
+            .post(url("/api/v1/regions"))
+            .json(&region)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(refused.status(), reqwest::StatusCode::FORBIDDEN);
+
+        // A bearer token, when sent, decides over the certificate.
+        let admin = crate::auth::read_admin_token(data.path()).expect("admin token");
+        let as_admin = ana
+            .post(url("/api/v1/regions"))
+            .bearer_auth(&admin)
+            .json(&region)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(as_admin.status(), reqwest::StatusCode::CREATED);
+
+        // No role among the O values: 403 with the error JSON; no certificate and no token: 401.
+        for (client, status) in [
+            (
+                with(Some(clients.identity("bo", &["astro"]))),
+                reqwest::StatusCode::FORBIDDEN,
+            ),
+            (
+                with(Some(clients.identity("Not A Name", &["admin"]))),
+                reqwest::StatusCode::UNAUTHORIZED,
+            ),
+            (with(None), reqwest::StatusCode::UNAUTHORIZED),
+        ] {
+            let answer = client
+                .get(url("/api/v1/datasets"))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(answer.status(), status);
+            let body: serde_json::Value = answer.json().await.expect("error JSON");
+            assert!(body["error"]["message"].is_string(), "{body}");
+        }
+        // Without a token the health checks still answer.
+        let health = with(None)
+            .get(url("/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert_eq!(health.status(), reqwest::StatusCode::OK);
+
+        // A certificate from another CA fails the handshake: no request reaches the API.
+        let stranger = ClientCa::new().identity("ana", &["admin"]);
+        let error = with(Some(stranger))
+            .get(url("/api/v1/datasets"))
+            .send()
+            .await
+            .expect_err("a certificate of another CA is refused");
+        assert!(error.is_connect() || error.is_request(), "{error:?}");
+        server.shutdown().await;
+
+        // A client CA needs https.
+        let plain = tempfile::tempdir().expect("data dir");
+        let mut plain_options = options(plain.path(), TlsMode::Plain);
+        plain_options.tls_client_ca = Some(plain.path().join("ca.crt"));
+        let error = start(plain_options).await.err().expect("refused");
+        assert!(
+            error.to_string().contains("--tls-client-ca needs https"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn new_connections_get_the_certificate_files_new_contents() {
+        // Two certificates from two CAs; the server starts with the first.
+        let first = tempfile::tempdir().expect("dir");
+        let second = tempfile::tempdir().expect("dir");
+        let first = ensure_self_signed(first.path(), &[]).expect("first");
+        let second = ensure_self_signed(second.path(), &[]).expect("second");
+        let served = tempfile::tempdir().expect("dir");
+        let (cert, key) = (served.path().join("tls.crt"), served.path().join("tls.key"));
+        std::fs::copy(&first.cert, &cert).expect("copy");
+        std::fs::copy(&first.key, &key).expect("copy");
+        let data = tempfile::tempdir().expect("data dir");
+        let server = start(options(
+            data.path(),
+            TlsMode::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+        ))
+        .await
+        .expect("start");
+        // A new client per request: a new connection, so a new handshake.
+        let healthz = |ca: PathBuf| {
+            let url = format!("{}/healthz", server.url());
+            async move { client(&ca).get(url).send().await.map(|r| r.status()) }
+        };
+        assert_eq!(
+            healthz(first.ca_cert.clone())
+                .await
+                .expect("first certificate"),
+            reqwest::StatusCode::OK
+        );
+        assert!(healthz(second.ca_cert.clone()).await.is_err());
+
+        // The files are replaced (the key first: a moment of a mismatched pair, which the
+        // server must ride out); new connections get the second certificate.
+        std::fs::copy(&second.key, &key).expect("copy");
+        std::fs::copy(&second.cert, &cert).expect("copy");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while healthz(second.ca_cert.clone()).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the new certificate is served within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(
+            healthz(first.ca_cert.clone()).await.is_err(),
+            "the old certificate is no longer served"
+        );
+        server.shutdown().await;
     }
 
     #[test]

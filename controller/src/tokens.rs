@@ -98,18 +98,33 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Finds who presents `authorization` (the header's value).
+/// Finds who presents `authorization` (the header's value) or, without one, the verified
+/// client certificate of the connection (`subject`).
 async fn principal_of(
     state: &AppState,
     authorization: Option<&str>,
+    subject: Option<crate::tls::CertificateSubject>,
 ) -> Result<Principal, ApiError> {
     let Some(value) = authorization else {
-        return Err(unauthenticated(Rejected::Missing));
+        return match subject {
+            Some(subject) => crate::auth::certificate_principal(&subject),
+            None => Err(unauthenticated(Rejected::Missing)),
+        };
     };
     let token = value
         .strip_prefix("Bearer ")
         .map(str::trim)
         .ok_or_else(|| unauthenticated(Rejected::Malformed))?;
+    if let Some(oidc) = &state.config.oidc
+        && !token.starts_with("ceccm_")
+        && crate::oidc::looks_like_jwt(token)
+    {
+        let identity = oidc.verify(token).await.map_err(|why| {
+            tracing::info!(?why, "refused an OIDC ID token");
+            why.into_error()
+        })?;
+        return crate::auth::oidc_principal(identity, &oidc.config().roles);
+    }
     let presented =
         PresentedToken::parse(token).ok_or_else(|| unauthenticated(Rejected::Malformed))?;
     let now = crate::time::now_millis();
@@ -128,6 +143,18 @@ async fn principal_of(
         tracing::info!(token = presented.id, ?why, "refused a bearer token");
         unauthenticated(why)
     })
+}
+
+/// The subject of the client certificate the connection's TLS handshake verified, when the
+/// server takes client certificates.
+fn client_subject(state: &AppState, request: &Request) -> Option<crate::tls::CertificateSubject> {
+    if !state.config.client_certificates {
+        return None;
+    }
+    let info = request
+        .extensions()
+        .get::<std::sync::Arc<axum_server::tls::TlsInfo>>()?;
+    crate::tls::subject_of(info.peer_certificates.first()?)
 }
 
 /// Authenticates every request but the health checks (and `/metrics` when the server allows
@@ -149,7 +176,8 @@ pub async fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    match principal_of(&state, authorization.as_deref()).await {
+    let subject = client_subject(&state, &request);
+    match principal_of(&state, authorization.as_deref(), subject).await {
         Ok(principal) => {
             let audited = crate::audit::mutating(request.method()).then(|| {
                 (
@@ -175,11 +203,14 @@ pub async fn authenticate(
             response
         }
         Err(e) => {
+            let unauthorized = e.code == crate::error::ErrorCode::Unauthorized;
             let mut response = e.into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+            if unauthorized {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
             response
         }
     }

@@ -1503,3 +1503,145 @@ fn ceccmctl_and_workers_speak_tls_to_a_self_signed_server() {
     let _ = joined.kill();
     let _ = joined.wait();
 }
+
+/// A CA made by the test (rcgen), and certificates it issues.
+struct TestCa {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let params = || {
+            let mut params = rcgen::CertificateParams::default();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            params
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params().self_signed(&key).unwrap().pem();
+        TestCa {
+            pem,
+            issuer: rcgen::Issuer::new(params(), key),
+        }
+    }
+
+    /// A certificate and its key (PEM): a client's with CN and O values, or a server's for
+    /// loopback when `organizations` is empty.
+    fn issue(&self, cn: &str, organizations: &[&str]) -> (String, String) {
+        let server = organizations.is_empty();
+        let names = if server {
+            vec!["127.0.0.1".to_string(), "localhost".to_string()]
+        } else {
+            Vec::new()
+        };
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        for o in organizations {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, *o);
+        }
+        params.extended_key_usages = vec![if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        params.use_authority_key_identifier_extension = true;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A server with `--tls-client-ca`: ceccmctl presenting a certificate that CA signed acts,
+/// without a token, as the certificate's CN with the role of its O; without a certificate or
+/// a token it is refused. Then the server's certificate files are replaced under it, and new
+/// connections get the new certificate without a restart.
+#[test]
+fn ceccmctl_authenticates_with_a_client_certificate_and_the_server_reloads_its_certificate() {
+    let certs = tempfile::tempdir().expect("dir");
+    let clients = TestCa::new("site clients");
+    let client_ca = write(certs.path(), "clients.crt", &clients.pem);
+    let (cert, key) = clients.issue("ana", &["astro", "user"]);
+    let ana_cert = write(certs.path(), "ana.crt", &cert);
+    let ana_key = write(certs.path(), "ana.key", &key);
+    let s = Setup::with_server_args(&["--tls-self-signed", "--tls-client-ca", &client_ca]);
+    let server_ca = s.server.data_dir.join("tls").join("ca.crt");
+    let server_ca = server_ca.display().to_string();
+    let as_ana = |ca: &str, args: &[&str]| {
+        let mut command = s.ctl.command(args);
+        command.args(["--server", &s.server.url, "--ca-file", ca]);
+        command.args(["--client-certificate", &ana_cert, "--client-key", &ana_key]);
+        Run::from(command.output().expect("run ceccmctl"))
+    };
+
+    let dataset = s.manifest("dataset.yaml", DATASET);
+    as_ana(&server_ca, &["apply", "-f", &dataset]).expect(0);
+    let shown = as_ana(&server_ca, &["get", "ds", "cube-a", "-o", "json"]).expect(0);
+    let shown: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap();
+    assert_eq!(shown["metadata"]["owner"], "ana", "{shown}");
+    // Neither certificate nor token.
+    let mut command = s.ctl.command(&["get", "ds"]);
+    command.args(["--server", &s.server.url, "--ca-file", &server_ca]);
+    let anonymous = Run::from(command.output().expect("run ceccmctl"));
+    assert_ne!(anonymous.code, 0);
+    assert!(
+        anonymous.stderr.contains("authentication required"),
+        "{}",
+        anonymous.stderr
+    );
+    // The same from a context that holds the certificate.
+    s.ctl
+        .run(&[
+            "config",
+            "set-context",
+            "mtls",
+            "--server",
+            &s.server.url,
+            "--ca-file",
+            &server_ca,
+            "--client-certificate",
+            &ana_cert,
+            "--client-key",
+            &ana_key,
+            "--current",
+        ])
+        .expect(0);
+    let listed = s.ctl.run(&["get", "ds", "-o", "name"]).expect(0);
+    assert!(listed.stdout.contains("cube-a"), "{}", listed.stdout);
+    // O=user: no regions.
+    let region = s.manifest("region.yaml", LOCAL_REGION);
+    let refused = as_ana(&server_ca, &["apply", "-f", &region]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("may not"), "{}", refused.stderr);
+
+    // The server's certificate is replaced (key first, then certificate) by one from another
+    // CA; new connections get it, with no restart.
+    let rotated = TestCa::new("rotated server CA");
+    let rotated_ca = write(certs.path(), "rotated.crt", &rotated.pem);
+    let (cert, key) = rotated.issue("ceccm server", &[]);
+    let tls = s.server.data_dir.join("tls");
+    std::fs::write(tls.join("server.key"), key).unwrap();
+    std::fs::write(tls.join("server.crt"), cert).unwrap();
+    wait_until(
+        "the new server certificate to be served",
+        Duration::from_secs(30),
+        || (as_ana(&rotated_ca, &["get", "ds"]).code == 0).then_some(()),
+    );
+    let stale = as_ana(&server_ca, &["get", "ds"]);
+    assert_ne!(stale.code, 0);
+    assert!(
+        stale.stderr.contains("TLS certificate verification failed"),
+        "{}",
+        stale.stderr
+    );
+}

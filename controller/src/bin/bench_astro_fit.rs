@@ -168,6 +168,8 @@ async fn through_control_plane(
         worker_program: sibling("ceccm")?,
         anonymous_metrics: false,
         tls: Default::default(),
+        tls_client_ca: None,
+        oidc: None,
         user_quota_bytes: None,
     })
     .await?;

@@ -114,6 +114,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         worker_program: "/bin/true".into(),
         anonymous_metrics: false,
         tls: Default::default(),
+        tls_client_ca: None,
+        oidc: None,
         user_quota_bytes: None,
         region_grace: ceccm_controller::server::DEFAULT_REGION_GRACE,
         transport: args.transport.clone(),

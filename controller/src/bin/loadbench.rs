@@ -91,6 +91,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         worker_program: std::env::current_exe()?,
         anonymous_metrics: false,
         tls: Default::default(),
+        tls_client_ca: None,
+        oidc: None,
         user_quota_bytes: None,
     })
     .await?;

@@ -74,8 +74,10 @@ pub(super) async fn apply(
         }
         None => {}
     }
+    // Tasks follow their application's owner (`auth::sees`).
+    let owner = object["metadata"]["owner"].as_str();
     for task in decision.tasks {
-        create_task(ctx, name, task).await?;
+        create_task(ctx, name, owner, task).await?;
     }
     if let Some(status) = &decision.status {
         let value = serde_json::to_value(status).unwrap_or_default();
@@ -215,23 +217,32 @@ async fn place_unplaced(
 
 /// Creates `task` of application `name`. Creating a task that exists changes nothing, so a
 /// pass cut short by a restart resumes.
-async fn create_task(ctx: &Context, application: &str, task: NewTask) -> Result<(), StoreError> {
+async fn create_task(
+    ctx: &Context,
+    application: &str,
+    owner: Option<&str>,
+    task: NewTask,
+) -> Result<(), StoreError> {
     let name = task_name(application, task.spec.index);
     let mut labels = serde_json::Map::new();
     labels.insert(APPLICATION_LABEL.into(), json!(application));
     if let Some(stage) = task.stage {
         labels.insert(super::astro_fit::STAGE_LABEL.into(), json!(stage.as_str()));
     }
+    let mut metadata = json!({
+        "name": name,
+        "uid": uuid::Uuid::new_v4().to_string(),
+        "labels": labels,
+        "creationTimestamp": now_rfc3339(),
+        "generation": 1,
+    });
+    if let Some(owner) = owner {
+        metadata["owner"] = json!(owner);
+    }
     let object = json!({
         "apiVersion": crate::resources::API_VERSION,
         "kind": "Task",
-        "metadata": {
-            "name": name,
-            "uid": uuid::Uuid::new_v4().to_string(),
-            "labels": labels,
-            "creationTimestamp": now_rfc3339(),
-            "generation": 1,
-        },
+        "metadata": metadata,
         "spec": task.spec,
         "status": {"state": "Queued", "attempts": 0, "region": task.region},
     });

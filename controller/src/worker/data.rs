@@ -513,6 +513,8 @@ mod tests {
             worker_program: "/nonexistent".into(),
             anonymous_metrics: false,
             tls: Default::default(),
+            tls_client_ca: None,
+            oidc: None,
             user_quota_bytes: None,
         })
         .await
