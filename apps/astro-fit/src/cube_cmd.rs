@@ -15,7 +15,7 @@ use crate::cubefit::{
 };
 use crate::output::{OutputFormat, file_with_size, human_bytes, print_out};
 use crate::plan::ChunkLimits;
-use crate::synth::{Footprint, SynthConfig, synthesize};
+use crate::synth::{Footprint, GasSynth, SynthConfig, synthesize};
 use crate::templates::TemplateLibrary;
 use crate::voronoi::BinningOutcome;
 
@@ -58,6 +58,11 @@ pub struct FitOptionArgs {
     /// Half-width (km/s) of the masks around gas emission lines; 0 fits them.
     #[arg(long, alias = "line-mask", default_value_t = EMISSION_MASK_KMS)]
     pub emission_mask_kms: f64,
+    /// Fit the gas emission lines with the stars (pPXF's line list inside the range, Balmer
+    /// and forbidden components) instead of masking them: the MAPS gain EMLINE_GFLUX,
+    /// EMLINE_GVEL and EMLINE_GSIGMA, and `emission.png` maps the main lines.
+    #[arg(long)]
+    pub gas: bool,
     /// Spectra per chunk (the unit of resumption and of scheduling).
     #[arg(long, default_value_t = 64)]
     pub chunk_spectra: usize,
@@ -78,6 +83,7 @@ impl FitOptionArgs {
         options.min_sn = self.min_sn;
         options.emission_mask_kms = self.emission_mask_kms;
         options.global_templates_only = self.global_templates_only;
+        options.gas = self.gas;
         options.chunk = ChunkLimits {
             max_spectra: self.chunk_spectra,
             ..options.chunk
@@ -188,6 +194,13 @@ pub struct SynthArgs {
     pub sn_min: f64,
     #[arg(long, default_value_t = 60.0)]
     pub sn_max: f64,
+    /// Add gas emission lines (Balmer and forbidden, with their own kinematics); their truth
+    /// goes to `X-truth-gas.csv` next to the truth table.
+    #[arg(long)]
+    pub gas: bool,
+    /// With --gas: median Halpha equivalent width, rest-frame Angstrom.
+    #[arg(long, requires = "gas", default_value_t = 5.0)]
+    pub halpha_ew: f64,
 }
 
 #[derive(Debug, Args)]
@@ -451,6 +464,10 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
         vmax: a.vmax,
         sn_min: a.sn_min,
         sn_max: a.sn_max,
+        gas: a.gas.then(|| GasSynth {
+            halpha_ew: a.halpha_ew,
+            ..GasSynth::default()
+        }),
         ..SynthConfig::default()
     };
     let truth = a.truth.clone().unwrap_or_else(|| {
@@ -468,6 +485,9 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
         a.out.display(),
         truth.display()
     );
+    if a.gas {
+        println!("wrote {}", crate::synth::gas_truth_path(&truth).display());
+    }
     Ok(())
 }
 

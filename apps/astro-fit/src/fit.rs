@@ -624,6 +624,10 @@ pub struct FitScratch {
     g_tg: Vec<f64>,
     /// Gas Jacobian: per component d(model)/dV and d(model)/dsigma, and one line's buffers.
     gas_dmodel: Vec<f64>,
+    /// Gas weights at the last Jacobian: variance from the linear solution alone, and the
+    /// derivative of each weight with respect to each non-linear parameter (npar x n_lines).
+    gas_var: Vec<f64>,
+    gas_sens: Vec<f64>,
     line_buf: Vec<f64>,
     line_dv: Vec<f64>,
     line_ds: Vec<f64>,
@@ -855,6 +859,8 @@ impl Fitter {
             g_pg: vec![0.0; np * ngl],
             g_tg: vec![f64::NAN; self.nt * ngl],
             gas_dmodel: vec![0.0; 2 * self.n_gas_components() * npix],
+            gas_var: vec![f64::NAN; ngl],
+            gas_sens: vec![0.0; npar * ngl],
             line_buf: vec![0.0; if ngl > 0 { npix } else { 0 }],
             line_dv: vec![0.0; if ngl > 0 { npix } else { 0 }],
             line_ds: vec![0.0; if ngl > 0 { npix } else { 0 }],
@@ -1042,9 +1048,10 @@ impl Fitter {
 
     /// Gas kinematics, fluxes and their errors from the scratch at the solution `params` with
     /// covariance `cov`. A line's flux is its fitted template summed over every pixel (pPXF's
-    /// `gas_flux`); its error comes from the covariance of the gas weights alone, on the
-    /// fitted pixels (pPXF's `gas_flux_error`, which ignores the covariance with the stars and
-    /// the kinematics), formal (not scaled by chi2).
+    /// `gas_flux`). Its error is formal (not scaled by chi2) and, unlike pPXF's
+    /// `gas_flux_error` (the gas columns alone), includes the covariance with the stellar
+    /// templates, the polynomials and the kinematics: pPXF's would be too small where lines
+    /// blend (Halpha and [NII]) or their width is uncertain. Lines at zero weight get pPXF's.
     fn gas_result(&self, s: &FitScratch, params: &[f64], cov: &[f64]) -> Option<GasResult> {
         let gas = self.gas.as_ref()?;
         let npix = self.grid.npix;
@@ -1083,6 +1090,20 @@ impl Fitter {
             axpy(w, col, &mut bestfit);
             let integral = col.iter().sum::<f64>().abs();
             let (flux, flux_error) = match live.iter().position(|&x| x == l) {
+                // A fitted line: the variance of its weight from the linear solution with the
+                // stars and polynomials, plus what the kinematics' covariance adds through the
+                // weight's dependence on them (Gauss-Newton covariance of all parameters).
+                Some(_) if s.gas_var[l].is_finite() => {
+                    let sens = |q: usize| s.gas_sens[q * ngl + l];
+                    let mut var = s.gas_var[l];
+                    for q in 0..npar {
+                        for r in 0..npar {
+                            var += sens(q) * cov[q * npar + r] * sens(r);
+                        }
+                    }
+                    (integral * w, integral * var.max(0.0).sqrt())
+                }
+                // A line at zero: pPXF's error, from the gas columns alone.
                 Some(a) => (
                     integral * w,
                     inv.as_ref()
@@ -1537,6 +1558,15 @@ impl Fitter {
             .extend((0..ngl).filter(|&g| s.x[nb + g] > 0.0).map(|g| g + nb));
         let active_inverse = self.active_inverse(s);
         let m = s.active.len();
+        // Gas weights' variance from the linear solution with every active column (NaN:
+        // inactive line) and, per parameter below, their sensitivity to it.
+        s.gas_var.fill(f64::NAN);
+        s.gas_sens.fill(0.0);
+        for (a, &idx) in s.active.iter().enumerate() {
+            if idx >= nb {
+                s.gas_var[idx - nb] = active_inverse[a * m + a];
+            }
+        }
         s.jac.clear();
         let to_samples = self.factor as f64 / self.grid.velscale;
         for q in 0..npar {
@@ -1588,6 +1618,11 @@ impl Fitter {
                     .map(|b| active_inverse[a * m + b] * s.proj_rhs[s.active[b]])
                     .sum();
                 s.coef.push(c);
+            }
+            for (a, &idx) in s.active.iter().enumerate() {
+                if idx >= nb {
+                    s.gas_sens[q * ngl + idx - nb] = s.coef[a];
+                }
             }
             s.tw.fill(0.0);
             for (c, &idx) in s.active.iter().enumerate() {

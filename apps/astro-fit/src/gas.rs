@@ -172,6 +172,8 @@ pub struct GasLine {
     pub wave: f64,
     /// ln lambda of each line of the template (galaxy medium).
     centers: Vec<f64>,
+    /// Vacuum wavelength of each line (Angstrom), for channel names.
+    vacuum: Vec<f64>,
     ratios: Vec<f64>,
     /// Instrumental sigma of each line in ln lambda.
     sigma_inst: Vec<f64>,
@@ -260,6 +262,7 @@ impl GasTemplates {
                 },
                 wave: waves[d.named],
                 centers: waves.iter().map(|w| w.ln()).collect(),
+                vacuum: d.waves.to_vec(),
                 ratios: d.ratios.to_vec(),
                 sigma_inst,
             });
@@ -305,6 +308,24 @@ impl GasTemplates {
 
     pub fn n_components(&self) -> usize {
         self.components.len()
+    }
+
+    /// One channel per physical line, as the MaNGA DAP names its emission-line channels
+    /// (ion, `-`, vacuum wavelength truncated to the Angstrom: `Ha-6564`, `OIII-5008`), with
+    /// the gas template holding it and the line's share of that template's flux.
+    pub fn dap_channels(&self) -> Vec<crate::maps::GasChannel> {
+        let mut out = Vec::new();
+        for (t, line) in self.lines.iter().enumerate() {
+            let total: f64 = line.ratios.iter().sum();
+            for (w, r) in line.vacuum.iter().zip(&line.ratios) {
+                out.push(crate::maps::GasChannel {
+                    name: format!("{}-{}", dap_ion(&line.name), w.floor() as i64),
+                    template: t,
+                    share: r / total,
+                });
+            }
+        }
+        out
     }
 
     pub(crate) fn grid(&self) -> &LogGrid {
@@ -360,6 +381,26 @@ impl GasTemplates {
                 pa = pb;
             }
         }
+    }
+}
+
+/// The DAP's ion label of a pPXF template name.
+fn dap_ion(name: &str) -> String {
+    match name {
+        "H10" => "Hthe".into(),
+        "H9" => "Heta".into(),
+        "H8" => "Hzet".into(),
+        "Heps" => "Heps".into(),
+        "Hdelta" => "Hdel".into(),
+        "Hgamma" => "Hgam".into(),
+        "Hbeta" => "Hb".into(),
+        "Halpha" => "Ha".into(),
+        _ => name
+            .trim_start_matches('[')
+            .split(|c: char| c == ']' || c.is_ascii_digit())
+            .next()
+            .unwrap_or(name)
+            .to_string(),
     }
 }
 
@@ -454,6 +495,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn channels_are_named_as_the_dap_names_them() {
+        let g = grid();
+        let gas = GasTemplates::new(&g, Medium::Vacuum, None, None, false).unwrap();
+        let ch = gas.dap_channels();
+        let names: Vec<&str> = ch.iter().map(|c| c.name.as_str()).collect();
+        for n in [
+            "Ha-6564",
+            "Hb-4862",
+            "OIII-4960",
+            "OIII-5008",
+            "NII-6585",
+            "SII-6732",
+            "OI-6302",
+            "HeI-5877",
+            "Hthe-3798",
+        ] {
+            assert!(names.contains(&n), "{n} missing from {names:?}");
+        }
+        let oiii: Vec<_> = ch.iter().filter(|c| c.name.starts_with("OIII")).collect();
+        assert_eq!(oiii[0].template, oiii[1].template);
+        assert!((oiii[0].share + oiii[1].share - 1.0).abs() < 1e-12);
+        assert!((oiii[1].share / oiii[0].share - 1.0 / 0.33).abs() < 1e-9);
     }
 
     #[test]
