@@ -8,8 +8,11 @@ use crate::error::FitError;
 use crate::fit::{FitConfig, Fitter, Start, TemplateBasis};
 use crate::gas::{GasResult, GasTemplates};
 use crate::populations::{Populations, populations};
+use crate::spectrum::RestFrameSpectrum;
 use crate::spectrum::{Selection, mask_emission_lines, read_spectrum};
-use crate::templates::{Broadening, PrepareConfig, ResolutionCurve, TemplateLibrary, prepare};
+use crate::templates::{
+    Broadening, PrepareConfig, PreparedTemplates, ResolutionCurve, TemplateLibrary, prepare,
+};
 
 pub use crate::output::OutputFormat;
 use crate::output::{file_with_size, print_out};
@@ -154,7 +157,30 @@ pub fn run(args: &FitSpectrumArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a fit of one spectrum file needs, prepared: the spectrum on its rest-frame grid, the
+/// templates, the fitter (with gas templates under --gas) and the start.
+pub struct PreparedFit {
+    pub rest: RestFrameSpectrum,
+    pub templates: PreparedTemplates,
+    pub fitter: Fitter,
+    pub start: Start,
+    pub redshift: f64,
+}
+
 pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
+    let PreparedFit {
+        rest,
+        templates,
+        fitter,
+        start,
+        redshift: z,
+    } = prepare_fit(args)?;
+    let fit = fitter.fit(&rest.spectrum, &start)?;
+    report(args, &rest, &templates, fit, z)
+}
+
+/// Read the spectrum, prepare templates (and gas templates), build the fitter.
+pub fn prepare_fit(args: &FitSpectrumArgs) -> anyhow::Result<PreparedFit> {
     let sel = Selection {
         row: args.row,
         spaxel: args.spaxel.as_ref().map(|s| (s[0], s[1])),
@@ -220,7 +246,23 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         gas.sigma_start = args.gas_sigma_start;
         fitter = fitter.with_gas(gas)?;
     }
-    let mut fit = fitter.fit(&rest.spectrum, &Start::new(0.0, args.sigma_start))?;
+    Ok(PreparedFit {
+        rest,
+        templates,
+        fitter,
+        start: Start::new(0.0, args.sigma_start),
+        redshift: z,
+    })
+}
+
+fn report(
+    args: &FitSpectrumArgs,
+    rest: &RestFrameSpectrum,
+    templates: &PreparedTemplates,
+    mut fit: crate::fit::FitResult,
+    z: f64,
+) -> anyhow::Result<FitReport> {
+    let grid = rest.grid;
     if let Some(path) = &args.plot {
         let title = format!(
             "{}: V = {:.1} km/s, sigma = {:.1} km/s, chi2/DOF = {:.3}",
@@ -248,7 +290,7 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         npix: grid.npix,
         n_good: fit.good.iter().filter(|g| **g).count(),
         n_templates_used: fit.weights.iter().filter(|w| **w > 0.0).count(),
-        populations: populations(&templates, &fit.weights),
+        populations: populations(templates, &fit.weights),
         v: fit.v,
         sigma: fit.sigma,
         h: fit.h,
