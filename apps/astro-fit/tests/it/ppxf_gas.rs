@@ -55,10 +55,11 @@ fn num(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
-/// astro-fit with --gas on `file` (row `row`), then pPXF on the saved arrays.
-fn fit_both(file: &Path, row: usize, dir: &Path) -> Option<(FitReport, Value)> {
+/// astro-fit with --gas on `file` (row `row`), then pPXF on the saved arrays; `tied`: one gas
+/// component for all lines on both sides.
+fn fit_both(file: &Path, row: usize, dir: &Path, tied: bool) -> Option<(FitReport, Value)> {
     let inputs = dir.join(format!("inputs-{row}.fits"));
-    let argv: Vec<String> = [
+    let mut argv: Vec<String> = [
         "fit-spectrum",
         file.to_str().unwrap(),
         "--row",
@@ -74,6 +75,9 @@ fn fit_both(file: &Path, row: usize, dir: &Path) -> Option<(FitReport, Value)> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if tied {
+        argv.push("--gas-tied".into());
+    }
     let report = match fit_file(&Cli::try_parse_from(argv).unwrap().args) {
         Ok(r) => r,
         Err(e) => {
@@ -93,6 +97,7 @@ fn fit_both(file: &Path, row: usize, dir: &Path) -> Option<(FitReport, Value)> {
         .arg(&inputs)
         .arg("--lines")
         .arg(lines.join(","))
+        .args(tied.then_some("--tied"))
         .output()
         .expect("run python3");
     assert!(
@@ -121,7 +126,7 @@ fn gas_fluxes_and_kinematics_agree_with_ppxf_on_real_spectra() {
     for (name, row) in cases {
         let sub = dir.path().join(format!("{name}-{row}"));
         std::fs::create_dir_all(&sub).unwrap();
-        let Some((ours, ppxf)) = fit_both(&data.join(name), row, &sub) else {
+        let Some((ours, ppxf)) = fit_both(&data.join(name), row, &sub, false) else {
             continue;
         };
         let label = format!("{name}#{row}");
@@ -217,4 +222,34 @@ fn gas_fluxes_and_kinematics_agree_with_ppxf_on_real_spectra() {
         components_compared >= 15,
         "only {components_compared} components compared"
     );
+}
+
+/// Tied kinematics (`--gas-tied`: one component for every line, pPXF's component 1 for all gas
+/// templates) on a MaNGA spectrum with strong lines: V and sigma within 5 km/s, every flux
+/// within 5% or a third of pPXF's error.
+#[test]
+fn tied_gas_kinematics_agree_with_ppxf() {
+    require_ppxf();
+    let dir = tempfile::tempdir().unwrap();
+    let file = shared_data_dir().join("spectra/MaNGA_multicomp_test_spectra.fits.gz");
+    let (ours, ppxf) = fit_both(&file, 1, dir.path(), true).expect("a fit");
+    let gas = ours.gas.as_ref().unwrap();
+    assert_eq!(gas.components.len(), 1);
+    assert_eq!(gas.components[0].name, "gas");
+    let p = &ppxf["components"][0];
+    let (c, pv, ps) = (&gas.components[0], num(p, "v"), num(p, "sigma"));
+    eprintln!(
+        "tied gas: V {:.2} / {pv:.2}, sigma {:.2} / {ps:.2}",
+        c.v, c.sigma
+    );
+    assert!((c.v - pv).abs() <= 5.0 && (c.sigma - ps).abs() <= 5.0);
+    for (l, p) in gas.lines.iter().zip(ppxf["lines"].as_array().unwrap()) {
+        let (pf, pe) = (num(p, "flux"), num(p, "flux_error"));
+        assert!(
+            (l.flux - pf).abs() <= (0.05 * pf.abs()).max(pe / 3.0),
+            "{}: {} vs pPXF {pf} (error {pe})",
+            l.name,
+            l.flux
+        );
+    }
 }
