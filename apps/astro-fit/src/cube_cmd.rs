@@ -212,6 +212,10 @@ pub struct CompareArgs {
     /// PNG of fit minus truth for V and sigma.
     #[arg(long)]
     pub png: PathBuf,
+    /// Gas truth table written by `synth --gas` (default: `X-truth-gas.csv` beside the truth
+    /// table, when it exists): also compare the EMLINE_G* maps of a `fit-cube --gas`.
+    #[arg(long)]
+    pub gas_truth: Option<PathBuf>,
     /// What to print: the accuracy per S/N bin as a table (text) or as JSON (json).
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
@@ -495,9 +499,32 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
 pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
     let report =
         crate::accuracy::compare_with_truth(&a.maps, &a.truth, &a.png).context("compare-truth")?;
+    let gas = match &a.gas_truth {
+        Some(path) => {
+            Some(crate::accuracy::compare_gas_with_truth(&a.maps, path).context("compare-truth")?)
+        }
+        None => {
+            let path = crate::synth::gas_truth_path(&a.truth);
+            if path.is_file() {
+                match crate::accuracy::compare_gas_with_truth(&a.maps, &path) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        eprintln!("gas not compared: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            }
+        }
+    };
     match a.output {
         OutputFormat::Json => {
-            print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            let mut value = serde_json::to_value(&report)?;
+            if let (Some(g), Some(obj)) = (&gas, value.as_object_mut()) {
+                obj.insert("gas".into(), serde_json::to_value(g)?);
+            }
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
             eprintln!("wrote {}", file_with_size(&a.png));
         }
         OutputFormat::Text => {
@@ -534,6 +561,23 @@ pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
             }
             text.push_str(&row(">= 20".into(), &report.above_sn_20));
             text.push_str("(pull: std of (fit - truth) / error, 1 when the errors are right)\n");
+            if let Some(g) = &gas {
+                text.push_str(&format!(
+                    "gas: {:<10} {:<6} {:<7} {:>5} {:>11} {:>11} {:>9} {:>8}\n",
+                    "channel", "", "S/N", "n", "bias", "rms", "pull mean", "pull std"
+                ));
+                for b in g {
+                    let sn = if b.sn_max.is_finite() {
+                        format!("{}-{}", b.sn_min, b.sn_max)
+                    } else {
+                        format!("{}+", b.sn_min)
+                    };
+                    text.push_str(&format!(
+                        "     {:<10} {:<6} {:<7} {:>5} {:>11.4} {:>11.4} {:>+9.2} {:>8.2}\n",
+                        b.channel, b.quantity, sn, b.count, b.bias, b.rms, b.pull_mean, b.pull_std
+                    ));
+                }
+            }
             text.push_str(&format!("wrote {}\n", file_with_size(&a.png)));
             print_out(&text)?;
         }

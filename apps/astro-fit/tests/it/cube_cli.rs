@@ -484,4 +484,28 @@ fn synthetic_gas_cube_maps_match_their_truth() {
         "only {checked} (quantity, S/N bin) pairs with 20 spaxels"
     );
     assert!(failures.is_empty(), "{failures:#?}");
+
+    // `compare-truth` finds the gas truth beside the truth table and reports the same figures.
+    let out = astro_fit(&[
+        "compare-truth",
+        fit_dir.join("maps.fits").to_str().unwrap(),
+        dir.path().join("gas-truth.csv").to_str().unwrap(),
+        "--png",
+        dir.path().join("residuals.png").to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gas = report["gas"].as_array().expect("gas in the report");
+    let halpha = gas
+        .iter()
+        .find(|g| g["channel"] == "Ha-6564" && g["quantity"] == "flux" && g["sn_min"] == 10.0)
+        .expect("Halpha flux at S/N 10-20");
+    let std = halpha["pull_std"].as_f64().unwrap();
+    assert!((0.8..=1.25).contains(&std), "{halpha}");
 }
