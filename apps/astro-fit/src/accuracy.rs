@@ -134,3 +134,150 @@ pub fn compare_with_truth(
         above_sn_20: accuracy_in(&rows, 20.0, f64::INFINITY),
     })
 }
+
+/// Gas maps against a synthetic cube's gas truth (`synth --gas`), one quantity of one channel
+/// in one S/N bin: RMS of fit - truth and the mean and spread of (fit - truth) / error.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GasAccuracy {
+    pub channel: String,
+    /// `flux` (EMLINE_GFLUX), `V` (EMLINE_GVEL) or `sigma` (EMLINE_GSIGMA).
+    pub quantity: String,
+    pub sn_min: f64,
+    pub sn_max: f64,
+    pub count: usize,
+    pub bias: f64,
+    pub rms: f64,
+    pub pull_mean: f64,
+    pub pull_std: f64,
+}
+
+/// Compares the `EMLINE_G*` extensions of `maps` with the gas truth table `truth`
+/// (`X-truth-gas.csv`): the flux of every channel the truth holds, and V and sigma of the
+/// Balmer (`Ha-6564`) and forbidden (`OIII-5008`) components, per continuum S/N bin (5-10,
+/// 10-20, 20-40, 40+; bins without spaxels left out).
+pub fn compare_gas_with_truth(
+    maps: &Path,
+    truth: &Path,
+) -> Result<Vec<GasAccuracy>, AccuracyError> {
+    let text = std::fs::read_to_string(truth)
+        .map_err(|e| AccuracyError::Truth(FitError::read(truth, e)))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let mut rows = Vec::new();
+    for (n, line) in lines.enumerate() {
+        let values: Result<Vec<f64>, _> = line.split(',').map(str::parse::<f64>).collect();
+        match values {
+            Ok(v) if v.len() == header.len() => rows.push(v),
+            _ => {
+                return Err(AccuracyError::Truth(FitError::read(
+                    truth,
+                    format!("line {}: expected {} numbers", n + 2, header.len()),
+                )));
+            }
+        }
+    }
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .ok_or_else(|| AccuracyError::Truth(FitError::read(truth, format!("no column {name}"))))
+    };
+    let (cx, cy, csn) = (col("x")?, col("y")?, col("SN")?);
+    let mut f = FitsFile::open(maps).map_err(|e| AccuracyError::Maps {
+        path: maps.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let hdu = f.hdu("EMLINE_GFLUX").map_err(|e| AccuracyError::Maps {
+        path: maps.to_path_buf(),
+        message: format!("EMLINE_GFLUX: {e} (fit the cube with --gas)"),
+    })?;
+    let (nx, ny) = match &hdu.info {
+        fitsio::hdu::HduInfo::ImageInfo { shape, .. } if shape.len() == 3 => (shape[2], shape[1]),
+        _ => {
+            return Err(AccuracyError::Maps {
+                path: maps.to_path_buf(),
+                message: "EMLINE_GFLUX is not a 3-D image".into(),
+            });
+        }
+    };
+    let mut channels = Vec::new();
+    for k in 1.. {
+        match hdu.read_key::<String>(&mut f, &format!("C{k}")) {
+            Ok(name) => channels.push(name),
+            Err(_) => break,
+        }
+    }
+    let mut planes = Vec::new();
+    for q in ["EMLINE_GFLUX", "EMLINE_GVEL", "EMLINE_GSIGMA"] {
+        planes.push((
+            read_map(&mut f, maps, q)?,
+            read_map(&mut f, maps, &format!("{q}_IVAR"))?,
+            read_map(&mut f, maps, &format!("{q}_MASK"))?,
+        ));
+    }
+    // (channel, quantity index, truth column)
+    let mut checks: Vec<(String, usize, usize)> = Vec::new();
+    for name in &channels {
+        if let Ok(t) = col(name) {
+            checks.push((name.clone(), 0, t));
+        }
+        let component = match name.as_str() {
+            "Ha-6564" => Some("balmer"),
+            "OIII-5008" => Some("forbidden"),
+            _ => None,
+        };
+        if let Some(comp) = component {
+            checks.push((name.clone(), 1, col(&format!("V_{comp}"))?));
+            checks.push((name.clone(), 2, col(&format!("sigma_{comp}"))?));
+        }
+    }
+    let bins = [
+        (5.0, 10.0),
+        (10.0, 20.0),
+        (20.0, 40.0),
+        (40.0, f64::INFINITY),
+    ];
+    let mut out = Vec::new();
+    for (channel, q, t) in checks {
+        let c = channels.iter().position(|n| *n == channel).unwrap_or(0);
+        let (value, ivar, mask) = &planes[q];
+        for (lo, hi) in bins {
+            let (mut d, mut p) = (Vec::new(), Vec::new());
+            for r in &rows {
+                if !(lo..hi).contains(&r[csn]) {
+                    continue;
+                }
+                let (x, y) = (r[cx] as usize, r[cy] as usize);
+                if x >= nx || y >= ny {
+                    return Err(AccuracyError::Outside { x, y, nx, ny });
+                }
+                let k = c * nx * ny + y * nx + x;
+                if mask[k] != 0.0 || ivar[k] <= 0.0 {
+                    continue;
+                }
+                d.push(value[k] - r[t]);
+                p.push((value[k] - r[t]) * ivar[k].sqrt());
+            }
+            if d.is_empty() {
+                continue;
+            }
+            let n = d.len() as f64;
+            let pull_mean = p.iter().sum::<f64>() / n;
+            let pull_std = (p.iter().map(|v| (v - pull_mean).powi(2)).sum::<f64>()
+                / (n - 1.0).max(1.0))
+            .sqrt();
+            out.push(GasAccuracy {
+                channel: channel.clone(),
+                quantity: ["flux", "V", "sigma"][q].to_string(),
+                sn_min: lo,
+                sn_max: hi,
+                count: d.len(),
+                bias: d.iter().sum::<f64>() / n,
+                rms: (d.iter().map(|v| v * v).sum::<f64>() / n).sqrt(),
+                pull_mean,
+                pull_std,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -15,7 +15,7 @@ use crate::cubefit::{
 };
 use crate::output::{OutputFormat, file_with_size, human_bytes, print_out};
 use crate::plan::ChunkLimits;
-use crate::synth::{Footprint, SynthConfig, synthesize};
+use crate::synth::{Footprint, GasSynth, SynthConfig, synthesize};
 use crate::templates::TemplateLibrary;
 use crate::voronoi::BinningOutcome;
 
@@ -58,6 +58,11 @@ pub struct FitOptionArgs {
     /// Half-width (km/s) of the masks around gas emission lines; 0 fits them.
     #[arg(long, alias = "line-mask", default_value_t = EMISSION_MASK_KMS)]
     pub emission_mask_kms: f64,
+    /// Fit the gas emission lines with the stars (pPXF's line list inside the range, Balmer
+    /// and forbidden components) instead of masking them: the MAPS gain EMLINE_GFLUX,
+    /// EMLINE_GVEL and EMLINE_GSIGMA, and `emission.png` maps the main lines.
+    #[arg(long)]
+    pub gas: bool,
     /// Spectra per chunk (the unit of resumption and of scheduling).
     #[arg(long, default_value_t = 64)]
     pub chunk_spectra: usize,
@@ -78,6 +83,7 @@ impl FitOptionArgs {
         options.min_sn = self.min_sn;
         options.emission_mask_kms = self.emission_mask_kms;
         options.global_templates_only = self.global_templates_only;
+        options.gas = self.gas;
         options.chunk = ChunkLimits {
             max_spectra: self.chunk_spectra,
             ..options.chunk
@@ -188,6 +194,13 @@ pub struct SynthArgs {
     pub sn_min: f64,
     #[arg(long, default_value_t = 60.0)]
     pub sn_max: f64,
+    /// Add gas emission lines (Balmer and forbidden, with their own kinematics); their truth
+    /// goes to `X-truth-gas.csv` next to the truth table.
+    #[arg(long)]
+    pub gas: bool,
+    /// With --gas: median Halpha equivalent width, rest-frame Angstrom.
+    #[arg(long, requires = "gas", default_value_t = 5.0)]
+    pub halpha_ew: f64,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +212,10 @@ pub struct CompareArgs {
     /// PNG of fit minus truth for V and sigma.
     #[arg(long)]
     pub png: PathBuf,
+    /// Gas truth table written by `synth --gas` (default: `X-truth-gas.csv` beside the truth
+    /// table, when it exists): also compare the EMLINE_G* maps of a `fit-cube --gas`.
+    #[arg(long)]
+    pub gas_truth: Option<PathBuf>,
     /// What to print: the accuracy per S/N bin as a table (text) or as JSON (json).
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
@@ -451,6 +468,10 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
         vmax: a.vmax,
         sn_min: a.sn_min,
         sn_max: a.sn_max,
+        gas: a.gas.then(|| GasSynth {
+            halpha_ew: a.halpha_ew,
+            ..GasSynth::default()
+        }),
         ..SynthConfig::default()
     };
     let truth = a.truth.clone().unwrap_or_else(|| {
@@ -468,6 +489,9 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
         a.out.display(),
         truth.display()
     );
+    if a.gas {
+        println!("wrote {}", crate::synth::gas_truth_path(&truth).display());
+    }
     Ok(())
 }
 
@@ -475,9 +499,32 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
 pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
     let report =
         crate::accuracy::compare_with_truth(&a.maps, &a.truth, &a.png).context("compare-truth")?;
+    let gas = match &a.gas_truth {
+        Some(path) => {
+            Some(crate::accuracy::compare_gas_with_truth(&a.maps, path).context("compare-truth")?)
+        }
+        None => {
+            let path = crate::synth::gas_truth_path(&a.truth);
+            if path.is_file() {
+                match crate::accuracy::compare_gas_with_truth(&a.maps, &path) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        eprintln!("gas not compared: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            }
+        }
+    };
     match a.output {
         OutputFormat::Json => {
-            print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+            let mut value = serde_json::to_value(&report)?;
+            if let (Some(g), Some(obj)) = (&gas, value.as_object_mut()) {
+                obj.insert("gas".into(), serde_json::to_value(g)?);
+            }
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
             eprintln!("wrote {}", file_with_size(&a.png));
         }
         OutputFormat::Text => {
@@ -514,6 +561,23 @@ pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
             }
             text.push_str(&row(">= 20".into(), &report.above_sn_20));
             text.push_str("(pull: std of (fit - truth) / error, 1 when the errors are right)\n");
+            if let Some(g) = &gas {
+                text.push_str(&format!(
+                    "gas: {:<10} {:<6} {:<7} {:>5} {:>11} {:>11} {:>9} {:>8}\n",
+                    "channel", "", "S/N", "n", "bias", "rms", "pull mean", "pull std"
+                ));
+                for b in g {
+                    let sn = if b.sn_max.is_finite() {
+                        format!("{}-{}", b.sn_min, b.sn_max)
+                    } else {
+                        format!("{}+", b.sn_min)
+                    };
+                    text.push_str(&format!(
+                        "     {:<10} {:<6} {:<7} {:>5} {:>11.4} {:>11.4} {:>+9.2} {:>8.2}\n",
+                        b.channel, b.quantity, sn, b.count, b.bias, b.rms, b.pull_mean, b.pull_std
+                    ));
+                }
+            }
             text.push_str(&format!("wrote {}\n", file_with_size(&a.png)));
             print_out(&text)?;
         }

@@ -32,10 +32,11 @@ use serde::{Deserialize, Serialize};
 use crate::cube::{Cube, CubeError, CubeFormat, CubeMeta, KeyValue};
 use crate::error::FitError;
 use crate::fit::{FitConfig, FitResult, FitScratch, Fitter, LogGrid, Start};
+use crate::gas::GasTemplates;
 use crate::mapplot::{ColorScale, Panel, PlotError, plot_maps};
 use crate::maps::{
-    BinMap, BinResult, Fitted, MapsError, MapsHeader, Measured, write_json_atomic, write_maps_with,
-    write_model_cube,
+    BinMap, BinResult, Fitted, GasLineResult, MapsError, MapsHeader, Measured, write_json_atomic,
+    write_maps_with, write_model_cube,
 };
 use crate::plan::{BinSpec, Chunk, ChunkLimits, PlanError, plan_chunks};
 use crate::populations::populations;
@@ -122,7 +123,12 @@ pub struct CubeFitOptions {
     pub lam_range: (f64, f64),
     pub min_sn: f64,
     /// Pixels within this many km/s of common gas emission lines are not fitted; 0: none.
+    /// Ignored with `gas`.
     pub emission_mask_kms: f64,
+    /// Fit the gas emission lines with the stars (pPXF's line list inside the range; Balmer and
+    /// forbidden components) instead of masking them. Absent from plans when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gas: bool,
     /// `max_rows` 0: as many rows as fit in [`BAND_BYTES`].
     pub chunk: ChunkLimits,
     #[serde(skip)]
@@ -147,6 +153,7 @@ impl CubeFitOptions {
             lam_range: (3600.0, 7400.0),
             min_sn: 1.0,
             emission_mask_kms: 600.0,
+            gas: false,
             chunk: ChunkLimits {
                 max_spectra: 64,
                 max_rows: 0,
@@ -244,6 +251,8 @@ struct GalaxyGrid {
     redshift: f64,
     lam_range: (f64, f64),
     emission_mask_kms: f64,
+    /// Gas lines are fitted (no emission-line masks).
+    gas: bool,
     /// Pixels of the fit grid outside the emission-line masks (the grid is the same for
     /// every spectrum of the cube, so the masks are computed once).
     outside_lines: Option<Vec<bool>>,
@@ -282,6 +291,7 @@ impl GalaxyGrid {
             redshift,
             lam_range: options.lam_range,
             emission_mask_kms: options.emission_mask_kms,
+            gas: options.gas,
             outside_lines: None,
         };
         // The grid is a property of the wavelengths alone: take it from a flat spectrum.
@@ -293,12 +303,39 @@ impl GalaxyGrid {
         let rest = gg.rest_frame(&flat).map_err(CubeFitError::GlobalFit)?;
         gg.grid = rest.grid;
         gg.fwhm = rest.fwhm;
-        if gg.emission_mask_kms > 0.0 {
+        if gg.emission_mask_kms > 0.0 && !gg.gas {
             let mut outside = vec![true; gg.grid.npix];
             mask_emission_lines(&gg.grid, gg.medium, gg.emission_mask_kms, &mut outside);
             gg.outside_lines = Some(outside);
         }
         Ok(gg)
+    }
+
+    /// The gas templates of the fit grid, when gas is fitted.
+    fn gas_templates(&self) -> Result<Option<GasTemplates>, FitError> {
+        if !self.gas {
+            return Ok(None);
+        }
+        GasTemplates::new(&self.grid, self.medium, self.fwhm.as_ref(), None, false).map(Some)
+    }
+
+    /// The fitter of `tpl` on this grid with the fit's settings (and gas templates).
+    fn fitter(
+        &self,
+        tpl: &PreparedTemplates,
+        options: &CubeFitOptions,
+    ) -> Result<Fitter, FitError> {
+        let fitter = Fitter::new(tpl, self.grid, fit_config(options))?;
+        match self.gas_templates()? {
+            Some(gas) => fitter.with_gas(gas),
+            None => Ok(fitter),
+        }
+    }
+
+    /// Converts a fitted gas flux (normalised spectrum, summed over rest-frame log pixels) of
+    /// a line at rest wavelength `wave` into the cube's flux unit times Angstrom.
+    fn gas_flux_factor(&self, flux_scale: f64, wave: f64) -> f64 {
+        flux_scale * wave * (1.0 + self.redshift) * self.grid.velscale / C_KMS
     }
 
     /// A cube-grid spectrum on the fit's rest-frame log grid (normalised by its median).
@@ -379,6 +416,7 @@ fn bin_result(
     fit: &FitResult,
     tpl: &PreparedTemplates,
     with_pops: bool,
+    flux_factor: &dyn Fn(f64) -> f64,
 ) -> BinResult {
     // Formal errors scaled by sqrt(chi2), as the MaNGA DAP reports them.
     let scale = fit.chi2.max(0.0).sqrt();
@@ -404,6 +442,33 @@ fn bin_result(
         chi2: fit.chi2,
         sn,
         failure: None,
+        gas: fit.gas.as_ref().map(|g| {
+            g.lines
+                .iter()
+                .map(|l| {
+                    let c = g
+                        .components
+                        .iter()
+                        .find(|c| c.name == l.component)
+                        .expect("every line belongs to a component");
+                    let f = flux_factor(l.wave);
+                    GasLineResult {
+                        flux: Measured {
+                            value: l.flux * f,
+                            error: l.flux_error * f * scale,
+                        },
+                        vel: Measured {
+                            value: c.v,
+                            error: c.v_error * scale,
+                        },
+                        sigma: Measured {
+                            value: c.sigma,
+                            error: c.sigma_error * scale,
+                        },
+                    }
+                })
+                .collect()
+        }),
     }
 }
 
@@ -581,8 +646,7 @@ pub fn prepare_plan(
     let rest = gg
         .rest_frame(&integrated)
         .map_err(CubeFitError::GlobalFit)?;
-    let fitter =
-        Fitter::new(&all, gg.grid, fit_config(options)).map_err(CubeFitError::GlobalFit)?;
+    let fitter = gg.fitter(&all, options).map_err(CubeFitError::GlobalFit)?;
     let fit = fitter
         .fit(&rest.spectrum, &Start::new(0.0, 150.0))
         .map_err(CubeFitError::GlobalFit)?;
@@ -710,8 +774,7 @@ impl ChunkFitter {
             .filter(|&i| kept.contains(lib.names[i].as_str()))
             .collect();
         let tpl = prepare_templates(&lib, &gg)?;
-        let fitter =
-            Fitter::new(&tpl, gg.grid, fit_config(options)).map_err(CubeFitError::Templates)?;
+        let fitter = gg.fitter(&tpl, options).map_err(CubeFitError::Templates)?;
         let xcorr = start_finder(&plan.global, &lib.names, &fitter)?;
         Ok(ChunkFitter {
             gg,
@@ -799,8 +862,10 @@ impl ChunkFitter {
                             Ok((rest, fit)) => {
                                 evaluations.fetch_add(fit.evaluations, Ordering::Relaxed);
                                 fitted_ok.fetch_add(1, Ordering::Relaxed);
+                                let factor =
+                                    |wave: f64| self.gg.gas_flux_factor(rest.flux_scale, wave);
                                 (
-                                    bin_result(*id, sn, &fit, &self.tpl, self.populations),
+                                    bin_result(*id, sn, &fit, &self.tpl, self.populations, &factor),
                                     self.gg.model_on_cube(&rest, &fit.bestfit),
                                 )
                             }
@@ -1059,7 +1124,7 @@ impl Provenance {
 
 /// The primary-header cards of the maps: the provenance and every setting that changes the
 /// results, so that a MAPS file says how it was made.
-fn maps_header(plan: &CubePlan, provenance: &Provenance) -> MapsHeader {
+fn maps_header(plan: &CubePlan, provenance: &Provenance, gas: Option<&GasTemplates>) -> MapsHeader {
     let o = &plan.options;
     let text = |v: &str| KeyValue::Text(v.to_string());
     let flag = |b: bool| KeyValue::Integer(i64::from(b));
@@ -1136,6 +1201,11 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance) -> MapsHeader {
             flag(o.global_templates_only),
             "1: global fit's templates only",
         ),
+        card(
+            "GASFIT",
+            flag(o.gas),
+            "1: emission lines fitted with the stars (--gas)",
+        ),
     ]);
     MapsHeader {
         fitted: Fitted {
@@ -1143,6 +1213,7 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance) -> MapsHeader {
             populations: o.populations,
         },
         provenance: cards,
+        gas_channels: gas.map(GasTemplates::dap_channels).unwrap_or_default(),
     }
 }
 
@@ -1170,13 +1241,24 @@ pub fn assemble_with(
 ) -> Result<AssembleStats, CubeFitError> {
     let results = collect_results(out, plan)?;
     let map = BinMap::from_bins(meta.nx, meta.ny, &plan.bins);
-    write_maps_with(
-        &out.join("maps.fits"),
-        meta,
-        &map,
-        &results,
-        &maps_header(plan, provenance),
-    )?;
+    let gas = if plan.options.gas {
+        GalaxyGrid::new(meta, &plan.options, plan.redshift)?
+            .gas_templates()
+            .map_err(CubeFitError::Templates)?
+    } else {
+        None
+    };
+    let header = maps_header(plan, provenance, gas.as_ref());
+    write_maps_with(&out.join("maps.fits"), meta, &map, &results, &header)?;
+    if !header.gas_channels.is_empty() {
+        gas_png(
+            &out.join("emission.png"),
+            meta,
+            &map,
+            &results,
+            &header.gas_channels,
+        )?;
+    }
     if model_cube {
         write_model(out, meta, plan)?;
     }
@@ -1249,6 +1331,67 @@ pub fn assemble_with(
             .filter(|c| !chunk_paths(out, c.id).0.exists())
             .count(),
     })
+}
+
+/// PNG maps of the main emission lines: flux of Halpha, Hbeta, [OIII]5007, [NII]6583 (those
+/// fitted), and the velocity and dispersion of the Balmer (Halpha or Hbeta) and forbidden
+/// ([OIII]5007 or [NII]6583) components.
+fn gas_png(
+    path: &Path,
+    meta: &CubeMeta,
+    map: &BinMap,
+    results: &[Option<BinResult>],
+    channels: &[crate::maps::GasChannel],
+) -> Result<(), CubeFitError> {
+    let images = crate::maps::gas_images(map, results, channels);
+    let n = map.bin_of.len();
+    let channel = |name: &str| channels.iter().position(|c| c.name == name);
+    let panel = |img: usize, c: usize, title: String, scale: ColorScale| Panel {
+        title,
+        values: (0..n)
+            .map(|i| {
+                let k = c * n + i;
+                (images[img].mask[k] == 0).then_some(f64::from(images[img].value[k]))
+            })
+            .collect(),
+        scale,
+        range: None,
+    };
+    let mut panels = Vec::new();
+    for (name, label) in [
+        ("Ha-6564", "Halpha"),
+        ("Hb-4862", "Hbeta"),
+        ("OIII-5008", "[OIII]5007"),
+        ("NII-6585", "[NII]6583"),
+    ] {
+        if let Some(c) = channel(name) {
+            panels.push(panel(0, c, format!("{label} flux"), ColorScale::Sequential));
+        }
+    }
+    for (names, label) in [
+        (["Ha-6564", "Hb-4862"], "Balmer"),
+        (["OIII-5008", "NII-6585"], "forbidden"),
+    ] {
+        if let Some(c) = names.iter().find_map(|n| channel(n)) {
+            panels.push(panel(
+                1,
+                c,
+                format!("{label} gas velocity (km/s)"),
+                ColorScale::Diverging,
+            ));
+            panels.push(panel(
+                2,
+                c,
+                format!("{label} gas dispersion (km/s)"),
+                ColorScale::Sequential,
+            ));
+        }
+    }
+    if panels.is_empty() {
+        return Ok(());
+    }
+    plot_maps(path, meta.nx, meta.ny, meta.pixel_scale_arcsec, &panels)?;
+    Ok(())
 }
 
 /// The model cube, one row band at a time, loading each chunk's models only while its rows

@@ -16,6 +16,7 @@
 use realfft::num_complex::Complex64;
 
 use crate::error::FitError;
+use crate::gas::{GasComponent, GasLineFlux, GasResult, GasTemplates};
 use crate::linalg::{axpy, dot, gram, spd_inverse, symmetric_eigen};
 use crate::losvd::{ConvolveScratch, Convolver, GaussHermite, MAX_HERMITE, fast_fft_len};
 use crate::nnls::{NnlsSolver, NormalMatrix};
@@ -198,6 +199,8 @@ pub struct FitResult {
     pub good: Vec<bool>,
     /// Model evaluations (each one convolution of the basis and one NNLS).
     pub evaluations: usize,
+    /// Gas kinematics and line fluxes, when the fitter has gas templates.
+    pub gas: Option<GasResult>,
 }
 
 /// Mixing matrix from basis vectors to templates: T_j = sum_a B_a C[a, j].
@@ -334,6 +337,8 @@ struct LazyCells<'a> {
     model: &'a mut Vec<f64>,
     adjoint_in: &'a mut [f64],
     pricing: &'a mut [f64],
+    /// Gas-template products (nt x n_lines), NaN until needed.
+    g_tg: &'a mut [f64],
 }
 
 /// Normal matrix of [additive polynomials, all templates] built lazily: a template column is
@@ -353,6 +358,11 @@ struct LazyExact<'a> {
     kernel: &'a [Complex64],
     /// Templates held out (false) never enter: zero scale, no correlation computed.
     allowed: &'a [bool],
+    /// Gas lines after the templates: weighted columns (n_lines x good pixels) and products.
+    ngl: usize,
+    wgas: &'a [f64],
+    g_gg: &'a [f64],
+    g_pg: &'a [f64],
     cells: std::cell::RefCell<LazyCells<'a>>,
 }
 
@@ -375,13 +385,35 @@ impl LazyExact<'_> {
 
 impl NormalMatrix for LazyExact<'_> {
     fn dim(&self) -> usize {
-        self.np + self.nt
+        self.np + self.nt + self.ngl
     }
 
     fn entry(&self, i: usize, j: usize) -> f64 {
         let (np, nt, ng) = (self.np, self.nt, self.good_idx.len());
         if i < np && j < np {
             return self.g_pp[i * np + j];
+        }
+        let nb = np + nt;
+        if i >= nb || j >= nb {
+            let (g, o) = if i >= nb { (i - nb, j) } else { (j - nb, i) };
+            let ngl = self.ngl;
+            if o >= nb {
+                return self.g_gg[g * ngl + o - nb];
+            }
+            if o < np {
+                return self.g_pg[o * ngl + g];
+            }
+            let t = o - np;
+            let mut c = self.cells.borrow_mut();
+            if c.g_tg[t * ngl + g].is_nan() {
+                self.ensure(&mut c, t);
+                let v = dot(
+                    &c.wcols[t * ng..(t + 1) * ng],
+                    &self.wgas[g * ng..(g + 1) * ng],
+                );
+                c.g_tg[t * ngl + g] = v;
+            }
+            return c.g_tg[t * ngl + g];
         }
         let mut c = self.cells.borrow_mut();
         if i < np || j < np {
@@ -413,6 +445,9 @@ impl NormalMatrix for LazyExact<'_> {
     fn diagonal_hint(&self, i: usize) -> f64 {
         if i < self.np {
             self.g_pp[i * self.np + i]
+        } else if i >= self.np + self.nt {
+            let g = i - self.np - self.nt;
+            self.g_gg[g * self.ngl + g]
         } else if self.allowed[i - self.np] {
             self.weight_sum * self.fitter.mean_square[i - self.np]
         } else {
@@ -421,7 +456,7 @@ impl NormalMatrix for LazyExact<'_> {
     }
 
     fn rhs(&self, i: usize, b: &[f64]) -> f64 {
-        if i < self.np {
+        if i < self.np || i >= self.np + self.nt {
             return b[i];
         }
         let j = i - self.np;
@@ -462,6 +497,12 @@ impl LazyExact<'_> {
         for l in 0..np {
             axpy(x[l], &self.wpoly[l * ng..(l + 1) * ng], c.model);
         }
+        let nb = np + nt;
+        for g in 0..self.ngl {
+            if x[nb + g] != 0.0 {
+                axpy(x[nb + g], &self.wgas[g * ng..(g + 1) * ng], c.model);
+            }
+        }
         // For the gradient, A^T W (y - A x): turn the model into the residual first.
         let sign = match b {
             Some(_) => {
@@ -474,6 +515,9 @@ impl LazyExact<'_> {
         };
         for l in 0..np {
             out[l] = dot(&self.wpoly[l * ng..(l + 1) * ng], c.model);
+        }
+        for g in 0..self.ngl {
+            out[nb + g] = dot(&self.wgas[g * ng..(g + 1) * ng], c.model);
         }
         c.adjoint_in.fill(0.0);
         for (g, &i) in self.good_idx.iter().enumerate() {
@@ -493,7 +537,7 @@ impl LazyExact<'_> {
             }
             out[np + j] = self.fitter.price(j, &c.pricing[..len]);
             if let Some(r) = &self.fitter.reg {
-                out[np + j] += sign * dot(&r[j * nt..(j + 1) * nt], &x[np..]);
+                out[np + j] += sign * dot(&r[j * nt..(j + 1) * nt], &x[np..nb]);
             }
         }
     }
@@ -518,6 +562,8 @@ pub struct Fitter {
     /// Multiplicative Legendre polynomials P_1..P_mdegree.
     mpoly: Vec<Vec<f64>>,
     reg: Option<Vec<f64>>,
+    /// Gas emission lines fitted with the stars (their own kinematic components).
+    gas: Option<GasTemplates>,
 }
 
 /// Per-thread working memory of [`Fitter::fit_with`].
@@ -568,6 +614,23 @@ pub struct FitScratch {
     used_bins: usize,
     /// The last search ended with a check that no held-out template was missing.
     complete_at_exit: bool,
+    /// Gas: the line columns on every pixel (n_lines x npix), weighted on the good pixels
+    /// (1/noise; the multiplicative polynomial does not apply to gas, as in pPXF), their
+    /// products with each other, the polynomials and (lazily, NaN until needed) the templates.
+    gas_cols: Vec<f64>,
+    wgas: Vec<f64>,
+    g_gg: Vec<f64>,
+    g_pg: Vec<f64>,
+    g_tg: Vec<f64>,
+    /// Gas Jacobian: per component d(model)/dV and d(model)/dsigma, and one line's buffers.
+    gas_dmodel: Vec<f64>,
+    /// Gas weights at the last Jacobian: variance from the linear solution alone, and the
+    /// derivative of each weight with respect to each non-linear parameter (npar x n_lines).
+    gas_var: Vec<f64>,
+    gas_sens: Vec<f64>,
+    line_buf: Vec<f64>,
+    line_dv: Vec<f64>,
+    line_ds: Vec<f64>,
 }
 
 impl FitScratch {
@@ -672,7 +735,57 @@ impl Fitter {
             poly,
             mpoly,
             reg,
+            gas: None,
         })
+    }
+
+    /// Fit the emission lines of `gas` together with the stars: each gas component adds its V
+    /// and sigma to the non-linear parameters and each line a non-negative weight to the linear
+    /// ones (pPXF's default `lsq_box` bounds). Needs the exact template basis.
+    pub fn with_gas(mut self, gas: GasTemplates) -> Result<Self, FitError> {
+        if !matches!(self.mix, Mix::Identity(_)) {
+            return Err(FitError::Config(
+                "gas emission lines are fitted with the exact template basis only (drop --compress)"
+                    .into(),
+            ));
+        }
+        if *gas.grid() != self.grid {
+            return Err(FitError::Config(
+                "gas templates were built for another galaxy grid".into(),
+            ));
+        }
+        if self.cfg.regul > 0.0 {
+            return Err(FitError::Config(
+                "gas emission lines with regularisation are not supported yet".into(),
+            ));
+        }
+        self.gas = Some(gas);
+        Ok(self)
+    }
+
+    /// The gas templates, if any.
+    pub fn gas(&self) -> Option<&GasTemplates> {
+        self.gas.as_ref()
+    }
+
+    fn n_gas(&self) -> usize {
+        self.gas.as_ref().map_or(0, GasTemplates::len)
+    }
+
+    fn n_gas_components(&self) -> usize {
+        self.gas.as_ref().map_or(0, GasTemplates::n_components)
+    }
+
+    /// Index of the first gas parameter (after the stellar moments and the multiplicative
+    /// polynomial).
+    fn gas_offset(&self) -> usize {
+        self.cfg.moments + self.cfg.mdegree
+    }
+
+    /// Non-linear parameters: stellar moments, multiplicative coefficients, (V, sigma) per gas
+    /// component.
+    fn n_params(&self) -> usize {
+        self.gas_offset() + 2 * self.n_gas_components()
     }
 
     pub fn config(&self) -> &FitConfig {
@@ -697,7 +810,9 @@ impl Fitter {
         let npix = self.grid.npix;
         let np = self.poly.len();
         let nb = self.conv.n_bins();
-        let npar = self.cfg.moments + self.cfg.mdegree;
+        let npar = self.n_params();
+        let ngl = self.n_gas();
+        let nlin = np + self.nt + ngl;
         FitScratch {
             conv: self.conv.scratch(),
             kernel: vec![Complex64::new(0.0, 0.0); nb],
@@ -714,9 +829,9 @@ impl Fitter {
             g_bp: vec![0.0; k * np],
             g_bb: vec![0.0; k * k],
             gc: vec![f64::NAN; k * self.nt],
-            rhs: vec![0.0; np + self.nt],
+            rhs: vec![0.0; nlin],
             rhs_b: vec![f64::NAN; k],
-            x: vec![0.0; np + self.nt],
+            x: vec![0.0; nlin],
             u: vec![0.0; k],
             nnls: NnlsSolver::default(),
             resid: Vec::with_capacity(npix),
@@ -724,10 +839,10 @@ impl Fitter {
             combined: vec![Complex64::new(0.0, 0.0); nb],
             deriv: vec![0.0; npix],
             jac: Vec::with_capacity(npar * npix),
-            proj_rhs: vec![0.0; np + self.nt],
+            proj_rhs: vec![0.0; nlin],
             tmp_u: (vec![0.0; k], vec![0.0; k]),
-            active: Vec::with_capacity(np + self.nt),
-            coef: Vec::with_capacity(np + self.nt),
+            active: Vec::with_capacity(nlin),
+            coef: Vec::with_capacity(nlin),
             tw: vec![0.0; self.nt],
             evaluations: 0,
             pixel_chi2: 0.0,
@@ -738,6 +853,17 @@ impl Fitter {
             allowed: vec![true; self.nt],
             used_bins: 0,
             complete_at_exit: false,
+            gas_cols: vec![0.0; ngl * npix],
+            wgas: Vec::with_capacity(ngl * npix),
+            g_gg: vec![0.0; ngl * ngl],
+            g_pg: vec![0.0; np * ngl],
+            g_tg: vec![f64::NAN; self.nt * ngl],
+            gas_dmodel: vec![0.0; 2 * self.n_gas_components() * npix],
+            gas_var: vec![f64::NAN; ngl],
+            gas_sens: vec![0.0; npar * ngl],
+            line_buf: vec![0.0; if ngl > 0 { npix } else { 0 }],
+            line_dv: vec![0.0; if ngl > 0 { npix } else { 0 }],
+            line_ds: vec![0.0; if ngl > 0 { npix } else { 0 }],
         }
     }
 
@@ -817,7 +943,7 @@ impl Fitter {
             }
         }
         let n_good = spectrum.validate(self.grid.npix)?;
-        let npar = self.cfg.moments + self.cfg.mdegree;
+        let npar = self.n_params();
         let n_lin = self.poly.len() + 1;
         if n_good <= npar + n_lin {
             return Err(FitError::TooFewGoodPixels {
@@ -846,6 +972,14 @@ impl Fitter {
         params[1] = start.sigma.clamp(self.min_sigma(), self.cfg.max_sigma);
         for k in 2..self.cfg.moments {
             params[k] = start.h[k - 2].clamp(-0.3, 0.3);
+        }
+        if let Some(gas) = &self.gas {
+            let off = self.gas_offset();
+            for c in 0..gas.n_components() {
+                params[off + 2 * c] = params[0];
+                params[off + 2 * c + 1] =
+                    gas.sigma_start.clamp(self.min_sigma(), self.cfg.max_sigma);
+            }
         }
         let mut cov;
         let mut pass = 0;
@@ -882,11 +1016,19 @@ impl Fitter {
             .map(|i| cov.get(i * npar + i).map_or(0.0, |v| v.max(0.0).sqrt()))
             .collect();
         let n_used = s.good_idx.len();
+        let gas = self.gas_result(s, &params, &cov);
+        let gas_free = gas.as_ref().map_or(0, |g| {
+            g.components
+                .iter()
+                .map(|c| usize::from(c.v_error > 0.0) + usize::from(c.sigma_error > 0.0))
+                .sum()
+        });
         let dof = n_used
-            .saturating_sub(errors.iter().filter(|e| **e > 0.0).count())
+            .saturating_sub(errors.iter().filter(|e| **e > 0.0).count() + gas_free)
             .max(1);
         let bestfit = self.model_all_pixels(s);
         let np = self.poly.len();
+        let nt = self.nt;
         Ok(FitResult {
             v: params[0],
             sigma: params[1],
@@ -894,12 +1036,93 @@ impl Fitter {
             errors,
             chi2: chi2_sum / dof as f64,
             dof,
-            weights: s.x[np..].to_vec(),
+            weights: s.x[np..np + nt].to_vec(),
             poly_weights: s.x[..np].to_vec(),
-            mpoly_weights: params[self.cfg.moments..].to_vec(),
+            mpoly_weights: params[self.cfg.moments..self.gas_offset()].to_vec(),
             bestfit,
             good,
             evaluations: s.evaluations,
+            gas,
+        })
+    }
+
+    /// Gas kinematics, fluxes and their errors from the scratch at the solution `params` with
+    /// covariance `cov`. A line's flux is its fitted template summed over every pixel (pPXF's
+    /// `gas_flux`). Its error is formal (not scaled by chi2) and, unlike pPXF's
+    /// `gas_flux_error` (the gas columns alone), includes the covariance with the stellar
+    /// templates, the polynomials and the kinematics: pPXF's would be too small where lines
+    /// blend (Halpha and [NII]) or their width is uncertain. Lines at zero weight get pPXF's.
+    fn gas_result(&self, s: &FitScratch, params: &[f64], cov: &[f64]) -> Option<GasResult> {
+        let gas = self.gas.as_ref()?;
+        let npix = self.grid.npix;
+        let npar = params.len();
+        let ngl = gas.len();
+        let nb = self.poly.len() + self.nt;
+        let off = self.gas_offset();
+        let err = |i: usize| cov.get(i * npar + i).map_or(0.0, |v| v.max(0.0).sqrt());
+        let components = gas
+            .components
+            .iter()
+            .enumerate()
+            .map(|(c, name)| GasComponent {
+                name: (*name).to_string(),
+                v: params[off + 2 * c],
+                sigma: params[off + 2 * c + 1],
+                v_error: err(off + 2 * c),
+                sigma_error: err(off + 2 * c + 1),
+            })
+            .collect();
+        // Lines with a column on the fitted pixels; the others have no flux (pPXF: NaN).
+        let live: Vec<usize> = (0..ngl).filter(|&l| s.g_gg[l * ngl + l] > 0.0).collect();
+        let m = live.len();
+        let mut q = vec![0.0; m * m];
+        for (a, &la) in live.iter().enumerate() {
+            for (b, &lb) in live.iter().enumerate() {
+                q[a * m + b] = s.g_gg[la * ngl + lb];
+            }
+        }
+        let inv = spd_inverse(&q, m);
+        let mut bestfit = vec![0.0; npix];
+        let mut lines = Vec::with_capacity(ngl);
+        for (l, line) in gas.lines.iter().enumerate() {
+            let col = &s.gas_cols[l * npix..(l + 1) * npix];
+            let w = s.x[nb + l];
+            axpy(w, col, &mut bestfit);
+            let integral = col.iter().sum::<f64>().abs();
+            let (flux, flux_error) = match live.iter().position(|&x| x == l) {
+                // A fitted line: the variance of its weight from the linear solution with the
+                // stars and polynomials, plus what the kinematics' covariance adds through the
+                // weight's dependence on them (Gauss-Newton covariance of all parameters).
+                Some(_) if s.gas_var[l].is_finite() => {
+                    let sens = |q: usize| s.gas_sens[q * ngl + l];
+                    let mut var = s.gas_var[l];
+                    for q in 0..npar {
+                        for r in 0..npar {
+                            var += sens(q) * cov[q * npar + r] * sens(r);
+                        }
+                    }
+                    (integral * w, integral * var.max(0.0).sqrt())
+                }
+                // A line at zero: pPXF's error, from the gas columns alone.
+                Some(a) => (
+                    integral * w,
+                    inv.as_ref()
+                        .map_or(f64::NAN, |inv| integral * inv[a * m + a].max(0.0).sqrt()),
+                ),
+                None => (f64::NAN, f64::NAN),
+            };
+            lines.push(GasLineFlux {
+                name: line.name.clone(),
+                component: gas.components[gas.component[l]].to_string(),
+                wave: line.wave,
+                flux,
+                flux_error,
+            });
+        }
+        Some(GasResult {
+            components,
+            lines,
+            bestfit,
         })
     }
 
@@ -942,7 +1165,7 @@ impl Fitter {
         for j in (0..self.nt).filter(|&j| !s.allowed[j]) {
             let mut g = self.price(j, &s.pricing[..len]);
             if let Some(r) = &self.reg {
-                g -= dot(&r[j * self.nt..(j + 1) * self.nt], &s.x[np..]);
+                g -= dot(&r[j * self.nt..(j + 1) * self.nt], &s.x[np..np + self.nt]);
             }
             let g = g / self.mean_square[j].max(f64::MIN_POSITIVE).sqrt();
             s.tw[j] = g;
@@ -975,7 +1198,11 @@ impl Fitter {
             0 => (-self.cfg.max_velocity, self.cfg.max_velocity),
             1 => (self.min_sigma(), self.cfg.max_sigma),
             i if i < self.cfg.moments => (-0.3, 0.3),
-            _ => (-1.0, 1.0),
+            i if i < self.gas_offset() => (-1.0, 1.0),
+            i if (i - self.gas_offset()).is_multiple_of(2) => {
+                (-self.cfg.max_velocity, self.cfg.max_velocity)
+            }
+            _ => (self.min_sigma(), self.cfg.max_sigma),
         }
     }
 
@@ -1065,13 +1292,16 @@ impl Fitter {
                     .sum::<f64>();
             s.mvec[i] = m.max(0.1);
         }
+        if !same_point {
+            self.gas_columns(s, spectrum, p);
+        }
         if let Mix::Identity(_) = self.mix {
             self.solve_exact(s, spectrum, used, same_point)?;
         } else {
             self.solve_compressed(s, spectrum, used)?;
         }
         // Residuals on the good pixels.
-        self.mix.to_basis(&s.x[np..], &mut s.u);
+        self.mix.to_basis(&s.x[np..np + nt], &mut s.u);
         s.resid.clear();
         s.resid.extend_from_slice(&s.wy);
         for a in 0..k {
@@ -1083,16 +1313,66 @@ impl Fitter {
         for l in 0..np {
             axpy(-s.x[l], &s.wpoly[l * ng..(l + 1) * ng], &mut s.resid);
         }
+        for l in 0..self.n_gas() {
+            let w = s.x[np + nt + l];
+            if w != 0.0 {
+                axpy(-w, &s.wgas[l * ng..(l + 1) * ng], &mut s.resid);
+            }
+        }
         let chi2 = dot(&s.resid, &s.resid);
         s.pixel_chi2 = chi2;
         let mut chi2 = chi2;
         if let Some(reg) = &self.reg {
-            let w = &s.x[np..];
+            let w = &s.x[np..np + nt];
             for j in 0..nt {
                 chi2 += w[j] * dot(&reg[j * nt..(j + 1) * nt], w);
             }
         }
         Ok(chi2)
+    }
+
+    /// Gas line columns at the gas kinematics of `p` on every pixel, weighted on the good
+    /// pixels, with their products (polynomials, each other, right-hand side); products with
+    /// template columns are forgotten (computed on demand).
+    fn gas_columns(&self, s: &mut FitScratch, spectrum: &Spectrum, p: &[f64]) {
+        let Some(gas) = &self.gas else {
+            return;
+        };
+        let npix = self.grid.npix;
+        let np = self.poly.len();
+        let nb = np + self.nt;
+        let ngl = gas.len();
+        let ng = s.good_idx.len();
+        let off = self.gas_offset();
+        for l in 0..ngl {
+            let c = gas.component[l];
+            gas.column(
+                l,
+                p[off + 2 * c],
+                p[off + 2 * c + 1],
+                &mut s.gas_cols[l * npix..(l + 1) * npix],
+                None,
+            );
+        }
+        s.wgas.clear();
+        for l in 0..ngl {
+            let col = &s.gas_cols[l * npix..(l + 1) * npix];
+            s.wgas
+                .extend(s.good_idx.iter().map(|&i| col[i] / spectrum.noise[i]));
+        }
+        for a in 0..ngl {
+            let wa = &s.wgas[a * ng..(a + 1) * ng];
+            for b in a..ngl {
+                let v = dot(wa, &s.wgas[b * ng..(b + 1) * ng]);
+                s.g_gg[a * ngl + b] = v;
+                s.g_gg[b * ngl + a] = v;
+            }
+            for l in 0..np {
+                s.g_pg[l * ngl + a] = dot(&s.wpoly[l * ng..(l + 1) * ng], wa);
+            }
+            s.rhs[nb + a] = dot(wa, &s.wy);
+        }
+        s.g_tg.fill(f64::NAN);
     }
 
     /// Linear solve with the compressed basis: all k basis columns, Gram in factored form.
@@ -1197,6 +1477,10 @@ impl Fitter {
             good_idx: &s.good_idx,
             kernel: &s.kernel,
             allowed: &s.allowed,
+            ngl: self.n_gas(),
+            wgas: &s.wgas,
+            g_gg: &s.g_gg,
+            g_pg: &s.g_pg,
             cells: std::cell::RefCell::new(LazyCells {
                 rhs: &mut s.rhs_b,
                 cols: &mut s.cols,
@@ -1209,6 +1493,7 @@ impl Fitter {
                 model: &mut s.resid,
                 adjoint_in: &mut s.adjoint_in,
                 pricing: &mut s.pricing,
+                g_tg: &mut s.g_tg,
             }),
         };
         let solved = s.nnls.solve(&lazy, &s.rhs, np, &mut s.x);
@@ -1228,6 +1513,12 @@ impl Fitter {
         for (poly, &c) in self.poly.iter().zip(&s.x[..np]) {
             axpy(c, poly, &mut model);
         }
+        for l in 0..self.n_gas() {
+            let w = s.x[np + self.nt + l];
+            if w != 0.0 {
+                axpy(w, &s.gas_cols[l * npix..(l + 1) * npix], &mut model);
+            }
+        }
         model
     }
 
@@ -1240,11 +1531,15 @@ impl Fitter {
         let nt = self.nt;
         let ng = s.good_idx.len();
         let nkin = self.cfg.moments;
-        let npar = nkin + self.cfg.mdegree;
+        let npar = self.n_params();
+        let off = self.gas_offset();
+        let nb = np + nt;
+        let ngl = self.n_gas();
         let gh = self.losvd(p);
         let used = self
             .conv
             .losvd_kernel_with_derivatives(&gh, &mut s.kernel, &mut s.dkernel);
+        self.gas_derivatives(s, p);
         // The best-fit stellar template before convolution.
         self.combine_basis(&s.u, used, &mut s.combined);
         // Unmultiplied stellar model for the multiplicative derivatives.
@@ -1259,8 +1554,19 @@ impl Fitter {
         s.active.extend(0..np);
         s.active
             .extend((0..nt).filter(|&j| s.x[np + j] > 0.0).map(|j| j + np));
+        s.active
+            .extend((0..ngl).filter(|&g| s.x[nb + g] > 0.0).map(|g| g + nb));
         let active_inverse = self.active_inverse(s);
         let m = s.active.len();
+        // Gas weights' variance from the linear solution with every active column (NaN:
+        // inactive line) and, per parameter below, their sensitivity to it.
+        s.gas_var.fill(f64::NAN);
+        s.gas_sens.fill(0.0);
+        for (a, &idx) in s.active.iter().enumerate() {
+            if idx >= nb {
+                s.gas_var[idx - nb] = active_inverse[a * m + a];
+            }
+        }
         s.jac.clear();
         let to_samples = self.factor as f64 / self.grid.velscale;
         for q in 0..npar {
@@ -1272,11 +1578,14 @@ impl Fitter {
                 for i in 0..npix {
                     s.deriv[i] *= scale * s.mvec[i];
                 }
-            } else {
+            } else if q < off {
                 let poly = &self.mpoly[q - nkin];
                 for i in 0..npix {
                     s.deriv[i] = poly[i] * s.stellar[i];
                 }
+            } else {
+                let d = &s.gas_dmodel[(q - off) * npix..(q - off + 1) * npix];
+                s.deriv.copy_from_slice(d);
             }
             let start = s.jac.len();
             s.jac
@@ -1295,7 +1604,14 @@ impl Fitter {
                     dot(&s.wcols[a * ng..(a + 1) * ng], jq)
                 };
             }
-            self.mix.to_templates(&s.tmp_u.0, &mut s.proj_rhs[np..]);
+            self.mix.to_templates(&s.tmp_u.0, &mut s.proj_rhs[np..nb]);
+            for g in 0..ngl {
+                s.proj_rhs[nb + g] = if s.x[nb + g] > 0.0 {
+                    dot(&s.wgas[g * ng..(g + 1) * ng], jq)
+                } else {
+                    0.0
+                };
+            }
             s.coef.clear();
             for a in 0..m {
                 let c: f64 = (0..m)
@@ -1303,14 +1619,25 @@ impl Fitter {
                     .sum();
                 s.coef.push(c);
             }
+            for (a, &idx) in s.active.iter().enumerate() {
+                if idx >= nb {
+                    s.gas_sens[q * ngl + idx - nb] = s.coef[a];
+                }
+            }
             s.tw.fill(0.0);
             for (c, &idx) in s.active.iter().enumerate() {
-                if idx >= np {
+                if idx >= np && idx < nb {
                     s.tw[idx - np] = s.coef[c];
                 }
             }
             self.mix.to_basis(&s.tw, &mut s.tmp_u.1);
             let jq = &mut s.jac[start..start + ng];
+            for (c, &idx) in s.active.iter().enumerate() {
+                if idx >= nb {
+                    let g = idx - nb;
+                    axpy(-s.coef[c], &s.wgas[g * ng..(g + 1) * ng], jq);
+                }
+            }
             for a in 0..k {
                 if s.tmp_u.1[a] != 0.0 {
                     axpy(-s.tmp_u.1[a], &s.wcols[a * ng..(a + 1) * ng], jq);
@@ -1319,6 +1646,42 @@ impl Fitter {
             for l in 0..np {
                 axpy(-s.coef[l], &s.wpoly[l * ng..(l + 1) * ng], jq);
             }
+        }
+    }
+
+    /// d(model)/dV and d(model)/dsigma of each gas component at the scratch's gas weights
+    /// (`gas_dmodel`, 2 rows of npix per component).
+    fn gas_derivatives(&self, s: &mut FitScratch, p: &[f64]) {
+        let Some(gas) = &self.gas else {
+            return;
+        };
+        let npix = self.grid.npix;
+        let nb = self.poly.len() + self.nt;
+        let off = self.gas_offset();
+        s.gas_dmodel.fill(0.0);
+        for l in 0..gas.len() {
+            let w = s.x[nb + l];
+            if w == 0.0 {
+                continue;
+            }
+            let c = gas.component[l];
+            gas.column(
+                l,
+                p[off + 2 * c],
+                p[off + 2 * c + 1],
+                &mut s.line_buf,
+                Some((&mut s.line_dv, &mut s.line_ds)),
+            );
+            axpy(
+                w,
+                &s.line_dv,
+                &mut s.gas_dmodel[2 * c * npix..(2 * c + 1) * npix],
+            );
+            axpy(
+                w,
+                &s.line_ds,
+                &mut s.gas_dmodel[(2 * c + 1) * npix..(2 * c + 2) * npix],
+            );
         }
     }
 
@@ -1340,10 +1703,38 @@ impl Fitter {
             tmp_u: std::cell::RefCell::new((Vec::new(), Vec::new())),
         };
         let m = s.active.len();
+        let nb = np + nt;
+        let ngl = self.n_gas();
+        let ng = s.good_idx.len();
+        // Gas entries: products kept by the evaluation, or computed here for active templates
+        // (whose columns the evaluation convolved).
+        let gas_entry = |i: usize, j: usize| -> f64 {
+            let (g, o) = if i >= nb { (i - nb, j) } else { (j - nb, i) };
+            if o >= nb {
+                s.g_gg[g * ngl + o - nb]
+            } else if o < np {
+                s.g_pg[o * ngl + g]
+            } else {
+                let t = o - np;
+                let v = s.g_tg[t * ngl + g];
+                if v.is_nan() {
+                    dot(
+                        &s.wcols[t * ng..(t + 1) * ng],
+                        &s.wgas[g * ng..(g + 1) * ng],
+                    )
+                } else {
+                    v
+                }
+            }
+        };
         let mut q = vec![0.0; m * m];
         for (a, &i) in s.active.iter().enumerate() {
             for (c, &j) in s.active.iter().enumerate() {
-                q[a * m + c] = normal.entry(i, j);
+                q[a * m + c] = if i >= nb || j >= nb {
+                    gas_entry(i, j)
+                } else {
+                    normal.entry(i, j)
+                };
             }
             q[a * m + a] *= 1.0 + 1e-12;
         }

@@ -6,9 +6,13 @@ use anyhow::Context;
 
 use crate::error::FitError;
 use crate::fit::{FitConfig, Fitter, Start, TemplateBasis};
+use crate::gas::{GasResult, GasTemplates};
 use crate::populations::{Populations, populations};
+use crate::spectrum::RestFrameSpectrum;
 use crate::spectrum::{Selection, mask_emission_lines, read_spectrum};
-use crate::templates::{Broadening, PrepareConfig, ResolutionCurve, TemplateLibrary, prepare};
+use crate::templates::{
+    Broadening, PrepareConfig, PreparedTemplates, ResolutionCurve, TemplateLibrary, prepare,
+};
 
 pub use crate::output::OutputFormat;
 use crate::output::{file_with_size, print_out};
@@ -70,6 +74,20 @@ pub struct FitSpectrumArgs {
     /// tolerance instead of the exact templates (faster for large libraries, approximate).
     #[arg(long)]
     pub compress: Option<f64>,
+    /// Fit the gas emission lines with the stars (Gaussian templates at the instrumental
+    /// resolution; kinematic components `balmer` and `forbidden`) instead of masking them.
+    #[arg(long)]
+    pub gas: bool,
+    /// With --gas: one kinematic component for all lines (tied Balmer and forbidden V, sigma).
+    #[arg(long, requires = "gas")]
+    pub gas_tied: bool,
+    /// With --gas: the lines to fit, as pPXF names them (e.g. Halpha,[NII]6583_d); default:
+    /// every line of pPXF's list inside the fitted range.
+    #[arg(long, requires = "gas", value_delimiter = ',')]
+    pub gas_lines: Option<Vec<String>>,
+    /// With --gas: starting dispersion of the gas, km/s.
+    #[arg(long, requires = "gas", default_value_t = 50.0)]
+    pub gas_sigma_start: f64,
     /// Write a PNG of data, model, residuals and masked regions.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -105,6 +123,11 @@ pub struct FitReport {
     pub dof: usize,
     pub n_templates_used: usize,
     pub populations: Option<Populations>,
+    /// With --gas: kinematics per gas component and flux per line. Fluxes are the fitted line
+    /// summed over pixels in the file's flux units (pPXF's `gas_flux`; multiply by the pixel
+    /// width in Angstrom at the line for an integrated flux), errors formal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gas: Option<GasResult>,
 }
 
 pub fn run(args: &FitSpectrumArgs) -> anyhow::Result<()> {
@@ -134,7 +157,30 @@ pub fn run(args: &FitSpectrumArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a fit of one spectrum file needs, prepared: the spectrum on its rest-frame grid, the
+/// templates, the fitter (with gas templates under --gas) and the start.
+pub struct PreparedFit {
+    pub rest: RestFrameSpectrum,
+    pub templates: PreparedTemplates,
+    pub fitter: Fitter,
+    pub start: Start,
+    pub redshift: f64,
+}
+
 pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
+    let PreparedFit {
+        rest,
+        templates,
+        fitter,
+        start,
+        redshift: z,
+    } = prepare_fit(args)?;
+    let fit = fitter.fit(&rest.spectrum, &start)?;
+    report(args, &rest, &templates, fit, z)
+}
+
+/// Read the spectrum, prepare templates (and gas templates), build the fitter.
+pub fn prepare_fit(args: &FitSpectrumArgs) -> anyhow::Result<PreparedFit> {
     let sel = Selection {
         row: args.row,
         spaxel: args.spaxel.as_ref().map(|s| (s[0], s[1])),
@@ -147,7 +193,8 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
     let z = args.redshift.or(obs.redshift).unwrap_or(0.0);
     let lam_range = args.lam_range.as_ref().map(|r| (r[0], r[1]));
     let mut rest = obs.to_rest_frame(z, lam_range)?;
-    if args.emission_mask_kms > 0.0 {
+    // With gas, the lines are fitted, not masked.
+    if args.emission_mask_kms > 0.0 && !args.gas {
         mask_emission_lines(
             &rest.grid,
             rest.medium,
@@ -187,8 +234,35 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         crate::ppxf_inputs::write(path, &templates, std::slice::from_ref(&rest), &cfg)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let fitter = Fitter::new(&templates, grid, cfg)?;
-    let fit = fitter.fit(&rest.spectrum, &Start::new(0.0, args.sigma_start))?;
+    let mut fitter = Fitter::new(&templates, grid, cfg)?;
+    if args.gas {
+        let mut gas = GasTemplates::new(
+            &grid,
+            rest.medium,
+            rest.fwhm.as_ref(),
+            args.gas_lines.as_deref(),
+            args.gas_tied,
+        )?;
+        gas.sigma_start = args.gas_sigma_start;
+        fitter = fitter.with_gas(gas)?;
+    }
+    Ok(PreparedFit {
+        rest,
+        templates,
+        fitter,
+        start: Start::new(0.0, args.sigma_start),
+        redshift: z,
+    })
+}
+
+fn report(
+    args: &FitSpectrumArgs,
+    rest: &RestFrameSpectrum,
+    templates: &PreparedTemplates,
+    mut fit: crate::fit::FitResult,
+    z: f64,
+) -> anyhow::Result<FitReport> {
+    let grid = rest.grid;
     if let Some(path) = &args.plot {
         let title = format!(
             "{}: V = {:.1} km/s, sigma = {:.1} km/s, chi2/DOF = {:.3}",
@@ -202,6 +276,13 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         );
         crate::plot::plot_fit(path, &grid, &rest.spectrum, &fit, &title)?;
     }
+    // Fluxes in the file's units (the fit ran on the spectrum divided by its median).
+    if let Some(gas) = fit.gas.as_mut() {
+        for line in &mut gas.lines {
+            line.flux *= rest.flux_scale;
+            line.flux_error *= rest.flux_scale;
+        }
+    }
     Ok(FitReport {
         file: args.file.display().to_string(),
         redshift: z,
@@ -209,13 +290,14 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         npix: grid.npix,
         n_good: fit.good.iter().filter(|g| **g).count(),
         n_templates_used: fit.weights.iter().filter(|w| **w > 0.0).count(),
-        populations: populations(&templates, &fit.weights),
+        populations: populations(templates, &fit.weights),
         v: fit.v,
         sigma: fit.sigma,
         h: fit.h,
         errors: fit.errors,
         chi2: fit.chi2,
         dof: fit.dof,
+        gas: fit.gas,
     })
 }
 
@@ -253,6 +335,22 @@ fn table(r: &FitReport) -> String {
         );
         if let (Some(a), Some(m)) = (p.mass_log_age, p.mass_metallicity) {
             let _ = writeln!(t, "mass-weighted  log age {a:.3}, [M/H] {m:+.3}");
+        }
+    }
+    if let Some(g) = &r.gas {
+        for c in &g.components {
+            let _ = writeln!(
+                t,
+                "gas {:<10} V {:>9.2} +- {:.2} km/s, sigma {:>8.2} +- {:.2} km/s",
+                c.name, c.v, c.v_error, c.sigma, c.sigma_error
+            );
+        }
+        for l in &g.lines {
+            let _ = writeln!(
+                t,
+                "line {:<14} ({:<9}) flux {:>12.5e} +- {:.3e}",
+                l.name, l.component, l.flux, l.flux_error
+            );
         }
     }
     t

@@ -8,6 +8,7 @@ pub mod fit;
 pub mod fit_spectrum_cmd;
 pub mod fits_cards;
 pub(crate) mod fits_io;
+pub mod gas;
 pub mod linalg;
 pub mod losvd;
 pub mod nnls;

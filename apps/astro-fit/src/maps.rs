@@ -44,6 +44,28 @@ pub struct BinResult {
     pub sn: f64,
     /// Why the fit failed, when it did (other fields are then NaN).
     pub failure: Option<String>,
+    /// Gas fitted with the stars: per gas template, in the order of the fit's templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gas: Option<Vec<GasLineResult>>,
+}
+
+/// One gas template of one bin: its flux (both lines of a doublet; in the cube's flux unit
+/// times Angstrom), and the V and sigma (km/s) of its kinematic component.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GasLineResult {
+    pub flux: Measured,
+    pub vel: Measured,
+    pub sigma: Measured,
+}
+
+/// One channel of the `EMLINE_G*` extensions: a physical line, named as the MaNGA DAP names
+/// its channels (`Ha-6564`, `OIII-5008`), taken from gas template `template`, holding `share`
+/// of its flux (a doublet's template holds two lines in a fixed ratio).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GasChannel {
+    pub name: String,
+    pub template: usize,
+    pub share: f64,
 }
 
 impl BinResult {
@@ -65,6 +87,7 @@ impl BinResult {
             chi2: f64::NAN,
             sn,
             failure: Some(why),
+            gas: None,
         }
     }
 }
@@ -141,6 +164,8 @@ impl Fitted {
 pub struct MapsHeader {
     pub fitted: Fitted,
     pub provenance: Vec<(String, KeyValue, String)>,
+    /// Channels of the emission-line extensions; empty: gas was not fitted.
+    pub gas_channels: Vec<GasChannel>,
 }
 
 impl MapsHeader {
@@ -149,6 +174,7 @@ impl MapsHeader {
         MapsHeader {
             fitted: Fitted::from_results(results),
             provenance: Vec::new(),
+            gas_channels: Vec::new(),
         }
     }
 }
@@ -356,6 +382,87 @@ pub fn map_images(
             }
         })
         .collect())
+}
+
+/// The MaNGA DAP's Gaussian emission-line extensions, one channel per line, as images of
+/// `channels.len() * nx * ny` values (channel-major, then `y * nx + x`).
+pub struct GasImages {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub ivar_unit: &'static str,
+    pub value: Vec<f32>,
+    pub ivar: Vec<f32>,
+    pub mask: Vec<i32>,
+}
+
+/// `EMLINE_GFLUX`, `EMLINE_GVEL` and `EMLINE_GSIGMA` with their inverse variances and masks.
+pub fn gas_images(
+    map: &BinMap,
+    results: &[Option<BinResult>],
+    channels: &[GasChannel],
+) -> Vec<GasImages> {
+    type Get = fn(&GasLineResult) -> Measured;
+    let quantities: [(&'static str, &'static str, &'static str, Get, bool); 3] = [
+        (
+            "EMLINE_GFLUX",
+            "cube flux unit * Angstrom",
+            "(cube flux unit * Angstrom)^{-2}",
+            |g| g.flux,
+            true,
+        ),
+        ("EMLINE_GVEL", "km/s", "(km/s)^{-2}", |g| g.vel, false),
+        ("EMLINE_GSIGMA", "km/s", "(km/s)^{-2}", |g| g.sigma, false),
+    ];
+    let n = map.bin_of.len();
+    quantities
+        .iter()
+        .map(|&(name, unit, ivar_unit, get, scaled)| {
+            let mut value = vec![0f32; channels.len() * n];
+            let mut ivar = vec![0f32; channels.len() * n];
+            let mut mask = vec![MASK_NOCOV | MASK_DONOTUSE; channels.len() * n];
+            for (c, ch) in channels.iter().enumerate() {
+                for (i, bin) in map.bin_of.iter().enumerate() {
+                    let k = c * n + i;
+                    let Some(bin) = bin else { continue };
+                    let Some(result) = results.get(*bin).and_then(Option::as_ref) else {
+                        mask[k] = MASK_NOVALUE | MASK_DONOTUSE;
+                        continue;
+                    };
+                    if result.failure.is_some() {
+                        mask[k] = MASK_FITFAILED | MASK_DONOTUSE;
+                        continue;
+                    }
+                    let Some(m) = result
+                        .gas
+                        .as_ref()
+                        .and_then(|g| g.get(ch.template))
+                        .map(get)
+                        .filter(|m| m.value.is_finite())
+                    else {
+                        mask[k] = MASK_NOVALUE | MASK_DONOTUSE;
+                        continue;
+                    };
+                    let f = if scaled { ch.share } else { 1.0 };
+                    value[k] = (m.value * f) as f32;
+                    let e = m.error * f;
+                    ivar[k] = if e.is_finite() && e > 0.0 {
+                        (1.0 / (e * e)) as f32
+                    } else {
+                        0.0
+                    };
+                    mask[k] = 0;
+                }
+            }
+            GasImages {
+                name,
+                unit,
+                ivar_unit,
+                value,
+                ivar,
+                mask,
+            }
+        })
+        .collect()
 }
 
 /// A header card to write: keyword, value, comment (empty: none).
@@ -579,6 +686,69 @@ pub fn write_maps_with(
             )?;
         }
     }
+    let channels = &header.gas_channels;
+    if !channels.is_empty() {
+        let gdims = [channels.len(), map.ny, map.nx];
+        // Channel names in C1, C2, ... as the DAP writes them.
+        let names: Vec<Card> = channels
+            .iter()
+            .enumerate()
+            .map(|(k, c)| card(&format!("C{}", k + 1), text(&c.name), "Data in channel"))
+            .collect();
+        let with = |mut own: Vec<Card>| {
+            own.extend(names.iter().cloned());
+            with_wcs(own)
+        };
+        for img in gas_images(map, results, channels) {
+            let ivar_name = format!("{}_IVAR", img.name);
+            let mask_name = format!("{}_MASK", img.name);
+            write_image(
+                &mut f,
+                &tmp,
+                img.name,
+                ImageType::Float,
+                &gdims,
+                &img.value,
+                &with(vec![
+                    card("BUNIT", text(img.unit), ""),
+                    card("HDUCLAS1", text("CUBE"), ""),
+                    card("HDUCLAS2", text("DATA"), ""),
+                    card("ERRDATA", text(&ivar_name), "inverse variance"),
+                    card("QUALDATA", text(&mask_name), "MANGA_DAPPIXMASK bits"),
+                ]),
+            )?;
+            write_image(
+                &mut f,
+                &tmp,
+                &ivar_name,
+                ImageType::Float,
+                &gdims,
+                &img.ivar,
+                &with(vec![
+                    card("BUNIT", text(img.ivar_unit), ""),
+                    card("HDUCLAS1", text("CUBE"), ""),
+                    card("HDUCLAS2", text("ERROR"), ""),
+                    card("HDUCLAS3", text("INVMSE"), ""),
+                    card("SCIDATA", text(img.name), ""),
+                ]),
+            )?;
+            write_image(
+                &mut f,
+                &tmp,
+                &mask_name,
+                ImageType::Long,
+                &gdims,
+                &img.mask,
+                &with(vec![
+                    card("HDUCLAS1", text("CUBE"), ""),
+                    card("HDUCLAS2", text("QUALITY"), ""),
+                    card("HDUCLAS3", text("FLAG32BIT"), ""),
+                    card("SCIDATA", text(img.name), ""),
+                    card("MASKNAME", text("MANGA_DAPPIXMASK"), ""),
+                ]),
+            )?;
+        }
+    }
     drop(f);
     std::fs::rename(&tmp, path).map_err(|source| MapsError::Io {
         path: path.to_path_buf(),
@@ -707,6 +877,7 @@ pub(crate) mod tests {
             chi2: 1.1,
             sn: 30.0,
             failure: None,
+            gas: None,
         }
     }
 
@@ -860,6 +1031,7 @@ pub(crate) mod tests {
                 KeyValue::Text("x-LOGCUBE.fits".into()),
                 "the cube fitted".into(),
             )],
+            gas_channels: Vec::new(),
         };
         write_maps_with(&path, &meta, &map, &results, &header(2, false)).unwrap();
         let kinematics = [

@@ -1,4 +1,5 @@
-//! PNG plot of a fit: data, best-fit model, residuals and the masked regions.
+//! PNG plot of a fit: data, best-fit model, residuals and the masked regions; with gas, the
+//! stellar model and the gas emission lines apart.
 
 use std::path::Path;
 
@@ -111,14 +112,49 @@ pub fn plot_fit(
         .map_err(|e| err(&e))?
         .label("data")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK));
-    chart
-        .draw_series(LineSeries::new(
-            series(&fit.bestfit, 0.0),
-            RED.stroke_width(2),
-        ))
-        .map_err(|e| err(&e))?
-        .label("model")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+    match &fit.gas {
+        None => {
+            chart
+                .draw_series(LineSeries::new(
+                    series(&fit.bestfit, 0.0),
+                    RED.stroke_width(2),
+                ))
+                .map_err(|e| err(&e))?
+                .label("model")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+        }
+        Some(gas) => {
+            // Stars (model less gas) over the data; the gas lines alone on the residuals'
+            // baseline, so that each can be judged against the data.
+            let stars: Vec<f64> = fit
+                .bestfit
+                .iter()
+                .zip(&gas.bestfit)
+                .map(|(m, g)| m - g)
+                .collect();
+            chart
+                .draw_series(LineSeries::new(series(&stars, 0.0), RED.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label("stars")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+            chart
+                .draw_series(LineSeries::new(
+                    series(&fit.bestfit, 0.0),
+                    MAGENTA.mix(0.6).stroke_width(1),
+                ))
+                .map_err(|e| err(&e))?
+                .label("stars + gas")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], MAGENTA));
+            chart
+                .draw_series(LineSeries::new(
+                    series(&gas.bestfit, offset),
+                    BLUE.stroke_width(2),
+                ))
+                .map_err(|e| err(&e))?
+                .label("gas (offset)")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+        }
+    }
     let good_resid: Vec<(f64, f64)> = used.iter().map(|&i| (lam[i], resid[i] + offset)).collect();
     chart
         .draw_series(

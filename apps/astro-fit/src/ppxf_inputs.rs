@@ -14,7 +14,9 @@ use crate::templates::PreparedTemplates;
 
 /// Write `templates` and `spectra` (all on one grid) with the fit settings of `cfg` to `path`
 /// (overwritten). Extensions: TEMPLATES (ntemp x npix_temp; keywords VELSCALE, VSRATIO,
-/// LNLAMT0, LNLAMG0, DEGREE, MDEGREE, MOMENTS), GALAXY, NOISE, GOOD (nspec x npix).
+/// LNLAMT0, LNLAMG0, DEGREE, MDEGREE, MOMENTS, FLUXSCL: the first spectrum's flux scale),
+/// GALAXY, NOISE, GOOD, FWHM (nspec x npix; the rest-frame instrumental FWHM in Angstrom at
+/// each pixel, 0 where unknown: what gas templates need).
 pub fn write(
     path: &Path,
     templates: &PreparedTemplates,
@@ -71,6 +73,17 @@ pub fn write(
                 .collect()
         }),
     )?;
+    image(
+        "FWHM",
+        spectra.len(),
+        npix,
+        rows(&|s| {
+            (0..npix)
+                .map(|i| s.fwhm.as_ref().map_or(0.0, |c| c.at(s.grid.lam(i))))
+                .collect()
+        }),
+    )?;
+    hdu.write_key(&mut f, "FLUXSCL", first.flux_scale)?;
     hdu.write_key(&mut f, "VELSCALE", templates.velscale)?;
     hdu.write_key(&mut f, "VSRATIO", templates.velscale_ratio as i64)?;
     hdu.write_key(&mut f, "LNLAMT0", templates.ln_lam0)?;

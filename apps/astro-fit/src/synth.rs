@@ -8,6 +8,10 @@
 //! LOGCUBE, whose WAVE grid the cube also takes). Everything derives from `seed`: a spaxel's
 //! random numbers come from its own ChaCha stream, so the cube does not depend on threads.
 //!
+//! With `gas`, each spaxel also emits Gaussian lines (Balmer and forbidden, fixed ratios to
+//! Halpha, its flux a per-spaxel multiple of the continuum) with their own kinematics, made by
+//! the fitting core's gas templates ([`crate::gas`]); their truth goes to a second table.
+//!
 //! Template preparation and the LOSVD convolution are the fitting core's ([`crate::templates`],
 //! [`crate::losvd`]): the cube is made with the very operator the fitter inverts.
 
@@ -67,6 +71,59 @@ pub struct SynthConfig {
     pub distortion: f64,
     /// Template oversampling for the convolution (pPXF's velscale_ratio).
     pub oversample: usize,
+    /// Gas emission lines; None: stars only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gas: Option<GasSynth>,
+}
+
+/// Emission lines of a synthetic cube: Halpha's equivalent width (rest Angstrom, against the
+/// spaxel's mean continuum) times a per-spaxel log-normal factor, the other lines in fixed
+/// ratios to it ([`GAS_LINES`]); Balmer gas rotating `v_factor` times the stars' disc
+/// velocity, forbidden gas offset by `forbidden_dv`, each with its own dispersion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GasSynth {
+    pub halpha_ew: f64,
+    pub ew_scatter: f64,
+    pub v_factor: f64,
+    pub forbidden_dv: f64,
+    pub sigma_balmer: f64,
+    pub sigma_forbidden: f64,
+}
+
+impl Default for GasSynth {
+    fn default() -> Self {
+        GasSynth {
+            halpha_ew: 5.0,
+            ew_scatter: 0.3,
+            v_factor: 1.2,
+            forbidden_dv: -20.0,
+            sigma_balmer: 60.0,
+            sigma_forbidden: 90.0,
+        }
+    }
+}
+
+/// Lines a synthetic cube emits, with their flux relative to Halpha (a doublet template's
+/// flux holds both lines).
+pub const GAS_LINES: [(&str, f64); 8] = [
+    ("Hgamma", 0.165),
+    ("Hbeta", 0.35),
+    ("Halpha", 1.0),
+    ("[SII]6716", 0.2),
+    ("[SII]6731", 0.15),
+    ("[OIII]5007_d", 0.8),
+    ("[OI]6300_d", 0.05),
+    ("[NII]6583_d", 0.6),
+];
+
+/// A spaxel's gas: kinematics of the two components and the Halpha equivalent width.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GasTruth {
+    pub v_balmer: f64,
+    pub sigma_balmer: f64,
+    pub v_forbidden: f64,
+    pub sigma_forbidden: f64,
+    pub halpha_ew: f64,
 }
 
 impl Default for SynthConfig {
@@ -91,6 +148,7 @@ impl Default for SynthConfig {
             sn_max: 60.0,
             distortion: 0.05,
             oversample: 4,
+            gas: None,
         }
     }
 }
@@ -121,6 +179,7 @@ pub struct SpaxelTruth {
     pub templates: [usize; 3],
     pub weights: [f64; 3],
     pub poly: [f64; 3],
+    pub gas: Option<GasTruth>,
 }
 
 fn rng_for(seed: u64, spaxel: usize) -> ChaCha8Rng {
@@ -160,6 +219,18 @@ pub fn spaxel_truth(cfg: &SynthConfig, ntemplates: usize, x: usize, y: usize) ->
     let total: f64 = raw.iter().sum();
     let weights = raw.map(|w| w / total);
     let poly = [0; 3].map(|_| rng.gen_range(-cfg.distortion..=cfg.distortion));
+    // Drawn after everything else: a cube with gas has the same stars as one without.
+    let gas = cfg.gas.as_ref().map(|g| {
+        let factor = LogNormal::new(0.0, g.ew_scatter).map_or(1.0, |d| d.sample(&mut rng));
+        let v_balmer = g.v_factor * v;
+        GasTruth {
+            v_balmer,
+            sigma_balmer: g.sigma_balmer,
+            v_forbidden: v_balmer + g.forbidden_dv,
+            sigma_forbidden: g.sigma_forbidden,
+            halpha_ew: g.halpha_ew * factor,
+        }
+    });
     SpaxelTruth {
         x,
         y,
@@ -173,6 +244,7 @@ pub fn spaxel_truth(cfg: &SynthConfig, ntemplates: usize, x: usize, y: usize) ->
         templates,
         weights,
         poly,
+        gas,
     }
 }
 
@@ -257,6 +329,9 @@ impl SpectrumModel {
     }
 }
 
+/// A spaxel made: its truth, flux, inverse variance and gas line fluxes.
+type SynthSpaxel = (SpaxelTruth, Vec<f32>, Vec<f32>, Vec<f64>);
+
 /// Writes the cube to `out` (gzip-compressed when it ends in `.gz`), the truth CSV to `truth`
 /// and returns the truth rows. Memory: one band of rows at a time.
 pub fn synthesize(
@@ -297,6 +372,24 @@ pub fn synthesize(
         Some(ResolutionCurve::from_resolving_power(wave, specres).deredshift(cfg.redshift));
     let tpl = templates::prepare(&lib, &pcfg)?;
     let model = SpectrumModel::new(&tpl, ln_lam0, npix);
+    let grid = crate::fit::LogGrid {
+        ln_lam0,
+        velscale,
+        npix,
+    };
+    let gas_tpl = match &cfg.gas {
+        Some(_) => {
+            let names: Vec<String> = GAS_LINES.iter().map(|(n, _)| n.to_string()).collect();
+            Some(crate::gas::GasTemplates::new(
+                &grid,
+                Medium::Vacuum,
+                pcfg.galaxy_fwhm.as_ref(),
+                Some(&names),
+                false,
+            )?)
+        }
+        None => None,
+    };
     let x: Vec<f64> = (0..npix)
         .map(|i| -1.0 + 2.0 * i as f64 / (npix - 1) as f64)
         .collect();
@@ -377,10 +470,12 @@ pub fn synthesize(
     }
     let ntpl = tpl.len();
     let mut truths = Vec::with_capacity(cfg.nx * cfg.ny);
+    // Per spaxel: each gas line's flux summed over pixels, in the cube's units.
+    let mut gas_fluxes: Vec<Vec<f64>> = Vec::new();
     let rows_per_band = ((64usize << 20) / (cfg.nx * npix * 12)).max(1);
     for y0 in (0..cfg.ny).step_by(rows_per_band) {
         let rows = y0..(y0 + rows_per_band).min(cfg.ny);
-        let band: Vec<(SpaxelTruth, Vec<f32>, Vec<f32>)> = rows
+        let band: Vec<SynthSpaxel> = rows
             .clone()
             .flat_map(|y| (0..cfg.nx).map(move |x| (x, y)))
             .collect::<Vec<_>>()
@@ -388,14 +483,40 @@ pub fn synthesize(
             .map(|(x, y)| {
                 let t = spaxel_truth(cfg, ntpl, x, y);
                 if !t.inside {
-                    return (t, vec![0.0; npix], vec![0.0; npix]);
+                    return (t, vec![0.0; npix], vec![0.0; npix], Vec::new());
                 }
                 let mut spec = model.spectrum(&t);
                 for (k, s) in spec.iter_mut().enumerate() {
                     let distortion: f64 = (0..3).map(|n| t.poly[n] * legendre[n + 1][k]).sum();
                     *s *= t.flux_scale * (1.0 + distortion);
                 }
-                let noise = spec.iter().sum::<f64>() / npix as f64 / t.sn;
+                let continuum = spec.iter().sum::<f64>() / npix as f64;
+                let noise = continuum / t.sn;
+                let mut fluxes = Vec::new();
+                if let (Some(gas), Some(g)) = (&gas_tpl, &t.gas) {
+                    // Halpha's flux summed over pixels: EW / pixel width at Halpha.
+                    let halpha = gas.lines.iter().find(|l| l.name == "Halpha");
+                    let pixel = halpha.map_or(1.0, |l| l.wave * velscale / C_KMS);
+                    let f_halpha = g.halpha_ew / pixel * continuum;
+                    let mut col = vec![0.0; npix];
+                    for (l, line) in gas.lines.iter().enumerate() {
+                        let ratio = GAS_LINES
+                            .iter()
+                            .find(|(n, _)| *n == line.name)
+                            .map_or(0.0, |(_, r)| *r);
+                        let (v, sigma) = match line.kind {
+                            crate::gas::GasKind::Balmer => (g.v_balmer, g.sigma_balmer),
+                            crate::gas::GasKind::Forbidden => (g.v_forbidden, g.sigma_forbidden),
+                        };
+                        gas.column(l, v, sigma, &mut col, None);
+                        let area: f64 = col.iter().sum();
+                        let flux = ratio * f_halpha;
+                        for (s, c) in spec.iter_mut().zip(&col) {
+                            *s += flux * c / area;
+                        }
+                        fluxes.push(flux);
+                    }
+                }
                 // Noise has its own per-spaxel stream: the truth does not depend on it.
                 let mut rng = rng_for(cfg.seed ^ 0x5eed, y * cfg.nx + x);
                 let normal = Normal::new(0.0, noise).expect("noise is finite and positive");
@@ -404,14 +525,14 @@ pub fn synthesize(
                     .map(|s| (s + normal.sample(&mut rng)) as f32)
                     .collect();
                 let ivar = vec![(1.0 / (noise * noise)) as f32; npix];
-                (t, flux, ivar)
+                (t, flux, ivar, fluxes)
             })
             .collect();
         let nspax = band.len();
         let mut flux = vec![0f32; nspax * npix];
         let mut ivar = vec![0f32; nspax * npix];
         let mut mask = vec![0i32; nspax * npix];
-        for (s, (t, fl, iv)) in band.iter().enumerate() {
+        for (s, (t, fl, iv, _)) in band.iter().enumerate() {
             for k in 0..npix {
                 flux[k * nspax + s] = fl[k];
                 ivar[k * nspax + s] = iv[k];
@@ -428,7 +549,10 @@ pub fn synthesize(
         hdus[2]
             .write_region(&mut f, &region, &mask)
             .map_err(write_err(&plain))?;
-        truths.extend(band.into_iter().map(|(t, _, _)| t));
+        for (t, _, _, fluxes) in band {
+            truths.push(t);
+            gas_fluxes.push(fluxes);
+        }
     }
     let vector = |f: &mut FitsFile, name: &str, values: &[f64]| -> Result<(), SynthError> {
         let hdu = f
@@ -473,7 +597,69 @@ pub fn synthesize(
         std::fs::rename(&plain, out).map_err(io(out))?;
     }
     write_truth(truth, &truths, &tpl.names).map_err(io(truth))?;
+    if let Some(gas) = &gas_tpl {
+        let path = gas_truth_path(truth);
+        let factor = |wave: f64| wave * (1.0 + cfg.redshift) * velscale / C_KMS;
+        write_gas_truth(&path, &truths, &gas_fluxes, gas, &factor).map_err(io(&path))?;
+    }
     Ok(truths)
+}
+
+/// Where the gas truth of a cube whose truth table is `truth` goes: `X-truth.csv` ->
+/// `X-truth-gas.csv`.
+pub fn gas_truth_path(truth: &Path) -> PathBuf {
+    let stem = truth
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("truth");
+    truth.with_file_name(format!("{stem}-gas.csv"))
+}
+
+/// The gas truth: per spaxel with signal, x, y, SN, the kinematics of the two components, and
+/// one flux column per `EMLINE_GFLUX` channel (named as the MAPS name them; in the cube's flux
+/// unit times Angstrom, as the MAPS hold them).
+fn write_gas_truth(
+    path: &Path,
+    truths: &[SpaxelTruth],
+    fluxes: &[Vec<f64>],
+    gas: &crate::gas::GasTemplates,
+    factor: &dyn Fn(f64) -> f64,
+) -> std::io::Result<()> {
+    let channels = gas.dap_channels();
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let names: Vec<&str> = channels.iter().map(|c| c.name.as_str()).collect();
+    writeln!(
+        w,
+        "x,y,SN,V_balmer,sigma_balmer,V_forbidden,sigma_forbidden,{}",
+        names.join(",")
+    )?;
+    let mut rows: Vec<(&SpaxelTruth, &Vec<f64>)> = truths.iter().zip(fluxes).collect();
+    rows.sort_by_key(|(t, _)| (t.y, t.x));
+    for (t, f) in rows {
+        let Some(g) = t.gas.filter(|_| t.inside) else {
+            continue;
+        };
+        let values: Vec<String> = channels
+            .iter()
+            .map(|c| {
+                let line = &gas.lines[c.template];
+                format!("{:.6e}", f[c.template] * c.share * factor(line.wave))
+            })
+            .collect();
+        writeln!(
+            w,
+            "{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{}",
+            t.x,
+            t.y,
+            t.sn,
+            g.v_balmer,
+            g.sigma_balmer,
+            g.v_forbidden,
+            g.sigma_forbidden,
+            values.join(",")
+        )?;
+    }
+    w.flush()
 }
 
 /// The truth table, in the layout of `synthetic-manga-seed7-truth.csv`.

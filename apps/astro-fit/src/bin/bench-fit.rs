@@ -4,6 +4,12 @@
 //! importable, for pPXF on the same prepared templates and spectra in the same run.
 //!
 //!     cargo run --release -p astro-fit --bin bench-fit -- --count 300
+//!
+//! With `--gas`: stars and gas together (issue 17) on the real SDSS and MaNGA spectra with
+//! emission lines, `fit-spectrum --gas --degree 8` against pPXF on the same arrays with the same
+//! gas templates and components (`scripts/ppxf_gas.py`), CPU time per fit on one thread.
+//!
+//!     cargo run --release -p astro-fit --bin bench-fit -- --gas
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -35,6 +41,132 @@ struct Args {
     /// Skip pPXF even if it is installed.
     #[arg(long)]
     no_ppxf: bool,
+    /// Benchmark stars and gas together on the real spectra instead.
+    #[arg(long)]
+    gas: bool,
+    /// With --gas: fits per spectrum timed (astro-fit; pPXF gets a fifth, at least 2).
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+}
+
+#[derive(Parser)]
+struct SpectrumCli {
+    #[command(flatten)]
+    args: astro_fit::fit_spectrum_cmd::FitSpectrumArgs,
+}
+
+/// Median of `v` (NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Stars and gas together: CPU seconds per fit of astro-fit and pPXF on each real spectrum with
+/// emission lines, at identical settings on identical arrays.
+fn run_gas(args: &Args) -> anyhow::Result<()> {
+    let data = shared_data_dir();
+    let emiles = data.join("templates/emiles");
+    let cases = [
+        ("NGC3073_SDSS_DR18.fits", 0),
+        ("NGC3522_SDSS_DR18.fits", 0),
+        ("NGC4636_SDSS_DR12.fits", 0),
+        ("MaNGA_test_spectra.fits.gz", 2),
+        ("MaNGA_test_spectra.fits.gz", 3),
+        ("MaNGA_test_spectra.fits.gz", 4),
+        ("MaNGA_multicomp_test_spectra.fits.gz", 0),
+        ("MaNGA_multicomp_test_spectra.fits.gz", 1),
+    ];
+    let dir = tempfile::tempdir()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ppxf_gas.py");
+    println!(
+        "stars + gas: 150 E-MILES, moments 2 (stars) + 2 per gas component, additive degree 8, pPXF's emission lines inside the range, one thread; CPU seconds per fit (median of {} astro-fit fits)",
+        args.repeats
+    );
+    println!(
+        "{:<40} {:>5} {:>6} {:>12} {:>12} {:>8}",
+        "spectrum", "lines", "pixels", "astro-fit s", "pPXF s", "ratio"
+    );
+    let mut ratios = Vec::new();
+    for (k, (file, row)) in cases.iter().enumerate() {
+        let inputs = dir.path().join(format!("in-{k}.fits"));
+        let argv = [
+            "fit-spectrum".to_string(),
+            data.join("spectra").join(file).display().to_string(),
+            "--row".into(),
+            row.to_string(),
+            "--templates".into(),
+            emiles.display().to_string(),
+            "--gas".into(),
+            "--degree".into(),
+            "8".into(),
+            "--save-inputs".into(),
+            inputs.display().to_string(),
+        ];
+        let a = SpectrumCli::try_parse_from(argv)?.args;
+        let prep = astro_fit::fit_spectrum_cmd::prepare_fit(&a)?;
+        let mut scratch = prep.fitter.scratch();
+        let first = prep
+            .fitter
+            .fit_with(&mut scratch, &prep.rest.spectrum, &prep.start)?;
+        let lines: Vec<String> = first
+            .gas
+            .as_ref()
+            .map(|g| g.lines.iter().map(|l| l.name.clone()).collect())
+            .unwrap_or_default();
+        let mut cpu = Vec::new();
+        for _ in 0..args.repeats.max(1) {
+            let c0 = thread_cpu_seconds();
+            let t0 = Instant::now();
+            let r = prep
+                .fitter
+                .fit_with(&mut scratch, &prep.rest.spectrum, &prep.start)?;
+            std::hint::black_box(&r);
+            cpu.push(
+                c0.zip(thread_cpu_seconds())
+                    .map_or(t0.elapsed().as_secs_f64(), |(a, b)| b - a),
+            );
+        }
+        let ours = median(cpu);
+        let ppxf = if args.no_ppxf {
+            f64::NAN
+        } else {
+            let out = Command::new("python3")
+                .arg(&script)
+                .arg(&inputs)
+                .arg("--lines")
+                .arg(lines.join(","))
+                .args(["--ftol", "1e-4", "--repeat"])
+                .arg((args.repeats / 5).max(2).to_string())
+                .output()?;
+            if !out.status.success() {
+                anyhow::bail!("ppxf_gas.py: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            doc["cpu_s_per_fit"].as_f64().unwrap_or(f64::NAN)
+        };
+        let ratio = ppxf / ours;
+        if ratio.is_finite() {
+            ratios.push(ratio);
+        }
+        println!(
+            "{:<40} {:>5} {:>6} {:>12.4} {:>12.3} {:>7.1}x",
+            format!("{file}#{row}"),
+            lines.len(),
+            prep.rest.grid.npix,
+            ours,
+            ppxf,
+            ratio
+        );
+    }
+    println!(
+        "median speed-up over pPXF (CPU per fit, one core): {:.1}x over {} spectra",
+        median(ratios.clone()),
+        ratios.len()
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -110,6 +242,9 @@ fn fit_all(
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if args.gas {
+        return run_gas(&args);
+    }
     let data = shared_data_dir();
     let truth = read_truth(&data.join("cubes/synthetic-manga-seed7-truth.csv"))?;
     let rows: Vec<_> = truth.into_iter().take(args.count).collect();

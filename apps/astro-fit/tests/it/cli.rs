@@ -174,3 +174,40 @@ fn fit_spectrum_fails_clearly_on_a_fully_masked_spectrum_and_bad_options() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does-not-exist.fits"));
 }
+
+/// `--gas` on bad requests: a line outside the fitted range, an unknown line, the compressed
+/// basis, gas options without `--gas`: each a clear message, no fit.
+#[test]
+fn fit_spectrum_gas_refuses_lines_outside_the_range_and_unsupported_settings() {
+    let data = shared_data_dir();
+    let run = |extra: &[&str]| {
+        let out = astro_fit()
+            .arg("fit-spectrum")
+            .arg(data.join("spectra/NGC3522_SDSS_DR18.fits"))
+            .arg("--templates")
+            .arg(data.join("templates/emiles"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[
+        "--gas",
+        "--lam-range",
+        "4000",
+        "6000",
+        "--gas-lines",
+        "Halpha",
+    ]);
+    assert!(
+        err.contains("Halpha") && err.contains("outside the fitted range"),
+        "{err}"
+    );
+    let err = run(&["--gas", "--gas-lines", "Hfoo"]);
+    assert!(err.contains("unknown emission line \"Hfoo\""), "{err}");
+    let err = run(&["--gas", "--compress", "0.01"]);
+    assert!(err.contains("exact template basis"), "{err}");
+    let err = run(&["--gas-tied"]);
+    assert!(err.contains("--gas"), "{err}");
+}

@@ -324,3 +324,188 @@ with fits.open(maps) as h:
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+/// Gas on a synthetic cube with known truth (issue 17): `synth --gas` emits Balmer and
+/// forbidden lines with their own kinematics, `fit-cube --gas` maps them. Per S/N bin with at
+/// least 20 spaxels, the fluxes of Halpha, Hbeta, [OIII]5007 and [NII]6583 and the V and sigma
+/// of the two gas components against the truth: the pulls' standard deviation in 0.8-1.25
+/// (errors as large as the scatter), their mean within 0.3 (no bias beyond a third of an
+/// error); RMS printed. Hbeta's flux is the exception, allowed a pull spread up to 1.5: it sits
+/// in the stars' deepest Balmer absorption, and where the continuum is bright (S/N 20-40) which
+/// templates the non-negative solution keeps moves its flux by more than the covariance of
+/// the kept ones says (measured: pull std 1.38, mean +0.28, BENCHMARKS.md "Issue 17").
+#[test]
+fn synthetic_gas_cube_maps_match_their_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let cube = dir.path().join("gas-LOGCUBE.fits");
+    let out = astro_fit(&[
+        "synth",
+        "--out",
+        cube.to_str().unwrap(),
+        "--templates",
+        &shared("templates/emiles"),
+        "--reference",
+        &shared("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz"),
+        "--nx",
+        "16",
+        "--ny",
+        "16",
+        "--footprint",
+        "square",
+        "--seed",
+        "17",
+        "--gas",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fit_dir = dir.path().join("fit");
+    let out = astro_fit(&[
+        "fit-cube",
+        cube.to_str().unwrap(),
+        "--templates",
+        &shared("templates/emiles"),
+        "--out",
+        fit_dir.to_str().unwrap(),
+        "--gas",
+        "--threads",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fit_dir.join("emission.png").is_file());
+
+    // The truth table: header names the columns, one row per spaxel.
+    let text = std::fs::read_to_string(dir.path().join("gas-truth-gas.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+
+    let mut f = fitsio::FitsFile::open(fit_dir.join("maps.fits")).unwrap();
+    let hdu = f.hdu("EMLINE_GFLUX").unwrap();
+    let mut channels = Vec::new();
+    for k in 1.. {
+        match hdu.read_key::<String>(&mut f, &format!("C{k}")) {
+            Ok(name) => channels.push(name),
+            Err(_) => break,
+        }
+    }
+    let (nx, ny) = (16, 16);
+    let mut read = |name: &str| -> Vec<f64> {
+        let hdu = f.hdu(name).unwrap();
+        hdu.read_image::<Vec<f64>>(&mut f).unwrap()
+    };
+    let planes: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
+        ["EMLINE_GFLUX", "EMLINE_GVEL", "EMLINE_GSIGMA"]
+            .iter()
+            .map(|q| {
+                (
+                    read(q),
+                    read(&format!("{q}_IVAR")),
+                    read(&format!("{q}_MASK")),
+                )
+            })
+            .collect();
+    let checks: [(&str, usize, &str); 8] = [
+        ("Ha-6564", 0, "Ha-6564"),
+        ("Hb-4862", 0, "Hb-4862"),
+        ("OIII-5008", 0, "OIII-5008"),
+        ("NII-6585", 0, "NII-6585"),
+        ("Ha-6564", 1, "V_balmer"),
+        ("Ha-6564", 2, "sigma_balmer"),
+        ("OIII-5008", 1, "V_forbidden"),
+        ("OIII-5008", 2, "sigma_forbidden"),
+    ];
+    let bins = [
+        (5.0, 10.0),
+        (10.0, 20.0),
+        (20.0, 40.0),
+        (40.0, f64::INFINITY),
+    ];
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (channel, q, truth_col) in checks {
+        let c = channels
+            .iter()
+            .position(|n| n == channel)
+            .unwrap_or_else(|| panic!("{channel} not in {channels:?}"));
+        let (value, ivar, mask) = &planes[q];
+        for (lo, hi) in bins {
+            let mut pulls = Vec::new();
+            let mut sq = 0.0;
+            for r in &rows {
+                let sn = r[col("SN")];
+                if !(lo..hi).contains(&sn) {
+                    continue;
+                }
+                let k = c * nx * ny + r[col("y")] as usize * nx + r[col("x")] as usize;
+                if mask[k] != 0.0 || ivar[k] <= 0.0 {
+                    continue;
+                }
+                let d = value[k] - r[col(truth_col)];
+                sq += d * d;
+                pulls.push(d * ivar[k].sqrt());
+            }
+            let n = pulls.len();
+            if n < 20 {
+                continue;
+            }
+            let mean = pulls.iter().sum::<f64>() / n as f64;
+            let std =
+                (pulls.iter().map(|p| (p - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+            let rms = (sq / n as f64).sqrt();
+            eprintln!(
+                "{channel:<9} {:<13} S/N {lo}-{hi}: n {n}, rms {rms:.4}, pull mean {mean:+.2} std {std:.2}",
+                ["flux", "V", "sigma"][q]
+            );
+            checked += 1;
+            let widest = if channel == "Hb-4862" && q == 0 {
+                1.5
+            } else {
+                1.25
+            };
+            if !(0.8..=widest).contains(&std) || mean.abs() > 0.3 {
+                failures.push(format!(
+                    "{channel} {truth_col} S/N {lo}-{hi}: pull mean {mean:.2} std {std:.2} (n {n})"
+                ));
+            }
+        }
+    }
+    assert!(
+        checked >= 16,
+        "only {checked} (quantity, S/N bin) pairs with 20 spaxels"
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    // `compare-truth` finds the gas truth beside the truth table and reports the same figures.
+    let out = astro_fit(&[
+        "compare-truth",
+        fit_dir.join("maps.fits").to_str().unwrap(),
+        dir.path().join("gas-truth.csv").to_str().unwrap(),
+        "--png",
+        dir.path().join("residuals.png").to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gas = report["gas"].as_array().expect("gas in the report");
+    let halpha = gas
+        .iter()
+        .find(|g| g["channel"] == "Ha-6564" && g["quantity"] == "flux" && g["sn_min"] == 10.0)
+        .expect("Halpha flux at S/N 10-20");
+    let std = halpha["pull_std"].as_f64().unwrap();
+    assert!((0.8..=1.25).contains(&std), "{halpha}");
+}

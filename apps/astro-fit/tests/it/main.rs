@@ -5,6 +5,7 @@ mod cube_cli;
 mod edge;
 mod fit_core;
 mod ppxf_compare;
+mod ppxf_gas;
 mod ppxf_own_preparation;
 
 use std::path::PathBuf;
