@@ -495,6 +495,20 @@ impl Filter {
         }
     }
 
+    /// Whether what the store's mirror indexes decides this filter (no field selector).
+    fn on_index(&self) -> bool {
+        self.involved_kind.is_none() && self.involved_name.is_none()
+    }
+
+    fn matches_index(&self, index: &crate::store::ObjectIndex) -> bool {
+        self.seen_by.as_ref().is_none_or(|(who, kind)| {
+            crate::auth::sees_owned_by(who, *kind, index.owner.as_deref())
+        }) && self
+            .labels
+            .as_ref()
+            .is_none_or(|selector| selector.matches(&index.labels))
+    }
+
     fn needs_parsing(&self) -> bool {
         self.labels.is_some()
             || self.involved_kind.is_some() != self.involved_name.is_some()
@@ -554,24 +568,41 @@ async fn list_objects(
     }
     let limit = params.limit.map(|l| l.clamp(1, 10_000) as usize);
     let owner = filter.owner();
-    let store_query = StoreQuery {
-        owner: owner.as_deref(),
+    // One extra item tells whether another page follows.
+    let page = limit.map(|l| l as i64 + 1);
+    let indexed = StoreQuery {
         after: params.continue_token.as_deref(),
-        // Without a filter to apply here, one extra row tells whether another page follows.
-        limit: limit
-            .filter(|_| !filter.needs_parsing())
-            .map(|l| l as i64 + 1),
+        limit: page,
         ..Default::default()
     };
-    let (version, rows) = state.store.list_raw(kind, &store_query).await?;
-    let mut items: Vec<(String, String)> = if filter.needs_parsing() {
-        rows.into_iter()
-            .filter(|(_, body)| {
-                serde_json::from_str::<Value>(body).is_ok_and(|o| filter.matches(&o))
-            })
-            .collect()
+    let from_index = if filter.on_index() {
+        state
+            .store
+            .list_indexed(kind, &indexed, |index| filter.matches_index(index))
+            .await?
     } else {
-        rows
+        None
+    };
+    let (version, mut items) = match from_index {
+        Some(found) => found,
+        None => {
+            let store_query = StoreQuery {
+                owner: owner.as_deref(),
+                limit: page.filter(|_| !filter.needs_parsing()),
+                ..indexed
+            };
+            let (version, rows) = state.store.list_raw(kind, &store_query).await?;
+            let items = if filter.needs_parsing() {
+                rows.into_iter()
+                    .filter(|(_, body)| {
+                        serde_json::from_str::<Value>(body).is_ok_and(|o| filter.matches(&o))
+                    })
+                    .collect()
+            } else {
+                rows
+            };
+            (version, items)
+        }
     };
     let mut next = None;
     if let Some(limit) = limit

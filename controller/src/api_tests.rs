@@ -13,7 +13,7 @@ use tower::ServiceExt;
 use super::{ApiConfig, AppState};
 use crate::reconcile::{Action, Context};
 use crate::resources::Kind;
-use crate::testing::{TestStore, store_suite};
+use crate::testing::{TestStore, context, store_suite};
 
 /// The administrator token of the test servers; every request presents it unless it sets an
 /// `Authorization` of its own.
@@ -669,22 +669,6 @@ async fn status_patches_merge_and_guard(ts: &TestStore) {
     }
     let kept = get(&app, "/api/v1/regions/r0").await;
     assert_eq!(kept.body["status"]["phase"], "Ready", "{}", kept.text);
-}
-
-fn context(ts: &TestStore) -> Context {
-    Context {
-        store: ts.store.clone(),
-        driver: Arc::new(ceccm_federation::local::LocalDriver::new(
-            ceccm_federation::local::WorkerCommand {
-                program: "true".into(),
-                args: vec![],
-                env: vec![],
-            },
-        )),
-        data_dir: ts.dir.path().to_path_buf(),
-        predictor: Default::default(),
-        region_grace: Duration::from_secs(40),
-    }
 }
 
 /// Runs the application reconciler until it asks to wait for a change.

@@ -192,6 +192,18 @@ pub fn sees(who: &Principal, kind: Kind, object: &serde_json::Value) -> bool {
         || object["metadata"]["owner"] == who.user.as_str()
 }
 
+/// [`sees`] for an object of a kind other than Event, from its `metadata.owner` alone (what the
+/// store's mirror indexes).
+pub fn sees_owned_by(who: &Principal, kind: Kind, owner: Option<&str>) -> bool {
+    debug_assert!(
+        kind != Kind::Event,
+        "events are owned by what they are about"
+    );
+    who.role != Role::User
+        || !owned(kind, &serde_json::Value::Null)
+        || owner == Some(who.user.as_str())
+}
+
 /// Whether `object` (of `kind`) belongs to a user: Applications, Datasets and Tasks always
 /// (one without an owner is nobody's to see), Events when they are about one of those.
 fn owned(kind: Kind, object: &serde_json::Value) -> bool {

@@ -14,7 +14,6 @@ use crate::api::{ApiConfig, AppState};
 use crate::auth::Role;
 use crate::predictor::SharedPredictor;
 use crate::reconcile::{self, Context};
-use crate::resources::Kind;
 use crate::store::Store;
 use ceccm_scheduler::PredictorConfig;
 
@@ -325,18 +324,12 @@ async fn run_controllers(
     let mut controllers = vec![
         tokio::spawn(reconcile::run(
             ctx.clone(),
-            Kind::Region,
-            &[Kind::Region, Kind::Task],
-            Duration::from_secs(1),
-            reconcile::region::reconcile_boxed,
+            reconcile::region::controller(),
             term_ended.clone(),
         )),
         tokio::spawn(reconcile::run(
             ctx.clone(),
-            Kind::Application,
-            &[Kind::Application, Kind::Task, Kind::Region],
-            Duration::from_secs(2),
-            reconcile::application::reconcile_boxed,
+            reconcile::application::controller(),
             term_ended.clone(),
         )),
         tokio::spawn(reconcile::expire_leases(

@@ -164,13 +164,63 @@ impl LeaderTerm {
 /// resource-version order.
 const WRITE_LOCK_KEY: i32 = 2;
 
-/// In-memory copy of the user kinds (regions, applications, datasets: few, read often), kept
-/// in step after each commit (by `write` on SQLite, by following `changes` on PostgreSQL), so
-/// that gets and plain lists of them never wait on the database.
+/// In-memory copy of the user kinds (regions, applications, datasets: read often), kept in step
+/// after each commit (by `write` on SQLite, by following `changes` on PostgreSQL), so that gets
+/// and lists of them never read bodies from the database (on PostgreSQL one query first asks
+/// how far the store has got, [`Store::mirror_current`]). Each object is held once, as its JSON text,
+/// with what lists filter on read out of it when it is stored ([`ObjectIndex`]): a label
+/// selector over ten thousand applications parses none of them.
 #[derive(Default)]
 struct Mirror {
     version: i64,
-    objects: HashMap<Kind, BTreeMap<String, Arc<str>>>,
+    objects: HashMap<Kind, BTreeMap<String, MirroredObject>>,
+}
+
+struct MirroredObject {
+    body: Arc<str>,
+    index: ObjectIndex,
+}
+
+/// What lists filter on, read once from an object as it is stored.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ObjectIndex {
+    /// `metadata.owner`: the user it belongs to (`auth::sees`).
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    Ok(
+        <Option<BTreeMap<String, String>> as serde::Deserialize>::deserialize(d)?
+            .unwrap_or_default(),
+    )
+}
+
+/// An object's name and index, read from its JSON text without building the whole tree.
+pub fn object_head(body: &str) -> Option<(String, ObjectIndex)> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        metadata: Meta,
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        name: String,
+        #[serde(flatten)]
+        index: ObjectIndex,
+    }
+    let head: Head = serde_json::from_str(body).ok()?;
+    Some((head.metadata.name, head.metadata.index))
+}
+
+impl MirroredObject {
+    fn of(body: Arc<str>) -> Option<(String, MirroredObject)> {
+        let (name, index) = object_head(&body)?;
+        Some((name, MirroredObject { body, index }))
+    }
 }
 
 fn mirrored(kind: Kind) -> bool {
@@ -233,35 +283,67 @@ impl Store {
         Ok(store)
     }
 
+    /// Loads the mirror from one snapshot of the database: its version and every object of
+    /// the mirrored kinds as of that version.
     async fn load_mirror(&self) -> Result<(), StoreError> {
-        let mut mirror = Mirror::default();
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            // PostgreSQL's default isolation takes a new snapshot per statement.
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut mirror = Mirror {
+            version: current_version(&mut tx).await?,
+            ..Default::default()
+        };
         for kind in Kind::ALL.into_iter().filter(|k| mirrored(*k)) {
-            let (version, rows) = self.list_from_database(kind, &Query::default()).await?;
-            mirror.version = version;
+            let rows = sqlx::query("SELECT body FROM objects WHERE kind = $1")
+                .bind(kind.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
             mirror.objects.insert(
                 kind,
-                rows.into_iter().map(|(n, b)| (n, Arc::from(b))).collect(),
+                rows.into_iter()
+                    .filter_map(|r| MirroredObject::of(Arc::from(r.get::<String, _>(0))))
+                    .collect(),
             );
         }
+        tx.commit().await?;
         *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = mirror;
         Ok(())
     }
 
-    /// Serves a plain list (no filter on indexed columns) of a mirrored kind from memory.
-    fn list_from_mirror(
+    /// Objects of a mirrored kind whose index `keep` accepts, from memory, by name (after
+    /// `query.after`, at most `query.limit` of those kept); `None` where the mirror does not
+    /// serve `kind` or `query` filters on a database column.
+    pub async fn list_indexed(
         &self,
         kind: Kind,
         query: &Query<'_>,
-    ) -> Option<(i64, Vec<(String, String)>)> {
+        keep: impl Fn(&ObjectIndex) -> bool,
+    ) -> Result<Option<(i64, Vec<(String, String)>)>, StoreError> {
         let plain = query.phase.is_none()
             && query.region.is_none()
             && query.owner.is_none()
             && query.deadline_before_ms.is_none();
-        if !self.serves_from_mirror(kind) || !plain {
-            return None;
+        if !mirrored(kind) || !plain {
+            return Ok(None);
         }
+        self.mirror_current().await?;
+        Ok(Some(self.list_mirrored(kind, query, keep)))
+    }
+
+    fn list_mirrored(
+        &self,
+        kind: Kind,
+        query: &Query<'_>,
+        keep: impl Fn(&ObjectIndex) -> bool,
+    ) -> (i64, Vec<(String, String)>) {
         let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
-        let objects = mirror.objects.get(&kind)?;
+        let Some(objects) = mirror.objects.get(&kind) else {
+            return (mirror.version, Vec::new());
+        };
         let range = match query.after {
             Some(after) => objects
                 .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
@@ -269,18 +351,53 @@ impl Store {
         };
         let limit = query.limit.map_or(usize::MAX, |l| l.max(0) as usize);
         let items = range
+            .filter(|(_, o)| keep(&o.index))
             .take(limit)
-            .map(|(n, b)| (n.clone(), b.to_string()))
+            .map(|(n, o)| (n.clone(), o.body.to_string()))
             .collect();
-        Some((mirror.version, items))
+        (mirror.version, items)
     }
 
-    /// Whether reads of `kind` may come from the mirror: on SQLite, where this server is the
-    /// only writer. On PostgreSQL other servers write too, and reads go to the database, so
-    /// that a read on any server sees every write acknowledged before it (what Kubernetes'
-    /// quorum reads give).
-    fn serves_from_mirror(&self, kind: Kind) -> bool {
-        self.backend == Backend::Sqlite && mirrored(kind)
+    /// The names of every object of `kind` (a controller's full resync).
+    pub async fn names(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
+        if mirrored(kind) {
+            self.mirror_current().await?;
+            let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
+            return Ok(mirror
+                .objects
+                .get(&kind)
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default());
+        }
+        let rows = sqlx::query("SELECT name FROM objects WHERE kind = $1 ORDER BY name")
+            .bind(kind.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
+    /// Brings the mirror up to every write committed before this call, before a read from it.
+    /// On SQLite this server is the only writer and applies its writes as it commits them. On
+    /// PostgreSQL other servers write too: as the Kubernetes API server's consistent reads from
+    /// its watch cache, read the store's current version (one query) and, if the mirror is
+    /// behind it, follow the change log up to it first. A read on any server then sees every
+    /// write acknowledged before it.
+    async fn mirror_current(&self) -> Result<(), StoreError> {
+        if self.backend == Backend::Sqlite {
+            return Ok(());
+        }
+        let mut conn = self.pool.acquire().await?;
+        let committed = current_version(&mut conn).await?;
+        drop(conn);
+        let applied = self
+            .mirror
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .version;
+        if applied < committed {
+            self.catch_up().await?;
+        }
+        Ok(())
     }
 
     pub fn backend(&self) -> Backend {
@@ -309,13 +426,14 @@ impl Store {
 
     /// The object as stored JSON text.
     pub async fn get_raw(&self, kind: Kind, name: &str) -> Result<Option<String>, StoreError> {
-        if self.serves_from_mirror(kind) {
+        if mirrored(kind) {
+            self.mirror_current().await?;
             let mirror = self.mirror.read().unwrap_or_else(|e| e.into_inner());
             return Ok(mirror
                 .objects
                 .get(&kind)
                 .and_then(|m| m.get(name))
-                .map(|b| b.to_string()));
+                .map(|o| o.body.to_string()));
         }
         let row = sqlx::query("SELECT body FROM objects WHERE kind = $1 AND name = $2")
             .bind(kind.as_str())
@@ -332,7 +450,7 @@ impl Store {
         kind: Kind,
         query: &Query<'_>,
     ) -> Result<(i64, Vec<(String, String)>), StoreError> {
-        match self.list_from_mirror(kind, query) {
+        match self.list_indexed(kind, query, |_| true).await? {
             Some(found) => Ok(found),
             None => self.list_from_database(kind, query).await,
         }
@@ -343,25 +461,7 @@ impl Store {
         kind: Kind,
         query: &Query<'_>,
     ) -> Result<(i64, Vec<(String, String)>), StoreError> {
-        let mut sql = String::from("SELECT name, body FROM objects WHERE kind = $1");
-        let mut binds: Vec<String> = vec![kind.as_str().to_string()];
-        for (column, value) in [
-            ("phase", query.phase),
-            ("region", query.region),
-            ("owner", query.owner),
-        ] {
-            if let Some(value) = value {
-                binds.push(value.to_string());
-                sql.push_str(&format!(" AND {column} = ${}", binds.len()));
-            }
-        }
-        if let Some(after) = query.after {
-            binds.push(after.to_string());
-            sql.push_str(&format!(" AND name > ${}", binds.len()));
-        }
-        if let Some(ms) = query.deadline_before_ms {
-            sql.push_str(&format!(" AND deadline_ms < {ms}"));
-        }
+        let (mut sql, binds) = select_where("name, body", kind, query);
         sql.push_str(" ORDER BY name");
         if let Some(limit) = query.limit {
             sql.push_str(&format!(" LIMIT {}", limit.max(0)));
@@ -395,9 +495,14 @@ impl Store {
         self.list(Kind::Task, &query).await
     }
 
+    /// How many objects of `kind` match `query` (counted by the database, over its indexes).
     pub async fn count(&self, kind: Kind, query: &Query<'_>) -> Result<i64, StoreError> {
-        // Counting through list keeps one query builder; counts here are over small sets.
-        Ok(self.list_raw(kind, query).await?.1.len() as i64)
+        let (sql, binds) = select_where("COUNT(*)", kind, query);
+        let mut q = sqlx::query(&sql);
+        for b in &binds {
+            q = q.bind(b.as_str());
+        }
+        Ok(q.fetch_one(&self.pool).await?.get::<i64, _>(0))
     }
 
     /// Object counts by kind and phase (for metrics).
@@ -434,16 +539,14 @@ impl Store {
         {
             let mut mirror = self.mirror.write().unwrap_or_else(|e| e.into_inner());
             mirror.version = mirror.version.max(event.resource_version);
-            if mirrored(event.kind) {
-                let name = serde_json::from_str::<Value>(&event.body)
-                    .ok()
-                    .and_then(|o| o["metadata"]["name"].as_str().map(str::to_string))
-                    .unwrap_or_default();
+            if mirrored(event.kind)
+                && let Some((name, object)) = MirroredObject::of(event.body.clone())
+            {
                 let objects = mirror.objects.entry(event.kind).or_default();
                 if event.change == ChangeType::Deleted {
                     objects.remove(&name);
                 } else {
-                    objects.insert(name, event.body.clone());
+                    objects.insert(name, object);
                 }
             }
         }
@@ -462,9 +565,6 @@ impl Store {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .version;
-        if applied < self.compacted_version().await? {
-            return self.load_mirror().await;
-        }
         let rows = sqlx::query(
             "SELECT resource_version, kind, event_type, body FROM changes \
              WHERE resource_version > $1 ORDER BY resource_version",
@@ -472,6 +572,14 @@ impl Store {
         .bind(applied)
         .fetch_all(&self.pool)
         .await?;
+        // Every version is one change, committed in order: a first change past the next version
+        // means those in between were compacted away, and the mirror is reloaded.
+        if rows
+            .first()
+            .is_some_and(|first| first.get::<i64, _>(0) > applied + 1)
+        {
+            return self.load_mirror().await;
+        }
         for row in rows {
             let kind: String = row.get(1);
             let mut known = Kind::ALL.into_iter().chain([Kind::Token]);
@@ -748,6 +856,29 @@ fn modified_or_added(existed: bool) -> ChangeType {
     } else {
         ChangeType::Added
     }
+}
+
+/// `SELECT what FROM objects WHERE` the kind and `query`'s column filters hold, with the
+/// values to bind in order.
+fn select_where(what: &str, kind: Kind, query: &Query<'_>) -> (String, Vec<String>) {
+    let mut sql = format!("SELECT {what} FROM objects WHERE kind = $1");
+    let mut binds: Vec<String> = vec![kind.as_str().to_string()];
+    for (column, value) in [
+        ("phase", query.phase),
+        ("region", query.region),
+        ("owner", query.owner),
+        ("name >", query.after),
+    ] {
+        if let Some(value) = value {
+            binds.push(value.to_string());
+            let op = if column.ends_with('>') { "" } else { " =" };
+            sql.push_str(&format!(" AND {column}{op} ${}", binds.len()));
+        }
+    }
+    if let Some(ms) = query.deadline_before_ms {
+        sql.push_str(&format!(" AND deadline_ms < {ms}"));
+    }
+    (sql, binds)
 }
 
 fn parse(body: &str) -> Result<Value, StoreError> {

@@ -123,3 +123,20 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A reconcilers' context over `ts`, whose local driver's workers run `true`.
+pub fn context(ts: &TestStore) -> crate::reconcile::Context {
+    crate::reconcile::Context {
+        store: ts.store.clone(),
+        driver: Arc::new(ceccm_federation::local::LocalDriver::new(
+            ceccm_federation::local::WorkerCommand {
+                program: "true".into(),
+                args: vec![],
+                env: vec![],
+            },
+        )),
+        data_dir: ts.dir.path().to_path_buf(),
+        predictor: Default::default(),
+        region_grace: std::time::Duration::from_secs(40),
+    }
+}

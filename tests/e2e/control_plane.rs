@@ -68,7 +68,8 @@ impl Http {
         })
     }
 
-    pub(crate) fn apply(&self, server: &Server, plural: &str, object: &Value) {
+    /// Applies `object` (PUT); returns it as stored.
+    pub(crate) fn apply(&self, server: &Server, plural: &str, object: &Value) -> Value {
         let name = object["metadata"]["name"].as_str().unwrap();
         let (status, body) = self.send(
             self.client
@@ -79,6 +80,7 @@ impl Http {
             status == 200 || status == 201,
             "apply {plural}/{name}: {status} {body}"
         );
+        body
     }
 }
 
@@ -206,13 +208,36 @@ fn two_servers_on_one_postgres_agree_and_the_survivor_leads_once_the_leader_is_k
     let first = Server::start(&dir.path().join("first"), &args);
     let second = Server::start(&dir.path().join("second"), &args);
     let http = Http::new();
-    for region in regions() {
-        http.apply(&first, "regions", &region);
+    // A write acknowledged by one server is read on the other at once: at its resource version
+    // or a later one (the leader's region reconciler writes the status meanwhile).
+    let version = |o: &Value| -> u64 {
+        o["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no resourceVersion: {o}"))
+    };
+    for (i, region) in regions().iter().enumerate() {
+        let (writer, reader) = if i == 0 {
+            (&first, &second)
+        } else {
+            (&second, &first)
+        };
+        let written = http.apply(writer, "regions", region);
+        let name = written["metadata"]["name"].as_str().unwrap();
+        let read = http.get(&reader.api(&format!("regions/{name}")));
+        assert_eq!(read["metadata"]["uid"], written["metadata"]["uid"]);
+        assert!(
+            version(&read) >= version(&written),
+            "read {read} before the write {written}"
+        );
+        let listed = http.get(&reader.api("regions"));
+        let items = listed["items"].as_array().unwrap();
+        assert!(
+            items.iter().any(|r| r["metadata"]["name"] == name),
+            "{listed}"
+        );
+        assert!(version(&listed) >= version(&written), "{listed}");
     }
-    // A write on one server is read on the other at once, at the same resource version.
-    let on_first = http.get(&first.api("regions/edge-a"));
-    let on_second = http.get(&second.api("regions/edge-a"));
-    assert_eq!(on_first["metadata"], on_second["metadata"]);
     http.apply(&second, "applications", &batch("ha", 16, "0.5"));
 
     let leader_is_first = wait_until(

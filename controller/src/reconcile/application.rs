@@ -2,6 +2,8 @@
 //! its tasks or a placement), lets `lifecycle::decide_application` decide, and applies the
 //! decision. The phases and their events are described there.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 use super::{Action, Context, ReconcileError};
@@ -18,6 +20,50 @@ use crate::store::{Change, StoreError};
 use crate::time::{now_millis, now_rfc3339};
 
 pub use crate::lifecycle::task_name;
+
+/// The application controller: an application's own changes, its tasks' and, for those not
+/// settled, every region's and dataset's (a placement may fit now, an input may be ready).
+pub fn controller() -> super::Controller {
+    super::Controller {
+        kind: Kind::Application,
+        wake: |change| match change.kind {
+            Kind::Application => super::changed_object(change),
+            Kind::Task => task_application(&change.body),
+            Kind::Region | Kind::Dataset => super::Wake::Unsettled,
+            Kind::Event | Kind::Token => super::Wake::Nothing,
+        },
+        settled,
+        resync: Duration::from_secs(300),
+        reconcile: reconcile_boxed,
+    }
+}
+
+/// The application a task belongs to.
+fn task_application(body: &str) -> super::Wake {
+    #[derive(serde::Deserialize)]
+    struct Task {
+        spec: Spec,
+    }
+    #[derive(serde::Deserialize)]
+    struct Spec {
+        application: String,
+    }
+    serde_json::from_str::<Task>(body).map_or(super::Wake::Nothing, |t| {
+        super::Wake::Object(t.spec.application)
+    })
+}
+
+/// Finished, or suspended by its spec: only a change of its own moves it.
+fn settled(object: &Value) -> bool {
+    if !object["metadata"]["deletionTimestamp"].is_null() {
+        return false;
+    }
+    match object["status"]["phase"].as_str() {
+        Some("Succeeded" | "Failed" | "Cancelled") => true,
+        Some("Suspended") => object["spec"]["suspend"] == true,
+        _ => false,
+    }
+}
 
 pub fn reconcile_boxed(
     object: Value,

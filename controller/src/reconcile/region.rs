@@ -20,6 +20,45 @@ use crate::scheduling::{self, RegionView};
 use crate::store::{Change, Query, Store, StoreError};
 use crate::time::now_millis;
 
+/// The region controller: a region's own changes and those of the tasks placed on it (its
+/// queue sizes its pool of workers).
+pub fn controller() -> super::Controller {
+    super::Controller {
+        kind: Kind::Region,
+        wake: |change| match change.kind {
+            Kind::Region => super::changed_object(change),
+            Kind::Task => task_region(&change.body),
+            Kind::Application | Kind::Dataset | Kind::Event | Kind::Token => super::Wake::Nothing,
+        },
+        // Regions are few, and each asks to be looked at again while it has agents or workers.
+        settled: |_| false,
+        resync: std::time::Duration::from_secs(60),
+        reconcile: reconcile_boxed,
+    }
+}
+
+/// The region a task is placed on (none yet: no region's pool changes).
+fn task_region(body: &str) -> super::Wake {
+    #[derive(serde::Deserialize)]
+    struct Task {
+        #[serde(default)]
+        status: Option<Status>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Status {
+        #[serde(default)]
+        region: Option<String>,
+    }
+    match serde_json::from_str::<Task>(body) {
+        Ok(Task {
+            status: Some(Status {
+                region: Some(region),
+            }),
+        }) => super::Wake::Object(region),
+        _ => super::Wake::Nothing,
+    }
+}
+
 pub fn reconcile_boxed(
     object: Value,
     ctx: &Context,

@@ -78,29 +78,18 @@ pub(super) async fn consume(
             if std::os::unix::process::parent_id() != parent {
                 break true;
             }
-            if !outbox.entries().is_empty() {
-                outbox.flush(data, client, &o.server).await;
-            }
-            if outbox.is_full() {
-                // As the embedded worker: no new work until the server takes what waits; the
-                // deliveries held meanwhile go back to the queue if this worker leaves.
-                tracing::error!(
-                    outbox = %outbox.dir().display(),
-                    bytes = outbox.bytes(),
-                    limit = outbox.max_bytes(),
-                    "the outbox is full: taking no work until the server takes what it holds"
-                );
-                if idle_since.elapsed() >= o.idle_exit {
+            // As the embedded worker: no new work until the server takes what waits; the
+            // deliveries held meanwhile go back to the queue if this worker leaves.
+            match outbox
+                .room_for_work(data, client, &o.server, idle_since.elapsed(), o.idle_exit)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(full) => {
                     let _ = connection.close(200, "outbox full".into()).await;
-                    return Err(anyhow::anyhow!(
-                        "the outbox {} is full ({} bytes, limit {})",
-                        outbox.dir().display(),
-                        outbox.bytes(),
-                        outbox.max_bytes()
-                    ));
+                    return Err(full);
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
             }
             let wait = o
                 .idle_exit

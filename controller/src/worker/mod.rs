@@ -111,25 +111,16 @@ pub async fn run(options: WorkerOptions) -> anyhow::Result<()> {
         if std::os::unix::process::parent_id() != parent {
             return Ok(());
         }
-        if !outbox.entries().is_empty() {
-            outbox.flush(&data, &client, &options.server).await;
-        }
-        if outbox.is_full() {
-            tracing::error!(
-                outbox = %outbox.dir().display(),
-                bytes = outbox.bytes(),
-                limit = outbox.max_bytes(),
-                "the outbox is full: taking no work until the server takes what it holds"
-            );
-            if idle_since.elapsed() >= options.idle_exit {
-                return Err(anyhow::anyhow!(
-                    "the outbox {} is full ({} bytes, limit {})",
-                    outbox.dir().display(),
-                    outbox.bytes(),
-                    outbox.max_bytes()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        if !outbox
+            .room_for_work(
+                &data,
+                &client,
+                &options.server,
+                idle_since.elapsed(),
+                options.idle_exit,
+            )
+            .await?
+        {
             continue;
         }
         // Lease the next task, and as many ahead as asked, while the server answers.
@@ -284,16 +275,25 @@ async fn lease(client: &reqwest::Client, o: &WorkerOptions) -> Result<Option<Lea
 
 /// CPU seconds used by this process and its waited-for children so far.
 fn cpu_seconds() -> f64 {
+    process_cpu_seconds(true)
+}
+
+/// CPU seconds (user + system) this process has used so far, with those of its waited-for
+/// children if `with_children` (0 where `/proc` cannot tell).
+pub fn process_cpu_seconds(with_children: bool) -> f64 {
     std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|stat| {
             let rest = &stat[stat.rfind(')')? + 1..];
             let fields: Vec<&str> = rest.split_whitespace().collect();
             // utime, stime, cutime and cstime are fields 14-17; `rest` starts at field 3.
-            let ticks: f64 = fields[11..15]
+            let last = if with_children { 15 } else { 13 };
+            let ticks: f64 = fields
+                .get(11..last)?
                 .iter()
                 .map(|f| f.parse::<f64>().unwrap_or(0.0))
                 .sum();
+            // /proc counts in USER_HZ, 100 on Linux whatever the kernel's tick.
             Some(ticks / 100.0)
         })
         .unwrap_or(0.0)

@@ -162,6 +162,41 @@ impl Outbox {
 
     /// Sends every entry it can, oldest first; stops at the first the server cannot take now.
     /// Returns how many left the outbox.
+    /// Before a worker takes more work: sends what waits and says whether there is room. While
+    /// the outbox stays full the worker takes nothing (`Ok(false)`, after a short pause: ask
+    /// again), until it has been idle for `idle_exit` (`idle` so far), when it gives up.
+    pub async fn room_for_work(
+        &self,
+        data: &DataPlane,
+        client: &reqwest::Client,
+        server: &str,
+        idle: std::time::Duration,
+        idle_exit: std::time::Duration,
+    ) -> anyhow::Result<bool> {
+        if !self.entries().is_empty() {
+            self.flush(data, client, server).await;
+        }
+        if !self.is_full() {
+            return Ok(true);
+        }
+        tracing::error!(
+            outbox = %self.dir().display(),
+            bytes = self.bytes(),
+            limit = self.max_bytes(),
+            "the outbox is full: taking no work until the server takes what it holds"
+        );
+        if idle >= idle_exit {
+            anyhow::bail!(
+                "the outbox {} is full ({} bytes, limit {})",
+                self.dir().display(),
+                self.bytes(),
+                self.max_bytes()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        Ok(false)
+    }
+
     pub async fn flush(&self, data: &DataPlane, client: &reqwest::Client, server: &str) -> usize {
         let mut gone = 0;
         for entry in self.entries() {
