@@ -41,6 +41,10 @@ pub struct FitOptionArgs {
     /// Keep every template and map light- and mass-weighted age and [M/H].
     #[arg(long)]
     pub populations: bool,
+    /// pPXF's `regul`: regularise every bin's weights over the age x [M/H] grid (implies
+    /// --populations; each bin's star-formation history goes to `sfh.csv`).
+    #[arg(long, default_value_t = 0.0)]
+    pub regul: f64,
     /// Fit each bin with the global fit's templates only (GIST/DAP-style pre-selection):
     /// about twice as fast, but sigma's errors come out too small where a bin needs other
     /// templates. By default every bin ends fitted with the whole library.
@@ -77,6 +81,7 @@ impl FitOptionArgs {
         options.degree = self.degree;
         options.mdegree = self.mdegree;
         options.populations = self.populations;
+        options.regul = self.regul;
         options.redshift = self.redshift;
         // clap's num_args = 2 guarantees two values.
         options.lam_range = (self.lam_range[0], self.lam_range[1]);
@@ -328,6 +333,17 @@ pub fn fit_cube_files(out: &Path, model_cube: bool) -> String {
     ];
     if !model_cube {
         files.retain(|(name, _)| *name != "model.fits");
+    }
+    for (name, what) in [
+        ("emission.png", "images of the main emission lines"),
+        (
+            crate::cubefit::SFH_FILE,
+            "star-formation history per bin: age, [M/H], light and mass fractions",
+        ),
+    ] {
+        if out.join(name).is_file() {
+            files.push((name, what));
+        }
     }
     let mut rows: Vec<(String, &str)> = files
         .iter()

@@ -36,10 +36,10 @@ use crate::gas::GasTemplates;
 use crate::mapplot::{ColorScale, Panel, PlotError, plot_maps};
 use crate::maps::{
     BinMap, BinResult, Fitted, GasLineResult, MapsError, MapsHeader, Measured, write_json_atomic,
-    write_maps_with, write_model_cube,
+    write_maps_with, write_model_cube, write_sfh_csv,
 };
 use crate::plan::{BinSpec, Chunk, ChunkLimits, PlanError, plan_chunks};
-use crate::populations::populations;
+use crate::populations::{populations, star_formation_history};
 use crate::prepare::{self, BinSpectrum, PrepareConfig, PrepareError};
 use crate::spectrum::{ObservedSpectrum, RestFrameSpectrum, mask_emission_lines};
 use crate::templates::{self, C_KMS, Medium, PreparedTemplates, ResolutionCurve, TemplateLibrary};
@@ -113,6 +113,10 @@ pub struct CubeFitOptions {
     pub degree: i32,
     pub mdegree: usize,
     pub populations: bool,
+    /// pPXF's `regul` over the age x [M/H] grid for every bin (implies populations); 0: none.
+    /// Absent from plans when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub regul: f64,
     /// Fit each bin with the global fit's templates only, never admitting others (faster;
     /// see `Fitter::fit_from_templates` for the default). Absent from plans when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -148,6 +152,7 @@ impl CubeFitOptions {
             degree: 4,
             mdegree: 0,
             populations: false,
+            regul: 0.0,
             global_templates_only: false,
             redshift: None,
             lam_range: (3600.0, 7400.0),
@@ -163,6 +168,22 @@ impl CubeFitOptions {
         }
     }
 }
+
+impl CubeFitOptions {
+    /// Every template is kept and each bin's ages, [M/H] and star-formation history are
+    /// derived: asked for, or implied by regularisation (whose point they are).
+    pub fn fits_populations(&self) -> bool {
+        self.populations || self.regul > 0.0
+    }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// Per-bin star-formation histories next to the MAPS (see [`write_sfh_csv`]), written when
+/// populations are fitted.
+pub const SFH_FILE: &str = "sfh.csv";
 
 /// Pixel data one chunk may read at most (flux, ivar and mask of its band of rows), unless
 /// the user sets `chunk.max_rows`.
@@ -406,6 +427,7 @@ fn fit_config(options: &CubeFitOptions) -> FitConfig {
         moments: options.moments,
         degree: options.degree,
         mdegree: options.mdegree,
+        regul: options.regul,
         ..FitConfig::default()
     }
 }
@@ -424,10 +446,13 @@ fn bin_result(
         value,
         error: fit.errors.get(i).map_or(f64::NAN, |e| e * scale),
     };
-    let pops = if with_pops {
-        populations(tpl, &fit.weights)
+    let (pops, sfh) = if with_pops {
+        (
+            populations(tpl, &fit.weights),
+            star_formation_history(tpl, &fit.weights),
+        )
     } else {
-        None
+        (None, None)
     };
     BinResult {
         bin,
@@ -469,6 +494,8 @@ fn bin_result(
                 })
                 .collect()
         }),
+        sfh,
+        reddening: None,
     }
 }
 
@@ -654,7 +681,7 @@ pub fn prepare_plan(
         .names
         .iter()
         .zip(&fit.weights)
-        .filter(|(_, w)| options.populations || **w > 0.0)
+        .filter(|(_, w)| options.fits_populations() || **w > 0.0)
         .map(|(n, w)| (n.clone(), *w))
         .unzip();
     let global_fit_s = t.elapsed().as_secs_f64();
@@ -784,7 +811,7 @@ impl ChunkFitter {
             start_values: Start::new(plan.global.v, plan.global.sigma),
             xcorr,
             bins: plan.bins.iter().map(|b| (b.id, b.clone())).collect(),
-            populations: options.populations,
+            populations: options.fits_populations(),
             nwave: meta.nwave(),
         })
     }
@@ -1193,8 +1220,13 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance, gas: Option<&GasTemplat
         ),
         card(
             "POPULAT",
-            flag(o.populations),
+            flag(o.fits_populations()),
             "1: ages and [M/H] fitted (--populations)",
+        ),
+        card(
+            "REGUL",
+            KeyValue::Number(o.regul),
+            "pPXF regul over age x [M/H] (0: none)",
         ),
         card(
             "GLOBTPL",
@@ -1210,7 +1242,7 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance, gas: Option<&GasTemplat
     MapsHeader {
         fitted: Fitted {
             moments: o.moments,
-            populations: o.populations,
+            populations: o.fits_populations(),
         },
         provenance: cards,
         gas_channels: gas.map(GasTemplates::dap_channels).unwrap_or_default(),
@@ -1250,6 +1282,7 @@ pub fn assemble_with(
     };
     let header = maps_header(plan, provenance, gas.as_ref());
     write_maps_with(&out.join("maps.fits"), meta, &map, &results, &header)?;
+    write_sfh_csv(&out.join(SFH_FILE), &results)?;
     if !header.gas_channels.is_empty() {
         gas_png(
             &out.join("emission.png"),
@@ -1286,7 +1319,7 @@ pub fn assemble_with(
             range: None,
         },
     ];
-    if plan.options.populations {
+    if plan.options.fits_populations() {
         panels.push(Panel {
             title: "light-weighted log age (yr)".into(),
             values: per_spaxel(&|r| r.age_lw),

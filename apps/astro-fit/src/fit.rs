@@ -670,6 +670,12 @@ impl Fitter {
         if templates.is_empty() {
             return Err(FitError::Config("no templates".into()));
         }
+        if !(cfg.regul >= 0.0 && cfg.regul.is_finite()) {
+            return Err(FitError::Config(format!(
+                "regul must be a finite number >= 0, got {}",
+                cfg.regul
+            )));
+        }
         if (templates.velscale - grid.velscale).abs() > 1e-6 * grid.velscale {
             return Err(FitError::Config(format!(
                 "templates were prepared for velscale {} but the galaxy has {}",

@@ -11,6 +11,7 @@ use fitsio::images::{ImageDescription, ImageType};
 use serde::{Deserialize, Serialize};
 
 use crate::cube::{CubeMeta, KeyValue};
+use crate::populations::SfhEntry;
 
 /// Per-spaxel mask bits of the MAPS extensions (a subset of `MANGA_DAPPIXMASK`, same meaning).
 pub const MASK_NOCOV: i32 = 1 << 0;
@@ -47,6 +48,13 @@ pub struct BinResult {
     /// Gas fitted with the stars: per gas template, in the order of the fit's templates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gas: Option<Vec<GasLineResult>>,
+    /// The star-formation history (SSPs with positive weight) when populations were fitted;
+    /// `assemble` writes every bin's into `sfh.csv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sfh: Option<Vec<SfhEntry>>,
+    /// Stellar attenuation A_V (mag, Calzetti 2000) when fitted (`--reddening`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reddening: Option<Measured>,
 }
 
 /// One gas template of one bin: its flux (both lines of a doublet; in the cube's flux unit
@@ -88,6 +96,8 @@ impl BinResult {
             sn,
             failure: Some(why),
             gas: None,
+            sfh: None,
+            reddening: None,
         }
     }
 }
@@ -833,6 +843,46 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Map
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// Header of `sfh.csv`.
+pub const SFH_CSV_HEADER: &str = "bin,age_gyr,log_age,metallicity,light_weight,mass_weight";
+
+/// Writes every bin's star-formation history as CSV (one row per bin and SSP with positive
+/// weight: [`SFH_CSV_HEADER`]; light and mass weights are fractions of the bin's total, each
+/// summing to 1 over its rows; `log_age` is log10(age/yr), [M/H] in dex; mass NaN without a
+/// mass table). Returns the rows written; writes nothing when no bin has a history.
+pub fn write_sfh_csv(path: &Path, results: &[Option<BinResult>]) -> Result<usize, MapsError> {
+    use std::fmt::Write as _;
+    let io = |source| MapsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut text = String::new();
+    let mut rows = 0;
+    for r in results.iter().flatten().filter(|r| r.failure.is_none()) {
+        for e in r.sfh.iter().flatten() {
+            // Writing to a String cannot fail.
+            let _ = writeln!(
+                text,
+                "{},{},{:.6},{},{:.6e},{:.6e}",
+                r.bin,
+                e.age_gyr,
+                (e.age_gyr * 1e9).log10(),
+                e.metallicity,
+                e.light,
+                e.mass
+            );
+            rows += 1;
+        }
+    }
+    if rows == 0 {
+        return Ok(0);
+    }
+    let tmp = path.with_extension("csv.partial");
+    std::fs::write(&tmp, format!("{SFH_CSV_HEADER}\n{text}")).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(rows)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -878,6 +928,8 @@ pub(crate) mod tests {
             sn: 30.0,
             failure: None,
             gas: None,
+            sfh: None,
+            reddening: None,
         }
     }
 
