@@ -45,6 +45,10 @@ pub struct FitOptionArgs {
     /// --populations; each bin's star-formation history goes to `sfh.csv`).
     #[arg(long, default_value_t = 0.0)]
     pub regul: f64,
+    /// Fit the stellar dust attenuation A_V (mag, Calzetti 2000, R_V 4.05) in every bin from
+    /// this start, as pPXF's `reddening` (not with --mdegree); the MAPS gain STELLAR_AV.
+    #[arg(long, value_name = "AV0")]
+    pub reddening: Option<f64>,
     /// Fit each bin with the global fit's templates only (GIST/DAP-style pre-selection):
     /// about twice as fast, but sigma's errors come out too small where a bin needs other
     /// templates. By default every bin ends fitted with the whole library.
@@ -82,6 +86,7 @@ impl FitOptionArgs {
         options.mdegree = self.mdegree;
         options.populations = self.populations;
         options.regul = self.regul;
+        options.reddening = self.reddening;
         options.redshift = self.redshift;
         // clap's num_args = 2 guarantees two values.
         options.lam_range = (self.lam_range[0], self.lam_range[1]);

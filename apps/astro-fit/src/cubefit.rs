@@ -117,6 +117,10 @@ pub struct CubeFitOptions {
     /// Absent from plans when 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub regul: f64,
+    /// Fit the stellar attenuation A_V (Calzetti 2000) in every bin from this start (pPXF's
+    /// `reddening`; not with `mdegree`). Absent from plans when None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reddening: Option<f64>,
     /// Fit each bin with the global fit's templates only, never admitting others (faster;
     /// see `Fitter::fit_from_templates` for the default). Absent from plans when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -153,6 +157,7 @@ impl CubeFitOptions {
             mdegree: 0,
             populations: false,
             regul: 0.0,
+            reddening: None,
             global_templates_only: false,
             redshift: None,
             lam_range: (3600.0, 7400.0),
@@ -428,6 +433,7 @@ fn fit_config(options: &CubeFitOptions) -> FitConfig {
         degree: options.degree,
         mdegree: options.mdegree,
         regul: options.regul,
+        reddening: options.reddening,
         ..FitConfig::default()
     }
 }
@@ -495,7 +501,10 @@ fn bin_result(
                 .collect()
         }),
         sfh,
-        reddening: None,
+        reddening: fit.reddening.map(|value| Measured {
+            value,
+            error: fit.reddening_error.map_or(f64::NAN, |e| e * scale),
+        }),
     }
 }
 
@@ -1224,6 +1233,11 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance, gas: Option<&GasTemplat
             "1: ages and [M/H] fitted (--populations)",
         ),
         card(
+            "REDDEN",
+            o.reddening.map_or(text("none"), KeyValue::Number),
+            "stellar A_V start, Calzetti 2000 (--reddening)",
+        ),
+        card(
             "REGUL",
             KeyValue::Number(o.regul),
             "pPXF regul over age x [M/H] (0: none)",
@@ -1243,6 +1257,7 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance, gas: Option<&GasTemplat
         fitted: Fitted {
             moments: o.moments,
             populations: o.fits_populations(),
+            reddening: o.reddening.is_some(),
         },
         provenance: cards,
         gas_channels: gas.map(GasTemplates::dap_channels).unwrap_or_default(),

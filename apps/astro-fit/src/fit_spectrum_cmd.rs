@@ -67,6 +67,10 @@ pub struct FitSpectrumArgs {
     /// Regularisation strength over the age x [M/H] grid (SSP libraries).
     #[arg(long, default_value_t = 0.0)]
     pub regul: f64,
+    /// Fit the stellar dust attenuation A_V (mag, Calzetti 2000 curve, R_V 4.05) starting
+    /// from this value, as pPXF's `reddening` (not with --mdegree).
+    #[arg(long, value_name = "AV0")]
+    pub reddening: Option<f64>,
     /// Starting dispersion, km/s.
     #[arg(long, default_value_t = 150.0)]
     pub sigma_start: f64,
@@ -128,6 +132,11 @@ pub struct FitReport {
     /// width in Angstrom at the line for an integrated flux), errors formal.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gas: Option<GasResult>,
+    /// With --reddening: the fitted stellar A_V (mag, Calzetti 2000) and its formal error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reddening: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reddening_error: Option<f64>,
 }
 
 pub fn run(args: &FitSpectrumArgs) -> anyhow::Result<()> {
@@ -224,6 +233,7 @@ pub fn prepare_fit(args: &FitSpectrumArgs) -> anyhow::Result<PreparedFit> {
         mdegree: args.mdegree,
         clean: args.clean,
         regul: args.regul,
+        reddening: args.reddening,
         basis: match args.compress {
             Some(tolerance) => TemplateBasis::Compressed { tolerance },
             None => TemplateBasis::Exact,
@@ -298,6 +308,8 @@ fn report(
         chi2: fit.chi2,
         dof: fit.dof,
         gas: fit.gas,
+        reddening: fit.reddening,
+        reddening_error: fit.reddening_error,
     })
 }
 
@@ -324,6 +336,9 @@ fn table(r: &FitReport) -> String {
             "{:<10} {:>10.3} +- {:.3}{unit}",
             names[i], v, r.errors[i]
         );
+    }
+    if let (Some(av), Some(e)) = (r.reddening, r.reddening_error) {
+        let _ = writeln!(t, "{:<10} {av:>10.3} +- {e:.3} mag (Calzetti 2000)", "A_V");
     }
     let _ = writeln!(t, "chi2/DOF   {:.4} (DOF {})", r.chi2, r.dof);
     let _ = writeln!(t, "templates  {} with positive weight", r.n_templates_used);

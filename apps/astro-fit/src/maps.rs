@@ -155,6 +155,8 @@ pub struct Fitted {
     /// Light-weighted log age and [M/H]; the mass-weighted ones too where the library gives
     /// masses (some bin has them).
     pub populations: bool,
+    /// Stellar attenuation A_V (`--reddening`).
+    pub reddening: bool,
 }
 
 impl Fitted {
@@ -164,6 +166,7 @@ impl Fitted {
         Fitted {
             moments: if done().any(|r| r.h3.is_some()) { 4 } else { 2 },
             populations: done().any(|r| r.age_lw.is_some()),
+            reddening: done().any(|r| r.reddening.is_some()),
         }
     }
 }
@@ -198,6 +201,7 @@ enum Needs {
     Populations,
     /// Populations, and some bin has mass-weighted values.
     MassWeighted,
+    Reddening,
 }
 
 /// One quantity of the MAPS file: how to extract it from a result, its unit, and which
@@ -221,8 +225,8 @@ fn plain(v: Option<f64>) -> Option<Measured> {
 }
 
 /// In the MaNGA DAP's order: bin S/N, then the stellar kinematics, the fit quality, the
-/// populations.
-const QUANTITIES: [Quantity; 10] = [
+/// populations, then the dust (not a DAP quantity: the DAP fits no stellar attenuation).
+const QUANTITIES: [Quantity; 11] = [
     Quantity {
         name: "BIN_SNR",
         unit: "",
@@ -313,6 +317,15 @@ const QUANTITIES: [Quantity; 10] = [
         mask: true,
         needs: Needs::MassWeighted,
     },
+    Quantity {
+        name: "STELLAR_AV",
+        unit: "mag",
+        ivar_unit: "mag^-2",
+        get: |r| r.reddening,
+        ivar: true,
+        mask: true,
+        needs: Needs::Reddening,
+    },
 ];
 
 /// The MAPS quantities as images, row-major `y * nx + x`: the value, its inverse variance
@@ -351,6 +364,7 @@ pub fn map_images(
         Needs::HigherMoments => fitted.moments >= 4,
         Needs::Populations => fitted.populations,
         Needs::MassWeighted => fitted.populations && mass_weighted,
+        Needs::Reddening => fitted.reddening,
     };
     Ok(QUANTITIES
         .iter()
@@ -980,6 +994,7 @@ pub(crate) mod tests {
         let four = Fitted {
             moments: 4,
             populations: false,
+            reddening: false,
         };
         let imgs = map_images(&map, &results, four).unwrap();
         let vel = imgs.iter().find(|i| i.name == "STELLAR_VEL").unwrap();
@@ -1077,6 +1092,7 @@ pub(crate) mod tests {
             fitted: Fitted {
                 moments,
                 populations,
+                reddening: false,
             },
             provenance: vec![(
                 "INFILE".into(),

@@ -50,11 +50,13 @@ pub fn roughness(t: &PreparedTemplates, w: &[f64]) -> f64 {
     sum / w.iter().map(|v| v * v).sum::<f64>()
 }
 
-/// A noisy spectrum of `weights` on the grid of the synthetic cube's brightest spaxel, at
-/// S/N `sn` per pixel, with the fitter of `cfg` (no polynomials in the truth).
+/// A noisy spectrum of `weights` on the grid of the synthetic cube's brightest spaxel,
+/// attenuated by `a_v` (Calzetti 2000, rest frame), at S/N `sn` per pixel (of the median),
+/// with the fitter of `cfg` (no polynomials in the truth).
 pub fn synthetic_population_spectrum(
     t: &PreparedTemplates,
     weights: &[f64],
+    a_v: f64,
     cfg: &FitConfig,
     sn: f64,
     seed: u64,
@@ -64,6 +66,9 @@ pub fn synthetic_population_spectrum(
     let mut model = fitter
         .stellar_model(weights, &Start::new(40.0, 130.0))
         .unwrap();
+    for (i, m) in model.iter_mut().enumerate() {
+        *m *= astro_fit::dust::attenuation(spec.grid.lam(i), a_v);
+    }
     let mut sorted = model.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -95,7 +100,7 @@ fn regul_recipe_raises_chi2_by_sqrt_2n_and_recovers_a_smooth_history() {
         degree: -1,
         ..FitConfig::default()
     };
-    let (_, mut spectrum) = synthetic_population_spectrum(&t, &truth_w, &base, 100.0, 11);
+    let (_, mut spectrum) = synthetic_population_spectrum(&t, &truth_w, 0.0, &base, 100.0, 11);
     let fit = |regul: f64, spectrum: &Spectrum| -> FitResult {
         let cfg = FitConfig {
             regul,
@@ -265,4 +270,155 @@ fn fit_cube_regul_maps_ages_and_writes_each_bins_history() {
             mh[k]
         );
     }
+}
+
+/// pPXF's `reddening`: on spectra made from a smooth history attenuated by A_V = 0.5 with the
+/// Calzetti (2000) curve (S/N 50 per pixel, 3600-10000 A, 20 noise realisations), the fitted
+/// A_V is within 0.05 mag of the truth on average and each fit's formal error describes the
+/// scatter (pull standard deviation in 0.7-1.4).
+#[test]
+fn reddening_recovers_a_known_calzetti_attenuation() {
+    let (spec, _) = brightest_spaxel();
+    let t = prepare_emiles(emiles(), &spec, 1).unwrap();
+    let truth_w = smooth_history(&t, 9.6, -0.2);
+    let cfg = FitConfig {
+        degree: -1,
+        reddening: Some(0.1),
+        ..FitConfig::default()
+    };
+    let truth_av = 0.5;
+    let mut estimates = Vec::new();
+    let mut pulls = Vec::new();
+    for seed in 0..20 {
+        let (fitter, spectrum) =
+            synthetic_population_spectrum(&t, &truth_w, truth_av, &cfg, 50.0, 100 + seed);
+        let r = fitter.fit(&spectrum, &Start::new(0.0, 150.0)).unwrap();
+        let (av, err) = (r.reddening.unwrap(), r.reddening_error.unwrap());
+        assert!(err > 0.0 && err < 0.1, "A_V {av} +- {err}");
+        estimates.push(av);
+        pulls.push((av - truth_av) / (err * r.chi2.sqrt()));
+    }
+    let n = estimates.len() as f64;
+    let mean = estimates.iter().sum::<f64>() / n;
+    let pull_mean = pulls.iter().sum::<f64>() / n;
+    let pull_std = (pulls.iter().map(|p| (p - pull_mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    eprintln!(
+        "A_V truth {truth_av}: mean {mean:.4}, pulls mean {pull_mean:.2} std {pull_std:.2}; {estimates:.3?}"
+    );
+    assert!((mean - truth_av).abs() < 0.05, "mean A_V {mean}");
+    assert!((0.7..1.4).contains(&pull_std), "pull std {pull_std}");
+}
+
+/// pPXF refuses `reddening` with a multiplicative polynomial (both shape the continuum):
+/// so does the fitter, saying why and what to do.
+#[test]
+fn reddening_with_a_multiplicative_polynomial_is_a_clear_error() {
+    let (spec, _) = brightest_spaxel();
+    let t = prepare_emiles(emiles(), &spec, 1).unwrap();
+    let cfg = FitConfig {
+        mdegree: 4,
+        reddening: Some(0.2),
+        ..FitConfig::default()
+    };
+    let err = Fitter::new(&t, spec.grid, cfg).unwrap_err();
+    assert!(matches!(err, astro_fit::FitError::Config(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("reddening") && text.contains("mdegree"),
+        "{text}"
+    );
+    let bad_start = FitConfig {
+        reddening: Some(-1.0),
+        ..FitConfig::default()
+    };
+    assert!(Fitter::new(&t, spec.grid, bad_start).is_err());
+}
+
+/// `fit-cube --reddening` maps A_V with its error (STELLAR_AV, _IVAR, _MASK; the start in the
+/// header); with --mdegree it stops before fitting, saying why.
+#[test]
+fn fit_cube_reddening_maps_av_and_refuses_mdegree() {
+    let dir = tempfile::tempdir().unwrap();
+    let templates = astro_fit::synthetic::shared_data_dir().join("templates/emiles");
+    let out_dir = dir.path().join("dust");
+    let args = |out: &std::path::Path, extra: &[&str]| -> std::process::Output {
+        let mut a = vec![
+            "fit-cube".to_string(),
+            sample_cube(),
+            "--templates".into(),
+            templates.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--threads".into(),
+            "2".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        crate::astro_fit(&a)
+    };
+    let refused = args(
+        &dir.path().join("no"),
+        &["--reddening", "0.1", "--mdegree", "3"],
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("reddening cannot be fitted together with a multiplicative polynomial"),
+        "{stderr}"
+    );
+    let out = args(&out_dir, &["--reddening", "0.1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut f = fitsio::FitsFile::open(out_dir.join("maps.fits")).unwrap();
+    let primary = f.primary_hdu().unwrap();
+    let start: f64 = primary.read_key(&mut f, "REDDEN").unwrap();
+    assert_eq!(start, 0.1);
+    let binid: Vec<i32> = f.hdu("BINID").unwrap().read_image(&mut f).unwrap();
+    let av: Vec<f64> = f.hdu("STELLAR_AV").unwrap().read_image(&mut f).unwrap();
+    let ivar: Vec<f64> = f
+        .hdu("STELLAR_AV_IVAR")
+        .unwrap()
+        .read_image(&mut f)
+        .unwrap();
+    let mask: Vec<i32> = f
+        .hdu("STELLAR_AV_MASK")
+        .unwrap()
+        .read_image(&mut f)
+        .unwrap();
+    let mut fitted = 0;
+    for k in (0..binid.len()).filter(|&k| binid[k] >= 0) {
+        assert_eq!(mask[k], 0, "spaxel {k}");
+        assert!((0.0..=10.0).contains(&av[k]), "spaxel {k}: A_V {}", av[k]);
+        assert!(
+            ivar[k] > 0.0 || av[k] == 0.0,
+            "spaxel {k}: ivar {}",
+            ivar[k]
+        );
+        fitted += 1;
+    }
+    assert_eq!(fitted, 136);
+    let mut v: Vec<f64> = (0..binid.len())
+        .filter(|&k| binid[k] >= 0)
+        .map(|k| av[k])
+        .collect();
+    v.sort_by(f64::total_cmp);
+    let at_zero = v.iter().filter(|a| **a == 0.0).count();
+    let errs: Vec<f64> = (0..binid.len())
+        .filter(|&k| binid[k] >= 0 && ivar[k] > 0.0)
+        .map(|k| 1.0 / ivar[k].sqrt())
+        .collect();
+    eprintln!(
+        "A_V: median {:.3}, 10-90% {:.3}-{:.3}, {at_zero} at 0; median error {:.3}",
+        v[v.len() / 2],
+        v[v.len() / 10],
+        v[9 * v.len() / 10],
+        {
+            let mut e = errs.clone();
+            e.sort_by(f64::total_cmp);
+            e[e.len() / 2]
+        }
+    );
 }
