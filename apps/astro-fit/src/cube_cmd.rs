@@ -211,6 +211,15 @@ pub struct SynthArgs {
     /// With --gas: median Halpha equivalent width, rest-frame Angstrom.
     #[arg(long, requires = "gas", default_value_t = 5.0)]
     pub halpha_ew: f64,
+    /// Attenuate the stars by the Calzetti (2000) curve, A_V = AV exp(-R / half the field)
+    /// (the truth table's A_V column); the cube then has no multiplicative distortion.
+    #[arg(long, value_name = "AV")]
+    pub dust: Option<f64>,
+    /// Smooth star-formation histories over the SSP grid (older and richer in the centre)
+    /// instead of three SSPs per spaxel; the truth table gains their light-weighted log age
+    /// and [M/H] (light over 3600-7400 A, fit-cube's default range).
+    #[arg(long)]
+    pub sfh: bool,
 }
 
 #[derive(Debug, Args)]
@@ -493,6 +502,8 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
             halpha_ew: a.halpha_ew,
             ..GasSynth::default()
         }),
+        dust: a.dust,
+        sfh: a.sfh,
         ..SynthConfig::default()
     };
     let truth = a.truth.clone().unwrap_or_else(|| {
@@ -539,11 +550,18 @@ pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
             }
         }
     };
+    // Dust and populations where the truth and the maps have them (`synth --dust/--sfh`,
+    // `fit-cube --reddening/--regul`).
+    let pops = crate::accuracy::compare_populations_with_truth(&a.maps, &a.truth)
+        .context("compare-truth")?;
     match a.output {
         OutputFormat::Json => {
             let mut value = serde_json::to_value(&report)?;
             if let (Some(g), Some(obj)) = (&gas, value.as_object_mut()) {
                 obj.insert("gas".into(), serde_json::to_value(g)?);
+            }
+            if let (false, Some(obj)) = (pops.is_empty(), value.as_object_mut()) {
+                obj.insert("populations".into(), serde_json::to_value(&pops)?);
             }
             print_out(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
             eprintln!("wrote {}", file_with_size(&a.png));
@@ -596,6 +614,23 @@ pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
                     text.push_str(&format!(
                         "     {:<10} {:<6} {:<7} {:>5} {:>11.4} {:>11.4} {:>+9.2} {:>8.2}\n",
                         b.channel, b.quantity, sn, b.count, b.bias, b.rms, b.pull_mean, b.pull_std
+                    ));
+                }
+            }
+            if !pops.is_empty() {
+                text.push_str(&format!(
+                    "stars: {:<14} {:<7} {:>5} {:>9} {:>9} {:>9} {:>8}\n",
+                    "quantity", "S/N", "n", "bias", "rms", "pull mean", "pull std"
+                ));
+                for b in &pops {
+                    let sn = if b.sn_max.is_finite() {
+                        format!("{}-{}", b.sn_min, b.sn_max)
+                    } else {
+                        format!("{}+", b.sn_min)
+                    };
+                    text.push_str(&format!(
+                        "       {:<14} {:<7} {:>5} {:>+9.4} {:>9.4} {:>+9.2} {:>8.2}\n",
+                        b.quantity, sn, b.count, b.bias, b.rms, b.pull_mean, b.pull_std
                     ));
                 }
             }

@@ -422,3 +422,115 @@ fn fit_cube_reddening_maps_av_and_refuses_mdegree() {
         }
     );
 }
+
+/// Item 4's truth for dust and populations: `synth --dust 0.6 --sfh` (A_V falling from 0.6 at
+/// the centre, smooth histories older and richer inwards), `fit-cube --reddening 0.1 --regul
+/// 30 --degree -1`, and `compare-truth` reports A_V, light-weighted log age and [M/H] against
+/// the truth per S/N bin. Bounds per bin with >= 5 spaxels (measured on this cube, BENCHMARKS.md
+/// "Issue 17"): A_V RMS 0.10 / 0.06 / 0.04 / 0.04 mag at S/N 5-10 / 10-20 / 20-40 / 40+, bias
+/// within 0.03, pull std 0.6-1.3 where >= 20 spaxels; log age RMS < 0.1 dex, bias within 0.06;
+/// [M/H] RMS < 0.15 dex at S/N 5-10 and < 0.1 above, bias within 0.06.
+#[test]
+fn synthetic_dust_and_history_maps_match_their_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = astro_fit::synthetic::shared_data_dir();
+    let cube = dir.path().join("dust-LOGCUBE.fits");
+    let out = crate::astro_fit(&[
+        "synth",
+        "--out",
+        cube.to_str().unwrap(),
+        "--templates",
+        shared.join("templates/emiles").to_str().unwrap(),
+        "--reference",
+        shared
+            .join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz")
+            .to_str()
+            .unwrap(),
+        "--nx",
+        "16",
+        "--ny",
+        "16",
+        "--footprint",
+        "square",
+        "--seed",
+        "23",
+        "--dust",
+        "0.6",
+        "--sfh",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fit_dir = dir.path().join("fit");
+    let out = crate::astro_fit(&[
+        "fit-cube",
+        cube.to_str().unwrap(),
+        "--templates",
+        shared.join("templates/emiles").to_str().unwrap(),
+        "--out",
+        fit_dir.to_str().unwrap(),
+        "--reddening",
+        "0.1",
+        "--regul",
+        "30",
+        "--degree",
+        "-1",
+        "--threads",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = crate::astro_fit(&[
+        "compare-truth",
+        fit_dir.join("maps.fits").to_str().unwrap(),
+        dir.path().join("dust-truth.csv").to_str().unwrap(),
+        "--png",
+        dir.path().join("cmp.png").to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pops = report["populations"].as_array().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for b in pops {
+        eprintln!("{b}");
+        let q = b["quantity"].as_str().unwrap();
+        let num = |k: &str| b[k].as_f64().unwrap_or(f64::NAN);
+        let (n, bias, rms, sn) = (num("count"), num("bias"), num("rms"), num("sn_min"));
+        if n < 5.0 {
+            continue;
+        }
+        seen.insert(q.to_string());
+        let low = sn < 10.0;
+        let (rms_max, bias_max) = match q {
+            "A_V" => (
+                match sn as i64 {
+                    5 => 0.10,
+                    10 => 0.06,
+                    _ => 0.04,
+                },
+                0.03,
+            ),
+            "light_log_age" => (0.1, 0.06),
+            "light_MH" => (if low { 0.15 } else { 0.1 }, 0.06),
+            other => panic!("unexpected quantity {other}"),
+        };
+        assert!(rms < rms_max, "{q} at S/N {sn}: RMS {rms} >= {rms_max}");
+        assert!(bias.abs() < bias_max, "{q} at S/N {sn}: bias {bias}");
+        if q == "A_V" && n >= 20.0 {
+            let s = num("pull_std");
+            assert!((0.6..1.3).contains(&s), "A_V at S/N {sn}: pull std {s}");
+        }
+    }
+    assert_eq!(seen.len(), 3, "{pops:?}");
+}
