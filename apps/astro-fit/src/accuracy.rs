@@ -283,7 +283,8 @@ pub fn compare_gas_with_truth(
 }
 
 /// Stellar populations and dust against a synthetic cube's truth (`synth --dust`, `--sfh`):
-/// one quantity in one S/N bin. Pulls only where the map has errors (A_V); NaN otherwise.
+/// one quantity in one S/N bin. Pulls only where the map has errors (A_V, and ages and [M/H]
+/// with `fit-cube --bootstrap`); NaN otherwise.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PopulationAccuracy {
     /// `A_V` (STELLAR_AV, mag), `light_log_age` (STELLAR_AGE_LW, log10 yr) or `light_MH`
@@ -373,8 +374,10 @@ pub fn compare_populations_with_truth(
         }
         let value = read_map(&mut f, maps, map)?;
         let mask = read_map(&mut f, maps, &format!("{map}_MASK"))?;
-        let ivar = if has_ivar {
-            Some(read_map(&mut f, maps, &format!("{map}_IVAR"))?)
+        // Ages and [M/H] have errors only with `fit-cube --bootstrap`.
+        let ivar_name = format!("{map}_IVAR");
+        let ivar = if has_ivar || f.hdu(ivar_name.as_str()).is_ok() {
+            Some(read_map(&mut f, maps, &ivar_name)?)
         } else {
             None
         };

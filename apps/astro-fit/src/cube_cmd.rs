@@ -49,6 +49,11 @@ pub struct FitOptionArgs {
     /// this start, as pPXF's `reddening` (not with --mdegree); the MAPS gain STELLAR_AV.
     #[arg(long, value_name = "AV0")]
     pub reddening: Option<f64>,
+    /// Give each bin's light-weighted age and [M/H] an error from this many realisations of a
+    /// wild residual bootstrap (pPXF's population example; N refits per bin): the MAPS gain
+    /// STELLAR_AGE_LW_IVAR and STELLAR_MH_LW_IVAR. Implies --populations.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub bootstrap: usize,
     /// Fit each bin with the global fit's templates only (GIST/DAP-style pre-selection):
     /// about twice as fast, but sigma's errors come out too small where a bin needs other
     /// templates. By default every bin ends fitted with the whole library.
@@ -87,6 +92,7 @@ impl FitOptionArgs {
         options.populations = self.populations;
         options.regul = self.regul;
         options.reddening = self.reddening;
+        options.bootstrap = self.bootstrap;
         options.redshift = self.redshift;
         // clap's num_args = 2 guarantees two values.
         options.lam_range = (self.lam_range[0], self.lam_range[1]);

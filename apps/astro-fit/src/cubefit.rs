@@ -39,7 +39,7 @@ use crate::maps::{
     write_maps_with, write_model_cube, write_sfh_csv,
 };
 use crate::plan::{BinSpec, Chunk, ChunkLimits, PlanError, plan_chunks};
-use crate::populations::{populations, star_formation_history};
+use crate::populations::{bootstrap_populations, populations, star_formation_history};
 use crate::prepare::{self, BinSpectrum, PrepareConfig, PrepareError};
 use crate::spectrum::{ObservedSpectrum, RestFrameSpectrum, mask_emission_lines};
 use crate::templates::{self, C_KMS, Medium, PreparedTemplates, ResolutionCurve, TemplateLibrary};
@@ -121,6 +121,10 @@ pub struct CubeFitOptions {
     /// `reddening`; not with `mdegree`). Absent from plans when None.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reddening: Option<f64>,
+    /// Realisations of the residual bootstrap that gives each bin's light-weighted age and
+    /// [M/H] an error (implies populations); 0: none. Absent from plans when 0.
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub bootstrap: usize,
     /// Fit each bin with the global fit's templates only, never admitting others (faster;
     /// see `Fitter::fit_from_templates` for the default). Absent from plans when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -158,6 +162,7 @@ impl CubeFitOptions {
             populations: false,
             regul: 0.0,
             reddening: None,
+            bootstrap: 0,
             global_templates_only: false,
             redshift: None,
             lam_range: (3600.0, 7400.0),
@@ -176,14 +181,19 @@ impl CubeFitOptions {
 
 impl CubeFitOptions {
     /// Every template is kept and each bin's ages, [M/H] and star-formation history are
-    /// derived: asked for, or implied by regularisation (whose point they are).
+    /// derived: asked for, or implied by regularisation or the bootstrap (whose point they
+    /// are).
     pub fn fits_populations(&self) -> bool {
-        self.populations || self.regul > 0.0
+        self.populations || self.regul > 0.0 || self.bootstrap > 0
     }
 }
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn is_zero_usize(x: &usize) -> bool {
+    *x == 0
 }
 
 /// Per-bin star-formation histories next to the MAPS (see [`write_sfh_csv`]), written when
@@ -505,6 +515,8 @@ fn bin_result(
             value,
             error: fit.reddening_error.map_or(f64::NAN, |e| e * scale),
         }),
+        age_lw_error: None,
+        metallicity_lw_error: None,
     }
 }
 
@@ -784,6 +796,7 @@ pub struct ChunkFitter {
     xcorr: Option<CrossCorrelation>,
     bins: HashMap<usize, BinSpec>,
     populations: bool,
+    bootstrap: usize,
     nwave: usize,
 }
 
@@ -821,6 +834,7 @@ impl ChunkFitter {
             xcorr,
             bins: plan.bins.iter().map(|b| (b.id, b.clone())).collect(),
             populations: options.fits_populations(),
+            bootstrap: options.bootstrap,
             nwave: meta.nwave(),
         })
     }
@@ -900,10 +914,24 @@ impl ChunkFitter {
                                 fitted_ok.fetch_add(1, Ordering::Relaxed);
                                 let factor =
                                     |wave: f64| self.gg.gas_flux_factor(rest.flux_scale, wave);
-                                (
-                                    bin_result(*id, sn, &fit, &self.tpl, self.populations, &factor),
-                                    self.gg.model_on_cube(&rest, &fit.bestfit),
-                                )
+                                let mut result =
+                                    bin_result(*id, sn, &fit, &self.tpl, self.populations, &factor);
+                                if self.populations && self.bootstrap > 0 {
+                                    // Seeded by the bin: a rerun gives the same errors.
+                                    let errors = bootstrap_populations(
+                                        &self.fitter,
+                                        scratch,
+                                        &self.tpl,
+                                        &rest.spectrum,
+                                        &fit,
+                                        self.bootstrap,
+                                        *id as u64,
+                                    );
+                                    result.age_lw_error = errors.map(|e| e.light_log_age);
+                                    result.metallicity_lw_error =
+                                        errors.map(|e| e.light_metallicity);
+                                }
+                                (result, self.gg.model_on_cube(&rest, &fit.bestfit))
                             }
                             Err(why) => (BinResult::failed(*id, sn, why), vec![0.0; self.nwave]),
                         }
@@ -1236,6 +1264,11 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance, gas: Option<&GasTemplat
             "REDDEN",
             o.reddening.map_or(text("none"), KeyValue::Number),
             "stellar A_V start, Calzetti 2000 (--reddening)",
+        ),
+        card(
+            "BOOTSTRP",
+            KeyValue::Integer(o.bootstrap as i64),
+            "bootstrap realisations of age/[M/H] errors",
         ),
         card(
             "REGUL",

@@ -55,6 +55,11 @@ pub struct BinResult {
     /// Stellar attenuation A_V (mag, Calzetti 2000) when fitted (`--reddening`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reddening: Option<Measured>,
+    /// Bootstrap errors (`--bootstrap`) of `age_lw` and `metallicity_lw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_lw_error: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metallicity_lw_error: Option<f64>,
 }
 
 /// One gas template of one bin: its flux (both lines of a doublet; in the cube's flux unit
@@ -98,6 +103,8 @@ impl BinResult {
             gas: None,
             sfh: None,
             reddening: None,
+            age_lw_error: None,
+            metallicity_lw_error: None,
         }
     }
 }
@@ -217,6 +224,18 @@ struct Quantity {
     needs: Needs,
 }
 
+/// A value with an error that only some fits measure (NaN: none).
+fn with_error(v: Option<f64>, error: Option<f64>) -> Option<Measured> {
+    v.map(|value| Measured {
+        value,
+        error: error.unwrap_or(f64::NAN),
+    })
+}
+
+/// Quantities whose `_IVAR` is written only when some bin has an error for them (the
+/// light-weighted age and [M/H] with `--bootstrap`): otherwise it would be a plane of zeros.
+const IVAR_WHEN_MEASURED: [&str; 2] = ["STELLAR_AGE_LW", "STELLAR_MH_LW"];
+
 fn plain(v: Option<f64>) -> Option<Measured> {
     v.map(|value| Measured {
         value,
@@ -284,8 +303,8 @@ const QUANTITIES: [Quantity; 11] = [
     Quantity {
         name: "STELLAR_AGE_LW",
         unit: "log10(yr)",
-        ivar_unit: "",
-        get: |r| plain(r.age_lw),
+        ivar_unit: "log10(yr)^-2",
+        get: |r| with_error(r.age_lw, r.age_lw_error),
         ivar: false,
         mask: true,
         needs: Needs::Populations,
@@ -293,8 +312,8 @@ const QUANTITIES: [Quantity; 11] = [
     Quantity {
         name: "STELLAR_MH_LW",
         unit: "dex",
-        ivar_unit: "",
-        get: |r| plain(r.metallicity_lw),
+        ivar_unit: "dex^-2",
+        get: |r| with_error(r.metallicity_lw, r.metallicity_lw_error),
         ivar: false,
         mask: true,
         needs: Needs::Populations,
@@ -401,7 +420,9 @@ pub fn map_images(
                 unit: q.unit,
                 ivar_unit: q.ivar_unit,
                 value,
-                ivar: q.ivar.then_some(ivar),
+                ivar: (q.ivar
+                    || (IVAR_WHEN_MEASURED.contains(&q.name) && ivar.iter().any(|v| *v > 0.0)))
+                .then_some(ivar),
                 mask: q.mask.then_some(mask),
             }
         })
@@ -944,6 +965,8 @@ pub(crate) mod tests {
             gas: None,
             sfh: None,
             reddening: None,
+            age_lw_error: None,
+            metallicity_lw_error: None,
         }
     }
 
