@@ -578,3 +578,63 @@ fn fit_and_compare(
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// `fit-spectrum --reddening AV0 --bootstrap N -o json` reports A_V with its error and the
+/// bootstrap errors of the population averages (SDSS NGC 3522, an early-type galaxy with
+/// little dust).
+#[test]
+fn fit_spectrum_json_reports_reddening_and_population_errors() {
+    let shared = astro_fit::synthetic::shared_data_dir();
+    let out = crate::astro_fit(&[
+        "fit-spectrum",
+        shared
+            .join("spectra/NGC3522_SDSS_DR18.fits")
+            .to_str()
+            .unwrap(),
+        "--templates",
+        shared.join("templates/emiles").to_str().unwrap(),
+        "--reddening",
+        "0.1",
+        "--degree",
+        "-1",
+        "--bootstrap",
+        "5",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let av = r["reddening"].as_f64().unwrap();
+    let err = r["reddening_error"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&av) && err > 0.0 && err < 0.1, "{r}");
+    // V, sigma and A_V are the free non-linear parameters.
+    assert_eq!(
+        r["dof"].as_u64().unwrap(),
+        r["n_good"].as_u64().unwrap() - 3,
+        "{r}"
+    );
+    let e = &r["population_errors"];
+    assert_eq!(e["realisations"], 5, "{r}");
+    for k in ["light_log_age", "light_metallicity"] {
+        let v = e[k].as_f64().unwrap();
+        assert!(v > 0.0 && v < 0.2, "{k}: {v}");
+    }
+    // Without the flags the keys are absent.
+    let plain = crate::astro_fit(&[
+        "fit-spectrum",
+        shared
+            .join("spectra/NGC3522_SDSS_DR18.fits")
+            .to_str()
+            .unwrap(),
+        "--templates",
+        shared.join("templates/emiles").to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let p: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert!(p.get("reddening").is_none() && p.get("population_errors").is_none());
+}
