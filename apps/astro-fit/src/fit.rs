@@ -792,11 +792,6 @@ impl Fitter {
                 "gas templates were built for another galaxy grid".into(),
             ));
         }
-        if self.cfg.regul > 0.0 {
-            return Err(FitError::Config(
-                "gas emission lines with regularisation are not supported yet".into(),
-            ));
-        }
         self.gas = Some(gas);
         Ok(self)
     }

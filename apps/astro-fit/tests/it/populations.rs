@@ -498,19 +498,24 @@ fn bootstrap_errors_of_age_and_metallicity_describe_their_scatter() {
 
 /// `synth --dust 0.6 --sfh` on a 16 x 16 square (seed 23) in `dir`; returns the cube's path.
 fn synth_dust_history_cube(dir: &std::path::Path) -> std::path::PathBuf {
+    synth_cube(dir, "23", &["--dust", "0.6", "--sfh"])
+}
+
+/// `synth` of a 16 x 16 square with `seed` and `extra` flags into `dir/dust-LOGCUBE.fits`
+/// (truth `dust-truth.csv`, with --gas also `dust-truth-gas.csv`); returns the cube's path.
+fn synth_cube(dir: &std::path::Path, seed: &str, extra: &[&str]) -> std::path::PathBuf {
     let shared = astro_fit::synthetic::shared_data_dir();
     let cube = dir.join("dust-LOGCUBE.fits");
-    let out = crate::astro_fit(&[
+    let templates = shared.join("templates/emiles");
+    let reference = shared.join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz");
+    let mut args = vec![
         "synth",
         "--out",
         cube.to_str().unwrap(),
         "--templates",
-        shared.join("templates/emiles").to_str().unwrap(),
+        templates.to_str().unwrap(),
         "--reference",
-        shared
-            .join("cubes/synthetic-manga-seed7-LOGCUBE.fits.gz")
-            .to_str()
-            .unwrap(),
+        reference.to_str().unwrap(),
         "--nx",
         "16",
         "--ny",
@@ -518,11 +523,10 @@ fn synth_dust_history_cube(dir: &std::path::Path) -> std::path::PathBuf {
         "--footprint",
         "square",
         "--seed",
-        "23",
-        "--dust",
-        "0.6",
-        "--sfh",
-    ]);
+        seed,
+    ];
+    args.extend_from_slice(extra);
+    let out = crate::astro_fit(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -637,4 +641,46 @@ fn fit_spectrum_json_reports_reddening_and_population_errors() {
     ]);
     let p: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
     assert!(p.get("reddening").is_none() && p.get("population_errors").is_none());
+}
+
+/// Gas, regularised populations and dust in one fit (pPXF allows all three together): on a
+/// cube with gas lines, smooth histories and A_V up to 0.4 (seed 17), `fit-cube --gas --regul
+/// 30 --reddening 0.1 --degree -1` keeps the gas maps' pulls in 0.75-1.3 per S/N bin with >= 20
+/// spaxels (fluxes of Halpha, Hbeta, [OIII]5007, [NII]6583; V and sigma of both components),
+/// A_V within the bounds of the test without gas, log age RMS < 0.1 dex and [M/H] RMS < 0.15 dex.
+#[test]
+fn gas_regularised_populations_and_dust_fit_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let cube = synth_cube(dir.path(), "17", &["--gas", "--sfh", "--dust", "0.4"]);
+    let report = fit_and_compare(dir.path(), &cube, &["--gas", "--regul", "30"]);
+    let mut checked = 0;
+    for b in report["gas"].as_array().unwrap() {
+        let num = |k: &str| b[k].as_f64().unwrap_or(f64::NAN);
+        let channel = b["channel"].as_str().unwrap();
+        if num("count") < 20.0
+            || !["Ha-6564", "Hb-4862", "OIII-5008", "NII-6585"].contains(&channel)
+        {
+            continue;
+        }
+        let s = num("pull_std");
+        assert!((0.75..1.3).contains(&s), "{b}");
+        assert!(num("pull_mean").abs() < 0.3, "{b}");
+        checked += 1;
+    }
+    assert!(checked >= 20, "{checked} gas checks");
+    for b in report["populations"].as_array().unwrap() {
+        let num = |k: &str| b[k].as_f64().unwrap_or(f64::NAN);
+        if num("count") < 20.0 {
+            continue;
+        }
+        let (sn, rms) = (num("sn_min"), num("rms"));
+        let max = match b["quantity"].as_str().unwrap() {
+            "A_V" if sn < 10.0 => 0.10,
+            "A_V" if sn < 20.0 => 0.06,
+            "A_V" => 0.04,
+            "light_log_age" => 0.1,
+            _ => 0.15,
+        };
+        assert!(rms < max, "{b}");
+    }
 }
