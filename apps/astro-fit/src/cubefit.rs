@@ -1381,6 +1381,14 @@ pub fn assemble_with(
             range: None,
         });
     }
+    if plan.options.reddening.is_some() {
+        panels.push(Panel {
+            title: "stellar A_V (mag)".into(),
+            values: per_spaxel(&|r| r.reddening.map(|m| m.value)),
+            scale: ColorScale::Sequential,
+            range: None,
+        });
+    }
     panels.push(Panel {
         title: "S/N".into(),
         values: per_spaxel(&|r| Some(r.sn)),
