@@ -809,8 +809,8 @@ impl Fitter {
         self.gas.as_ref().map_or(0, GasTemplates::n_components)
     }
 
-    /// Index of the first gas parameter (after the stellar moments and the multiplicative
-    /// polynomial).
+    /// Index of the first gas parameter (after the stellar moments, the multiplicative
+    /// polynomial and, with reddening, A_V).
     fn gas_offset(&self) -> usize {
         self.cfg.moments + self.cfg.mdegree + usize::from(self.dust.is_some())
     }
@@ -822,8 +822,8 @@ impl Fitter {
             .map(|_| self.cfg.moments + self.cfg.mdegree)
     }
 
-    /// Non-linear parameters: stellar moments, multiplicative coefficients, (V, sigma) per gas
-    /// component.
+    /// Non-linear parameters: stellar moments, multiplicative coefficients or A_V, (V, sigma)
+    /// per gas component.
     fn n_params(&self) -> usize {
         self.gas_offset() + 2 * self.n_gas_components()
     }
