@@ -281,3 +281,155 @@ pub fn compare_gas_with_truth(
     }
     Ok(out)
 }
+
+/// Stellar populations and dust against a synthetic cube's truth (`synth --dust`, `--sfh`):
+/// one quantity in one S/N bin. Pulls only where the map has errors (A_V, and ages and [M/H]
+/// with `fit-cube --bootstrap`); NaN otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PopulationAccuracy {
+    /// `A_V` (STELLAR_AV, mag), `light_log_age` (STELLAR_AGE_LW, log10 yr) or `light_MH`
+    /// (STELLAR_MH_LW, dex).
+    pub quantity: String,
+    pub sn_min: f64,
+    pub sn_max: f64,
+    pub count: usize,
+    pub bias: f64,
+    pub rms: f64,
+    pub pull_mean: f64,
+    pub pull_std: f64,
+}
+
+/// Compares the A_V and light-weighted age and [M/H] maps of `maps` with the truth table's
+/// `A_V`, `light_log_age` and `light_MH` columns, per S/N bin (5-10, 10-20, 20-40, 40+).
+/// A quantity is compared when the maps hold it and the truth has values for it (tables
+/// written before these columns, or without `--sfh`, have none): an empty list means nothing
+/// to compare.
+pub fn compare_populations_with_truth(
+    maps: &Path,
+    truth: &Path,
+) -> Result<Vec<PopulationAccuracy>, AccuracyError> {
+    let text = std::fs::read_to_string(truth)
+        .map_err(|e| AccuracyError::Truth(FitError::read(truth, e)))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(cx), Some(cy), Some(cin), Some(csn)) =
+        (col("x"), col("y"), col("in_footprint"), col("SN"))
+    else {
+        return Err(AccuracyError::Truth(FitError::read(
+            truth,
+            "no x, y, in_footprint or SN column",
+        )));
+    };
+    // (x, y, S/N, the row's fields)
+    let mut rows: Vec<(usize, usize, f64, Vec<&str>)> = Vec::new();
+    for (n, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.get(cin) != Some(&"1") {
+            continue;
+        }
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+        match (num(cx), num(cy), num(csn)) {
+            (Some(x), Some(y), Some(sn)) => rows.push((x as usize, y as usize, sn, f)),
+            _ => {
+                return Err(AccuracyError::Truth(FitError::read(
+                    truth,
+                    format!("line {}: bad x, y or SN", n + 2),
+                )));
+            }
+        }
+    }
+    let mut f = FitsFile::open(maps).map_err(|e| AccuracyError::Maps {
+        path: maps.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let hdu = f.hdu("BINID").map_err(|e| AccuracyError::Maps {
+        path: maps.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let (nx, ny) = match &hdu.info {
+        fitsio::hdu::HduInfo::ImageInfo { shape, .. } if shape.len() == 2 => (shape[1], shape[0]),
+        _ => {
+            return Err(AccuracyError::Maps {
+                path: maps.to_path_buf(),
+                message: "BINID is not a 2-D image".into(),
+            });
+        }
+    };
+    let bins = [
+        (5.0, 10.0),
+        (10.0, 20.0),
+        (20.0, 40.0),
+        (40.0, f64::INFINITY),
+    ];
+    let mut out = Vec::new();
+    for (quantity, map, has_ivar) in [
+        ("A_V", "STELLAR_AV", true),
+        ("light_log_age", "STELLAR_AGE_LW", false),
+        ("light_MH", "STELLAR_MH_LW", false),
+    ] {
+        let Some(c) = col(quantity) else { continue };
+        if f.hdu(map).is_err() {
+            continue;
+        }
+        let value = read_map(&mut f, maps, map)?;
+        let mask = read_map(&mut f, maps, &format!("{map}_MASK"))?;
+        // Ages and [M/H] have errors only with `fit-cube --bootstrap`.
+        let ivar_name = format!("{map}_IVAR");
+        let ivar = if has_ivar || f.hdu(ivar_name.as_str()).is_ok() {
+            Some(read_map(&mut f, maps, &ivar_name)?)
+        } else {
+            None
+        };
+        for (lo, hi) in bins {
+            let (mut d, mut p) = (Vec::new(), Vec::new());
+            for (x, y, sn, fields) in &rows {
+                let Some(t) = fields.get(c).and_then(|v| v.parse::<f64>().ok()) else {
+                    continue;
+                };
+                if !(lo..hi).contains(sn) {
+                    continue;
+                }
+                if *x >= nx || *y >= ny {
+                    return Err(AccuracyError::Outside {
+                        x: *x,
+                        y: *y,
+                        nx,
+                        ny,
+                    });
+                }
+                let k = y * nx + x;
+                if mask[k] != 0.0 {
+                    continue;
+                }
+                d.push(value[k] - t);
+                if let Some(iv) = ivar.as_ref().filter(|iv| iv[k] > 0.0) {
+                    p.push((value[k] - t) * iv[k].sqrt());
+                }
+            }
+            if d.is_empty() {
+                continue;
+            }
+            let n = d.len() as f64;
+            let (pull_mean, pull_std) = if p.len() >= 2 {
+                let m = p.iter().sum::<f64>() / p.len() as f64;
+                let s =
+                    (p.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (p.len() - 1) as f64).sqrt();
+                (m, s)
+            } else {
+                (f64::NAN, f64::NAN)
+            };
+            out.push(PopulationAccuracy {
+                quantity: quantity.to_string(),
+                sn_min: lo,
+                sn_max: hi,
+                count: d.len(),
+                bias: d.iter().sum::<f64>() / n,
+                rms: (d.iter().map(|v| v * v).sum::<f64>() / n).sqrt(),
+                pull_mean,
+                pull_std,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -41,6 +41,19 @@ pub struct FitOptionArgs {
     /// Keep every template and map light- and mass-weighted age and [M/H].
     #[arg(long)]
     pub populations: bool,
+    /// pPXF's `regul`: regularise every bin's weights over the age x [M/H] grid (implies
+    /// --populations; each bin's star-formation history goes to `sfh.csv`).
+    #[arg(long, default_value_t = 0.0)]
+    pub regul: f64,
+    /// Fit the stellar dust attenuation A_V (mag, Calzetti 2000, R_V 4.05) in every bin from
+    /// this start, as pPXF's `reddening` (not with --mdegree); the MAPS gain STELLAR_AV.
+    #[arg(long, value_name = "AV0")]
+    pub reddening: Option<f64>,
+    /// Give each bin's light-weighted age and [M/H] an error from this many realisations of a
+    /// wild residual bootstrap (pPXF's population example; N refits per bin): the MAPS gain
+    /// STELLAR_AGE_LW_IVAR and STELLAR_MH_LW_IVAR. Implies --populations.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub bootstrap: usize,
     /// Fit each bin with the global fit's templates only (GIST/DAP-style pre-selection):
     /// about twice as fast, but sigma's errors come out too small where a bin needs other
     /// templates. By default every bin ends fitted with the whole library.
@@ -77,6 +90,9 @@ impl FitOptionArgs {
         options.degree = self.degree;
         options.mdegree = self.mdegree;
         options.populations = self.populations;
+        options.regul = self.regul;
+        options.reddening = self.reddening;
+        options.bootstrap = self.bootstrap;
         options.redshift = self.redshift;
         // clap's num_args = 2 guarantees two values.
         options.lam_range = (self.lam_range[0], self.lam_range[1]);
@@ -201,6 +217,15 @@ pub struct SynthArgs {
     /// With --gas: median Halpha equivalent width, rest-frame Angstrom.
     #[arg(long, requires = "gas", default_value_t = 5.0)]
     pub halpha_ew: f64,
+    /// Attenuate the stars by the Calzetti (2000) curve, A_V = AV exp(-R / half the field)
+    /// (the truth table's A_V column); the cube then has no multiplicative distortion.
+    #[arg(long, value_name = "AV")]
+    pub dust: Option<f64>,
+    /// Smooth star-formation histories over the SSP grid (older and richer in the centre)
+    /// instead of three SSPs per spaxel; the truth table gains their light-weighted log age
+    /// and [M/H] (light over 3600-7400 A, fit-cube's default range).
+    #[arg(long)]
+    pub sfh: bool,
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +353,17 @@ pub fn fit_cube_files(out: &Path, model_cube: bool) -> String {
     ];
     if !model_cube {
         files.retain(|(name, _)| *name != "model.fits");
+    }
+    for (name, what) in [
+        ("emission.png", "images of the main emission lines"),
+        (
+            crate::cubefit::SFH_FILE,
+            "star-formation history per bin: age, [M/H], light and mass fractions",
+        ),
+    ] {
+        if out.join(name).is_file() {
+            files.push((name, what));
+        }
     }
     let mut rows: Vec<(String, &str)> = files
         .iter()
@@ -472,6 +508,8 @@ pub fn run_synth(a: &SynthArgs) -> anyhow::Result<()> {
             halpha_ew: a.halpha_ew,
             ..GasSynth::default()
         }),
+        dust: a.dust,
+        sfh: a.sfh,
         ..SynthConfig::default()
     };
     let truth = a.truth.clone().unwrap_or_else(|| {
@@ -518,11 +556,18 @@ pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
             }
         }
     };
+    // Dust and populations where the truth and the maps have them (`synth --dust/--sfh`,
+    // `fit-cube --reddening/--regul`).
+    let pops = crate::accuracy::compare_populations_with_truth(&a.maps, &a.truth)
+        .context("compare-truth")?;
     match a.output {
         OutputFormat::Json => {
             let mut value = serde_json::to_value(&report)?;
             if let (Some(g), Some(obj)) = (&gas, value.as_object_mut()) {
                 obj.insert("gas".into(), serde_json::to_value(g)?);
+            }
+            if let (false, Some(obj)) = (pops.is_empty(), value.as_object_mut()) {
+                obj.insert("populations".into(), serde_json::to_value(&pops)?);
             }
             print_out(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
             eprintln!("wrote {}", file_with_size(&a.png));
@@ -575,6 +620,23 @@ pub fn run_compare_truth(a: &CompareArgs) -> anyhow::Result<()> {
                     text.push_str(&format!(
                         "     {:<10} {:<6} {:<7} {:>5} {:>11.4} {:>11.4} {:>+9.2} {:>8.2}\n",
                         b.channel, b.quantity, sn, b.count, b.bias, b.rms, b.pull_mean, b.pull_std
+                    ));
+                }
+            }
+            if !pops.is_empty() {
+                text.push_str(&format!(
+                    "stars: {:<14} {:<7} {:>5} {:>9} {:>9} {:>9} {:>8}\n",
+                    "quantity", "S/N", "n", "bias", "rms", "pull mean", "pull std"
+                ));
+                for b in &pops {
+                    let sn = if b.sn_max.is_finite() {
+                        format!("{}-{}", b.sn_min, b.sn_max)
+                    } else {
+                        format!("{}+", b.sn_min)
+                    };
+                    text.push_str(&format!(
+                        "       {:<14} {:<7} {:>5} {:>+9.4} {:>9.4} {:>+9.2} {:>8.2}\n",
+                        b.quantity, sn, b.count, b.bias, b.rms, b.pull_mean, b.pull_std
                     ));
                 }
             }

@@ -36,10 +36,10 @@ use crate::gas::GasTemplates;
 use crate::mapplot::{ColorScale, Panel, PlotError, plot_maps};
 use crate::maps::{
     BinMap, BinResult, Fitted, GasLineResult, MapsError, MapsHeader, Measured, write_json_atomic,
-    write_maps_with, write_model_cube,
+    write_maps_with, write_model_cube, write_sfh_csv,
 };
 use crate::plan::{BinSpec, Chunk, ChunkLimits, PlanError, plan_chunks};
-use crate::populations::populations;
+use crate::populations::{bootstrap_populations, populations, star_formation_history};
 use crate::prepare::{self, BinSpectrum, PrepareConfig, PrepareError};
 use crate::spectrum::{ObservedSpectrum, RestFrameSpectrum, mask_emission_lines};
 use crate::templates::{self, C_KMS, Medium, PreparedTemplates, ResolutionCurve, TemplateLibrary};
@@ -113,6 +113,18 @@ pub struct CubeFitOptions {
     pub degree: i32,
     pub mdegree: usize,
     pub populations: bool,
+    /// pPXF's `regul` over the age x [M/H] grid for every bin (implies populations); 0: none.
+    /// Absent from plans when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub regul: f64,
+    /// Fit the stellar attenuation A_V (Calzetti 2000) in every bin from this start (pPXF's
+    /// `reddening`; not with `mdegree`). Absent from plans when None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reddening: Option<f64>,
+    /// Realisations of the residual bootstrap that gives each bin's light-weighted age and
+    /// [M/H] an error (implies populations); 0: none. Absent from plans when 0.
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub bootstrap: usize,
     /// Fit each bin with the global fit's templates only, never admitting others (faster;
     /// see `Fitter::fit_from_templates` for the default). Absent from plans when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -148,6 +160,9 @@ impl CubeFitOptions {
             degree: 4,
             mdegree: 0,
             populations: false,
+            regul: 0.0,
+            reddening: None,
+            bootstrap: 0,
             global_templates_only: false,
             redshift: None,
             lam_range: (3600.0, 7400.0),
@@ -163,6 +178,27 @@ impl CubeFitOptions {
         }
     }
 }
+
+impl CubeFitOptions {
+    /// Every template is kept and each bin's ages, [M/H] and star-formation history are
+    /// derived: asked for, or implied by regularisation or the bootstrap (whose point they
+    /// are).
+    pub fn fits_populations(&self) -> bool {
+        self.populations || self.regul > 0.0 || self.bootstrap > 0
+    }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn is_zero_usize(x: &usize) -> bool {
+    *x == 0
+}
+
+/// Per-bin star-formation histories next to the MAPS (see [`write_sfh_csv`]), written when
+/// populations are fitted.
+pub const SFH_FILE: &str = "sfh.csv";
 
 /// Pixel data one chunk may read at most (flux, ivar and mask of its band of rows), unless
 /// the user sets `chunk.max_rows`.
@@ -406,6 +442,8 @@ fn fit_config(options: &CubeFitOptions) -> FitConfig {
         moments: options.moments,
         degree: options.degree,
         mdegree: options.mdegree,
+        regul: options.regul,
+        reddening: options.reddening,
         ..FitConfig::default()
     }
 }
@@ -424,10 +462,13 @@ fn bin_result(
         value,
         error: fit.errors.get(i).map_or(f64::NAN, |e| e * scale),
     };
-    let pops = if with_pops {
-        populations(tpl, &fit.weights)
+    let (pops, sfh) = if with_pops {
+        (
+            populations(tpl, &fit.weights),
+            star_formation_history(tpl, &fit.weights),
+        )
     } else {
-        None
+        (None, None)
     };
     BinResult {
         bin,
@@ -469,6 +510,13 @@ fn bin_result(
                 })
                 .collect()
         }),
+        sfh,
+        reddening: fit.reddening.map(|value| Measured {
+            value,
+            error: fit.reddening_error.map_or(f64::NAN, |e| e * scale),
+        }),
+        age_lw_error: None,
+        metallicity_lw_error: None,
     }
 }
 
@@ -654,7 +702,7 @@ pub fn prepare_plan(
         .names
         .iter()
         .zip(&fit.weights)
-        .filter(|(_, w)| options.populations || **w > 0.0)
+        .filter(|(_, w)| options.fits_populations() || **w > 0.0)
         .map(|(n, w)| (n.clone(), *w))
         .unzip();
     let global_fit_s = t.elapsed().as_secs_f64();
@@ -748,6 +796,7 @@ pub struct ChunkFitter {
     xcorr: Option<CrossCorrelation>,
     bins: HashMap<usize, BinSpec>,
     populations: bool,
+    bootstrap: usize,
     nwave: usize,
 }
 
@@ -784,7 +833,8 @@ impl ChunkFitter {
             start_values: Start::new(plan.global.v, plan.global.sigma),
             xcorr,
             bins: plan.bins.iter().map(|b| (b.id, b.clone())).collect(),
-            populations: options.populations,
+            populations: options.fits_populations(),
+            bootstrap: options.bootstrap,
             nwave: meta.nwave(),
         })
     }
@@ -864,10 +914,24 @@ impl ChunkFitter {
                                 fitted_ok.fetch_add(1, Ordering::Relaxed);
                                 let factor =
                                     |wave: f64| self.gg.gas_flux_factor(rest.flux_scale, wave);
-                                (
-                                    bin_result(*id, sn, &fit, &self.tpl, self.populations, &factor),
-                                    self.gg.model_on_cube(&rest, &fit.bestfit),
-                                )
+                                let mut result =
+                                    bin_result(*id, sn, &fit, &self.tpl, self.populations, &factor);
+                                if self.populations && self.bootstrap > 0 {
+                                    // Seeded by the bin: a rerun gives the same errors.
+                                    let errors = bootstrap_populations(
+                                        &self.fitter,
+                                        scratch,
+                                        &self.tpl,
+                                        &rest.spectrum,
+                                        &fit,
+                                        self.bootstrap,
+                                        *id as u64,
+                                    );
+                                    result.age_lw_error = errors.map(|e| e.light_log_age);
+                                    result.metallicity_lw_error =
+                                        errors.map(|e| e.light_metallicity);
+                                }
+                                (result, self.gg.model_on_cube(&rest, &fit.bestfit))
                             }
                             Err(why) => (BinResult::failed(*id, sn, why), vec![0.0; self.nwave]),
                         }
@@ -1193,8 +1257,23 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance, gas: Option<&GasTemplat
         ),
         card(
             "POPULAT",
-            flag(o.populations),
+            flag(o.fits_populations()),
             "1: ages and [M/H] fitted (--populations)",
+        ),
+        card(
+            "REDDEN",
+            o.reddening.map_or(text("none"), KeyValue::Number),
+            "stellar A_V start, Calzetti 2000 (--reddening)",
+        ),
+        card(
+            "BOOTSTRP",
+            KeyValue::Integer(o.bootstrap as i64),
+            "bootstrap realisations of age/[M/H] errors",
+        ),
+        card(
+            "REGUL",
+            KeyValue::Number(o.regul),
+            "pPXF regul over age x [M/H] (0: none)",
         ),
         card(
             "GLOBTPL",
@@ -1210,7 +1289,8 @@ fn maps_header(plan: &CubePlan, provenance: &Provenance, gas: Option<&GasTemplat
     MapsHeader {
         fitted: Fitted {
             moments: o.moments,
-            populations: o.populations,
+            populations: o.fits_populations(),
+            reddening: o.reddening.is_some(),
         },
         provenance: cards,
         gas_channels: gas.map(GasTemplates::dap_channels).unwrap_or_default(),
@@ -1250,6 +1330,7 @@ pub fn assemble_with(
     };
     let header = maps_header(plan, provenance, gas.as_ref());
     write_maps_with(&out.join("maps.fits"), meta, &map, &results, &header)?;
+    write_sfh_csv(&out.join(SFH_FILE), &results)?;
     if !header.gas_channels.is_empty() {
         gas_png(
             &out.join("emission.png"),
@@ -1286,7 +1367,7 @@ pub fn assemble_with(
             range: None,
         },
     ];
-    if plan.options.populations {
+    if plan.options.fits_populations() {
         panels.push(Panel {
             title: "light-weighted log age (yr)".into(),
             values: per_spaxel(&|r| r.age_lw),
@@ -1296,6 +1377,14 @@ pub fn assemble_with(
         panels.push(Panel {
             title: "light-weighted [M/H]".into(),
             values: per_spaxel(&|r| r.metallicity_lw),
+            scale: ColorScale::Sequential,
+            range: None,
+        });
+    }
+    if plan.options.reddening.is_some() {
+        panels.push(Panel {
+            title: "stellar A_V (mag)".into(),
+            values: per_spaxel(&|r| r.reddening.map(|m| m.value)),
             scale: ColorScale::Sequential,
             range: None,
         });

@@ -49,6 +49,10 @@ pub struct FitConfig {
     pub clean: bool,
     /// Linear regularisation strength over the age x [M/H] grid (pPXF's `regul`); 0 for none.
     pub regul: f64,
+    /// Fit the stellar attenuation A_V (mag) of the Calzetti (2000) curve from this start
+    /// (pPXF's `reddening`); None: no dust. Excludes the multiplicative polynomial, as in pPXF.
+    #[serde(default)]
+    pub reddening: Option<f64>,
     pub basis: TemplateBasis,
     /// |V| bound in km/s around the systemic velocity.
     pub max_velocity: f64,
@@ -66,6 +70,7 @@ impl Default for FitConfig {
             bias: None,
             clean: false,
             regul: 0.0,
+            reddening: None,
             basis: TemplateBasis::Exact,
             max_velocity: 2000.0,
             max_sigma: 1000.0,
@@ -194,6 +199,9 @@ pub struct FitResult {
     pub poly_weights: Vec<f64>,
     /// Multiplicative Legendre coefficients 1..mdegree (the constant is 1).
     pub mpoly_weights: Vec<f64>,
+    /// Fitted stellar A_V (mag, Calzetti 2000) and its formal error, with `reddening`.
+    pub reddening: Option<f64>,
+    pub reddening_error: Option<f64>,
     pub bestfit: Vec<f64>,
     /// The pixels actually fitted (input mask after clipping).
     pub good: Vec<bool>,
@@ -561,6 +569,9 @@ pub struct Fitter {
     poly: Vec<Vec<f64>>,
     /// Multiplicative Legendre polynomials P_1..P_mdegree.
     mpoly: Vec<Vec<f64>>,
+    /// With reddening: d ln(attenuation)/d A_V per galaxy pixel (rest frame), so that the
+    /// stellar templates are multiplied by exp(A_V x this) in place of the polynomial.
+    dust: Option<Vec<f64>>,
     reg: Option<Vec<f64>>,
     /// Gas emission lines fitted with the stars (their own kinematic components).
     gas: Option<GasTemplates>,
@@ -670,6 +681,27 @@ impl Fitter {
         if templates.is_empty() {
             return Err(FitError::Config("no templates".into()));
         }
+        if let Some(av) = cfg.reddening {
+            if cfg.mdegree > 0 {
+                return Err(FitError::Config(
+                    "reddening cannot be fitted together with a multiplicative polynomial \
+                     (mdegree > 0): both shape the stellar continuum, so pPXF forbids the pair; \
+                     use --reddening or --mdegree"
+                        .into(),
+                ));
+            }
+            if !(av.is_finite() && (0.0..=MAX_AV).contains(&av)) {
+                return Err(FitError::Config(format!(
+                    "the reddening start must be an A_V in 0-{MAX_AV} mag, got {av}"
+                )));
+            }
+        }
+        if !(cfg.regul >= 0.0 && cfg.regul.is_finite()) {
+            return Err(FitError::Config(format!(
+                "regul must be a finite number >= 0, got {}",
+                cfg.regul
+            )));
+        }
         if (templates.velscale - grid.velscale).abs() > 1e-6 * grid.velscale {
             return Err(FitError::Config(format!(
                 "templates were prepared for velscale {} but the galaxy has {}",
@@ -720,6 +752,11 @@ impl Fitter {
         let legendre = legendre_table(&x, (degree.max(cfg.mdegree as i32)).max(0) as usize);
         let poly = legendre[..(degree + 1) as usize].to_vec();
         let mpoly = legendre[1..=cfg.mdegree].to_vec();
+        let dust = cfg.reddening.map(|_| {
+            (0..grid.npix)
+                .map(|i| crate::dust::ln_attenuation_per_av(grid.lam(i)))
+                .collect()
+        });
         let reg = (cfg.regul > 0.0)
             .then(|| regularisation(templates, cfg.regul))
             .transpose()?;
@@ -734,6 +771,7 @@ impl Fitter {
             mix,
             poly,
             mpoly,
+            dust,
             reg,
             gas: None,
         })
@@ -754,11 +792,6 @@ impl Fitter {
                 "gas templates were built for another galaxy grid".into(),
             ));
         }
-        if self.cfg.regul > 0.0 {
-            return Err(FitError::Config(
-                "gas emission lines with regularisation are not supported yet".into(),
-            ));
-        }
         self.gas = Some(gas);
         Ok(self)
     }
@@ -776,14 +809,21 @@ impl Fitter {
         self.gas.as_ref().map_or(0, GasTemplates::n_components)
     }
 
-    /// Index of the first gas parameter (after the stellar moments and the multiplicative
-    /// polynomial).
+    /// Index of the first gas parameter (after the stellar moments, the multiplicative
+    /// polynomial and, with reddening, A_V).
     fn gas_offset(&self) -> usize {
-        self.cfg.moments + self.cfg.mdegree
+        self.cfg.moments + self.cfg.mdegree + usize::from(self.dust.is_some())
     }
 
-    /// Non-linear parameters: stellar moments, multiplicative coefficients, (V, sigma) per gas
-    /// component.
+    /// Index of A_V among the non-linear parameters, with reddening.
+    fn reddening_index(&self) -> Option<usize> {
+        self.dust
+            .as_ref()
+            .map(|_| self.cfg.moments + self.cfg.mdegree)
+    }
+
+    /// Non-linear parameters: stellar moments, multiplicative coefficients or A_V, (V, sigma)
+    /// per gas component.
     fn n_params(&self) -> usize {
         self.gas_offset() + 2 * self.n_gas_components()
     }
@@ -973,6 +1013,9 @@ impl Fitter {
         for k in 2..self.cfg.moments {
             params[k] = start.h[k - 2].clamp(-0.3, 0.3);
         }
+        if let (Some(r), Some(av)) = (self.reddening_index(), self.cfg.reddening) {
+            params[r] = av.clamp(0.0, MAX_AV);
+        }
         if let Some(gas) = &self.gas {
             let off = self.gas_offset();
             for c in 0..gas.n_components() {
@@ -1023,8 +1066,12 @@ impl Fitter {
                 .map(|c| usize::from(c.v_error > 0.0) + usize::from(c.sigma_error > 0.0))
                 .sum()
         });
+        let reddening_error = self
+            .reddening_index()
+            .map(|r| cov.get(r * npar + r).map_or(0.0, |v| v.max(0.0).sqrt()));
+        let dust_free = usize::from(reddening_error.is_some_and(|e| e > 0.0));
         let dof = n_used
-            .saturating_sub(errors.iter().filter(|e| **e > 0.0).count() + gas_free)
+            .saturating_sub(errors.iter().filter(|e| **e > 0.0).count() + gas_free + dust_free)
             .max(1);
         let bestfit = self.model_all_pixels(s);
         let np = self.poly.len();
@@ -1038,7 +1085,9 @@ impl Fitter {
             dof,
             weights: s.x[np..np + nt].to_vec(),
             poly_weights: s.x[..np].to_vec(),
-            mpoly_weights: params[self.cfg.moments..self.gas_offset()].to_vec(),
+            mpoly_weights: params[self.cfg.moments..self.cfg.moments + self.cfg.mdegree].to_vec(),
+            reddening: self.reddening_index().map(|r| params[r]),
+            reddening_error,
             bestfit,
             good,
             evaluations: s.evaluations,
@@ -1198,7 +1247,8 @@ impl Fitter {
             0 => (-self.cfg.max_velocity, self.cfg.max_velocity),
             1 => (self.min_sigma(), self.cfg.max_sigma),
             i if i < self.cfg.moments => (-0.3, 0.3),
-            i if i < self.gas_offset() => (-1.0, 1.0),
+            i if i < self.cfg.moments + self.cfg.mdegree => (-1.0, 1.0),
+            i if Some(i) == self.reddening_index() => (0.0, MAX_AV),
             i if (i - self.gas_offset()).is_multiple_of(2) => {
                 (-self.cfg.max_velocity, self.cfg.max_velocity)
             }
@@ -1281,16 +1331,24 @@ impl Fitter {
         let gh = self.losvd(p);
         let used = self.conv.losvd_kernel(&gh, &mut s.kernel);
         s.used_bins = used;
-        // Multiplicative polynomial, clipped like pPXF's.
-        for i in 0..npix {
-            let m: f64 = 1.0
-                + self
-                    .mpoly
-                    .iter()
-                    .zip(&p[self.cfg.moments..])
-                    .map(|(poly, c)| c * poly[i])
-                    .sum::<f64>();
-            s.mvec[i] = m.max(0.1);
+        // The stellar continuum's multiplier: the dust attenuation, or the multiplicative
+        // polynomial clipped like pPXF's.
+        if let (Some(dust), Some(r)) = (&self.dust, self.reddening_index()) {
+            let av = p[r];
+            for (m, d) in s.mvec.iter_mut().zip(dust) {
+                *m = (av * d).exp();
+            }
+        } else {
+            for i in 0..npix {
+                let m: f64 = 1.0
+                    + self
+                        .mpoly
+                        .iter()
+                        .zip(&p[self.cfg.moments..])
+                        .map(|(poly, c)| c * poly[i])
+                        .sum::<f64>();
+                s.mvec[i] = m.max(0.1);
+            }
         }
         if !same_point {
             self.gas_columns(s, spectrum, p);
@@ -1578,10 +1636,16 @@ impl Fitter {
                 for i in 0..npix {
                     s.deriv[i] *= scale * s.mvec[i];
                 }
-            } else if q < off {
+            } else if q < nkin + self.cfg.mdegree {
                 let poly = &self.mpoly[q - nkin];
                 for i in 0..npix {
                     s.deriv[i] = poly[i] * s.stellar[i];
+                }
+            } else if q < off {
+                // A_V: d/dA_V of stellar x exp(A_V d) is stellar x multiplier x d.
+                let dust = self.dust.as_deref().unwrap_or_default();
+                for i in 0..npix {
+                    s.deriv[i] = dust[i] * s.mvec[i] * s.stellar[i];
                 }
             } else {
                 let d = &s.gas_dmodel[(q - off) * npix..(q - off + 1) * npix];
@@ -1931,6 +1995,9 @@ impl Fitter {
         Ok(current)
     }
 }
+
+/// Upper bound of the fitted A_V, mag (lower bound 0: dust does not brighten).
+pub const MAX_AV: f64 = 10.0;
 
 /// Legendre polynomials P_0..P_deg at each x.
 pub fn legendre_table(x: &[f64], deg: usize) -> Vec<Vec<f64>> {

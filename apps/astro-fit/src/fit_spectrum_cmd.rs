@@ -7,7 +7,7 @@ use anyhow::Context;
 use crate::error::FitError;
 use crate::fit::{FitConfig, Fitter, Start, TemplateBasis};
 use crate::gas::{GasResult, GasTemplates};
-use crate::populations::{Populations, populations};
+use crate::populations::{PopulationErrors, Populations, bootstrap_populations, populations};
 use crate::spectrum::RestFrameSpectrum;
 use crate::spectrum::{Selection, mask_emission_lines, read_spectrum};
 use crate::templates::{
@@ -67,6 +67,14 @@ pub struct FitSpectrumArgs {
     /// Regularisation strength over the age x [M/H] grid (SSP libraries).
     #[arg(long, default_value_t = 0.0)]
     pub regul: f64,
+    /// Fit the stellar dust attenuation A_V (mag, Calzetti 2000 curve, R_V 4.05) starting
+    /// from this value, as pPXF's `reddening` (not with --mdegree).
+    #[arg(long, value_name = "AV0")]
+    pub reddening: Option<f64>,
+    /// Errors of the population averages from this many realisations of a wild residual
+    /// bootstrap (pPXF's population example): N refits with the same settings.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub bootstrap: usize,
     /// Starting dispersion, km/s.
     #[arg(long, default_value_t = 150.0)]
     pub sigma_start: f64,
@@ -128,6 +136,14 @@ pub struct FitReport {
     /// width in Angstrom at the line for an integrated flux), errors formal.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gas: Option<GasResult>,
+    /// With --reddening: the fitted stellar A_V (mag, Calzetti 2000) and its formal error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reddening: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reddening_error: Option<f64>,
+    /// With --bootstrap: standard deviations of the population averages over the realisations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub population_errors: Option<PopulationErrors>,
 }
 
 pub fn run(args: &FitSpectrumArgs) -> anyhow::Result<()> {
@@ -176,7 +192,22 @@ pub fn fit_file(args: &FitSpectrumArgs) -> anyhow::Result<FitReport> {
         redshift: z,
     } = prepare_fit(args)?;
     let fit = fitter.fit(&rest.spectrum, &start)?;
-    report(args, &rest, &templates, fit, z)
+    let errors = (args.bootstrap > 0)
+        .then(|| {
+            bootstrap_populations(
+                &fitter,
+                &mut fitter.scratch(),
+                &templates,
+                &rest.spectrum,
+                &fit,
+                args.bootstrap,
+                0,
+            )
+        })
+        .flatten();
+    let mut r = report(args, &rest, &templates, fit, z)?;
+    r.population_errors = errors;
+    Ok(r)
 }
 
 /// Read the spectrum, prepare templates (and gas templates), build the fitter.
@@ -224,6 +255,7 @@ pub fn prepare_fit(args: &FitSpectrumArgs) -> anyhow::Result<PreparedFit> {
         mdegree: args.mdegree,
         clean: args.clean,
         regul: args.regul,
+        reddening: args.reddening,
         basis: match args.compress {
             Some(tolerance) => TemplateBasis::Compressed { tolerance },
             None => TemplateBasis::Exact,
@@ -298,6 +330,9 @@ fn report(
         chi2: fit.chi2,
         dof: fit.dof,
         gas: fit.gas,
+        reddening: fit.reddening,
+        reddening_error: fit.reddening_error,
+        population_errors: None,
     })
 }
 
@@ -325,6 +360,9 @@ fn table(r: &FitReport) -> String {
             names[i], v, r.errors[i]
         );
     }
+    if let (Some(av), Some(e)) = (r.reddening, r.reddening_error) {
+        let _ = writeln!(t, "{:<10} {av:>10.3} +- {e:.3} mag (Calzetti 2000)", "A_V");
+    }
     let _ = writeln!(t, "chi2/DOF   {:.4} (DOF {})", r.chi2, r.dof);
     let _ = writeln!(t, "templates  {} with positive weight", r.n_templates_used);
     if let Some(p) = &r.populations {
@@ -333,6 +371,13 @@ fn table(r: &FitReport) -> String {
             "light-weighted log age {:.3}, [M/H] {:+.3}",
             p.light_log_age, p.light_metallicity
         );
+        if let Some(e) = &r.population_errors {
+            let _ = writeln!(
+                t,
+                "  bootstrap errors ({} realisations): log age +- {:.3}, [M/H] +- {:.3}",
+                e.realisations, e.light_log_age, e.light_metallicity
+            );
+        }
         if let (Some(a), Some(m)) = (p.mass_log_age, p.mass_metallicity) {
             let _ = writeln!(t, "mass-weighted  log age {a:.3}, [M/H] {m:+.3}");
         }

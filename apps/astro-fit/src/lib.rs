@@ -3,6 +3,7 @@
 //! 2004; Cappellari 2017, 2023) written from the papers in Rust.
 
 // Fitting core: templates, LOSVD, NNLS, the fitter, populations, 1-D spectra.
+pub mod dust;
 pub mod error;
 pub mod fit;
 pub mod fit_spectrum_cmd;

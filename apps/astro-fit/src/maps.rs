@@ -11,6 +11,7 @@ use fitsio::images::{ImageDescription, ImageType};
 use serde::{Deserialize, Serialize};
 
 use crate::cube::{CubeMeta, KeyValue};
+use crate::populations::SfhEntry;
 
 /// Per-spaxel mask bits of the MAPS extensions (a subset of `MANGA_DAPPIXMASK`, same meaning).
 pub const MASK_NOCOV: i32 = 1 << 0;
@@ -47,6 +48,18 @@ pub struct BinResult {
     /// Gas fitted with the stars: per gas template, in the order of the fit's templates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gas: Option<Vec<GasLineResult>>,
+    /// The star-formation history (SSPs with positive weight) when populations were fitted;
+    /// `assemble` writes every bin's into `sfh.csv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sfh: Option<Vec<SfhEntry>>,
+    /// Stellar attenuation A_V (mag, Calzetti 2000) when fitted (`--reddening`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reddening: Option<Measured>,
+    /// Bootstrap errors (`--bootstrap`) of `age_lw` and `metallicity_lw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_lw_error: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metallicity_lw_error: Option<f64>,
 }
 
 /// One gas template of one bin: its flux (both lines of a doublet; in the cube's flux unit
@@ -88,6 +101,10 @@ impl BinResult {
             sn,
             failure: Some(why),
             gas: None,
+            sfh: None,
+            reddening: None,
+            age_lw_error: None,
+            metallicity_lw_error: None,
         }
     }
 }
@@ -145,6 +162,8 @@ pub struct Fitted {
     /// Light-weighted log age and [M/H]; the mass-weighted ones too where the library gives
     /// masses (some bin has them).
     pub populations: bool,
+    /// Stellar attenuation A_V (`--reddening`).
+    pub reddening: bool,
 }
 
 impl Fitted {
@@ -154,6 +173,7 @@ impl Fitted {
         Fitted {
             moments: if done().any(|r| r.h3.is_some()) { 4 } else { 2 },
             populations: done().any(|r| r.age_lw.is_some()),
+            reddening: done().any(|r| r.reddening.is_some()),
         }
     }
 }
@@ -188,6 +208,7 @@ enum Needs {
     Populations,
     /// Populations, and some bin has mass-weighted values.
     MassWeighted,
+    Reddening,
 }
 
 /// One quantity of the MAPS file: how to extract it from a result, its unit, and which
@@ -203,6 +224,18 @@ struct Quantity {
     needs: Needs,
 }
 
+/// A value with an error that only some fits measure (NaN: none).
+fn with_error(v: Option<f64>, error: Option<f64>) -> Option<Measured> {
+    v.map(|value| Measured {
+        value,
+        error: error.unwrap_or(f64::NAN),
+    })
+}
+
+/// Quantities whose `_IVAR` is written only when some bin has an error for them (the
+/// light-weighted age and [M/H] with `--bootstrap`): otherwise it would be a plane of zeros.
+const IVAR_WHEN_MEASURED: [&str; 2] = ["STELLAR_AGE_LW", "STELLAR_MH_LW"];
+
 fn plain(v: Option<f64>) -> Option<Measured> {
     v.map(|value| Measured {
         value,
@@ -211,8 +244,8 @@ fn plain(v: Option<f64>) -> Option<Measured> {
 }
 
 /// In the MaNGA DAP's order: bin S/N, then the stellar kinematics, the fit quality, the
-/// populations.
-const QUANTITIES: [Quantity; 10] = [
+/// populations, then the dust (not a DAP quantity: the DAP fits no stellar attenuation).
+const QUANTITIES: [Quantity; 11] = [
     Quantity {
         name: "BIN_SNR",
         unit: "",
@@ -270,8 +303,8 @@ const QUANTITIES: [Quantity; 10] = [
     Quantity {
         name: "STELLAR_AGE_LW",
         unit: "log10(yr)",
-        ivar_unit: "",
-        get: |r| plain(r.age_lw),
+        ivar_unit: "log10(yr)^-2",
+        get: |r| with_error(r.age_lw, r.age_lw_error),
         ivar: false,
         mask: true,
         needs: Needs::Populations,
@@ -279,8 +312,8 @@ const QUANTITIES: [Quantity; 10] = [
     Quantity {
         name: "STELLAR_MH_LW",
         unit: "dex",
-        ivar_unit: "",
-        get: |r| plain(r.metallicity_lw),
+        ivar_unit: "dex^-2",
+        get: |r| with_error(r.metallicity_lw, r.metallicity_lw_error),
         ivar: false,
         mask: true,
         needs: Needs::Populations,
@@ -302,6 +335,15 @@ const QUANTITIES: [Quantity; 10] = [
         ivar: false,
         mask: true,
         needs: Needs::MassWeighted,
+    },
+    Quantity {
+        name: "STELLAR_AV",
+        unit: "mag",
+        ivar_unit: "mag^-2",
+        get: |r| r.reddening,
+        ivar: true,
+        mask: true,
+        needs: Needs::Reddening,
     },
 ];
 
@@ -341,6 +383,7 @@ pub fn map_images(
         Needs::HigherMoments => fitted.moments >= 4,
         Needs::Populations => fitted.populations,
         Needs::MassWeighted => fitted.populations && mass_weighted,
+        Needs::Reddening => fitted.reddening,
     };
     Ok(QUANTITIES
         .iter()
@@ -377,7 +420,9 @@ pub fn map_images(
                 unit: q.unit,
                 ivar_unit: q.ivar_unit,
                 value,
-                ivar: q.ivar.then_some(ivar),
+                ivar: (q.ivar
+                    || (IVAR_WHEN_MEASURED.contains(&q.name) && ivar.iter().any(|v| *v > 0.0)))
+                .then_some(ivar),
                 mask: q.mask.then_some(mask),
             }
         })
@@ -833,6 +878,46 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Map
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// Header of `sfh.csv`.
+pub const SFH_CSV_HEADER: &str = "bin,age_gyr,log_age,metallicity,light_weight,mass_weight";
+
+/// Writes every bin's star-formation history as CSV (one row per bin and SSP with positive
+/// weight: [`SFH_CSV_HEADER`]; light and mass weights are fractions of the bin's total, each
+/// summing to 1 over its rows; `log_age` is log10(age/yr), [M/H] in dex; mass NaN without a
+/// mass table). Returns the rows written; writes nothing when no bin has a history.
+pub fn write_sfh_csv(path: &Path, results: &[Option<BinResult>]) -> Result<usize, MapsError> {
+    use std::fmt::Write as _;
+    let io = |source| MapsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut text = String::new();
+    let mut rows = 0;
+    for r in results.iter().flatten().filter(|r| r.failure.is_none()) {
+        for e in r.sfh.iter().flatten() {
+            // Writing to a String cannot fail.
+            let _ = writeln!(
+                text,
+                "{},{},{:.6},{},{:.6e},{:.6e}",
+                r.bin,
+                e.age_gyr,
+                (e.age_gyr * 1e9).log10(),
+                e.metallicity,
+                e.light,
+                e.mass
+            );
+            rows += 1;
+        }
+    }
+    if rows == 0 {
+        return Ok(0);
+    }
+    let tmp = path.with_extension("csv.partial");
+    std::fs::write(&tmp, format!("{SFH_CSV_HEADER}\n{text}")).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(rows)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -878,6 +963,10 @@ pub(crate) mod tests {
             sn: 30.0,
             failure: None,
             gas: None,
+            sfh: None,
+            reddening: None,
+            age_lw_error: None,
+            metallicity_lw_error: None,
         }
     }
 
@@ -928,6 +1017,7 @@ pub(crate) mod tests {
         let four = Fitted {
             moments: 4,
             populations: false,
+            reddening: false,
         };
         let imgs = map_images(&map, &results, four).unwrap();
         let vel = imgs.iter().find(|i| i.name == "STELLAR_VEL").unwrap();
@@ -1025,6 +1115,7 @@ pub(crate) mod tests {
             fitted: Fitted {
                 moments,
                 populations,
+                reddening: false,
             },
             provenance: vec![(
                 "INFILE".into(),

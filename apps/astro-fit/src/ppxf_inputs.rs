@@ -91,5 +91,9 @@ pub fn write(
     hdu.write_key(&mut f, "DEGREE", i64::from(cfg.degree))?;
     hdu.write_key(&mut f, "MDEGREE", cfg.mdegree as i64)?;
     hdu.write_key(&mut f, "MOMENTS", cfg.moments as i64)?;
+    // pPXF's `reddening` start (A_V, mag) when the fit has dust; absent otherwise.
+    if let Some(av) = cfg.reddening {
+        hdu.write_key(&mut f, "REDDENAV", av)?;
+    }
     Ok(())
 }

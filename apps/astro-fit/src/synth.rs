@@ -12,6 +12,13 @@
 //! Halpha, its flux a per-spaxel multiple of the continuum) with their own kinematics, made by
 //! the fitting core's gas templates ([`crate::gas`]); their truth goes to a second table.
 //!
+//! With `dust`, the stars (not the gas) are attenuated by the Calzetti (2000) curve
+//! ([`crate::dust`], the curve `--reddening` fits) at a known A_V per spaxel, and the cube has
+//! no multiplicative distortion (a fit with dust has no multiplicative polynomial to absorb
+//! one). With `sfh`, each spaxel's stars are a smooth star-formation history over the whole SSP
+//! grid instead of three SSPs: a Gaussian in log age and [M/H] whose centre falls with radius
+//! ([`history_centre`]); the truth table then holds its light-weighted log age and [M/H].
+//!
 //! Template preparation and the LOSVD convolution are the fitting core's ([`crate::templates`],
 //! [`crate::losvd`]): the cube is made with the very operator the fitter inverts.
 
@@ -74,6 +81,36 @@ pub struct SynthConfig {
     /// Gas emission lines; None: stars only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gas: Option<GasSynth>,
+    /// Central stellar A_V (mag, Calzetti 2000); A_V = dust exp(-R / (min(nx, ny) / 2)).
+    /// None: no dust (and the multiplicative distortion stays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dust: Option<f64>,
+    /// Smooth star-formation histories over the SSP grid instead of three SSPs per spaxel.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sfh: bool,
+}
+
+/// Rest-frame range (Angstrom) over which the truth's light fractions are taken: fit-cube's
+/// default `--lam-range`, the range whose light the fitted weights describe.
+pub const SFH_LIGHT_RANGE: (f64, f64) = (3600.0, 7400.0);
+
+/// Centre (log10 age/yr, [M/H]) of the smooth history at `radius` spaxels: old and
+/// metal-rich in the centre, younger and poorer outwards.
+pub fn history_centre(radius: f64) -> (f64, f64) {
+    (9.9 - 0.08 * radius, 0.1 - 0.05 * radius)
+}
+
+/// The smooth history's weights over `ssp` (before normalisation by light): a Gaussian of
+/// 0.3 dex in log age and 0.35 dex in [M/H] around [`history_centre`].
+pub fn history_weights(ssp: &[templates::SspParams], radius: f64) -> Vec<f64> {
+    let (age0, mh0) = history_centre(radius);
+    ssp.iter()
+        .map(|p| {
+            let a = ((p.age_gyr * 1e9).log10() - age0) / 0.3;
+            let m = (p.metallicity - mh0) / 0.35;
+            (-0.5 * (a * a + m * m)).exp()
+        })
+        .collect()
 }
 
 /// Emission lines of a synthetic cube: Halpha's equivalent width (rest Angstrom, against the
@@ -149,6 +186,8 @@ impl Default for SynthConfig {
             distortion: 0.05,
             oversample: 4,
             gas: None,
+            dust: None,
+            sfh: false,
         }
     }
 }
@@ -180,6 +219,14 @@ pub struct SpaxelTruth {
     pub weights: [f64; 3],
     pub poly: [f64; 3],
     pub gas: Option<GasTruth>,
+    /// Stellar A_V (mag, Calzetti 2000); 0 without dust.
+    pub a_v: f64,
+    /// With `sfh`: the weights of every template (they replace `templates` and `weights`),
+    /// normalised so that the spectrum's scale matches a three-SSP spaxel's, and the
+    /// history's light-weighted log10(age/yr) and [M/H] over [`SFH_LIGHT_RANGE`].
+    pub history: Option<Vec<f64>>,
+    pub light_log_age: Option<f64>,
+    pub light_metallicity: Option<f64>,
 }
 
 fn rng_for(seed: u64, spaxel: usize) -> ChaCha8Rng {
@@ -219,6 +266,11 @@ pub fn spaxel_truth(cfg: &SynthConfig, ntemplates: usize, x: usize, y: usize) ->
     let total: f64 = raw.iter().sum();
     let weights = raw.map(|w| w / total);
     let poly = [0; 3].map(|_| rng.gen_range(-cfg.distortion..=cfg.distortion));
+    // Drawn in any case, so that the rest of the stream does not depend on the dust.
+    let poly = if cfg.dust.is_some() { [0.0; 3] } else { poly };
+    let a_v = cfg.dust.map_or(0.0, |d| {
+        d * (-radius / (cfg.nx.min(cfg.ny) as f64 / 2.0)).exp()
+    });
     // Drawn after everything else: a cube with gas has the same stars as one without.
     let gas = cfg.gas.as_ref().map(|g| {
         let factor = LogNormal::new(0.0, g.ew_scatter).map_or(1.0, |d| d.sample(&mut rng));
@@ -245,6 +297,10 @@ pub fn spaxel_truth(cfg: &SynthConfig, ntemplates: usize, x: usize, y: usize) ->
         weights,
         poly,
         gas,
+        a_v,
+        history: None,
+        light_log_age: None,
+        light_metallicity: None,
     }
 }
 
@@ -314,8 +370,17 @@ impl SpectrumModel {
     fn spectrum(&self, t: &SpaxelTruth) -> Vec<f64> {
         let n = self.conv.n_bins();
         let mut combined = vec![Complex64::new(0.0, 0.0); n];
-        for (j, w) in t.templates.iter().zip(t.weights) {
-            for (c, s) in combined.iter_mut().zip(&self.spectra[*j]) {
+        let mix: Vec<(usize, f64)> = match &t.history {
+            Some(h) => h
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(_, w)| *w > 0.0)
+                .collect(),
+            None => t.templates.iter().copied().zip(t.weights).collect(),
+        };
+        for (j, w) in mix {
+            for (c, s) in combined.iter_mut().zip(&self.spectra[j]) {
                 *c += s * w;
             }
         }
@@ -326,6 +391,66 @@ impl SpectrumModel {
         self.conv
             .apply(&combined, &kernel, used, &mut out, &mut self.conv.scratch());
         out
+    }
+}
+
+/// What the smooth histories need of the templates: their SSP grid, and each template's light
+/// per unit weight (mean flux over [`SFH_LIGHT_RANGE`]) and over the whole prepared range.
+struct HistoryTruth {
+    ssp: Vec<templates::SspParams>,
+    light: Vec<f64>,
+    mean_flux: Vec<f64>,
+}
+
+impl HistoryTruth {
+    fn new(tpl: &PreparedTemplates) -> Result<Self, SynthError> {
+        let ssp = tpl.ssp.clone().ok_or_else(|| {
+            SynthError::Config("--sfh needs SSP templates on an age x [M/H] grid".into())
+        })?;
+        let d = tpl.d_ln_lam();
+        let (lo, hi) = SFH_LIGHT_RANGE;
+        let inside: Vec<bool> = (0..tpl.npix())
+            .map(|i| (lo..=hi).contains(&(tpl.ln_lam0 + i as f64 * d).exp()))
+            .collect();
+        let mean = |s: &[f64], keep: &dyn Fn(usize) -> bool| {
+            let (sum, n) = s
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .fold((0.0, 0usize), |(a, n), (_, v)| (a + v, n + 1));
+            sum / n.max(1) as f64
+        };
+        Ok(HistoryTruth {
+            light: tpl
+                .spectra
+                .iter()
+                .map(|s| mean(s, &|i| inside[i]))
+                .collect(),
+            mean_flux: tpl.spectra.iter().map(|s| mean(s, &|_| true)).collect(),
+            ssp,
+        })
+    }
+
+    /// Gives `t` its history at its radius and the history's light-weighted log age and [M/H].
+    fn set(&self, t: &mut SpaxelTruth) {
+        let mut w = history_weights(&self.ssp, t.radius);
+        // Same mean flux as a three-SSP spaxel's mixture of unit total weight.
+        let flux: f64 = w.iter().zip(&self.mean_flux).map(|(a, b)| a * b).sum();
+        let mean: f64 = self.mean_flux.iter().sum::<f64>() / self.mean_flux.len().max(1) as f64;
+        w.iter_mut().for_each(|v| *v *= mean / flux);
+        let light: Vec<f64> = w.iter().zip(&self.light).map(|(a, b)| a * b).collect();
+        let total: f64 = light.iter().sum();
+        let avg = |f: &dyn Fn(&templates::SspParams) -> f64| {
+            light
+                .iter()
+                .zip(&self.ssp)
+                .map(|(l, p)| l * f(p))
+                .sum::<f64>()
+                / total
+        };
+        t.light_log_age = Some(avg(&|p| (p.age_gyr * 1e9).log10()));
+        t.light_metallicity = Some(avg(&|p| p.metallicity));
+        t.history = Some(w);
     }
 }
 
@@ -354,6 +479,14 @@ pub fn synthesize(
             cfg.nx, cfg.ny, cfg.oversample, cfg.sn_min, cfg.redshift
         )));
     }
+    if let Some(av) = cfg.dust
+        && !(av.is_finite() && (0.0..=crate::fit::MAX_AV).contains(&av))
+    {
+        return Err(SynthError::Config(format!(
+            "dust A_V must be in 0-{} mag, got {av}",
+            crate::fit::MAX_AV
+        )));
+    }
     let reference = read_reference(reference)?;
     let wave = &reference.wave;
     let npix = wave.len();
@@ -372,6 +505,11 @@ pub fn synthesize(
         Some(ResolutionCurve::from_resolving_power(wave, specres).deredshift(cfg.redshift));
     let tpl = templates::prepare(&lib, &pcfg)?;
     let model = SpectrumModel::new(&tpl, ln_lam0, npix);
+    let histories = if cfg.sfh {
+        Some(HistoryTruth::new(&tpl)?)
+    } else {
+        None
+    };
     let grid = crate::fit::LogGrid {
         ln_lam0,
         velscale,
@@ -481,14 +619,22 @@ pub fn synthesize(
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(|(x, y)| {
-                let t = spaxel_truth(cfg, ntpl, x, y);
+                let mut t = spaxel_truth(cfg, ntpl, x, y);
                 if !t.inside {
                     return (t, vec![0.0; npix], vec![0.0; npix], Vec::new());
+                }
+                if let Some(h) = &histories {
+                    h.set(&mut t);
                 }
                 let mut spec = model.spectrum(&t);
                 for (k, s) in spec.iter_mut().enumerate() {
                     let distortion: f64 = (0..3).map(|n| t.poly[n] * legendre[n + 1][k]).sum();
-                    *s *= t.flux_scale * (1.0 + distortion);
+                    let dust = if t.a_v > 0.0 {
+                        crate::dust::attenuation(grid.lam(k), t.a_v)
+                    } else {
+                        1.0
+                    };
+                    *s *= t.flux_scale * (1.0 + distortion) * dust;
                 }
                 let continuum = spec.iter().sum::<f64>() / npix as f64;
                 let noise = continuum / t.sn;
@@ -667,19 +813,28 @@ fn write_truth(path: &Path, truths: &[SpaxelTruth], names: &[String]) -> std::io
     let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(
         w,
-        "x,y,in_footprint,V,sigma,SN,flux_scale,R_spaxel,tpl_idx,tpl_w,poly_leg123,tpl_names"
+        "x,y,in_footprint,V,sigma,SN,flux_scale,R_spaxel,tpl_idx,tpl_w,poly_leg123,tpl_names,\
+         A_V,light_log_age,light_MH"
     )?;
     let mut sorted: Vec<&SpaxelTruth> = truths.iter().collect();
     sorted.sort_by_key(|t| (t.y, t.x));
     for t in sorted {
         if !t.inside {
-            writeln!(w, "{},{},0,,,,,,,,,", t.x, t.y)?;
+            writeln!(w, "{},{},0,,,,,,,,,,,,", t.x, t.y)?;
             continue;
         }
-        let join = |v: &[String]| v.join(";");
+        let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.5}"));
+        // With a smooth history the three drawn SSPs are not used: their columns stay empty.
+        let join = |v: &[String]| {
+            if t.history.is_some() {
+                String::new()
+            } else {
+                v.join(";")
+            }
+        };
         writeln!(
             w,
-            "{},{},1,{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{},{}",
+            "{},{},1,{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{:.5},{},{}",
             t.x,
             t.y,
             t.v,
@@ -691,6 +846,9 @@ fn write_truth(path: &Path, truths: &[SpaxelTruth], names: &[String]) -> std::io
             join(&t.weights.map(|w| format!("{w:.5}"))),
             join(&t.poly.map(|p| format!("{p:.5}"))),
             join(&t.templates.map(|i| names[i].clone())),
+            t.a_v,
+            opt(t.light_log_age),
+            opt(t.light_metallicity),
         )?;
     }
     w.flush()

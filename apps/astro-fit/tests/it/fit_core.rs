@@ -318,7 +318,7 @@ fn regularised_fit_spreads_weights_and_gives_population_averages() {
 }
 
 /// The brightest spaxel of the synthetic cube on its rest-frame grid, and its truth.
-fn brightest_spaxel() -> (
+pub fn brightest_spaxel() -> (
     astro_fit::spectrum::RestFrameSpectrum,
     astro_fit::synthetic::TruthRow,
 ) {

@@ -4,6 +4,7 @@ mod cli;
 mod cube_cli;
 mod edge;
 mod fit_core;
+mod populations;
 mod ppxf_compare;
 mod ppxf_gas;
 mod ppxf_own_preparation;
