@@ -56,6 +56,22 @@ pub struct AstroFitParameters {
     pub redshift: Option<f64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub populations: bool,
+    /// pPXF's `regul` over the age x [M/H] grid (implies `populations`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1_000_000)]
+    pub regul: Option<f64>,
+    /// Fit the stars' attenuation A_V (Calzetti 2000) from this start, magnitudes (not with
+    /// `mdegree`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 10)]
+    pub reddening: Option<f64>,
+    /// Residual-bootstrap realisations for errors on ages and [M/H] (implies `populations`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1000)]
+    pub bootstrap: Option<usize>,
+    /// Fit the gas emission lines with the stars (MAPS gain EMLINE_G*, `emission.png`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gas: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub global_templates_only: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,6 +91,10 @@ const PARAMETER_FIELDS: &[&str] = &[
     "minSn",
     "redshift",
     "populations",
+    "regul",
+    "reddening",
+    "bootstrap",
+    "gas",
     "globalTemplatesOnly",
     "chunkSpectra",
     "noModelCube",
@@ -167,6 +187,28 @@ impl AstroFitParameters {
             bad("redshift", "must be between -0.01 and 10");
         }
         if self
+            .regul
+            .is_some_and(|r| !(r.is_finite() && (0.0..=1e6).contains(&r)))
+        {
+            bad("regul", "must be a number from 0 to 1000000");
+        }
+        if self
+            .reddening
+            .is_some_and(|a| !(a.is_finite() && (0.0..=10.0).contains(&a)))
+        {
+            bad("reddening", "must be A_V from 0 to 10 magnitudes");
+        }
+        if self.reddening.is_some() && self.mdegree.is_some_and(|d| d > 0) {
+            // As pPXF: the attenuation curve takes the multiplicative polynomial's place.
+            bad(
+                "reddening",
+                "cannot be fitted with a multiplicative polynomial (mdegree > 0)",
+            );
+        }
+        if self.bootstrap.is_some_and(|n| n > 1000) {
+            bad("bootstrap", "must be 0 to 1000");
+        }
+        if self
             .chunk_spectra
             .is_some_and(|n| !(1..=100_000).contains(&n))
         {
@@ -188,6 +230,10 @@ impl AstroFitParameters {
         o.degree = self.degree.unwrap_or(o.degree);
         o.mdegree = self.mdegree.unwrap_or(o.mdegree);
         o.populations = self.populations;
+        o.regul = self.regul.unwrap_or(o.regul);
+        o.reddening = self.reddening;
+        o.bootstrap = self.bootstrap.unwrap_or(o.bootstrap);
+        o.gas = self.gas;
         o.global_templates_only = self.global_templates_only;
         o.redshift = self.redshift;
         o.lam_range = self.lam_range.map_or(o.lam_range, |[lo, hi]| (lo, hi));
@@ -451,6 +497,40 @@ mod tests {
                 .options("c".into(), "t".into(), "o".into());
         let fit_cube = CubeFitOptions::new("c".into(), "t".into(), "o".into());
         assert_eq!(d, fit_cube);
+    }
+
+    #[test]
+    fn populations_dust_and_gas_parameters_reach_fit_cube() {
+        let p = AstroFitParameters::parse(Some(&json!({"regul": 30, "reddening": 0.1,
+            "bootstrap": 10, "gas": true, "degree": -1})))
+        .unwrap();
+        let o = p.options("c".into(), "t".into(), "o".into());
+        assert_eq!(
+            (o.regul, o.reddening, o.bootstrap, o.gas),
+            (30.0, Some(0.1), 10, true)
+        );
+        // Regularisation and the bootstrap are about populations: they imply them.
+        assert!(o.fits_populations());
+        let fields = |v: Value| -> Vec<String> {
+            AstroFitParameters::parse(Some(&v))
+                .unwrap_err()
+                .into_iter()
+                .map(|v| v.field)
+                .collect()
+        };
+        assert_eq!(
+            fields(json!({"regul": -1, "reddening": 11, "bootstrap": 5000})),
+            [
+                "spec.parameters.regul",
+                "spec.parameters.reddening",
+                "spec.parameters.bootstrap"
+            ]
+        );
+        assert_eq!(
+            fields(json!({"reddening": 0.2, "mdegree": 8})),
+            ["spec.parameters.reddening"]
+        );
+        assert_eq!(fields(json!({"gas": "yes"})), ["spec.parameters.gas"]);
     }
 
     #[test]

@@ -354,13 +354,7 @@ pub fn fit_cube_files(out: &Path, model_cube: bool) -> String {
     if !model_cube {
         files.retain(|(name, _)| *name != "model.fits");
     }
-    for (name, what) in [
-        ("emission.png", "images of the main emission lines"),
-        (
-            crate::cubefit::SFH_FILE,
-            "star-formation history per bin: age, [M/H], light and mass fractions",
-        ),
-    ] {
+    for (name, what) in crate::cubefit::OPTIONAL_OUTPUTS {
         if out.join(name).is_file() {
             files.push((name, what));
         }

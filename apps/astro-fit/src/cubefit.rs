@@ -200,6 +200,16 @@ fn is_zero_usize(x: &usize) -> bool {
 /// populations are fitted.
 pub const SFH_FILE: &str = "sfh.csv";
 
+/// Files `assemble` writes only for some settings (gas lines, populations), with what each
+/// holds: published where they exist.
+pub const OPTIONAL_OUTPUTS: [(&str, &str); 2] = [
+    ("emission.png", "images of the main emission lines"),
+    (
+        SFH_FILE,
+        "star-formation history per bin: age, [M/H], light and mass fractions",
+    ),
+];
+
 /// Pixel data one chunk may read at most (flux, ivar and mask of its band of rows), unless
 /// the user sets `chunk.max_rows`.
 pub const BAND_BYTES: usize = 256 << 20;

@@ -401,6 +401,11 @@ fn assemble(
         files.push(("model.fits".into(), out.join("model.fits")));
     }
     files.push(("maps.png".into(), out.join("maps.png")));
+    for (name, _) in cubefit::OPTIONAL_OUTPUTS {
+        if out.join(name).is_file() {
+            files.push((name.into(), out.join(name)));
+        }
+    }
     files.push(("summary.json".into(), summary_path));
     Ok(StageOutput {
         files,
