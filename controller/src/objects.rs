@@ -427,6 +427,90 @@ pub enum EventType {
 
 /// Records an event about `object` (an object as stored). The event has the object's owner,
 /// so that it is seen by whoever sees the object (`auth::sees`).
+/// The counter that says the owners were backfilled (`migrations/0003_owner_backfill.sql`).
+const OWNERS_BACKFILLED: &str = "ownersBackfilled";
+
+/// Tasks and events stored before they carried their owner get the owner of what they follow
+/// (a task its application's, an event that of the object it is about), once per store: to a
+/// user an owned object without an owner is nobody's (`auth::sees`). Idempotent: an object
+/// that has an owner keeps it. Returns how many objects were given one.
+pub async fn backfill_owners(store: &Store) -> Result<usize, StoreError> {
+    if store.counter(OWNERS_BACKFILLED).await? != 0 {
+        return Ok(0);
+    }
+    let mut owners: std::collections::HashMap<(Kind, String), Option<String>> = Default::default();
+    let mut given = 0;
+    // Tasks first: events about a task then find its owner.
+    for kind in [Kind::Task, Kind::Event] {
+        let mut after: Option<String> = None;
+        loop {
+            let page = crate::store::Query {
+                after: after.as_deref(),
+                limit: Some(1000),
+                ..Default::default()
+            };
+            let (_, rows) = store.list_raw(kind, &page).await?;
+            let Some((last, _)) = rows.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            for (name, body) in rows {
+                let Ok(object) = serde_json::from_str::<Value>(&body) else {
+                    continue;
+                };
+                if object["metadata"]["owner"].is_string() {
+                    continue;
+                }
+                let Some(follows) = followed(kind, &object) else {
+                    continue;
+                };
+                if !owners.contains_key(&follows) {
+                    let owner = store
+                        .get(follows.0, &follows.1)
+                        .await?
+                        .and_then(|o| o["metadata"]["owner"].as_str().map(str::to_string));
+                    owners.insert(follows.clone(), owner);
+                }
+                let Some(owner) = owners[&follows].clone() else {
+                    continue;
+                };
+                let written = store
+                    .write(kind, &name, |current| -> Result<Change, StoreError> {
+                        match current {
+                            Some(mut o) if !o["metadata"]["owner"].is_string() => {
+                                o["metadata"]["owner"] = json!(owner);
+                                Ok(Change::Put(o))
+                            }
+                            _ => Ok(Change::Keep),
+                        }
+                    })
+                    .await?;
+                given += usize::from(written.changed);
+            }
+        }
+    }
+    store.set_counter(OWNERS_BACKFILLED, 1).await?;
+    Ok(given)
+}
+
+/// The owned object whose owner `object` (a task or an event) follows.
+fn followed(kind: Kind, object: &Value) -> Option<(Kind, String)> {
+    let text = |v: &Value| v.as_str().map(str::to_string);
+    match kind {
+        Kind::Task => Some((Kind::Application, text(&object["spec"]["application"])?)),
+        Kind::Event => {
+            let about = match object["involvedObject"]["kind"].as_str()? {
+                "Application" => Kind::Application,
+                "Dataset" => Kind::Dataset,
+                "Task" => Kind::Task,
+                _ => return None,
+            };
+            Some((about, text(&object["involvedObject"]["name"])?))
+        }
+        _ => None,
+    }
+}
+
 pub async fn record_event(
     store: &Store,
     object: &Value,

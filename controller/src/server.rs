@@ -156,6 +156,13 @@ pub async fn start(options: ServerOptions) -> anyhow::Result<RunningServer> {
         true => None,
     };
     let store = Arc::new(Store::open(&options.data_dir, options.database_url.as_deref()).await?);
+    let backfilled = crate::objects::backfill_owners(&store).await?;
+    if backfilled > 0 {
+        tracing::info!(
+            objects = backfilled,
+            "tasks and events stored before they carried an owner now have their owner's"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
     let admin = crate::tokens::ensure_admin_token(&options.data_dir)?;

@@ -526,6 +526,27 @@ impl Store {
             .version)
     }
 
+    /// A store-wide counter (`counters`), 0 if it was never set.
+    pub async fn counter(&self, name: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT value FROM counters WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map_or(0, |r| r.get(0)))
+    }
+
+    pub async fn set_counter(&self, name: &str, value: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO counters (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// The oldest resource version a watch can resume after.
     pub async fn compacted_version(&self) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT value FROM counters WHERE name = 'compactedVersion'")

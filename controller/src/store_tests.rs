@@ -401,7 +401,69 @@ async fn on_postgres_another_servers_reads_see_every_acknowledged_write() {
     ts.cleanup().await;
 }
 
+/// A store from before tasks and events carried their owner: each gets the owner of what it
+/// follows, once.
+async fn owners_are_backfilled_once(ts: &TestStore) {
+    let app = json!({"apiVersion": "ceccm/v1", "kind": "Application",
+        "metadata": {"name": "fit", "owner": "ana"}, "spec": {"app": "container"}});
+    put(ts, Kind::Application, "fit", app).await;
+    let task = |name: &str, owner: Option<&str>| {
+        let mut t = json!({"apiVersion": "ceccm/v1", "kind": "Task", "metadata": {"name": name},
+            "spec": {"application": "fit", "index": 0}, "status": {"state": "Done"}});
+        if let Some(owner) = owner {
+            t["metadata"]["owner"] = json!(owner);
+        }
+        t
+    };
+    put(ts, Kind::Task, "fit-00000", task("fit-00000", None)).await;
+    put(ts, Kind::Task, "fit-00001", task("fit-00001", Some("bob"))).await;
+    let event = |name: &str, kind: &str, about: &str| {
+        json!({"apiVersion": "ceccm/v1", "kind": "Event", "metadata": {"name": name},
+               "involvedObject": {"kind": kind, "name": about}, "type": "Normal",
+               "reason": "Test", "message": "m"})
+    };
+    put(
+        ts,
+        Kind::Event,
+        "fit.1",
+        event("fit.1", "Application", "fit"),
+    )
+    .await;
+    put(
+        ts,
+        Kind::Event,
+        "fit-00000.1",
+        event("fit-00000.1", "Task", "fit-00000"),
+    )
+    .await;
+    put(ts, Kind::Event, "edge.1", event("edge.1", "Region", "edge")).await;
+
+    assert_eq!(objects::backfill_owners(&ts.store).await.unwrap(), 3);
+    let owner = |kind: Kind, name: &'static str| {
+        let store = ts.store.clone();
+        async move { store.get(kind, name).await.unwrap().unwrap()["metadata"]["owner"].clone() }
+    };
+    assert_eq!(owner(Kind::Task, "fit-00000").await, "ana");
+    assert_eq!(
+        owner(Kind::Task, "fit-00001").await,
+        "bob",
+        "an owner is kept"
+    );
+    assert_eq!(owner(Kind::Event, "fit.1").await, "ana");
+    assert_eq!(owner(Kind::Event, "fit-00000.1").await, "ana");
+    assert_eq!(
+        owner(Kind::Event, "edge.1").await,
+        Value::Null,
+        "regions are no one's"
+    );
+    // Once per store: later objects are stamped when written, never by this.
+    put(ts, Kind::Task, "fit-00002", task("fit-00002", None)).await;
+    assert_eq!(objects::backfill_owners(&ts.store).await.unwrap(), 0);
+    assert_eq!(owner(Kind::Task, "fit-00002").await, Value::Null);
+}
+
 store_suite!(
+    owners_are_backfilled_once,
     indexed_lists_filter_on_labels_and_owner,
     versions_grow_and_changes_are_replayable,
     queries_filter_on_indexed_columns,
