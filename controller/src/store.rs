@@ -692,6 +692,26 @@ impl Store {
     where
         E: From<StoreError>,
     {
+        let mut written = self.write_many(kind, [(name, decide)]).await?;
+        Ok(written.pop().unwrap_or(Written {
+            object: None,
+            changed: false,
+            created: false,
+        }))
+    }
+
+    /// [`Store::write`] of several objects of `kind` in one transaction, in order, each with its
+    /// own resource version: all are written or none (the first error rolls every one back).
+    /// One commit for many objects (an application's tasks) instead of one each.
+    pub async fn write_many<'n, E, F>(
+        &self,
+        kind: Kind,
+        writes: impl IntoIterator<Item = (&'n str, F)>,
+    ) -> Result<Vec<Written>, E>
+    where
+        E: From<StoreError>,
+        F: FnOnce(Option<Value>) -> Result<Change, E>,
+    {
         let _guard = self.write.lock().await;
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         if self.backend == Backend::Postgres {
@@ -701,118 +721,20 @@ impl Store {
                 .await
                 .map_err(StoreError::from)?;
         }
-        let current = sqlx::query("SELECT body FROM objects WHERE kind = $1 AND name = $2")
-            .bind(kind.as_str())
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(StoreError::from)?
-            .map(|r| parse(&r.get::<String, _>(0)))
-            .transpose()?;
-        let existed = current.is_some();
-        let (mut object, result, change) = match decide(current.clone())? {
-            Change::Keep => {
-                return Ok(Written {
-                    object: current,
-                    changed: false,
-                    created: false,
-                });
-            }
-            Change::Delete => match current {
-                None => {
-                    return Ok(Written {
-                        object: None,
-                        changed: false,
-                        created: false,
-                    });
-                }
-                Some(obj) => (obj, None, ChangeType::Deleted),
-            },
-            Change::Put(obj) => (obj, None, modified_or_added(existed)),
-            Change::PutWithResult(obj, row) => (obj, Some(row), modified_or_added(existed)),
-        };
-        let version = next_version(&mut tx).await?;
-        object["metadata"]["resourceVersion"] = Value::String(version.to_string());
-        let body = object.to_string();
-        if change == ChangeType::Deleted {
-            sqlx::query("DELETE FROM objects WHERE kind = $1 AND name = $2")
-                .bind(kind.as_str())
-                .bind(name)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
-        } else {
-            let index = IndexColumns::of(kind, &object);
-            sqlx::query(
-                "INSERT INTO objects (kind, name, resource_version, phase, owner, region, deadline_ms, body) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (kind, name) DO UPDATE SET resource_version = excluded.resource_version, \
-                 phase = excluded.phase, owner = excluded.owner, region = excluded.region, \
-                 deadline_ms = excluded.deadline_ms, body = excluded.body",
-            )
-            .bind(kind.as_str())
-            .bind(name)
-            .bind(version)
-            .bind(index.phase)
-            .bind(index.owner)
-            .bind(index.region)
-            .bind(index.deadline_ms)
-            .bind(body.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-        }
-        if let Some(mut row) = result {
-            if let Some(sample) = row.telemetry.take() {
-                // Ordered by the write's resource version: the predictor holds out the newest.
-                sqlx::query(
-                    "INSERT INTO telemetry (task_uid, resource_version, region, body) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (task_uid) DO NOTHING",
-                )
-                .bind(sample.task_uid)
-                .bind(version)
-                .bind(sample.region)
-                .bind(sample.body)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
-            }
-            sqlx::query(
-                "INSERT INTO task_results (task, application, task_index, worker, body, written_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (task) DO NOTHING",
-            )
-            .bind(row.task)
-            .bind(row.application)
-            .bind(row.index)
-            .bind(row.worker)
-            .bind(row.body)
-            .bind(crate::time::now_rfc3339())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-        }
-        sqlx::query(
-            "INSERT INTO changes (resource_version, kind, event_type, body) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(version)
-        .bind(kind.as_str())
-        .bind(change.as_str())
-        .bind(body.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
-        if version % 1000 == 0 {
-            compact(&mut tx, version - RETAINED_CHANGES).await?;
+        let mut written = Vec::new();
+        let mut events = Vec::new();
+        for (name, decide) in writes {
+            let (one, event) = write_in(&mut tx, kind, name, decide).await?;
+            written.push(one);
+            events.extend(event);
         }
         tx.commit().await.map_err(StoreError::from)?;
+        if events.is_empty() {
+            return Ok(written);
+        }
         match self.backend {
-            Backend::Sqlite => self.apply(ChangeEvent {
-                resource_version: version,
-                kind,
-                change,
-                body: Arc::from(body),
-            }),
-            // Other servers' changes before this one are applied first: read-your-writes, and
+            Backend::Sqlite => events.into_iter().for_each(|e| self.apply(e)),
+            // Other servers' changes before these are applied first: read-your-writes, and
             // watchers see every change in order.
             Backend::Postgres => {
                 if let Err(e) = self.catch_up().await {
@@ -820,11 +742,7 @@ impl Store {
                 }
             }
         }
-        Ok(Written {
-            object: (change != ChangeType::Deleted).then_some(object),
-            changed: true,
-            created: !existed,
-        })
+        Ok(written)
     }
 
     /// Results of an application's tasks, by task index, as `(task, worker, body)`.
@@ -877,6 +795,136 @@ fn modified_or_added(existed: bool) -> ChangeType {
     } else {
         ChangeType::Added
     }
+}
+
+/// One object's write inside the writer's open transaction: the object after it, and the
+/// change to announce once the transaction commits.
+async fn write_in<E>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    kind: Kind,
+    name: &str,
+    decide: impl FnOnce(Option<Value>) -> Result<Change, E>,
+) -> Result<(Written, Option<ChangeEvent>), E>
+where
+    E: From<StoreError>,
+{
+    let current = sqlx::query("SELECT body FROM objects WHERE kind = $1 AND name = $2")
+        .bind(kind.as_str())
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(StoreError::from)?
+        .map(|r| parse(&r.get::<String, _>(0)))
+        .transpose()?;
+    let existed = current.is_some();
+    let (mut object, result, change) = match decide(current.clone())? {
+        Change::Keep => {
+            let unchanged = Written {
+                object: current,
+                changed: false,
+                created: false,
+            };
+            return Ok((unchanged, None));
+        }
+        Change::Delete => match current {
+            None => {
+                let absent = Written {
+                    object: None,
+                    changed: false,
+                    created: false,
+                };
+                return Ok((absent, None));
+            }
+            Some(obj) => (obj, None, ChangeType::Deleted),
+        },
+        Change::Put(obj) => (obj, None, modified_or_added(existed)),
+        Change::PutWithResult(obj, row) => (obj, Some(row), modified_or_added(existed)),
+    };
+    let version = next_version(tx).await?;
+    object["metadata"]["resourceVersion"] = Value::String(version.to_string());
+    let body = object.to_string();
+    if change == ChangeType::Deleted {
+        sqlx::query("DELETE FROM objects WHERE kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .execute(&mut **tx)
+            .await
+            .map_err(StoreError::from)?;
+    } else {
+        let index = IndexColumns::of(kind, &object);
+        sqlx::query(
+                "INSERT INTO objects (kind, name, resource_version, phase, owner, region, deadline_ms, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (kind, name) DO UPDATE SET resource_version = excluded.resource_version, \
+                 phase = excluded.phase, owner = excluded.owner, region = excluded.region, \
+                 deadline_ms = excluded.deadline_ms, body = excluded.body",
+            )
+            .bind(kind.as_str())
+            .bind(name)
+            .bind(version)
+            .bind(index.phase)
+            .bind(index.owner)
+            .bind(index.region)
+            .bind(index.deadline_ms)
+            .bind(body.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(StoreError::from)?;
+    }
+    if let Some(mut row) = result {
+        if let Some(sample) = row.telemetry.take() {
+            // Ordered by the write's resource version: the predictor holds out the newest.
+            sqlx::query(
+                "INSERT INTO telemetry (task_uid, resource_version, region, body) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (task_uid) DO NOTHING",
+            )
+            .bind(sample.task_uid)
+            .bind(version)
+            .bind(sample.region)
+            .bind(sample.body)
+            .execute(&mut **tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        sqlx::query(
+            "INSERT INTO task_results (task, application, task_index, worker, body, written_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (task) DO NOTHING",
+        )
+        .bind(row.task)
+        .bind(row.application)
+        .bind(row.index)
+        .bind(row.worker)
+        .bind(row.body)
+        .bind(crate::time::now_rfc3339())
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::from)?;
+    }
+    sqlx::query(
+        "INSERT INTO changes (resource_version, kind, event_type, body) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(version)
+    .bind(kind.as_str())
+    .bind(change.as_str())
+    .bind(body.as_str())
+    .execute(&mut **tx)
+    .await
+    .map_err(StoreError::from)?;
+    if version % 1000 == 0 {
+        compact(tx, version - RETAINED_CHANGES).await?;
+    }
+    let event = ChangeEvent {
+        resource_version: version,
+        kind,
+        change,
+        body: Arc::from(body),
+    };
+    let written = Written {
+        object: (change != ChangeType::Deleted).then_some(object),
+        changed: true,
+        created: !existed,
+    };
+    Ok((written, Some(event)))
 }
 
 /// `SELECT what FROM objects WHERE` the kind and `query`'s column filters hold, with the

@@ -462,7 +462,70 @@ async fn owners_are_backfilled_once(ts: &TestStore) {
     assert_eq!(owner(Kind::Task, "fit-00002").await, Value::Null);
 }
 
+/// Several objects in one transaction: each gets its own version, in order, and an error
+/// part-way writes none of them.
+async fn write_many_commits_all_or_nothing(ts: &TestStore) {
+    let before = ts.store.current_version().await.unwrap();
+    let put_new = |name: &'static str| {
+        (
+            name,
+            move |current: Option<Value>| -> Result<Change, StoreError> {
+                Ok(match current {
+                    Some(_) => Change::Keep,
+                    None => Change::Put(region(name, 1)),
+                })
+            },
+        )
+    };
+    let written = ts
+        .store
+        .write_many(Kind::Region, [put_new("a"), put_new("b"), put_new("c")])
+        .await
+        .unwrap();
+    let versions: Vec<i64> = written
+        .iter()
+        .map(|w| rv(w.object.as_ref().unwrap()))
+        .collect();
+    assert_eq!(versions, [before + 1, before + 2, before + 3]);
+    assert!(written.iter().all(|w| w.created && w.changed));
+    // Again: nothing changes, no version is taken.
+    let again = ts
+        .store
+        .write_many(Kind::Region, [put_new("a"), put_new("b")])
+        .await
+        .unwrap();
+    assert!(again.iter().all(|w| !w.changed));
+    assert_eq!(ts.store.current_version().await.unwrap(), before + 3);
+    // The third write fails: the first two (new objects) are rolled back with it.
+    let failing = |name: &'static str, fail: bool| {
+        (
+            name,
+            move |_: Option<Value>| -> Result<Change, StoreError> {
+                if fail {
+                    Err(StoreError::Corrupt("refused".into()))
+                } else {
+                    Ok(Change::Put(region(name, 2)))
+                }
+            },
+        )
+    };
+    let refused = ts
+        .store
+        .write_many(
+            Kind::Region,
+            [failing("d", false), failing("e", false), failing("f", true)],
+        )
+        .await;
+    assert!(refused.is_err());
+    for name in ["d", "e", "f"] {
+        assert_eq!(ts.store.get(Kind::Region, name).await.unwrap(), None);
+    }
+    assert_eq!(ts.store.current_version().await.unwrap(), before + 3);
+    assert_eq!(ts.store.names(Kind::Region).await.unwrap(), ["a", "b", "c"]);
+}
+
 store_suite!(
+    write_many_commits_all_or_nothing,
     owners_are_backfilled_once,
     indexed_lists_filter_on_labels_and_owner,
     versions_grow_and_changes_are_replayable,

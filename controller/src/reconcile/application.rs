@@ -122,9 +122,7 @@ pub(super) async fn apply(
     }
     // Tasks follow their application's owner (`auth::sees`).
     let owner = object["metadata"]["owner"].as_str();
-    for task in decision.tasks {
-        create_task(ctx, name, owner, task).await?;
-    }
+    create_tasks(ctx, name, owner, decision.tasks).await?;
     if let Some(status) = &decision.status {
         let value = serde_json::to_value(status).unwrap_or_default();
         objects::update_status(&ctx.store, Kind::Application, name, |s| *s = value).await?;
@@ -261,14 +259,38 @@ async fn place_unplaced(
     Ok(())
 }
 
-/// Creates `task` of application `name`. Creating a task that exists changes nothing, so a
+/// Tasks created in one transaction: one commit for this many instead of one each.
+const TASKS_PER_COMMIT: usize = 500;
+
+/// Creates `tasks` of application `name`. Creating a task that exists changes nothing, so a
 /// pass cut short by a restart resumes.
-async fn create_task(
+async fn create_tasks(
     ctx: &Context,
     application: &str,
     owner: Option<&str>,
-    task: NewTask,
+    tasks: Vec<NewTask>,
 ) -> Result<(), StoreError> {
+    let objects: Vec<(String, Value)> = tasks
+        .into_iter()
+        .map(|task| new_task(application, owner, task))
+        .collect();
+    for batch in objects.chunks(TASKS_PER_COMMIT) {
+        let mut writes = Vec::with_capacity(batch.len());
+        for (name, object) in batch {
+            writes.push((name.as_str(), move |current: Option<Value>| {
+                Ok::<_, StoreError>(match current {
+                    Some(_) => Change::Keep,
+                    None => Change::Put(object.clone()),
+                })
+            }));
+        }
+        ctx.store.write_many(Kind::Task, writes).await?;
+    }
+    Ok(())
+}
+
+/// Task `task` of `application` as stored: its name and object.
+fn new_task(application: &str, owner: Option<&str>, task: NewTask) -> (String, Value) {
     let name = task_name(application, task.spec.index);
     let mut labels = serde_json::Map::new();
     labels.insert(APPLICATION_LABEL.into(), json!(application));
@@ -292,15 +314,7 @@ async fn create_task(
         "spec": task.spec,
         "status": {"state": "Queued", "attempts": 0, "region": task.region},
     });
-    ctx.store
-        .write(Kind::Task, &name, |current| -> Result<Change, StoreError> {
-            Ok(match current {
-                Some(_) => Change::Keep,
-                None => Change::Put(object),
-            })
-        })
-        .await?;
-    Ok(())
+    (name, object)
 }
 
 pub(super) async fn region_views(ctx: &Context) -> Result<Vec<RegionView>, ReconcileError> {
