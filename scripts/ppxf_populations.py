@@ -30,6 +30,39 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ppxf_bench import read_inputs  # noqa: E402
 
 
+def laplacian_rows(reg_dim, regul):
+    """pPXF's `regularization` rows (reg_ord=2, unit steps) as a matrix on the flattened grid:
+    one row per grid point, regul x (the sum over dimensions, where the point is interior, of
+    w[j-1] - 2 w[j] + w[j+1])."""
+    na, nm = reg_dim
+    rows = np.zeros((na * nm, na * nm))
+    for a in range(na):
+        for m in range(nm):
+            r = a * nm + m
+            if 0 < a < na - 1:
+                rows[r, [(a - 1) * nm + m, r, (a + 1) * nm + m]] += [regul, -2 * regul, regul]
+            if 0 < m < nm - 1:
+                rows[r, [r - 1, r, r + 1]] += [regul, -2 * regul, regul]
+    return rows
+
+
+def penalised_ppxf(rows):
+    """pPXF whose non-linear search minimises the pixel chi2 plus the regularisation penalty
+    ||rows @ w||^2 (the penalty rows appended to its residuals), as astro-fit does; pPXF
+    itself adds the rows to the linear solve only, and its search sees the pixels alone."""
+
+    class Penalised(ppxf):
+        def linear_fit(self, pars):
+            err = super().linear_fit(pars)
+            if not self.fit:
+                return err
+            npoly = (self.degree + 1) * self.nspec
+            w = self.weights[npoly:npoly + rows.shape[0]]
+            return np.append(err, rows @ w)
+
+    return Penalised
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("inputs")
@@ -39,6 +72,9 @@ def main():
     ap.add_argument("--reddening", type=float, default=None,
                     help="override the inputs file's REDDENAV (A_V start)")
     ap.add_argument("--ftol", type=float, default=1e-8)
+    ap.add_argument("--penalised", action="store_true",
+                    help="minimise chi2 + regularisation penalty over the non-linear "
+                         "parameters too (astro-fit's objective), not the pixel chi2 alone")
     args = ap.parse_args()
 
     inputs = read_inputs(args.inputs)
@@ -72,13 +108,22 @@ def main():
         kwargs.update(regul=regul, reg_dim=reg_dim, reg_ord=2)
     if reddening is not None:
         kwargs.update(reddening=reddening)
-    pp = ppxf(grid_templates, inputs["galaxy"][0], inputs["noise"][0], inputs["velscale"],
+    cls = ppxf
+    if args.penalised and regul > 0:
+        cls = penalised_ppxf(laplacian_rows(reg_dim, regul))
+    pp = cls(grid_templates, inputs["galaxy"][0], inputs["noise"][0], inputs["velscale"],
               [0.0, args.sigma_start], moments=inputs["moments"], degree=inputs["degree"],
               mdegree=inputs["mdegree"], lam=inputs["lam"], lam_temp=inputs["lam_temp"],
               velscale_ratio=inputs["velscale_ratio"],
               goodpixels=np.flatnonzero(inputs["good"][0]), quiet=True, ftol=args.ftol,
               **kwargs)
 
+    # chi2/DOF of the pixels alone (the penalised variant's final residuals include the penalty).
+    chi2, dof = float(pp.chi2), int(pp.dof)
+    if cls is not ppxf:
+        resid = ((inputs["galaxy"][0] - pp.bestfit) / inputs["noise"][0])[pp.goodpixels]
+        dof -= ntemp  # the penalty rows
+        chi2 = float(resid @ resid) / dof
     weights = np.empty(ntemp)
     weights[order] = pp.weights[:ntemp]  # back to the inputs file's template order
     result = {
@@ -87,8 +132,8 @@ def main():
         "v": float(pp.sol[0]),
         "sigma": float(pp.sol[1]),
         "h": [float(x) for x in pp.sol[2:]],
-        "chi2": float(pp.chi2),
-        "dof": int(pp.dof),
+        "chi2": chi2,
+        "dof": dof,
         "reddening": None if reddening is None else float(pp.reddening),
         "weights": [float(w) for w in weights],
         "n_templates_used": int(np.sum(weights > 0)),
