@@ -9,13 +9,15 @@
 //! BENCHMARKS.md, "Issue 17, item 3: against pPXF").
 //!
 //! The two programs regularise identically (the same rows: regul x the sum of the interior
-//! second differences in age and in [M/H] at each grid point, none across the grid's edges)
-//! but search the non-linear parameters on different objectives: pPXF adds the penalty rows
-//! to its linear solve only, so its search over V, sigma and A_V minimises the pixels' chi2;
-//! astro-fit minimises chi2 + penalty over every parameter (the regularised least-squares
-//! solution). Alone, regul or reddening leave the two within a few 1e-4 in age and A_V; together
-//! A_V trades with the regularised age mix and the two differ by up to ~0.03 mag (the
-//! bounds of `regularised_populations_with_dust_agree_with_ppxf` say so).
+//! second differences in age and in [M/H] at each grid point, none across the grid's edges),
+//! apply the same curve at the same rest-frame galaxy wavelengths, and search the non-linear
+//! parameters on the same objective: the pixels' chi2 at the regularised weights (pPXF adds the
+//! penalty rows to its linear solve only). Alone, regul or reddening agree to 1e-4 in age,
+//! [M/H] and A_V. Together, A_V trades with the regularised age mix along a shallow valley;
+//! astro-fit's Jacobian drops the term of the weights' derivative that is zero without
+//! regularisation (A^T r = R w, not 0, at a regularised solution), so it can stop slightly
+//! above pPXF's chi2 (at most 0.03%, NGC 3073) with A_V up to 0.015 mag away; the bounds of
+//! `regularised_populations_with_dust_agree_with_ppxf` say so.
 //!
 //! pPXF is a reference tool CI installs (`pip install ppxf==9.5.2 astropy` in `.ci/run`):
 //! without it these tests fail and say so, as the other pPXF comparisons do.
@@ -151,12 +153,10 @@ fn compare(extra: &[&str], bounds: Bounds) {
             }
         };
         check("V", (ours.v - pv).abs() <= 2.0);
-        // NGC 3073's sigma (~30-50 km/s) is below the instrumental dispersion, where the chi2
-        // surface is flat in sigma (see BENCHMARKS.md "Issue 17"): chi2 and populations only.
-        if !name.starts_with("NGC3073") {
-            check("sigma", (ours.sigma - ps).abs() <= 0.01 * ps);
-        }
+        check("sigma", (ours.sigma - ps).abs() <= 0.01 * ps);
         check("chi2", (ours.chi2 - pchi2).abs() <= 0.01 * pchi2);
+        // The same objective: astro-fit's minimum is not above pPXF's by more than 0.1%.
+        check("chi2 above pPXF's", ours.chi2 <= pchi2 * 1.001);
         check("log age", (pops.light_log_age - page).abs() <= bounds.age);
         check(
             "[M/H]",
@@ -177,8 +177,8 @@ fn regularised_populations_agree_with_ppxf() {
     compare(
         &["--regul", "100"],
         Bounds {
-            age: 0.005,
-            metal: 0.005,
+            age: 0.002,
+            metal: 0.002,
             av: 0.0,
         },
     );
@@ -190,23 +190,24 @@ fn reddening_agrees_with_ppxf() {
     compare(
         &["--reddening", "0.1"],
         Bounds {
-            age: 0.005,
-            metal: 0.005,
-            av: 0.005,
+            age: 0.002,
+            metal: 0.002,
+            av: 0.002,
         },
     );
 }
 
-/// Both: the non-linear search's objective differs (see the module's comment), which moves
-/// A_V and the regularised age mix together by up to ~0.025 mag and 0.02 dex.
+/// Both: A_V and the regularised age mix trade along a shallow valley where astro-fit can stop
+/// a little short of pPXF's minimum (see the module's comment): measured at most 0.015 mag in
+/// A_V, 0.006 dex in log age, 0.007 dex in [M/H] (NGC 3073), elsewhere 0.003 mag and 0.004 dex.
 #[test]
 fn regularised_populations_with_dust_agree_with_ppxf() {
     compare(
         &["--regul", "100", "--reddening", "0.1"],
         Bounds {
-            age: 0.03,
-            metal: 0.015,
-            av: 0.04,
+            age: 0.01,
+            metal: 0.01,
+            av: 0.02,
         },
     );
 }
