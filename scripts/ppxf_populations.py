@@ -11,7 +11,7 @@ weight x the template's mean over its whole prepared range; ages are averaged in
 Reference tool only (pip install ppxf==9.5.2 astropy).
 
     python3 scripts/ppxf_populations.py INPUT.fits [--sigma-start 150] [--regul R]
-        [--reddening AV0] [--ftol 1e-8]
+        [--reddening AV0] [--ftol 1e-8] [--penalised]
 """
 import argparse
 import json
