@@ -16,7 +16,9 @@ use crate::templates::PreparedTemplates;
 /// (overwritten). Extensions: TEMPLATES (ntemp x npix_temp; keywords VELSCALE, VSRATIO,
 /// LNLAMT0, LNLAMG0, DEGREE, MDEGREE, MOMENTS, FLUXSCL: the first spectrum's flux scale),
 /// GALAXY, NOISE, GOOD, FWHM (nspec x npix; the rest-frame instrumental FWHM in Angstrom at
-/// each pixel, 0 where unknown: what gas templates need).
+/// each pixel, 0 where unknown: what gas templates need); with an SSP grid, SSP (ntemp x 4:
+/// age in Gyr, [M/H], age index, [M/H] index of each template: what `regul`'s `reg_dim` and
+/// population averages need).
 pub fn write(
     path: &Path,
     templates: &PreparedTemplates,
@@ -83,6 +85,23 @@ pub fn write(
                 .collect()
         }),
     )?;
+    if let Some(ssp) = &templates.ssp {
+        image(
+            "SSP",
+            ssp.len(),
+            4,
+            ssp.iter()
+                .flat_map(|p| {
+                    [
+                        p.age_gyr,
+                        p.metallicity,
+                        p.age_index as f64,
+                        p.metal_index as f64,
+                    ]
+                })
+                .collect(),
+        )?;
+    }
     hdu.write_key(&mut f, "FLUXSCL", first.flux_scale)?;
     hdu.write_key(&mut f, "VELSCALE", templates.velscale)?;
     hdu.write_key(&mut f, "VSRATIO", templates.velscale_ratio as i64)?;
@@ -91,6 +110,10 @@ pub fn write(
     hdu.write_key(&mut f, "DEGREE", i64::from(cfg.degree))?;
     hdu.write_key(&mut f, "MDEGREE", cfg.mdegree as i64)?;
     hdu.write_key(&mut f, "MOMENTS", cfg.moments as i64)?;
+    // pPXF's `regul` (second order over age x [M/H]) when the fit is regularised.
+    if cfg.regul > 0.0 {
+        hdu.write_key(&mut f, "REGUL", cfg.regul)?;
+    }
     // pPXF's `reddening` start (A_V, mag) when the fit has dust; absent otherwise.
     if let Some(av) = cfg.reddening {
         hdu.write_key(&mut f, "REDDENAV", av)?;

@@ -8,6 +8,7 @@ mod populations;
 mod ppxf_compare;
 mod ppxf_gas;
 mod ppxf_own_preparation;
+mod ppxf_populations;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
