@@ -7,10 +7,12 @@
 //! - the idle server's CPU (this process's user + system time over a quiet interval, in % of a
 //!   core: the client is silent meanwhile) and its resident memory;
 //! - from one client, one request at a time: GET of an application, PUT that changes one (a
-//!   committed write each), and a `labelSelector` list that picks 100 of them (`plate=pNN`).
+//!   committed write each), and a `labelSelector` list that picks 100 of them (`plate=pNN`);
+//! - with `--tasks N`, one application of N tasks (`true` each) on a local region: the time from
+//!   its apply to all its tasks created and queued.
 //!
 //! `cargo run --release -p ceccm-controller --bin ceccm-bench-survey -- [--applications 10000]
-//! [--seconds 10] [--idle-seconds 10] [--database-url postgres://...]`
+//! [--seconds 10] [--idle-seconds 10] [--tasks N] [--database-url postgres://...]`
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -35,6 +37,10 @@ struct Args {
     /// Seconds over which the idle server's CPU is measured.
     #[arg(long, default_value_t = 10.0)]
     idle_seconds: f64,
+    /// Then one application of this many tasks (`true` each, on a local region): the time from
+    /// its apply to all its tasks created and queued. 0: skip.
+    #[arg(long, default_value_t = 0)]
+    tasks: usize,
     /// A PostgreSQL database to use (a schema of its own is made, and dropped at the end),
     /// instead of SQLite.
     #[arg(long)]
@@ -99,7 +105,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_dir: dir.path().to_path_buf(),
         database_url: schema.as_ref().map(|(_, url)| url.clone()),
         lease_seconds: 30,
-        worker_program: std::env::current_exe()?,
+        // Workers are not measured here: the local region's exit at once.
+        worker_program: "/bin/true".into(),
         anonymous_metrics: false,
         tls: Default::default(),
         tls_client_ca: None,
@@ -254,6 +261,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
             report.len(),
             percentile(report, 0.50),
             percentile(report, 0.99)
+        );
+    }
+    if args.tasks > 0 {
+        let region = json!({"apiVersion": "ceccm/v1", "kind": "Region",
+            "metadata": {"name": "bench"},
+            "spec": {"tier": "cloud", "driver": "local", "capacity": {"cpu": 1}}});
+        ensure_ok(
+            client
+                .put(format!("{base}/api/v1/regions/bench"))
+                .json(&region)
+                .send()
+                .await?,
+        )
+        .await?;
+        let tasks: Vec<Value> = (0..args.tasks)
+            .map(|_| json!({"command": "true"}))
+            .collect();
+        let batch = json!({"apiVersion": "ceccm/v1", "kind": "Application",
+            "metadata": {"name": "survey-batch"},
+            "spec": {"app": "container", "type": "batch", "tasks": tasks}});
+        let applied = Instant::now();
+        ensure_ok(
+            client
+                .put(format!("{base}/api/v1/applications/survey-batch"))
+                .json(&batch)
+                .send()
+                .await?,
+        )
+        .await?;
+        let of_batch = Query {
+            owner: Some("survey-batch"),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        while (store.count(Kind::Task, &of_batch).await? as usize) < args.tasks {
+            if Instant::now() > deadline {
+                bail!("the tasks were not all created in an hour");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let elapsed = applied.elapsed().as_secs_f64();
+        println!(
+            "| one application of {} tasks: apply to all created and queued (s) | {elapsed:.2} |",
+            args.tasks
+        );
+        println!(
+            "| tasks created per second | {:.0} |",
+            args.tasks as f64 / elapsed
         );
     }
     server.shutdown().await;
