@@ -9,6 +9,7 @@ mod ppxf_compare;
 mod ppxf_gas;
 mod ppxf_own_preparation;
 mod ppxf_populations;
+mod ppxf_support;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -11,17 +11,12 @@
 
 use std::path::Path;
 
+use crate::ppxf_support::{Cli, number};
 use astro_fit::FitError;
-use astro_fit::fit_spectrum_cmd::{FitReport, FitSpectrumArgs, fit_file};
+use astro_fit::fit_spectrum_cmd::{FitReport, fit_file};
 use astro_fit::synthetic::shared_data_dir;
 use clap::Parser;
 use serde_json::Value;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: FitSpectrumArgs,
-}
 
 /// astro-fit on one reference spectrum, through the command line the reference script ran.
 fn fit_like_reference(r: &Value) -> anyhow::Result<FitReport> {
@@ -38,12 +33,6 @@ fn fit_like_reference(r: &Value) -> anyhow::Result<FitReport> {
 fn reference() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ppxf_reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn number(r: &Value, key: &str) -> f64 {
-    r[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {r}"))
 }
 
 #[test]

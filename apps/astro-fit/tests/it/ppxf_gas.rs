@@ -14,46 +14,14 @@
 //! pPXF is a reference tool CI installs (`pip install ppxf==9.5.2 astropy` in `.ci/run`):
 //! without it the test fails and says so rather than passing unchecked.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use astro_fit::fit_spectrum_cmd::{FitReport, FitSpectrumArgs, fit_file};
+use crate::ppxf_support::{Cli, number, repo_root, require_ppxf};
+use astro_fit::fit_spectrum_cmd::{FitReport, fit_file};
 use astro_fit::synthetic::shared_data_dir;
 use clap::Parser;
 use serde_json::Value;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: FitSpectrumArgs,
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn require_ppxf() {
-    let out = Command::new("python3")
-        .args(["-c", "import ppxf, astropy; print(ppxf.__version__)"])
-        .output()
-        .expect("python3 not found: install it and `pip install ppxf==9.5.2 astropy`");
-    assert!(
-        out.status.success(),
-        "python3 cannot import ppxf and astropy ({}): run `pip install ppxf==9.5.2 astropy`",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "9.5.2",
-        "the reference is pPXF 9.5.2"
-    );
-}
-
-fn num(v: &Value, key: &str) -> f64 {
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
 
 /// astro-fit with --gas on `file` (row `row`), then pPXF on the saved arrays; `tied`: one gas
 /// component for all lines on both sides.
@@ -135,13 +103,13 @@ fn gas_fluxes_and_kinematics_agree_with_ppxf_on_real_spectra() {
         let plines = ppxf["lines"].as_array().unwrap();
         assert_eq!(comps.len(), gas.components.len(), "{label}: components");
         assert_eq!(plines.len(), gas.lines.len(), "{label}: lines");
-        let (chi2, pchi2) = (ours.chi2, num(&ppxf, "chi2"));
+        let (chi2, pchi2) = (ours.chi2, number(&ppxf, "chi2"));
         eprintln!(
             "{label}: stars V {:.2}/{:.2} sigma {:.2}/{:.2}, chi2 {chi2:.5}/{pchi2:.5} (astro-fit/pPXF)",
             ours.v,
-            num(&ppxf["stars"], "v"),
+            number(&ppxf["stars"], "v"),
             ours.sigma,
-            num(&ppxf["stars"], "sigma")
+            number(&ppxf["stars"], "sigma")
         );
         if chi2 > pchi2 * (1.0 + 1e-3) {
             failures.push(format!("{label}: chi2 {chi2} above pPXF's {pchi2}"));
@@ -150,7 +118,7 @@ fn gas_fluxes_and_kinematics_agree_with_ppxf_on_real_spectra() {
             .components
             .iter()
             .zip(comps)
-            .any(|(c, p)| c.sigma > 0.999 * 1000.0 || num(p, "sigma") > 0.999 * 1000.0);
+            .any(|(c, p)| c.sigma > 0.999 * 1000.0 || number(p, "sigma") > 0.999 * 1000.0);
         for (c, p) in gas.components.iter().zip(comps) {
             // Detection: the component's strongest line by pPXF's flux/error.
             let sn = gas
@@ -158,9 +126,9 @@ fn gas_fluxes_and_kinematics_agree_with_ppxf_on_real_spectra() {
                 .iter()
                 .zip(plines)
                 .filter(|(l, _)| l.component == c.name)
-                .map(|(_, p)| num(p, "flux") / num(p, "flux_error"))
+                .map(|(_, p)| number(p, "flux") / number(p, "flux_error"))
                 .fold(0.0f64, f64::max);
-            let (pv, ps) = (num(p, "v"), num(p, "sigma"));
+            let (pv, ps) = (number(p, "v"), number(p, "sigma"));
             let checked = sn >= 5.0 && !at_bound;
             eprintln!(
                 "  {:<9} V {:8.2} / {pv:8.2}  sigma {:7.2} / {ps:7.2}  (errors {:.2} {:.2} / {:.2} {:.2}; best line S/N {sn:.1}){}",
@@ -169,8 +137,8 @@ fn gas_fluxes_and_kinematics_agree_with_ppxf_on_real_spectra() {
                 c.sigma,
                 c.v_error,
                 c.sigma_error,
-                num(p, "v_error"),
-                num(p, "sigma_error"),
+                number(p, "v_error"),
+                number(p, "sigma_error"),
                 if checked { "" } else { "  not compared" }
             );
             if checked {
@@ -192,7 +160,7 @@ fn gas_fluxes_and_kinematics_agree_with_ppxf_on_real_spectra() {
         spectra_compared += 1;
         for (l, p) in gas.lines.iter().zip(plines) {
             assert_eq!(l.name, p["name"].as_str().unwrap(), "{label}: line order");
-            let (pf, pe) = (num(p, "flux"), num(p, "flux_error"));
+            let (pf, pe) = (number(p, "flux"), number(p, "flux_error"));
             let ok = (l.flux - pf).abs() <= (0.05 * pf.abs()).max(pe / 3.0);
             eprintln!(
                 "  {:<13} flux {:11.5} / {pf:11.5}  error {:9.5} / {pe:9.5}{}",
@@ -237,14 +205,14 @@ fn tied_gas_kinematics_agree_with_ppxf() {
     assert_eq!(gas.components.len(), 1);
     assert_eq!(gas.components[0].name, "gas");
     let p = &ppxf["components"][0];
-    let (c, pv, ps) = (&gas.components[0], num(p, "v"), num(p, "sigma"));
+    let (c, pv, ps) = (&gas.components[0], number(p, "v"), number(p, "sigma"));
     eprintln!(
         "tied gas: V {:.2} / {pv:.2}, sigma {:.2} / {ps:.2}",
         c.v, c.sigma
     );
     assert!((c.v - pv).abs() <= 5.0 && (c.sigma - ps).abs() <= 5.0);
     for (l, p) in gas.lines.iter().zip(ppxf["lines"].as_array().unwrap()) {
-        let (pf, pe) = (num(p, "flux"), num(p, "flux_error"));
+        let (pf, pe) = (number(p, "flux"), number(p, "flux_error"));
         assert!(
             (l.flux - pf).abs() <= (0.05 * pf.abs()).max(pe / 3.0),
             "{}: {} vs pPXF {pf} (error {pe})",

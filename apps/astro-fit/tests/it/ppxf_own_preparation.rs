@@ -8,11 +8,12 @@
 //! pPXF is a reference tool CI installs (`pip install ppxf==9.5.2 astropy` in `.ci/run`):
 //! without it the test fails and says so rather than passing unchecked.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use crate::ppxf_support::{Cli, number, repo_root};
 use astro_fit::FitError;
-use astro_fit::fit_spectrum_cmd::{FitReport, FitSpectrumArgs, fit_file};
+use astro_fit::fit_spectrum_cmd::{FitReport, fit_file};
 use astro_fit::synthetic::shared_data_dir;
 use clap::Parser;
 use serde_json::Value;
@@ -41,16 +42,6 @@ const FLAT_CHI2_SURFACE: [(&str, &str); 4] = [
         "sigma ~30 km/s < velscale: sigma and h4 trade off",
     ),
 ];
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: FitSpectrumArgs,
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// pPXF's results, from the reference script; panics with instructions when pPXF is missing.
 fn ppxf_results(data: &Path) -> Value {
@@ -85,12 +76,6 @@ fn ppxf_results(data: &Path) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("JSON from the reference script")
-}
-
-fn number(v: &Value, key: &str) -> f64 {
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 /// astro-fit on one spectrum with the settings pPXF ran with.

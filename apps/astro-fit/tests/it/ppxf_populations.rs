@@ -19,46 +19,14 @@
 //! pPXF is a reference tool CI installs (`pip install ppxf==9.5.2 astropy` in `.ci/run`):
 //! without it these tests fail and say so, as the other pPXF comparisons do.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use astro_fit::fit_spectrum_cmd::{FitReport, FitSpectrumArgs, fit_file};
+use crate::ppxf_support::{Cli, number, repo_root, require_ppxf};
+use astro_fit::fit_spectrum_cmd::{FitReport, fit_file};
 use astro_fit::synthetic::shared_data_dir;
 use clap::Parser;
 use serde_json::Value;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: FitSpectrumArgs,
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn require_ppxf() {
-    let out = Command::new("python3")
-        .args(["-c", "import ppxf, astropy; print(ppxf.__version__)"])
-        .output()
-        .expect("python3 not found: install it and `pip install ppxf==9.5.2 astropy`");
-    assert!(
-        out.status.success(),
-        "python3 cannot import ppxf and astropy ({}): run `pip install ppxf==9.5.2 astropy`",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "9.5.2",
-        "the reference is pPXF 9.5.2"
-    );
-}
-
-fn num(v: &Value, key: &str) -> f64 {
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
 
 /// The real spectra compared: the SDSS ones and the MaNGA spaxels whose kinematics the other
 /// pPXF comparisons check (MaNGA #5 is fully masked; #1, #6, #7 and multicomp #2 have chi2
@@ -127,8 +95,15 @@ fn compare(extra: &[&str], bounds: Bounds) {
         let (ours, ppxf) = fit_both(&data.join(name), row, &sub, extra);
         let label = format!("{name}#{row}");
         let pops = ours.populations.expect("populations of an SSP fit");
-        let (pv, ps, pchi2) = (num(&ppxf, "v"), num(&ppxf, "sigma"), num(&ppxf, "chi2"));
-        let (page, pmh) = (num(&ppxf, "light_log_age"), num(&ppxf, "light_metallicity"));
+        let (pv, ps, pchi2) = (
+            number(&ppxf, "v"),
+            number(&ppxf, "sigma"),
+            number(&ppxf, "chi2"),
+        );
+        let (page, pmh) = (
+            number(&ppxf, "light_log_age"),
+            number(&ppxf, "light_metallicity"),
+        );
         let av = ours.reddening;
         let pav = ppxf["reddening"].as_f64();
         eprintln!(
