@@ -692,12 +692,11 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let mut written = self.write_many(kind, [(name, decide)]).await?;
-        Ok(written.pop().unwrap_or(Written {
-            object: None,
-            changed: false,
-            created: false,
-        }))
+        let written = self.write_many(kind, [(name, decide)]).await?;
+        Ok(written
+            .into_iter()
+            .next()
+            .expect("write_many answers each write it is given"))
     }
 
     /// [`Store::write`] of several objects of `kind` in one transaction, in order, each with its
@@ -932,16 +931,15 @@ where
 fn select_where(what: &str, kind: Kind, query: &Query<'_>) -> (String, Vec<String>) {
     let mut sql = format!("SELECT {what} FROM objects WHERE kind = $1");
     let mut binds: Vec<String> = vec![kind.as_str().to_string()];
-    for (column, value) in [
-        ("phase", query.phase),
-        ("region", query.region),
-        ("owner", query.owner),
+    for (condition, value) in [
+        ("phase =", query.phase),
+        ("region =", query.region),
+        ("owner =", query.owner),
         ("name >", query.after),
     ] {
         if let Some(value) = value {
             binds.push(value.to_string());
-            let op = if column.ends_with('>') { "" } else { " =" };
-            sql.push_str(&format!(" AND {column}{op} ${}", binds.len()));
+            sql.push_str(&format!(" AND {condition} ${}", binds.len()));
         }
     }
     if let Some(ms) = query.deadline_before_ms {
